@@ -1,0 +1,30 @@
+"""speckd-trl: Speculative Knowledge Distillation for Hugging Face TRL.
+
+Swap `GKDConfig` / `GKDTrainer` for `SpecKDConfig` / `SpecKDTrainer`: the student proposes a token at every
+completion position, the teacher verifies it, and the generalized JSD is kept only where the teacher accepts.
+"""
+
+import os
+
+
+# GKD lives in trl.experimental, which warns on import; SpecKD is the public API here.
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+
+from .config import SpecKDConfig  # noqa: E402
+from .gate import accept_mask, propose, sequence_rewards, teacher_rank  # noqa: E402
+from .losses import normalize_loss, weighted_generalized_jsd  # noqa: E402
+from .trainer import SpecKDTrainer  # noqa: E402
+
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SpecKDConfig",
+    "SpecKDTrainer",
+    "accept_mask",
+    "normalize_loss",
+    "propose",
+    "sequence_rewards",
+    "teacher_rank",
+    "weighted_generalized_jsd",
+]

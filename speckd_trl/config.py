@@ -1,0 +1,162 @@
+"""`SpecKDConfig`: `GKDConfig` plus the speculative gate's settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl.experimental.gkd import GKDConfig
+
+from .gate import GATES
+from .losses import NORMALIZATIONS
+
+
+GATE_ON = ("both", "on_policy", "off_policy")
+GATE_PROPOSALS = ("greedy", "sample")
+BNB_4BIT_QUANT_TYPES = ("nf4", "fp4")
+BNB_COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"SpecKDConfig: {name}={value!r} is not valid; allowed values are {', '.join(allowed)}.")
+
+
+def _check_range(name: str, value: float, low: float, high: float) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= high:
+        raise ValueError(f"SpecKDConfig: {name}={value!r} is out of range; it must be a number in [{low}, {high}].")
+
+
+@dataclass
+class SpecKDConfig(GKDConfig):
+    """
+    Configuration class for [`SpecKDTrainer`].
+
+    Every [`~trl.experimental.gkd.GKDConfig`] field keeps its meaning (`lmbda`, `beta`, `temperature`,
+    `max_new_tokens`, `seq_kd`, ...); this class adds the speculative accept/reject gate. At each completion position
+    the student proposes a token (the token it sampled for on-policy sequences, its own prediction for dataset and
+    `seq_kd` sequences), the teacher verifies it, and the generalized JSD is kept at weight 1 on accepted positions and
+    `reject_weight` on rejected ones.
+
+    Args:
+        gate (`str`, *optional*, defaults to `"topk"`):
+            `"topk"`: accept a proposal that is among the teacher's `gate_top_k` most likely tokens. `"spec"`: accept
+            with probability `min(1, p_teacher / p_student)` (speculative sampling). `"none"`: accept everything
+            (plain GKD).
+        gate_top_k (`int`, *optional*, defaults to `5`):
+            `k` of the `"topk"` gate.
+        gate_on (`str`, *optional*, defaults to `"both"`):
+            Which sequences go through the gate: `"both"`, `"on_policy"` (student-generated) or `"off_policy"`
+            (dataset and `seq_kd`). Ungated sequences are fully accepted.
+        gate_proposal (`str`, *optional*, defaults to `"greedy"`):
+            The student's proposal on dataset and `seq_kd` sequences: `"greedy"` (argmax) or `"sample"` (drawn from
+            the temperature-1 student with the trainer's seeded generator).
+        reject_weight (`float`, *optional*, defaults to `0.0`):
+            Loss weight of rejected positions in `[0, 1]`: `0` masks them, `1` recovers GKD.
+        gate_normalize (`str`, *optional*, defaults to `"tokens"`):
+            Loss denominator: `"tokens"` divides by the number of completion tokens (as GKD; exact under gradient
+            accumulation, and the gate only removes terms), `"accepted"` by the sum of weights (each accepted token
+            counts like a GKD token; louder when few are accepted).
+        teacher_load_in_4bit (`bool`, *optional*, defaults to `False`):
+            Load a teacher given as a name or path in 4-bit with bitsandbytes.
+        teacher_bnb_4bit_quant_type (`str`, *optional*, defaults to `"nf4"`):
+            4-bit data type of the teacher: `"nf4"` or `"fp4"`.
+        teacher_bnb_4bit_compute_dtype (`str`, *optional*, defaults to `"auto"`):
+            Compute dtype of the 4-bit teacher: `"auto"` (bfloat16 with `bf16=True`, float16 with `fp16=True`, else
+            float32), `"float32"`, `"bfloat16"` or `"float16"`.
+        teacher_bnb_4bit_use_double_quant (`bool`, *optional*, defaults to `True`):
+            Quantize the 4-bit teacher's quantization constants too (about 0.4 bits per parameter saved).
+    """
+
+    gate: str = field(
+        default="topk",
+        metadata={
+            "help": "Teacher verification of the student's proposals: 'topk' (proposal among the teacher's top-k), "
+            "'spec' (accept with probability min(1, p_teacher/p_student)) or 'none' (plain GKD).",
+            "choices": list(GATES),
+        },
+    )
+    gate_top_k: int = field(
+        default=5,
+        metadata={"help": "k of the 'topk' gate: a proposal is accepted if it is among the teacher's k best tokens."},
+    )
+    gate_on: str = field(
+        default="both",
+        metadata={
+            "help": "Sequences that go through the gate: 'both', 'on_policy' (student-generated) or 'off_policy' "
+            "(dataset and seq_kd). Ungated sequences are fully accepted.",
+            "choices": list(GATE_ON),
+        },
+    )
+    gate_proposal: str = field(
+        default="greedy",
+        metadata={
+            "help": "Student proposal on dataset and seq_kd sequences: 'greedy' (argmax) or 'sample' (drawn from the "
+            "temperature-1 student).",
+            "choices": list(GATE_PROPOSALS),
+        },
+    )
+    reject_weight: float = field(
+        default=0.0,
+        metadata={"help": "Loss weight in [0, 1] of rejected positions: 0 masks them, 1 recovers GKD."},
+    )
+    gate_normalize: str = field(
+        default="tokens",
+        metadata={
+            "help": "Loss denominator: 'tokens' (completion tokens, as GKD; exact under gradient accumulation) or "
+            "'accepted' (sum of the weights).",
+            "choices": list(NORMALIZATIONS),
+        },
+    )
+    teacher_load_in_4bit: bool = field(
+        default=False,
+        metadata={"help": "Load a teacher given as a name or path in 4-bit (bitsandbytes)."},
+    )
+    teacher_bnb_4bit_quant_type: str = field(
+        default="nf4",
+        metadata={"help": "4-bit data type of the teacher: 'nf4' or 'fp4'.", "choices": list(BNB_4BIT_QUANT_TYPES)},
+    )
+    teacher_bnb_4bit_compute_dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "Compute dtype of the 4-bit teacher: 'auto' (bfloat16 with bf16, float16 with fp16, else "
+            "float32), 'float32', 'bfloat16' or 'float16'.",
+            "choices": list(BNB_COMPUTE_DTYPES),
+        },
+    )
+    teacher_bnb_4bit_use_double_quant: bool = field(
+        default=True,
+        metadata={"help": "Also quantize the 4-bit teacher's quantization constants (nested quantization)."},
+    )
+
+    def __post_init__(self):
+        # Our checks run first so that a bad value is reported with its name, value and range.
+        _check_choice("gate", self.gate, GATES)
+        _check_choice("gate_on", self.gate_on, GATE_ON)
+        _check_choice("gate_proposal", self.gate_proposal, GATE_PROPOSALS)
+        _check_choice("gate_normalize", self.gate_normalize, NORMALIZATIONS)
+        _check_choice("teacher_bnb_4bit_quant_type", self.teacher_bnb_4bit_quant_type, BNB_4BIT_QUANT_TYPES)
+        _check_choice("teacher_bnb_4bit_compute_dtype", self.teacher_bnb_4bit_compute_dtype, BNB_COMPUTE_DTYPES)
+        if not isinstance(self.gate_top_k, int) or isinstance(self.gate_top_k, bool) or self.gate_top_k < 1:
+            raise ValueError(f"SpecKDConfig: gate_top_k={self.gate_top_k!r} is not valid; it must be an integer >= 1.")
+        _check_range("reject_weight", self.reject_weight, 0.0, 1.0)
+        _check_range("lmbda", self.lmbda, 0.0, 1.0)
+        _check_range("beta", self.beta, 0.0, 1.0)
+        if not isinstance(self.temperature, (int, float)) or not self.temperature > 0:
+            raise ValueError(
+                f"SpecKDConfig: temperature={self.temperature!r} is not valid; the sampling temperature must be > 0."
+            )
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(
+                f"SpecKDConfig: max_new_tokens={self.max_new_tokens!r} is not valid; it must be an integer >= 1."
+            )
+        super().__post_init__()
+
+    @property
+    def gates_on_policy(self) -> bool:
+        """Whether student-generated sequences go through the gate."""
+        return self.gate_on in ("both", "on_policy")
+
+    @property
+    def gates_off_policy(self) -> bool:
+        """Whether dataset and `seq_kd` sequences go through the gate."""
+        return self.gate_on in ("both", "off_policy")

@@ -1,0 +1,106 @@
+"""Teacher loading (optionally 4-bit with bitsandbytes) and the student/teacher/tokenizer compatibility checks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
+
+from .config import SpecKDConfig
+
+
+def teacher_init_kwargs(args: SpecKDConfig) -> dict[str, Any]:
+    """`from_pretrained` keyword arguments for the teacher, from `args.teacher_model_init_kwargs`.
+
+    Unlike `GKDTrainer`, a missing ``"dtype"`` key is fine (it defaults to ``"auto"``), and with
+    `args.teacher_load_in_4bit` a `BitsAndBytesConfig` and a k-bit device map are added.
+    """
+    kwargs = dict(args.teacher_model_init_kwargs or {})
+    dtype = kwargs.get("dtype", "auto")
+    if isinstance(dtype, str) and dtype != "auto":
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(
+                f"teacher_model_init_kwargs['dtype']={dtype!r} is not a torch dtype; use e.g. 'float32', 'bfloat16' "
+                "or 'auto'."
+            )
+        dtype = getattr(torch, dtype)
+    kwargs["dtype"] = dtype
+    kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+    if args.teacher_load_in_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=args.teacher_bnb_4bit_quant_type,
+            bnb_4bit_compute_dtype=_compute_dtype(args),
+            bnb_4bit_use_double_quant=args.teacher_bnb_4bit_use_double_quant,
+        )
+        # bitsandbytes weights cannot be moved after loading: place them on this process's training device now
+        kwargs.setdefault("device_map", {"": args.device})
+    return kwargs
+
+
+def _compute_dtype(args: SpecKDConfig) -> torch.dtype:
+    if args.teacher_bnb_4bit_compute_dtype != "auto":
+        return getattr(torch, args.teacher_bnb_4bit_compute_dtype)
+    if args.bf16:
+        return torch.bfloat16
+    if args.fp16:
+        return torch.float16
+    return torch.float32
+
+
+def load_teacher(name_or_path: str, args: SpecKDConfig) -> PreTrainedModel:
+    """Load the teacher from a hub id or a local directory, in 4-bit when `args.teacher_load_in_4bit` is set.
+
+    Raises:
+        ValueError: when `name_or_path` cannot be loaded, with the path and the reason.
+    """
+    try:
+        return AutoModelForCausalLM.from_pretrained(name_or_path, **teacher_init_kwargs(args))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"Could not load the teacher model from {name_or_path!r}: {err}") from err
+
+
+def output_vocab_size(model: nn.Module) -> int:
+    """Number of logits the model produces per position (the rows of its output embedding)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and getattr(head, "weight", None) is not None and head.weight.dim() == 2:
+        if head.weight.shape[0] > 1:  # 4-bit packed weights are [n, 1]: use the config instead
+            return int(head.weight.shape[0])
+    return int(model.config.get_text_config().vocab_size)
+
+
+def check_pad_token(processing_class: Any) -> None:
+    """Raise if the tokenizer has no pad token (batches and generated sequences need one)."""
+    tokenizer = getattr(processing_class, "tokenizer", processing_class)
+    if tokenizer is None:
+        raise ValueError("SpecKDTrainer needs `processing_class` (the tokenizer shared by student and teacher).")
+    if getattr(tokenizer, "pad_token_id", None) is None:
+        raise ValueError(
+            "The tokenizer has no pad token (pad_token_id is None). Set one before building the trainer, e.g. "
+            "`tokenizer.pad_token = tokenizer.eos_token`, or add a dedicated one with "
+            "`tokenizer.add_special_tokens({'pad_token': '<pad>'})` and resize the models' embeddings."
+        )
+
+
+def check_vocab(student: nn.Module, teacher: nn.Module, tokenizer: Any) -> None:
+    """Raise if student and teacher logits cannot be compared token by token.
+
+    Both models must produce the same number of logits, and that number must cover every token id of the tokenizer.
+    """
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+    n_student, n_teacher = output_vocab_size(student), output_vocab_size(teacher)
+    if n_student != n_teacher:
+        raise ValueError(
+            f"Vocabulary mismatch: the student produces {n_student} logits per token but the teacher {n_teacher}. "
+            "SpecKD compares the two next-token distributions token by token, so both must share a tokenizer and an "
+            "output size: resize one with `model.resize_token_embeddings(n)` or pick models of the same family."
+        )
+    n_tokenizer = len(tokenizer)
+    if n_tokenizer > n_student:
+        raise ValueError(
+            f"Vocabulary mismatch: the tokenizer has {n_tokenizer} tokens but the models produce only {n_student} "
+            f"logits; token ids >= {n_student} would index past the embedding. Use the models' own tokenizer or "
+            f"resize both models with `model.resize_token_embeddings({n_tokenizer})`."
+        )

@@ -1,0 +1,296 @@
+"""`SpecKDTrainer`: `GKDTrainer` whose distillation loss passes every sequence through the speculative gate.
+
+Wiring only: the maths is in `gate.py` (proposals, accept masks) and `losses.py` (weighted generalized JSD and its
+normalization); teacher loading and compatibility checks are in `models.py`.
+
+Two things differ from TRL 1.16's `GKDTrainer` besides the gate:
+
+- On-policy (student) and `seq_kd` (teacher) generation happens when the Trainer fetches the micro-batches of an
+  accumulation window (`get_batch_samples`), not inside `training_step`. The loss denominator `num_items_in_batch` is
+  then counted on the sequences that are actually trained on. GKD counts it on the dataset labels before replacing
+  them with generated ones, which mis-scales the loss and gradient of every generated batch.
+- The on-policy / `seq_kd` / dataset draw uses a generator seeded with `args.seed` that advances identically on every
+  process, so all processes pick the same batch kind (no process generates while another does not).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from datasets import Dataset
+from torch import nn
+from transformers import PreTrainedModel, TrainerCallback
+from trl.experimental.gkd import GKDTrainer
+from trl.experimental.utils import empty_cache
+from trl.models.utils import unwrap_model_for_generation
+from trl.trainer.sft_trainer import SFTTrainer
+
+from .config import SpecKDConfig
+from .gate import accept_mask, propose, sequence_rewards
+from .losses import normalize_loss, weighted_generalized_jsd
+from .models import check_pad_token, check_vocab, load_teacher
+
+
+ON_POLICY = "on_policy"
+SEQ_KD = "seq_kd"
+OFF_POLICY = "off_policy"
+KIND_KEY = "speckd_kind"  # batch key that records how the micro-batch's completions were made
+
+
+class SpecKDTrainer(GKDTrainer):
+    """Trainer for Speculative Knowledge Distillation (SpecKD), a drop-in replacement for `GKDTrainer`.
+
+    At every completion position the student proposes a token (the token it sampled, for on-policy sequences; its own
+    greedy or sampled prediction under teacher forcing, for dataset and `seq_kd` sequences) and the teacher verifies
+    it (`args.gate`). GKD's generalized JSD is kept with weight 1 on accepted positions and `args.reject_weight` on
+    rejected ones. The accept bit is the teacher's binary reward for the student's action; its rate is logged as
+    `gate/acceptance_rate*` and `reward/mean`, `reward/std` (per-sequence means).
+
+    Args: the same as [`~trl.experimental.gkd.GKDTrainer`]; `args` must be a [`SpecKDConfig`]. `teacher_model` may be a
+    model, a name or a local path (loaded in 4-bit when `args.teacher_load_in_4bit`), or `None` to use
+    `args.teacher_model_name_or_path`. `processing_class` is required and must have a pad token.
+    """
+
+    _tag_names = ["trl", "gkd", "speckd"]
+    _name = "SpecKD"
+    # `compute_loss` divides by the completion tokens of the whole accumulation window itself.
+    loss_is_scaled_for_ga = True
+
+    def __init__(
+        self,
+        model: PreTrainedModel | nn.Module | str | None = None,
+        teacher_model: PreTrainedModel | nn.Module | str | None = None,
+        args: SpecKDConfig | None = None,
+        data_collator: Callable | None = None,
+        train_dataset: Dataset | None = None,
+        eval_dataset: Dataset | dict[str, Dataset] | None = None,
+        processing_class: Any = None,
+        compute_metrics: Callable | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple[torch.optim.Optimizer | None, torch.optim.lr_scheduler.LambdaLR | None] = (None, None),
+        preprocess_logits_for_metrics: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        peft_config: Any = None,
+        formatting_func: Callable | None = None,
+    ):
+        if not isinstance(args, SpecKDConfig):
+            raise TypeError(
+                f"SpecKDTrainer needs `args=SpecKDConfig(...)`, got {type(args).__name__}. SpecKDConfig accepts every "
+                "GKDConfig field."
+            )
+        check_pad_token(processing_class)
+
+        if teacher_model is None:
+            teacher_model = args.teacher_model_name_or_path
+        if teacher_model is None:
+            raise ValueError(
+                "SpecKDTrainer needs a teacher: pass `teacher_model=` (a model, a name or a local path) or set "
+                "`teacher_model_name_or_path` in SpecKDConfig."
+            )
+        if isinstance(teacher_model, str):
+            teacher_model = load_teacher(teacher_model, args)
+        elif args.teacher_model_init_kwargs is not None:
+            raise ValueError(
+                "You passed teacher_model_init_kwargs to SpecKDConfig, but your teacher_model is already instantiated."
+            )
+        check_vocab(teacher_model, teacher_model, processing_class)
+
+        # The teacher is already loaded with our kwargs; GKD would try to apply them to an instance and raise.
+        init_kwargs, args.teacher_model_init_kwargs = args.teacher_model_init_kwargs, None
+        try:
+            super().__init__(
+                model,
+                teacher_model=teacher_model,
+                args=args,
+                data_collator=data_collator,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                compute_metrics=compute_metrics,
+                callbacks=callbacks,
+                optimizers=optimizers,
+                preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+                peft_config=peft_config,
+                formatting_func=formatting_func,
+            )
+        finally:
+            args.teacher_model_init_kwargs = init_kwargs
+        check_vocab(self.model, self.teacher_model, self.processing_class)
+
+        # Same draw on every process: all of them generate (or not) together.
+        self._kind_rng = random.Random(args.seed)
+        self._gate_generator = torch.Generator(device=self.accelerator.device)
+        self._gate_generator.manual_seed(args.seed + self.accelerator.process_index)
+        self._gate_window = self._new_gate_window()
+
+    # ------------------------------------------------------------------ batches
+
+    def _draw_kind(self) -> str:
+        """On-policy with probability `lmbda`, else `seq_kd` if enabled, else the dataset batch (as GKD)."""
+        if self._kind_rng.random() < self.lmbda:
+            return ON_POLICY
+        return SEQ_KD if self.seq_kd else OFF_POLICY
+
+    def _make_completions(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """Draw the micro-batch's kind and, for on-policy / `seq_kd`, replace its completions by generated ones."""
+        kind = self._draw_kind()
+        if kind != OFF_POLICY:
+            generator_model = self.model_wrapped if kind == ON_POLICY else self.teacher_model
+            with unwrap_model_for_generation(
+                generator_model,
+                self.accelerator,
+                generation_kwargs=self.generation_kwargs,
+                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs if kind == ON_POLICY else None,
+            ) as unwrapped_model:
+                input_ids, attention_mask, labels = self.generate_on_policy_outputs(
+                    unwrapped_model, inputs, self.generation_config
+                )
+            inputs = {**inputs, "input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        return {**inputs, KIND_KEY: kind}
+
+    def get_batch_samples(
+        self, epoch_iterator: Iterator, num_batches: int, device: torch.device
+    ) -> tuple[list[dict[str, Any]], torch.Tensor]:
+        """Fetch an accumulation window, generate its completions, and count its completion tokens.
+
+        Returns:
+            The micro-batches and `num_items_in_batch`: completion tokens in the window (labels != -100 after the
+            causal shift), averaged over processes when `average_tokens_across_devices` (DDP then averages the
+            gradients, which makes the sum over all processes' tokens divided by their total).
+        """
+        batch_samples = [self._make_completions(batch) for batch in itertools.islice(epoch_iterator, num_batches)]
+        num_items = sum((batch["labels"][:, 1:] != -100).sum() for batch in batch_samples)
+        num_items = torch.as_tensor(num_items, device=device)
+        if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+            num_items = self.accelerator.gather(num_items).sum() / self.accelerator.num_processes
+        return batch_samples, num_items
+
+    def training_step(
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None = None
+    ) -> torch.Tensor:
+        """A plain SFT training step: completions were already generated in `get_batch_samples`."""
+        if KIND_KEY not in inputs:  # called outside the Trainer loop: generate here, normalize locally
+            inputs, num_items_in_batch = self._make_completions(inputs), None
+        return SFTTrainer.training_step(self, model, inputs, num_items_in_batch)
+
+    # ------------------------------------------------------------------ loss
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        """Gated generalized JSD of one micro-batch, normalized for its accumulation window."""
+        kind = inputs.get(KIND_KEY, OFF_POLICY)
+        student_outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        self.teacher_model.eval()
+        with torch.no_grad():
+            teacher_logits = self.teacher_model(
+                input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
+            ).logits[:, :-1]
+
+        # Causal shift: logits at position i predict the token at i + 1.
+        student_logits = student_outputs.logits[:, :-1]
+        labels = inputs["labels"][:, 1:]
+        completion = labels != -100
+        gated = completion if self._is_gated(kind) else torch.zeros_like(completion)
+        accepted = self._verify(student_logits, teacher_logits, labels, gated, kind) | (completion & ~gated)
+
+        weights = torch.where(accepted, 1.0, self.args.reject_weight) * completion
+        weighted = weighted_generalized_jsd(student_logits, teacher_logits, weights, beta=self.beta)
+        loss = normalize_loss(
+            weighted,
+            weights,
+            completion,
+            normalize=self.args.gate_normalize,
+            num_items_in_batch=num_items_in_batch,
+        )
+        if model.training:
+            self._record_gate(kind, accepted, gated)
+        empty_cache()
+        return (loss, student_outputs) if return_outputs else loss
+
+    def _is_gated(self, kind: str) -> bool:
+        return self.args.gates_on_policy if kind == ON_POLICY else self.args.gates_off_policy
+
+    @torch.no_grad()
+    def _verify(
+        self,
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        labels: torch.Tensor,
+        gated: torch.Tensor,
+        kind: str,
+    ) -> torch.Tensor:
+        """The teacher's accept bits `[B, T]` on the student's proposals at the gated positions."""
+        if not gated.any():
+            return torch.zeros_like(gated)
+        student_logits = student_logits.detach()
+        if kind == ON_POLICY:
+            # The proposal is the sampled token, drawn from the student at the generation temperature
+            # (GKD samples with top_k=0, top_p=1), so that is the q of the `spec` rule.
+            proposals = labels.clamp(min=0)
+            proposal_logits = student_logits / self.temperature
+        else:
+            proposals = propose(student_logits, mode=self.args.gate_proposal, generator=self._gate_generator)
+            proposal_logits = student_logits
+        return accept_mask(
+            proposal_logits,
+            teacher_logits,
+            proposals,
+            gated,
+            gate=self.args.gate,
+            top_k=self.args.gate_top_k,
+            generator=self._gate_generator,
+        )
+
+    # ------------------------------------------------------------------ logging
+
+    @staticmethod
+    def _new_gate_window() -> dict[str, float]:
+        return dict.fromkeys(
+            ("accepted_on", "gated_on", "accepted_off", "gated_off", "reward_sum", "reward_sq_sum", "sequences"), 0.0
+        )
+
+    def _record_gate(self, kind: str, accepted: torch.Tensor, gated: torch.Tensor) -> None:
+        suffix = "on" if kind == ON_POLICY else "off"
+        window = self._gate_window
+        window[f"accepted_{suffix}"] += (accepted & gated).sum().item()
+        window[f"gated_{suffix}"] += gated.sum().item()
+        rewards = sequence_rewards(accepted, gated)
+        window["reward_sum"] += rewards.sum().item()
+        window["reward_sq_sum"] += rewards.square().sum().item()
+        window["sequences"] += rewards.numel()
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the gate's acceptance rates and the reward statistics of the logging window (all processes)."""
+        if self.model.training and "loss" in logs:
+            keys = list(self._gate_window)
+            totals = torch.tensor([self._gate_window[k] for k in keys], dtype=torch.float64, device=self.args.device)
+            totals = dict(zip(keys, self.accelerator.reduce(totals, reduction="sum").tolist()))
+            self._gate_window = self._new_gate_window()
+            logs.update(gate_metrics(totals))
+        super().log(logs, start_time)
+
+
+def gate_metrics(totals: dict[str, float]) -> dict[str, float]:
+    """Acceptance rates and reward statistics from a window's summed counts; a kind with no gated token is omitted."""
+    metrics = {}
+    gated = totals["gated_on"] + totals["gated_off"]
+    if gated > 0:
+        metrics["gate/acceptance_rate"] = (totals["accepted_on"] + totals["accepted_off"]) / gated
+    if totals["gated_on"] > 0:
+        metrics["gate/acceptance_rate_on_policy"] = totals["accepted_on"] / totals["gated_on"]
+    if totals["gated_off"] > 0:
+        metrics["gate/acceptance_rate_off_policy"] = totals["accepted_off"] / totals["gated_off"]
+    if totals["sequences"] > 0:
+        mean = totals["reward_sum"] / totals["sequences"]
+        metrics["reward/mean"] = mean
+        metrics["reward/std"] = math.sqrt(max(totals["reward_sq_sum"] / totals["sequences"] - mean**2, 0.0))
+    return metrics
