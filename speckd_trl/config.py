@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from transformers.utils import is_torch_bf16_gpu_available
 from trl.experimental.gkd import GKDConfig
 
 from .gate import GATES
@@ -36,6 +37,9 @@ class SpecKDConfig(GKDConfig):
     the student proposes a token (the token it sampled for on-policy sequences, its own prediction for dataset and
     `seq_kd` sequences), the teacher verifies it, and the generalized JSD is kept at weight 1 on accepted positions and
     `reject_weight` on rejected ones.
+
+    One default differs from TRL: an unset `bf16` means bf16 where the GPU supports it and float32 elsewhere (TRL's
+    `bf16=True` default raises on CPU).
 
     Args:
         gate (`str`, *optional*, defaults to `"topk"`):
@@ -149,6 +153,8 @@ class SpecKDConfig(GKDConfig):
             raise ValueError(
                 f"SpecKDConfig: max_new_tokens={self.max_new_tokens!r} is not valid; it must be an integer >= 1."
             )
+        if self.bf16 is None:  # TRL defaults to bf16=True, which fails on CPU: use it only where it runs
+            self.bf16 = not self.fp16 and not self.use_cpu and is_torch_bf16_gpu_available()
         super().__post_init__()
 
     @property

@@ -1,9 +1,9 @@
 """Bad input fails before training starts, with a message that names the value and the fix."""
 
 import pytest
-from conftest import make_dataset, make_model, make_tokenizer
 
 from speckd_trl import SpecKDConfig, SpecKDTrainer
+from speckd_trl.testing import make_dataset, make_model, make_tokenizer
 
 
 BASE = dict(output_dir="unused", bf16=False, use_cpu=True, report_to="none")

@@ -4,10 +4,10 @@ import math
 
 import pytest
 import torch
-from conftest import make_dataset, make_model, make_tokenizer
 from peft import LoraConfig
 
 from speckd_trl import SpecKDConfig, SpecKDTrainer
+from speckd_trl.testing import make_dataset, make_model, make_tokenizer
 
 
 GATE_KEYS = ("gate/acceptance_rate", "reward/mean", "reward/std")

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from conftest import make_dataset, make_model, make_tokenizer
 from datasets import Dataset
 from trl.experimental.gkd import GKDTrainer
 
 from speckd_trl import SpecKDConfig, SpecKDTrainer
+from speckd_trl.testing import make_dataset, make_model, make_tokenizer
 from speckd_trl.trainer import KIND_KEY, OFF_POLICY
 
 

@@ -1,0 +1,79 @@
+"""Tiny offline building blocks for tests and examples: a word-level chat tokenizer, Qwen2 models of hidden size 64
+built from configs, and a chat dataset of small sums. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+from datasets import Dataset
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }} {{ message['content'] }}<|im_end|> "
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant {% endif %}"
+)
+SPECIALS = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
+WORDS = ["user", "assistant", "system", "+", "=", "what", "is", "answer"] + [str(i) for i in range(40)]
+VOCAB_SIZE = 96  # SPECIALS + WORDS, then filler words up to this size
+
+
+def make_tokenizer(with_pad: bool = True) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer with a ChatML-like template; no download."""
+    words = SPECIALS + WORDS
+    words += [f"w{i}" for i in range(VOCAB_SIZE - len(words))]
+    backend = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        eos_token="<|im_end|>",
+        bos_token="<|im_start|>",
+        pad_token="<pad>" if with_pad else None,
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def make_model(seed: int, tokenizer: PreTrainedTokenizerFast, vocab_size: int = VOCAB_SIZE, layers: int = 2):
+    """A Qwen2 causal LM with hidden size 64, initialized from `seed`."""
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    model = Qwen2ForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def make_dataset(n: int = 16, seed: int = 0) -> Dataset:
+    """Chat rows `{"messages": [user, assistant]}` of small sums, prompts of varying length."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        terms = [rng.randint(0, 9) for _ in range(rng.randint(2, 4))]
+        question = " + ".join(str(t) for t in terms)
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": f"what is {question} ="},
+                    {"role": "assistant", "content": f"answer {sum(terms)}"},
+                ]
+            }
+        )
+    return Dataset.from_list(rows)

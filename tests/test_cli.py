@@ -1,0 +1,83 @@
+"""`speckd-trl` on tiny models saved to disk and a local JSONL dataset."""
+
+import json
+
+import pytest
+
+from speckd_trl.cli import main
+from speckd_trl.testing import make_dataset, make_model, make_tokenizer
+
+
+@pytest.fixture
+def workspace(tmp_path):
+    tokenizer = make_tokenizer()
+    for name, seed in (("student", 0), ("teacher", 1)):
+        make_model(seed, tokenizer).save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    with open(tmp_path / "train.jsonl", "w") as f:
+        for row in make_dataset(8):
+            f.write(json.dumps(row) + "\n")
+    return tmp_path
+
+
+def test_cli_trains_on_local_files(workspace, tmp_path):
+    out = tmp_path / "out"
+    status = main(
+        [
+            "--model_name_or_path", str(workspace / "student"),
+            "--teacher_model_name_or_path", str(workspace / "teacher"),
+            "--dataset_name", str(workspace / "train.jsonl"),
+            "--output_dir", str(out),
+            "--use_cpu", "--report_to", "none", "--save_strategy", "no",
+            "--max_steps", "2", "--per_device_train_batch_size", "2", "--max_new_tokens", "4",
+            "--gate", "spec", "--lmbda", "0.5",
+            "--use_peft", "--lora_r", "4", "--lora_target_modules", "all-linear",
+        ]
+    )  # fmt: skip
+    assert status == 0
+    assert (out / "adapter_config.json").is_file()
+
+
+def test_cli_reads_a_yaml_recipe(workspace, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"model_name_or_path: {workspace / 'student'}\n"
+        f"teacher_model_name_or_path: {workspace / 'teacher'}\n"
+        f"dataset_name: {workspace / 'train.jsonl'}\n"
+        f"output_dir: {tmp_path / 'out'}\n"
+        "use_cpu: true\nreport_to: none\nsave_strategy: 'no'\nmax_steps: 1\nper_device_train_batch_size: 2\n"
+        "max_new_tokens: 4\ngate: topk\ngate_top_k: 10\nteacher_load_in_4bit: true\n"
+    )
+    assert main(["--config", str(recipe)]) == 0
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--bogus_flag", "1"], "--bogus_flag"),
+        (["--model_name_or_path", "./no/such/dir", "--teacher_model_name_or_path", "./t"], "no such directory"),
+        (["--config", "no-such-recipe.yaml"], "no such file"),
+    ],
+)
+def test_cli_errors_are_one_line(argv, message, capsys, tmp_path):
+    status = main([*argv, "--output_dir", str(tmp_path)] if argv[0] != "--config" else argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2
+    assert len(err) == 1 and err[0].startswith("speckd-trl: error:") and message in err[0]
+
+
+def test_cli_bad_choice_exits_with_usage(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--gate", "bogus"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'bogus'" in capsys.readouterr().err
+
+
+def test_cli_help_lists_the_speckd_fields(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    for flag in ("--gate ", "--gate_top_k", "--gate_on", "--gate_proposal", "--reject_weight", "--gate_normalize"):
+        assert flag in text
+    assert "--teacher_load_in_4bit" in text and "--lmbda" in text and "--use_peft" in text
