@@ -51,7 +51,9 @@ def load_train_dataset(name: str, config: str | None = None):
     if path.is_file():
         fmt = LOCAL_FORMATS.get(path.suffix.lower())
         if fmt is None:
-            raise CLIError(f"--dataset_name {name}: unsupported file type {path.suffix!r}; use {sorted(LOCAL_FORMATS)}.")
+            raise CLIError(
+                f"--dataset_name {name}: unsupported file type {path.suffix!r}; use {sorted(LOCAL_FORMATS)}."
+            )
         return load_dataset(fmt, data_files=str(path))
     if path.is_dir():
         if (path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists():
@@ -81,7 +83,9 @@ def train(script_args, training_args, model_args) -> None:
     _check_model_path("--model_name_or_path", model_args.model_name_or_path)
     _check_model_path("--teacher_model_name_or_path", training_args.teacher_model_name_or_path)
     if script_args.dataset_name is None:
-        raise CLIError("--dataset_name is required (a dataset name, a local directory or a .json/.jsonl/.parquet file).")
+        raise CLIError(
+            "--dataset_name is required (a dataset name, a local directory or a .json/.jsonl/.parquet file)."
+        )
 
     model_init_kwargs = dict(
         revision=model_args.model_revision,
