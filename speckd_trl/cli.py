@@ -10,6 +10,7 @@ speckd-trl \\
     --output_dir out
 speckd-trl --config recipe.yaml            # YAML keys are the same flags; the command line overrides them
 accelerate launch -m speckd_trl --config recipe.yaml
+speckd-trl demo                            # the offline SmolLM2 demo (see speckd_trl/demo.py)
 ```
 
 Datasets: a name that `datasets.load_dataset` knows, a local directory (`save_to_disk` output or data files), or one
@@ -130,15 +131,30 @@ def train(script_args, training_args, model_args) -> None:
     trainer.accelerator.print(f"Saved the student to {training_args.output_dir}.")
 
 
+def demo(argv: list[str]) -> None:
+    """`speckd-trl demo [--config examples/demo.yaml] [--field value ...]`: the offline SmolLM2 demo."""
+    from trl import TrlParser
+
+    from .demo import DemoConfig, run_demo
+
+    (config,) = TrlParser((DemoConfig,), prog="speckd-trl demo").parse_args_and_config(argv)
+    run_demo(config)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `speckd-trl` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecation notes drown the errors
-    parser = make_parser()
     try:
-        if argv and argv[0] == "--config" and len(argv) > 1 and not Path(argv[1]).is_file():
-            raise CLIError(f"--config {argv[1]}: no such file.")
-        script_args, training_args, model_args = parser.parse_args_and_config(argv)
+        command = argv[1:] if argv[:1] == ["demo"] else argv
+        if "--config" in command:
+            path = command[command.index("--config") + 1] if command.index("--config") + 1 < len(command) else ""
+            if not Path(path).is_file():
+                raise CLIError(f"--config {path}: no such file.")
+        if argv[:1] == ["demo"]:
+            demo(command)
+            return 0
+        script_args, training_args, model_args = make_parser().parse_args_and_config(argv)
         train(script_args, training_args, model_args)
     except CLIError as err:
         print(f"speckd-trl: error: {err}", file=sys.stderr)

@@ -75,10 +75,12 @@ def _derive_seed(task: str, seed: int, split: str) -> int:
     return int.from_bytes(digest[:6], "big")
 
 
-def _row(task: str, item: dict[str, Any]) -> dict[str, Any]:
+def _row(task: str, item: dict[str, Any], system_prompt: str | None = None) -> dict[str, Any]:
     answer = str(item["answer"]).strip()
+    system = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
     return {
         "messages": [
+            *system,
             {"role": "user", "content": _format_prompt(task, item)},
             {"role": "assistant", "content": answer},
         ],
@@ -92,6 +94,7 @@ def build_task_dataset(
     num_train: int,
     num_eval: int,
     seed: int = 0,
+    system_prompt: str | None = None,
     **task_kwargs: Any,
 ) -> DatasetDict:
     """Build train / eval chat datasets for a reasoning-gym task, offline and deterministically.
@@ -102,6 +105,8 @@ def build_task_dataset(
         num_train: Number of train rows (> 0). Train rows are kept as generated, repeats included.
         num_eval: Number of eval rows (>= 0). Eval rows are unique and none of their prompts occurs in train.
         seed: Base seed; the same `(task, seed, num_train, num_eval, task_kwargs)` gives identical rows.
+        system_prompt: If given, every conversation starts with this system message (chat templates such as
+            SmolLM2's otherwise insert a long default one).
         **task_kwargs: Passed to the task's reasoning-gym config, overriding this module's defaults for the task
             (``seed`` and ``size`` are managed here and may not be passed).
 
@@ -135,11 +140,11 @@ def build_task_dataset(
     # no eval item shares an RNG seed with a train item; exact-duplicate prompts are removed below as well.
     base = _derive_seed(task, seed, "train")
     train_source = reasoning_gym.create_dataset(task, seed=base, size=num_train, **config)
-    train_rows = [_row(task, train_source[i]) for i in range(num_train)]
+    train_rows = [_row(task, train_source[i], system_prompt) for i in range(num_train)]
 
     max_draws = max(num_eval * _MAX_DRAWS_PER_EVAL_ROW, 1)
     eval_source = reasoning_gym.create_dataset(task, seed=base + num_train, size=max_draws, **config)
-    seen = {row["messages"][0]["content"] for row in train_rows}
+    seen = {row["messages"][-2]["content"] for row in train_rows}
     eval_rows: list[dict[str, Any]] = []
     draws = 0
     while len(eval_rows) < num_eval:
@@ -148,9 +153,9 @@ def build_task_dataset(
                 f"Could only find {len(eval_rows)} of {num_eval} eval prompts not in train after {max_draws} draws "
                 f"for task {task!r} with config {config}; widen the task (more terms / digits) or ask for fewer rows."
             )
-        row = _row(task, eval_source[draws])
+        row = _row(task, eval_source[draws], system_prompt)
         draws += 1
-        prompt = row["messages"][0]["content"]
+        prompt = row["messages"][-2]["content"]
         if prompt not in seen:
             seen.add(prompt)
             eval_rows.append(row)

@@ -1,0 +1,85 @@
+"""The demo's pipeline on a tiny Llama saved to disk (the real SmolLM2 run is too long for the suite)."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from speckd_trl.cli import main
+from speckd_trl.demo import DemoConfig, layer_subset, run_demo
+from speckd_trl.testing import make_tokenizer
+
+
+@pytest.fixture
+def tiny_llama(tmp_path):
+    tokenizer = make_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    path = tmp_path / "base"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_layer_subset_keeps_the_chosen_layers(tiny_llama, tmp_path):
+    student_dir = layer_subset(tiny_llama, [0, 5], tmp_path / "student")
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    student = AutoModelForCausalLM.from_pretrained(student_dir)
+    assert student.config.num_hidden_layers == 2
+    for mine, theirs in zip(student.model.layers, [teacher.model.layers[0], teacher.model.layers[5]]):
+        assert torch.equal(mine.mlp.up_proj.weight, theirs.mlp.up_proj.weight)
+    assert [layer.self_attn.layer_idx for layer in student.model.layers] == [0, 1]
+    out = student.generate(torch.tensor([[2, 10, 11]]), max_new_tokens=3, do_sample=False)  # KV cache works
+    assert out.shape[1] >= 4
+
+
+def test_layer_subset_rejects_bad_layers(tiny_llama, tmp_path):
+    with pytest.raises(ValueError, match="more than half"):
+        layer_subset(tiny_llama, [0, 1, 2, 3, 4], tmp_path / "s1")
+    with pytest.raises(ValueError, match="distinct indices"):
+        layer_subset(tiny_llama, [0, 9], tmp_path / "s2")
+
+
+def test_demo_pipeline_end_to_end_on_a_tiny_model(tiny_llama, tmp_path):
+    config = DemoConfig(
+        output_dir=str(tmp_path / "out"),
+        cache_dir=str(tmp_path / "cache"),
+        base_model=str(tiny_llama),
+        num_train=32,
+        num_eval=8,
+        teacher_steps=2,
+        student_layers="0,5",
+        distill_steps=4,
+        batch_size=4,
+        lora_r=4,
+        max_new_tokens=3,
+        teacher_load_in_4bit=True,
+    )
+    summary = run_demo(config)
+    assert set(summary["accuracy"]) == {"teacher", "student before", "student after"}
+    saved = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert saved["accuracy"] == summary["accuracy"] and saved["acceptance_rate_curve"]
+    for name in ("demo.png", "student-adapter/adapter_config.json", "student-merged/model.safetensors"):
+        assert (tmp_path / "out" / name).is_file(), name
+    cached = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert any(n.startswith("teacher-") for n in cached) and any(n.startswith("student-") for n in cached)
+
+
+def test_demo_help_lists_its_fields(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    text = capsys.readouterr().out
+    assert "--distill_steps" in text and "--student_layers" in text and "--gate" in text
