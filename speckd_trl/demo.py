@@ -41,7 +41,9 @@ class DemoConfig:
     )
     base_model: str | None = field(
         default=None,
-        metadata={"help": "Local checkpoint to start the teacher from (default: SmolLM2-135M-Instruct from the GGUF)."},
+        metadata={
+            "help": "Local checkpoint to start the teacher from (default: SmolLM2-135M-Instruct from the GGUF)."
+        },
     )
     seed: int = field(default=0, metadata={"help": "Seed of the data, the teacher tuning and the distillation."})
     task: str = field(default="basic_arithmetic", metadata={"help": "reasoning-gym task name."})
@@ -57,15 +59,26 @@ class DemoConfig:
         default="0,1,2,3,4,5,6,27,28,29",
         metadata={"help": "Comma-separated teacher layer indices kept in the student (at most half the parameters)."},
     )
-    distill_steps: int = field(default=80, metadata={"help": "Distillation steps."})
+    distill_steps: int = field(default=400, metadata={"help": "Distillation steps."})
     learning_rate: float = field(default=1e-3, metadata={"help": "Distillation learning rate (LoRA)."})
     batch_size: int = field(default=8, metadata={"help": "Batch size of tuning and distillation."})
     lora_r: int = field(default=32, metadata={"help": "LoRA rank of the student."})
     lmbda: float = field(default=0.5, metadata={"help": "Share of on-policy (student-generated) batches."})
-    beta: float = field(default=0.5, metadata={"help": "Generalized JSD interpolation (0 forward KL, 1 reverse KL)."})
+    beta: float = field(
+        default=0.0,
+        metadata={
+            "help": "Generalized JSD interpolation (0 forward KL, 1 reverse KL). 0 here: the cut student starts far "
+            "from the teacher, where the JSD saturates and its gradient fades."
+        },
+    )
     gate: str = field(default="topk", metadata={"help": "SpecKD gate: topk, spec or none (plain GKD)."})
     gate_top_k: int = field(default=5, metadata={"help": "k of the topk gate."})
-    reject_weight: float = field(default=0.0, metadata={"help": "Loss weight of rejected tokens."})
+    reject_weight: float = field(
+        default=0.1,
+        metadata={
+            "help": "Loss weight of rejected tokens (> 0 so that a weak student still learns where it is wrong)."
+        },
+    )
     max_new_tokens: int = field(default=8, metadata={"help": "Generation length for on-policy batches and eval."})
     teacher_load_in_4bit: bool = field(default=True, metadata={"help": "Quantize the teacher to NF4 for distilling."})
 
@@ -74,11 +87,26 @@ def _key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def _device_kwargs() -> dict[str, Any]:
+def _training_kwargs(config: DemoConfig, output_dir: Path, steps: int, learning_rate: float) -> dict[str, Any]:
+    """Arguments shared by the teacher's fine-tune and the distillation: CPU by default, bf16 on a capable GPU."""
     import torch
 
     cuda = torch.cuda.is_available()
-    return {"use_cpu": not cuda, "bf16": cuda and torch.cuda.is_bf16_supported()}
+    return dict(
+        output_dir=str(output_dir),
+        max_steps=steps,
+        learning_rate=learning_rate,
+        per_device_train_batch_size=config.batch_size,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, steps // 10),
+        gradient_checkpointing=False,  # small models: recomputation costs more than it saves
+        logging_steps=min(5, steps),
+        save_strategy="no",
+        report_to="none",
+        seed=config.seed,
+        use_cpu=not cuda,
+        bf16=cuda and torch.cuda.is_bf16_supported(),
+    )
 
 
 def tune_teacher(base: Path, train, config: DemoConfig, out: Path) -> Path:
@@ -94,18 +122,9 @@ def tune_teacher(base: Path, train, config: DemoConfig, out: Path) -> Path:
         remove_columns=train.column_names,
     )
     args = SFTConfig(
-        output_dir=str(out.with_name(out.name + ".run")),
-        max_steps=config.teacher_steps,
-        learning_rate=config.teacher_learning_rate,
-        per_device_train_batch_size=config.batch_size,
-        lr_scheduler_type="cosine",
-        warmup_steps=max(1, config.teacher_steps // 10),
-        gradient_checkpointing=False,
-        logging_steps=10,
-        save_strategy="no",
-        report_to="none",
-        seed=config.seed,
-        **_device_kwargs(),
+        **_training_kwargs(
+            config, out.with_name(out.name + ".run"), config.teacher_steps, config.teacher_learning_rate
+        )
     )
     trainer = SFTTrainer(model=str(base), args=args, train_dataset=pairs)
     print(f"[teacher] fine-tuning {base.name} for {config.teacher_steps} steps")
@@ -207,17 +226,7 @@ def distill(teacher_dir: Path, student_dir: Path, train, config: DemoConfig, out
 
     tokenizer = AutoTokenizer.from_pretrained(str(student_dir))
     args = SpecKDConfig(
-        output_dir=str(out),
-        max_steps=config.distill_steps,
-        learning_rate=config.learning_rate,
-        per_device_train_batch_size=config.batch_size,
-        lr_scheduler_type="cosine",
-        warmup_steps=max(1, config.distill_steps // 10),
-        gradient_checkpointing=False,
-        logging_steps=min(5, config.distill_steps),
-        save_strategy="no",
-        report_to="none",
-        seed=config.seed,
+        **_training_kwargs(config, out, config.distill_steps, config.learning_rate),
         lmbda=config.lmbda,
         beta=config.beta,
         temperature=1.0,
@@ -226,7 +235,6 @@ def distill(teacher_dir: Path, student_dir: Path, train, config: DemoConfig, out
         gate_top_k=config.gate_top_k,
         reject_weight=config.reject_weight,
         teacher_load_in_4bit=config.teacher_load_in_4bit,
-        **_device_kwargs(),
     )
     peft_config = LoraConfig(
         r=config.lora_r,
