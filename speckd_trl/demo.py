@@ -13,7 +13,8 @@ Stages (each with a progress bar; everything expensive is cached under `cache_di
    layer (plus its RMSNorm weights, a few thousand parameters that the cut model needs to re-scale its residual
    stream), `lmbda` mixing on-policy and dataset batches;
 6. held-out exact-match accuracy of the teacher, the student before and the student after; `summary.json`, the
-   student (adapter and merged) and `demo.png` (loss, acceptance rate, accuracy) under `output_dir`.
+   student (adapter and merged) and `demo.png` (loss, acceptance rate, accuracy) under `output_dir`, plus links to
+   the cached teacher and student and the train split as JSONL, for `examples/distill_smollm2.yaml`.
 """
 
 from __future__ import annotations
@@ -279,7 +280,8 @@ def plot(history: list[dict[str, Any]], accuracies: dict[str, float], path: Path
         if points:
             ax_rate.plot(*zip(*points), marker="o", label=label)
     ax_rate.set(xlabel="distillation step", ylabel="teacher acceptance rate", title="Acceptance (reward)", ylim=(0, 1))
-    ax_rate.legend()
+    if ax_rate.lines:
+        ax_rate.legend()
     names = list(accuracies)
     ax_acc.bar(names, [100 * accuracies[n] for n in names], color=["#555", "#c66", "#2a7"])
     for i, name in enumerate(names):
@@ -323,6 +325,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     teacher_dir = tune_teacher(base, data["train"], config, cache / f"teacher-{teacher_key}")
     print("[4/6] student: a layer subset of the tuned teacher (cached)")
     student_dir = layer_subset(teacher_dir, layers, cache / f"student-{_key(teacher_key, layers)}")
+    _export_for_cli(out, teacher_dir, student_dir, data["train"])
     accuracies = {
         "teacher": _cached_accuracy(teacher_dir, data["eval"], data_key, config, "eval teacher"),
         "student before": _cached_accuracy(student_dir, data["eval"], data_key, config, "eval student before"),
@@ -363,6 +366,17 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     print(f"wall time {summary['wall_time_s']:.0f} s, peak memory {peak_rss_gib:.1f} GiB")
     print(f"saved {out / 'summary.json'}, {out / 'demo.png'}, {out / 'student-adapter'}, {out / 'student-merged'}")
     return summary
+
+
+def _export_for_cli(out: Path, teacher_dir: Path, student_dir: Path, train) -> None:
+    """Stable names under `out` for the cached teacher and student and the train split, so that the plain CLI can
+    re-run the distillation: `speckd-trl --config examples/distill_smollm2.yaml`."""
+    for name, target in (("teacher", teacher_dir), ("student-init", student_dir)):
+        link = out / name
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(target.resolve(), target_is_directory=True)
+    train.to_json(str(out / "train.jsonl"))
 
 
 def _peak_rss_gib() -> float:

@@ -1,6 +1,7 @@
 """The demo's pipeline on a tiny Llama saved to disk (the real SmolLM2 run is too long for the suite)."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -53,9 +54,10 @@ def test_layer_subset_rejects_bad_layers(tiny_llama, tmp_path):
         layer_subset(tiny_llama, [0, 9], tmp_path / "s2")
 
 
-def test_demo_pipeline_end_to_end_on_a_tiny_model(tiny_llama, tmp_path):
+def test_demo_pipeline_end_to_end_on_a_tiny_model(tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the shipped CLI recipe reads the demo's outputs from ./speckd-demo
     config = DemoConfig(
-        output_dir=str(tmp_path / "out"),
+        output_dir="speckd-demo",
         cache_dir=str(tmp_path / "cache"),
         base_model=str(tiny_llama),
         num_train=32,
@@ -70,12 +72,18 @@ def test_demo_pipeline_end_to_end_on_a_tiny_model(tiny_llama, tmp_path):
     )
     summary = run_demo(config)
     assert set(summary["accuracy"]) == {"teacher", "student before", "student after"}
-    saved = json.loads((tmp_path / "out" / "summary.json").read_text())
+    out = tmp_path / "speckd-demo"
+    saved = json.loads((out / "summary.json").read_text())
     assert saved["accuracy"] == summary["accuracy"] and saved["acceptance_rate_curve"]
-    for name in ("demo.png", "student-adapter/adapter_config.json", "student-merged/model.safetensors"):
-        assert (tmp_path / "out" / name).is_file(), name
+    for name in ("demo.png", "student-adapter/adapter_config.json", "student-merged/model.safetensors", "train.jsonl"):
+        assert (out / name).is_file(), name
     cached = sorted(p.name for p in (tmp_path / "cache").iterdir())
     assert any(n.startswith("teacher-") for n in cached) and any(n.startswith("student-") for n in cached)
+
+    # the plain CLI re-runs the distillation from the shipped recipe on what the demo left behind
+    recipe = Path(__file__).resolve().parents[1] / "examples" / "distill_smollm2.yaml"
+    assert main(["--config", str(recipe), "--max_steps", "2", "--per_device_train_batch_size", "2"]) == 0
+    assert (out / "cli-run" / "adapter_config.json").is_file()
 
 
 def test_demo_help_lists_its_fields(capsys):
