@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -134,6 +135,7 @@ def tune_teacher(base: Path, train, config: DemoConfig, out: Path) -> Path:
     trainer.save_model(str(tmp))
     trainer.processing_class.save_pretrained(str(tmp))
     os.replace(tmp, out)
+    shutil.rmtree(args.output_dir, ignore_errors=True)  # the run directory holds nothing worth keeping
     return out
 
 

@@ -97,7 +97,6 @@ class SpecKDTrainer(GKDTrainer):
             raise ValueError(
                 "You passed teacher_model_init_kwargs to SpecKDConfig, but your teacher_model is already instantiated."
             )
-        check_vocab(teacher_model, teacher_model, processing_class)
 
         # The teacher is already loaded with our kwargs; GKD would try to apply them to an instance and raise.
         init_kwargs, args.teacher_model_init_kwargs = args.teacher_model_init_kwargs, None
