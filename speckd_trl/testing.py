@@ -9,7 +9,13 @@ import random
 import torch
 from datasets import Dataset
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
 
 
 CHAT_TEMPLATE = (
@@ -39,10 +45,17 @@ def make_tokenizer(with_pad: bool = True) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def make_model(seed: int, tokenizer: PreTrainedTokenizerFast, vocab_size: int = VOCAB_SIZE, layers: int = 2):
-    """A Qwen2 causal LM with hidden size 64, initialized from `seed`."""
+def make_model(
+    seed: int,
+    tokenizer: PreTrainedTokenizerFast,
+    vocab_size: int = VOCAB_SIZE,
+    layers: int = 2,
+    config_class: type[PretrainedConfig] = Qwen2Config,
+    **config_overrides,
+) -> PreTrainedModel:
+    """A causal LM with hidden size 64 (Qwen2 unless `config_class` says otherwise), initialized from `seed`."""
     torch.manual_seed(seed)
-    config = Qwen2Config(
+    config_kwargs = dict(
         vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=128,
@@ -55,7 +68,7 @@ def make_model(seed: int, tokenizer: PreTrainedTokenizerFast, vocab_size: int = 
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
     )
-    model = Qwen2ForCausalLM(config)
+    model = AutoModelForCausalLM.from_config(config_class(**{**config_kwargs, **config_overrides}))
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model

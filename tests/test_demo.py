@@ -5,30 +5,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig
 
 from speckd_trl.cli import main
 from speckd_trl.demo import DemoConfig, layer_subset, run_demo
-from speckd_trl.testing import make_tokenizer
+from speckd_trl.testing import make_model, make_tokenizer
 
 
 @pytest.fixture
 def tiny_llama(tmp_path):
     tokenizer = make_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=6,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    model = LlamaForCausalLM(config)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model = make_model(0, tokenizer, vocab_size=len(tokenizer), layers=6, config_class=LlamaConfig,
+                       tie_word_embeddings=True)  # fmt: skip
     path = tmp_path / "base"
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
