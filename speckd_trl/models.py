@@ -65,9 +65,10 @@ def load_teacher(name_or_path: str, args: SpecKDConfig) -> PreTrainedModel:
 def output_vocab_size(model: nn.Module) -> int:
     """Number of logits the model produces per position (the rows of its output embedding)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is not None and getattr(head, "weight", None) is not None and head.weight.dim() == 2:
-        if head.weight.shape[0] > 1:  # 4-bit packed weights are [n, 1]: use the config instead
-            return int(head.weight.shape[0])
+    weight = getattr(head, "weight", None)
+    # a [V, H] matrix; bitsandbytes' packed 4-bit weights are [n, 1] and say nothing about V: use the config then
+    if weight is not None and weight.dim() == 2 and weight.shape[1] > 1:
+        return int(weight.shape[0])
     return int(model.config.get_text_config().vocab_size)
 
 
