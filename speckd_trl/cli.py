@@ -9,7 +9,7 @@ speckd-trl \\
     --use_peft --lora_r 16 --lora_target_modules all-linear \\
     --output_dir out
 speckd-trl --config recipe.yaml            # YAML keys are the same flags; the command line overrides them
-accelerate launch -m speckd_trl --config recipe.yaml
+accelerate launch -m speckd_trl --config recipe.yaml   # or: torchrun --nproc_per_node 2 -m speckd_trl ...
 speckd-trl demo                            # the offline SmolLM2 demo (see speckd_trl/demo.py)
 ```
 
