@@ -146,16 +146,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecation notes drown the errors
     try:
-        command = argv[1:] if argv[:1] == ["demo"] else argv
+        is_demo = argv[:1] == ["demo"]
+        command = argv[1:] if is_demo else argv
         if "--config" in command:
-            path = command[command.index("--config") + 1] if command.index("--config") + 1 < len(command) else ""
+            value_index = command.index("--config") + 1
+            path = command[value_index] if value_index < len(command) else ""
             if not Path(path).is_file():
                 raise CLIError(f"--config {path}: no such file.")
-        if argv[:1] == ["demo"]:
+        if is_demo:
             demo(command)
-            return 0
-        script_args, training_args, model_args = make_parser().parse_args_and_config(argv)
-        train(script_args, training_args, model_args)
+        else:
+            train(*make_parser().parse_args_and_config(command))
     except CLIError as err:
         print(f"speckd-trl: error: {err}", file=sys.stderr)
         return 2
