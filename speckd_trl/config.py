@@ -8,7 +8,7 @@ from transformers.utils import is_torch_bf16_gpu_available
 from trl.experimental.gkd import GKDConfig
 
 from .gate import GATES
-from .losses import NORMALIZATIONS
+from .losses import LOSS_PATHS, NORMALIZATIONS
 
 
 GATE_ON = ("both", "on_policy", "off_policy")
@@ -60,6 +60,13 @@ class SpecKDConfig(GKDConfig):
             Loss denominator: `"tokens"` divides by the number of completion tokens (as GKD; exact under gradient
             accumulation, and the gate only removes terms), `"accepted"` by the sum of weights (each accepted token
             counts like a GKD token; louder when few are accepted).
+        loss_path (`str`, *optional*, defaults to `"eager"`):
+            How the loss is computed: `"eager"` from both models' full `[B, T, V]` logits (as GKD), or `"chunked"`
+            from their final hidden states and output layers, `loss_chunk_size` completion tokens at a time, so that
+            neither model's full logits ever exist (same loss and gradients; far less memory at large vocabularies).
+            `"chunked"` needs a plain `nn.Linear` output layer on both models (no LoRA on `lm_head`).
+        loss_chunk_size (`int`, *optional*, defaults to `256`):
+            Tokens per chunk of the `"chunked"` loss path.
         teacher_load_in_4bit (`bool`, *optional*, defaults to `False`):
             Load a teacher given as a name or path in 4-bit with bitsandbytes.
         teacher_bnb_4bit_quant_type (`str`, *optional*, defaults to `"nf4"`):
@@ -111,6 +118,18 @@ class SpecKDConfig(GKDConfig):
             "choices": list(NORMALIZATIONS),
         },
     )
+    loss_path: str = field(
+        default="eager",
+        metadata={
+            "help": "'eager' (both models' full logits, as GKD) or 'chunked' (from hidden states, loss_chunk_size "
+            "tokens at a time: same loss and gradients, far less memory).",
+            "choices": list(LOSS_PATHS),
+        },
+    )
+    loss_chunk_size: int = field(
+        default=256,
+        metadata={"help": "Tokens per chunk of the 'chunked' loss path."},
+    )
     teacher_load_in_4bit: bool = field(
         default=False,
         metadata={"help": "Load a teacher given as a name or path in 4-bit (bitsandbytes)."},
@@ -138,10 +157,19 @@ class SpecKDConfig(GKDConfig):
         _check_choice("gate_on", self.gate_on, GATE_ON)
         _check_choice("gate_proposal", self.gate_proposal, GATE_PROPOSALS)
         _check_choice("gate_normalize", self.gate_normalize, NORMALIZATIONS)
+        _check_choice("loss_path", self.loss_path, LOSS_PATHS)
         _check_choice("teacher_bnb_4bit_quant_type", self.teacher_bnb_4bit_quant_type, BNB_4BIT_QUANT_TYPES)
         _check_choice("teacher_bnb_4bit_compute_dtype", self.teacher_bnb_4bit_compute_dtype, BNB_COMPUTE_DTYPES)
         if not isinstance(self.gate_top_k, int) or isinstance(self.gate_top_k, bool) or self.gate_top_k < 1:
             raise ValueError(f"SpecKDConfig: gate_top_k={self.gate_top_k!r} is not valid; it must be an integer >= 1.")
+        if (
+            not isinstance(self.loss_chunk_size, int)
+            or isinstance(self.loss_chunk_size, bool)
+            or self.loss_chunk_size < 1
+        ):
+            raise ValueError(
+                f"SpecKDConfig: loss_chunk_size={self.loss_chunk_size!r} is not valid; it must be an integer >= 1."
+            )
         _check_range("reject_weight", self.reject_weight, 0.0, 1.0)
         _check_range("lmbda", self.lmbda, 0.0, 1.0)
         _check_range("beta", self.beta, 0.0, 1.0)

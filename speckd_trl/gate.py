@@ -22,7 +22,11 @@ def _uniform(shape: torch.Size, device: torch.device, generator: torch.Generator
 
 
 def propose(
-    student_logits: torch.Tensor, *, mode: str = "greedy", generator: torch.Generator | None = None
+    student_logits: torch.Tensor,
+    *,
+    mode: str = "greedy",
+    generator: torch.Generator | None = None,
+    uniforms: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The student's own proposal at each position of a teacher-forced (dataset or ``seq_kd``) sequence.
 
@@ -31,6 +35,8 @@ def propose(
         mode (`str`): ``"greedy"`` takes ``argmax q_t``; ``"sample"`` draws ``x_t ~ softmax(student_logits)``
             with ``generator`` (inverse-CDF sampling, so a seeded generator gives reproducible proposals).
         generator (`torch.Generator`, *optional*): source of randomness for ``"sample"``.
+        uniforms (`torch.Tensor` of shape `[B, T]`, *optional*): U(0, 1) draws to use for ``"sample"`` instead of
+            drawing from ``generator`` (the chunked loss draws them once for the whole batch and slices them).
 
     Returns:
         `torch.LongTensor` of shape `[B, T]`: the proposed token ids.
@@ -40,7 +46,9 @@ def propose(
     if mode == "sample":
         probs = torch.softmax(student_logits.float(), dim=-1)
         cdf = probs.cumsum(dim=-1)
-        u = _uniform(cdf.shape[:-1], cdf.device, generator).unsqueeze(-1) * cdf[..., -1:]
+        if uniforms is None:
+            uniforms = _uniform(cdf.shape[:-1], cdf.device, generator)
+        u = uniforms.to(cdf.device, cdf.dtype).unsqueeze(-1) * cdf[..., -1:]
         # first index whose cumulative probability exceeds u (never a zero-probability token); the clamp guards the
         # float round-off at the end of the CDF
         return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=student_logits.size(-1) - 1)
@@ -80,6 +88,7 @@ def accept_mask(
     gate: str,
     top_k: int = 5,
     generator: torch.Generator | None = None,
+    uniforms: torch.Tensor | None = None,
 ) -> torch.BoolTensor:
     """The teacher's verdict ``a_t`` on the student's proposals.
 
@@ -102,6 +111,8 @@ def accept_mask(
         gate (`str`): ``"topk"``, ``"spec"`` or ``"none"``.
         top_k (`int`): ``k`` for ``"topk"``.
         generator (`torch.Generator`, *optional*): source of ``u_t`` for ``"spec"``; seed it for reproducibility.
+        uniforms (`torch.Tensor` of shape `[B, T]`, *optional*): the ``u_t`` to use for ``"spec"`` instead of drawing
+            them from ``generator``.
 
     Returns:
         `torch.BoolTensor` of shape `[B, T]`: ``True`` where accepted; always ``False`` where ``mask`` is ``False``.
@@ -118,7 +129,7 @@ def accept_mask(
         idx = proposals.unsqueeze(-1)
         log_p = torch.log_softmax(teacher_logits.float(), dim=-1).gather(-1, idx).squeeze(-1)
         log_q = torch.log_softmax(student_logits.float(), dim=-1).gather(-1, idx).squeeze(-1)
-        u = _uniform(proposals.shape, proposals.device, generator)
+        u = _uniform(proposals.shape, proposals.device, generator) if uniforms is None else uniforms.to(log_p.device)
         # u < p/q  <=>  log u < log p - log q; u = 0 (log u = -inf) is always accepted, like u < min(1, p/q)
         return (torch.log(u) < log_p - log_q) & mask
     raise ValueError(f"accept_mask: gate={gate!r} is not supported; use one of {GATES}.")

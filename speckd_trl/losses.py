@@ -5,16 +5,28 @@ terms ``[B, T, V]``; summing over the vocabulary gives the per-position divergen
 weights. Reusing it keeps ``gate="none"`` bit-for-bit equal to GKD (beta=0 forward KL(p||q), beta=1 reverse KL(q||p),
 otherwise the JSD through the mixture ``beta * p + (1 - beta) * q``).
 
-Shapes: ``B`` batch, ``T`` positions, ``V`` vocabulary.
+Two paths compute the same loss:
+
+- eager (`weighted_generalized_jsd`): from both models' full ``[B, T, V]`` logits, exactly as GKD;
+- chunked (`chunked_weighted_jsd`): from both models' final hidden states and output layers, ``chunk_size`` tokens
+  at a time, so that only ``[chunk_size, V]`` logits ever exist. The gate runs on each chunk's logits, and each
+  chunk's gradient is taken in the forward pass (as fused linear-cross-entropy kernels do), so neither model's logits
+  are kept for the backward pass.
+
+Shapes: ``B`` batch, ``T`` positions, ``V`` vocabulary, ``N`` flattened positions, ``H`` hidden size.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from trl.experimental.gkd import GKDTrainer
 
 
 NORMALIZATIONS = ("tokens", "accepted")
+LOSS_PATHS = ("eager", "chunked")
 
 
 def weighted_generalized_jsd(
@@ -66,6 +78,9 @@ def normalize_loss(
 
     A micro-batch with nothing accepted gives 0 with a zero gradient, never NaN.
 
+    Only sums of the three tensors are taken, so any shapes work: the chunked path passes its scalar sum and ``[N]``
+    vectors.
+
     Args:
         weighted (`torch.Tensor` of shape `[B, T]`): output of `weighted_generalized_jsd`.
         weights (`torch.Tensor` of shape `[B, T]`): ``w_t`` (0 off the completion).
@@ -86,3 +101,156 @@ def normalize_loss(
         per_micro = weighted.sum() / weights.sum().to(weighted.dtype).clamp(min=1)
         return per_micro * n_micro.to(weighted.dtype) / window
     raise ValueError(f"normalize_loss: normalize={normalize!r} is not supported; use one of {NORMALIZATIONS}.")
+
+
+@dataclass
+class OutputHead:
+    """A model's output layer, read directly by the chunked loss: ``logits = softcap(scale * (h @ W.T + b))``.
+
+    Args:
+        weight (`torch.Tensor` of shape `[V, H]`): the output layer's weight (``lm_head.weight``).
+        bias (`torch.Tensor` of shape `[V]`, *optional*): its bias.
+        logit_scale (`float`): multiplier of the logits (Cohere-style ``logit_scale``), 1 for most models.
+        softcap (`float`, *optional*): ``final_logit_softcapping`` (Gemma-style ``softcap * tanh(z / softcap)``).
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    logit_scale: float = 1.0
+    softcap: float | None = None
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden @ W.T + b`` in float32 (no scale or softcap), shape `[n, V]`."""
+        if hidden.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            logits = hidden @ self.weight.t()
+        else:  # half-precision matmul, float32 result: the weight is never copied to float32
+            logits = (hidden.to(self.weight.dtype) @ self.weight.t()).float()
+        return logits if self.bias is None else logits + self.bias.float()
+
+    def transform(self, logits: torch.Tensor) -> torch.Tensor:
+        """The logit scale and softcap, applied to projected logits (differentiable)."""
+        if self.logit_scale != 1.0:
+            logits = logits * self.logit_scale
+        if self.softcap is not None:
+            logits = self.softcap * torch.tanh(logits / self.softcap)
+        return logits
+
+
+WeightFn = Callable[[torch.Tensor, torch.Tensor, slice], torch.Tensor]
+
+
+class _ChunkedWeightedJSD(torch.autograd.Function):
+    """``sum_t w_t D_beta(p_t, q_t)`` over chunks of tokens, its gradient taken chunk by chunk in the forward pass."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        student_hidden: torch.Tensor,  # [N, H_s]
+        student_weight: torch.Tensor,  # [V, H_s]
+        student_bias: torch.Tensor | None,
+        teacher_hidden: torch.Tensor,  # [N, H_t]
+        student_head: OutputHead,
+        teacher_head: OutputHead,
+        weight_fn: WeightFn,
+        beta: float,
+        temperature: float,
+        chunk_size: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+        n_rows = student_hidden.size(0)
+        device = student_hidden.device
+        total = torch.zeros((), device=device, dtype=torch.float32)
+        weights = torch.zeros(n_rows, device=device, dtype=torch.float32)
+        grad_hidden = torch.zeros(student_hidden.shape, device=device, dtype=torch.float32) if needs_hidden else None
+        grad_weight = torch.zeros(student_weight.shape, device=device, dtype=torch.float32) if needs_weight else None
+        grad_bias = torch.zeros(student_bias.shape, device=device, dtype=torch.float32) if needs_bias else None
+        for start in range(0, n_rows, chunk_size):
+            rows = slice(start, min(start + chunk_size, n_rows))
+            hidden = student_hidden[rows]
+            teacher_logits = teacher_head.transform(teacher_head.project(teacher_hidden[rows]))
+            raw = student_head.project(hidden).requires_grad_()
+            with torch.enable_grad():
+                student_logits = student_head.transform(raw)
+                chunk_weights = weight_fn(student_logits.detach(), teacher_logits, rows).to(torch.float32)
+                chunk_loss = weighted_generalized_jsd(
+                    student_logits, teacher_logits, chunk_weights, beta=beta, temperature=temperature
+                ).sum()
+                (grad_logits,) = torch.autograd.grad(chunk_loss, raw)
+            weights[rows] = chunk_weights
+            total += chunk_loss.detach()
+            if grad_hidden is not None:
+                grad_hidden[rows] = grad_logits.to(student_weight.dtype) @ student_weight
+            if grad_weight is not None:
+                grad_weight.addmm_(grad_logits.t(), hidden.float())
+            if grad_bias is not None:
+                grad_bias += grad_logits.sum(dim=0)
+            del teacher_logits, raw, student_logits, grad_logits, chunk_loss
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.dtypes = (student_hidden.dtype, student_weight.dtype, None if student_bias is None else student_bias.dtype)
+        ctx.mark_non_differentiable(weights)
+        return total, weights
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor, _grad_weights: torch.Tensor | None):
+        grads = []
+        for grad, dtype in zip(ctx.saved_tensors, ctx.dtypes):
+            grads.append(None if grad is None else (grad * grad_total).to(dtype))
+        return (*grads[:2], grads[2], None, None, None, None, None, None, None)
+
+
+def chunked_weighted_jsd(
+    student_hidden: torch.Tensor,
+    student_head: OutputHead,
+    teacher_hidden: torch.Tensor,
+    teacher_head: OutputHead,
+    weight_fn: WeightFn,
+    *,
+    beta: float,
+    temperature: float = 1.0,
+    chunk_size: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sum_t w_t D_beta(p_t, q_t)`` from hidden states, never holding more than ``chunk_size`` rows of logits.
+
+    For each chunk of rows, both models' logits are projected through their output layers, ``weight_fn`` turns them
+    into the gate's weights, and the divergence of `weighted_generalized_jsd` (the same code as the eager path) is
+    summed and differentiated right away. The gradients with respect to the student's hidden states, output weight
+    and bias are accumulated in float32 and returned by the backward pass, so the chunk's logits are freed before the
+    next chunk starts. Peak extra memory: a few ``[chunk_size, V]`` float32 tensors plus the ``[N, H]`` gradient (and
+    a ``[V, H]`` one when the student's output layer is trained). The teacher gets no gradient.
+
+    Args:
+        student_hidden (`torch.Tensor` of shape `[N, H_s]`): the student's final hidden states (after the last norm).
+        student_head (`OutputHead`): the student's output layer; its weight and bias get gradients if they require
+            them.
+        teacher_hidden (`torch.Tensor` of shape `[N, H_t]`): the teacher's final hidden states at the same positions.
+        teacher_head (`OutputHead`): the teacher's output layer (same vocabulary ``V``).
+        weight_fn (`Callable`): ``weight_fn(student_logits [n, V], teacher_logits [n, V], rows: slice) -> [n]``, the
+            loss weights ``w_t`` of the chunk's rows, computed from the chunk's (detached) logits.
+        beta (`float`): generalized JSD interpolation in ``[0, 1]``.
+        temperature (`float`): softmax temperature of the divergence.
+        chunk_size (`int`): rows of logits projected at a time.
+
+    Returns:
+        A scalar: ``sum_t w_t D_t`` (differentiable), and the weights ``w_t`` of shape `[N]` (not differentiable).
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunked_weighted_jsd: chunk_size={chunk_size} must be >= 1.")
+    if student_head.weight.size(0) != teacher_head.weight.size(0):
+        raise ValueError(
+            f"chunked_weighted_jsd: the student's output layer has {student_head.weight.size(0)} rows and the "
+            f"teacher's {teacher_head.weight.size(0)}; both models need the same vocabulary."
+        )
+    with torch.no_grad():
+        teacher_hidden = teacher_hidden.detach()
+    return _ChunkedWeightedJSD.apply(
+        student_hidden,
+        student_head.weight,
+        student_head.bias,
+        teacher_hidden,
+        student_head,
+        teacher_head,
+        weight_fn,
+        beta,
+        temperature,
+        chunk_size,
+    )

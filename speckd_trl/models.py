@@ -9,6 +9,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
 from .config import SpecKDConfig
+from .losses import OutputHead
 
 
 def teacher_init_kwargs(args: SpecKDConfig) -> dict[str, Any]:
@@ -70,6 +71,42 @@ def output_vocab_size(model: nn.Module) -> int:
     if weight is not None and weight.dim() == 2 and weight.shape[1] > 1:
         return int(weight.shape[0])
     return int(model.config.get_text_config().vocab_size)
+
+
+def output_head(model: nn.Module, role: str = "model") -> OutputHead:
+    """The model's output layer as an `OutputHead`, for the chunked loss, which reads its weight directly.
+
+    Raises:
+        ValueError: when the output layer is not a plain `nn.Linear` (LoRA or `modules_to_save` on `lm_head`, a
+            quantized head, a custom module), whose logits the weight alone would not reproduce.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if type(head) is not nn.Linear:  # subclasses (bitsandbytes, PEFT wrappers) compute something else
+        raise ValueError(
+            f"loss_path='chunked' reads the {role}'s output layer directly, but it is a {type(head).__name__}, not a "
+            "plain nn.Linear (e.g. LoRA or modules_to_save on lm_head, or a quantized head). Keep lm_head out of "
+            "the adapter's target modules and out of quantization, or use loss_path='eager'."
+        )
+    config = model.config.get_text_config()
+    return OutputHead(
+        weight=head.weight,
+        bias=head.bias,
+        logit_scale=float(getattr(config, "logit_scale", None) or 1.0),
+        softcap=getattr(config, "final_logit_softcapping", None),
+    )
+
+
+def last_hidden_state(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The final hidden states `[B, T, H]` (after the last norm) of a causal LM, without projecting its logits.
+
+    Uses the model's decoder when it exposes one (the teacher is not wrapped for training), else the full model with
+    `output_hidden_states=True` and a single projected position.
+    """
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if decoder is not None and decoder is not model:
+        return decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    outputs = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, logits_to_keep=1)
+    return outputs.hidden_states[-1]
 
 
 def check_pad_token(processing_class: Any) -> None:

@@ -32,8 +32,8 @@ from trl.trainer.sft_trainer import SFTTrainer
 
 from .config import SpecKDConfig
 from .gate import accept_mask, propose, sequence_rewards
-from .losses import normalize_loss, weighted_generalized_jsd
-from .models import check_pad_token, check_vocab, load_teacher
+from .losses import OutputHead, chunked_weighted_jsd, normalize_loss, weighted_generalized_jsd
+from .models import check_pad_token, check_vocab, last_hidden_state, load_teacher, output_head
 
 
 ON_POLICY = "on_policy"
@@ -185,24 +185,36 @@ class SpecKDTrainer(GKDTrainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
-        """Gated generalized JSD of one micro-batch, normalized for its accumulation window."""
-        kind = inputs.get(KIND_KEY, OFF_POLICY)
-        student_outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-        self.teacher_model.eval()
-        with torch.no_grad():
-            teacher_logits = self.teacher_model(
-                input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
-            ).logits[:, :-1]
+        """Gated generalized JSD of one micro-batch, normalized for its accumulation window.
 
-        # Causal shift: logits at position i predict the token at i + 1.
-        student_logits = student_outputs.logits[:, :-1]
+        `args.loss_path="eager"` computes it from both models' full logits, `"chunked"` from their final hidden
+        states, `args.loss_chunk_size` completion tokens at a time (`losses.chunked_weighted_jsd`); both give the
+        same loss, gradients and gate decisions (the gate's random draws are made once per micro-batch).
+        """
+        kind = inputs.get(KIND_KEY, OFF_POLICY)
+        # Causal shift: the model's output at position i predicts the token at i + 1.
         labels = inputs["labels"][:, 1:]
         completion = labels != -100
         gated = completion if self._is_gated(kind) else torch.zeros_like(completion)
-        accepted = self._verify(student_logits, teacher_logits, labels, gated, kind) | (completion & ~gated)
+        uniforms = self._draw_uniforms(kind, gated)
 
-        weights = torch.where(accepted, 1.0, self.args.reject_weight) * completion
-        weighted = weighted_generalized_jsd(student_logits, teacher_logits, weights, beta=self.beta)
+        if self.args.loss_path == "chunked":
+            weighted, weights, accepted, student_outputs = self._chunked_terms(
+                model, inputs, labels, completion, gated, kind, uniforms
+            )
+        else:
+            student_outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+            self.teacher_model.eval()
+            with torch.no_grad():
+                teacher_logits = self.teacher_model(
+                    input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
+                ).logits[:, :-1]
+            student_logits = student_outputs.logits[:, :-1]
+            accepted = self._verify(student_logits, teacher_logits, labels, gated, kind, uniforms) | (
+                completion & ~gated
+            )
+            weights = self._loss_weights(accepted) * completion
+            weighted = weighted_generalized_jsd(student_logits, teacher_logits, weights, beta=self.beta)
         loss = normalize_loss(
             weighted,
             weights,
@@ -215,8 +227,88 @@ class SpecKDTrainer(GKDTrainer):
         empty_cache()
         return (loss, student_outputs) if return_outputs else loss
 
+    def _chunked_terms(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        labels: torch.Tensor,
+        completion: torch.Tensor,
+        gated: torch.Tensor,
+        kind: str,
+        uniforms: dict[str, torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
+        """The loss terms of the chunked path, on the completion positions only.
+
+        Returns:
+            ``sum_t w_t D_t`` (scalar), the weights `[N]` of the `N` completion positions, the accept mask `[B, T]`
+            and the student's outputs (logits of the last position only).
+        """
+        student_head, teacher_head = self._output_heads()
+        # logits_to_keep=1: the model projects one position; the loss projects the rest chunk by chunk
+        student_outputs = model(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            output_hidden_states=True,
+            logits_to_keep=1,
+        )
+        with torch.no_grad():
+            teacher_hidden = last_hidden_state(self.teacher_model, inputs["input_ids"], inputs["attention_mask"])
+        rows = completion.flatten().nonzero().squeeze(-1)
+        student_hidden = student_outputs.hidden_states[-1][:, :-1].flatten(0, 1)[rows]
+        teacher_hidden = teacher_hidden[:, :-1].flatten(0, 1)[rows]
+        row_labels, row_gated = labels.flatten()[rows], gated.flatten()[rows]
+        row_uniforms = {name: u.flatten()[rows] for name, u in uniforms.items()}
+        row_accepted = torch.ones_like(row_gated)
+
+        def weight_fn(student_logits: torch.Tensor, teacher_logits: torch.Tensor, chunk: slice) -> torch.Tensor:
+            chunk_uniforms = {name: u[chunk] for name, u in row_uniforms.items()}
+            verdict = self._verify(
+                student_logits, teacher_logits, row_labels[chunk], row_gated[chunk], kind, chunk_uniforms
+            )
+            row_accepted[chunk] = verdict | ~row_gated[chunk]
+            return self._loss_weights(row_accepted[chunk])
+
+        weighted, weights = chunked_weighted_jsd(
+            student_hidden,
+            student_head,
+            teacher_hidden,
+            teacher_head,
+            weight_fn,
+            beta=self.beta,
+            chunk_size=self.args.loss_chunk_size,
+        )
+        accepted = torch.zeros_like(completion).flatten()
+        accepted[rows] = row_accepted
+        return weighted, weights, accepted.view_as(completion), student_outputs
+
+    def _output_heads(self) -> tuple[OutputHead, OutputHead]:
+        """The student's and the teacher's output layers, for the chunked loss."""
+        return (
+            output_head(self.accelerator.unwrap_model(self.model), "student"),
+            output_head(self.accelerator.unwrap_model(self.teacher_model), "teacher"),
+        )
+
+    def _loss_weights(self, accepted: torch.Tensor) -> torch.Tensor:
+        """``w_t``: 1 where accepted (or not gated), `reject_weight` where rejected."""
+        return torch.where(accepted, 1.0, self.args.reject_weight)
+
     def _is_gated(self, kind: str) -> bool:
         return self.args.gates_on_policy if kind == ON_POLICY else self.args.gates_off_policy
+
+    def _draw_uniforms(self, kind: str, gated: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The gate's U(0, 1) draws for the micro-batch, `[B, T]` each, made once so every loss path uses them."""
+        uniforms = {}
+        if not gated.any() or self.args.gate == "none":
+            return uniforms
+        if kind != ON_POLICY and self.args.gate_proposal == "sample":
+            uniforms["proposal"] = self._uniform(gated.shape)
+        if self.args.gate == "spec":
+            uniforms["accept"] = self._uniform(gated.shape)
+        return uniforms
+
+    def _uniform(self, shape: torch.Size) -> torch.Tensor:
+        generator = self._gate_generator
+        return torch.rand(shape, generator=generator, device=generator.device).to(self.accelerator.device)
 
     @torch.no_grad()
     def _verify(
@@ -226,10 +318,16 @@ class SpecKDTrainer(GKDTrainer):
         labels: torch.Tensor,
         gated: torch.Tensor,
         kind: str,
+        uniforms: dict[str, torch.Tensor],
     ) -> torch.Tensor:
-        """The teacher's accept bits `[B, T]` on the student's proposals at the gated positions."""
+        """The teacher's accept bits on the student's proposals at the gated positions.
+
+        Shapes: logits `[..., V]`, the rest `[...]` (a batch `[B, T]` or a chunk of rows `[n]`).
+        """
         if not gated.any():
             return torch.zeros_like(gated)
+        if self.args.gate == "none":
+            return gated.clone()
         student_logits = student_logits.detach()
         if kind == ON_POLICY:
             # The proposal is the sampled token, drawn from the student at the generation temperature
@@ -237,7 +335,7 @@ class SpecKDTrainer(GKDTrainer):
             proposals = labels.clamp(min=0)
             proposal_logits = student_logits / self.temperature
         else:
-            proposals = propose(student_logits, mode=self.args.gate_proposal, generator=self._gate_generator)
+            proposals = propose(student_logits, mode=self.args.gate_proposal, uniforms=uniforms.get("proposal"))
             proposal_logits = student_logits
         return accept_mask(
             proposal_logits,
@@ -246,7 +344,7 @@ class SpecKDTrainer(GKDTrainer):
             gated,
             gate=self.args.gate,
             top_k=self.args.gate_top_k,
-            generator=self._gate_generator,
+            uniforms=uniforms.get("accept"),
         )
 
     # ------------------------------------------------------------------ logging

@@ -96,7 +96,8 @@ def test_lora_student(tmp_path):
     assert any("lora_B" in name for name in changed)
 
 
-def test_4bit_nf4_teacher_from_a_saved_directory(tmp_path):
+@pytest.mark.parametrize("loss_path", ["eager", "chunked"])
+def test_4bit_nf4_teacher_from_a_saved_directory(tmp_path, loss_path):
     bnb = pytest.importorskip("bitsandbytes")
     tokenizer = make_tokenizer()
     teacher_dir = tmp_path / "teacher"
@@ -107,6 +108,7 @@ def test_4bit_nf4_teacher_from_a_saved_directory(tmp_path):
         teacher_load_in_4bit=True,
         lmbda=0.5,
         gate="spec",
+        loss_path=loss_path,
     )
     check_logs(logs)
     assert changed
