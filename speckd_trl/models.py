@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -96,17 +98,43 @@ def output_head(model: nn.Module, role: str = "model") -> OutputHead:
     )
 
 
-def last_hidden_state(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The final hidden states `[B, T, H]` (after the last norm) of a causal LM, without projecting its logits.
+def decoder_of(model: nn.Module) -> nn.Module:
+    """The backbone of a causal LM (`model.get_decoder()`), whose output is the final hidden state, after the norm.
 
-    Uses the model's decoder when it exposes one (the teacher is not wrapped for training), else the full model with
-    `output_hidden_states=True` and a single projected position.
+    Raises:
+        ValueError: when the model does not expose a separate backbone.
     """
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    if decoder is not None and decoder is not model:
-        return decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    outputs = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, logits_to_keep=1)
-    return outputs.hidden_states[-1]
+    if decoder is None or decoder is model:
+        raise ValueError(
+            f"loss_path='chunked' needs the final hidden states of the {type(model).__name__}, but it does not expose "
+            "its backbone through get_decoder(). Use loss_path='eager'."
+        )
+    return decoder
+
+
+def last_hidden_state(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The final hidden states `[B, T, H]` (after the last norm) of a causal LM, without projecting its logits."""
+    return decoder_of(model)(input_ids=input_ids, attention_mask=attention_mask)[0]
+
+
+@contextmanager
+def capture_last_hidden_state(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    """Record the backbone's output (the final hidden states `[B, T, H]`) under ``"hidden"`` while a forward pass runs.
+
+    For a model that must be called through its wrappers (DDP, PEFT): call the wrapper inside the context, with
+    ``logits_to_keep=1`` so that the model itself projects a single position.
+    """
+    captured: dict[str, torch.Tensor] = {}
+
+    def hook(module: nn.Module, args: Any, output: Any) -> None:
+        captured["hidden"] = output[0]
+
+    handle = decoder_of(model).register_forward_hook(hook)
+    try:
+        yield captured
+    finally:
+        handle.remove()
 
 
 def check_pad_token(processing_class: Any) -> None:

@@ -33,7 +33,14 @@ from trl.trainer.sft_trainer import SFTTrainer
 from .config import SpecKDConfig
 from .gate import accept_mask, propose, sequence_rewards
 from .losses import OutputHead, chunked_weighted_jsd, normalize_loss, weighted_generalized_jsd
-from .models import check_pad_token, check_vocab, last_hidden_state, load_teacher, output_head
+from .models import (
+    capture_last_hidden_state,
+    check_pad_token,
+    check_vocab,
+    last_hidden_state,
+    load_teacher,
+    output_head,
+)
 
 
 ON_POLICY = "on_policy"
@@ -245,16 +252,15 @@ class SpecKDTrainer(GKDTrainer):
         """
         student_head, teacher_head = self._output_heads()
         # logits_to_keep=1: the model projects one position; the loss projects the rest chunk by chunk
-        student_outputs = model(
-            input_ids=inputs["input_ids"],
-            attention_mask=inputs["attention_mask"],
-            output_hidden_states=True,
-            logits_to_keep=1,
-        )
+        with capture_last_hidden_state(self.accelerator.unwrap_model(model)) as captured:
+            student_outputs = model(
+                input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], logits_to_keep=1
+            )
+        self.teacher_model.eval()
         with torch.no_grad():
             teacher_hidden = last_hidden_state(self.teacher_model, inputs["input_ids"], inputs["attention_mask"])
         rows = completion.flatten().nonzero().squeeze(-1)
-        student_hidden = student_outputs.hidden_states[-1][:, :-1].flatten(0, 1)[rows]
+        student_hidden = captured["hidden"][:, :-1].flatten(0, 1)[rows]
         teacher_hidden = teacher_hidden[:, :-1].flatten(0, 1)[rows]
         row_labels, row_gated = labels.flatten()[rows], gated.flatten()[rows]
         row_uniforms = {name: u.flatten()[rows] for name, u in uniforms.items()}

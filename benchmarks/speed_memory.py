@@ -1,0 +1,301 @@
+"""Step time and peak memory, TRL's GKD against SpecKD (eager and chunked loss paths), side by side in one run.
+
+    python benchmarks/speed_memory.py                        # CPU defaults: vocab 49152, batch 2 x 512
+    python benchmarks/speed_memory.py --hidden 1024 --layers 8 --batch 8 --bf16     # a GPU
+
+Random-init Qwen2 student and teacher built from configs (no download), SmolLM2's vocabulary size by default. Each
+(method, measurement) runs in a fresh subprocess, so that one's memory cannot hide in another's allocator, and
+reports the median time of `--steps` steps after `--warmup` untimed ones and the peak memory above the level before
+the first step: `torch.cuda.max_memory_allocated` on a GPU; on a CPU the process's peak resident memory (`VmHWM`,
+reset through `/proc/self/clear_refs`), with glibc told to map every allocation above 1 MiB separately, so that freed
+tensors leave the resident set at once.
+
+Measurements, each for every method:
+
+- `off-policy step`: `training_step` (forward, loss, backward) on a dataset batch (prompt = the first quarter);
+- `on-policy step`: `training_step` with `lmbda=1`: the student generates `--new-tokens` tokens after a prompt of
+  `seq - new_tokens` tokens, then forward, loss and backward (the same sampling for every method);
+- `loss stage`: the off-policy step on models with no decoder layers (embedding, final norm, output layer), which
+  leaves what the methods do differently: the output layer, the gate and the divergence with their backward.
+
+Methods: `GKD` (TRL's `GKDTrainer` as shipped), SpecKD with `gate` none / topk / spec on the eager path (the same
+`[B, T, V]` logits as GKD), and topk / spec on the chunked path (`loss_path="chunked"`). Prints a table with the
+ratios to GKD and a final JSON line, and saves a plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+
+METHODS = {
+    "GKD": None,
+    "SpecKD none (eager)": dict(gate="none"),
+    "SpecKD topk (eager)": dict(gate="topk"),
+    "SpecKD spec (eager)": dict(gate="spec"),
+    "SpecKD topk (chunked)": dict(gate="topk", loss_path="chunked"),
+    "SpecKD spec (chunked)": dict(gate="spec", loss_path="chunked"),
+}
+MEASUREMENTS = ("off-policy step", "on-policy step", "loss stage")
+
+
+# ----------------------------------------------------------------------------- one measurement (child process)
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+class PeakMemory:
+    """Peak memory above the current level, in MiB: CUDA allocator statistics, or the CPU resident set."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def start(self):
+        if self.device.type == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset VmHWM to the current resident set
+            self.base = _rss_kib("VmRSS") * 1024
+
+    def peak_mib(self) -> float:
+        if self.device.type == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+            return (torch.cuda.max_memory_allocated() - self.base) / 2**20
+        return (_rss_kib("VmHWM") * 1024 - self.base) / 2**20
+
+
+def build_models(args, tokenizer, layers, device):
+    import torch
+
+    from speckd_trl.testing import make_model
+
+    models = []
+    for seed in (0, 1):
+        heads = max(4, args.hidden // 64)
+        model = make_model(
+            seed,
+            tokenizer,
+            vocab_size=args.vocab,
+            layers=layers,
+            hidden_size=args.hidden,
+            intermediate_size=4 * args.hidden,
+            num_attention_heads=heads,
+            num_key_value_heads=max(1, heads // 2),
+            max_position_embeddings=max(256, args.seq),
+        )
+        models.append(model.to(device=device, dtype=torch.bfloat16 if args.bf16 else torch.float32))
+    return models
+
+
+def make_batch(args, prompt_len, device):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(4, args.vocab, (args.batch, args.seq), generator=g)
+    labels = input_ids.clone()
+    labels[:, :prompt_len] = -100
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "labels": labels,
+        "prompts": input_ids[:, :prompt_len],
+        "prompt_attention_mask": torch.ones_like(input_ids[:, :prompt_len]),
+    }
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def measure(args) -> dict:
+    import torch
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    from speckd_trl import SpecKDConfig, SpecKDTrainer
+    from speckd_trl.testing import make_dataset, make_tokenizer
+    from speckd_trl.trainer import KIND_KEY, OFF_POLICY
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    tokenizer = make_tokenizer()
+    on_policy = args.measure == "on-policy step"
+    layers = 0 if args.measure == "loss stage" else args.layers
+    student, teacher = build_models(args, tokenizer, layers, device)
+    prompt_len = args.seq - args.new_tokens if on_policy else args.seq // 4
+    batch = make_batch(args, prompt_len, device)
+    common = dict(
+        output_dir=tempfile.mkdtemp(),
+        report_to="none",
+        bf16=args.bf16,
+        use_cpu=device.type == "cpu",
+        seed=0,
+        lmbda=1.0 if on_policy else 0.0,
+        max_new_tokens=args.new_tokens,
+        per_device_train_batch_size=args.batch,
+    )
+    overrides = METHODS[args.method]
+    if overrides is None:
+        trainer_cls, config = GKDTrainer, GKDConfig(**common)
+    else:
+        trainer_cls, config = SpecKDTrainer, SpecKDConfig(**common, **overrides)
+    trainer = trainer_cls(
+        model=student,
+        teacher_model=teacher,
+        args=config,
+        train_dataset=make_dataset(4),
+        processing_class=tokenizer,
+    )
+    if trainer_cls is SpecKDTrainer and not on_policy:
+        batch = {**batch, KIND_KEY: OFF_POLICY}
+    # eos never ends a sampled sequence early: every method generates exactly `new_tokens` tokens
+    trainer.generation_config.eos_token_id = None
+    trainer.model.generation_config.eos_token_id = None
+    trainer.current_gradient_accumulation_steps = 1  # set by `train()`, which this benchmark bypasses
+    model = trainer.model
+    model.train()
+    times, memory = [], PeakMemory(device)
+    for step in range(args.warmup + args.steps):
+        if step == args.warmup:
+            memory.start()
+        model.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        loss = trainer.training_step(model, dict(batch))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if step >= args.warmup:
+            times.append(time.perf_counter() - start)
+    return {
+        "method": args.method,
+        "measure": args.measure,
+        "ms": 1000 * statistics.median(times),
+        "peak_mib": memory.peak_mib(),
+        "loss": float(loss),
+    }
+
+
+# ----------------------------------------------------------------------------- the side-by-side run (parent)
+
+
+def run_child(args, method, measure) -> dict:
+    cmd = [sys.executable, __file__, "--child", "--method", method, "--measure", measure]
+    for name in ("vocab", "hidden", "layers", "batch", "seq", "new_tokens", "steps", "warmup"):
+        cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    if args.bf16:
+        cmd.append("--bf16")
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20)}
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"{method} / {measure} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def plot(rows, path, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    width = 0.8 / len(MEASUREMENTS)
+    for ax, key, label in ((axes[0], "ms_ratio", "time / GKD's"), (axes[1], "mem_ratio", "peak memory / GKD's")):
+        for i, measure in enumerate(MEASUREMENTS):
+            values = [next(r[key] for r in rows if r["method"] == m and r["measure"] == measure) for m in methods]
+            ax.bar([j + (i - 1) * width for j in range(len(methods))], values, width, label=measure)
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xticks(range(len(methods)), [m.replace(" (", "\n(") for m in methods], fontsize=8)
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vocab", type=int, default=49152)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--methods", default=",".join(METHODS), help="Comma-separated subset of the methods.")
+    parser.add_argument("--plot", default=os.path.join(os.path.dirname(__file__), "speed_memory.png"))
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--method", help=argparse.SUPPRESS)
+    parser.add_argument("--measure", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(measure(args)))
+        return
+
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    methods = [m.strip() for m in args.methods.split(",")]
+    if "GKD" not in methods or any(m not in METHODS for m in methods):
+        parser.error(f"--methods must include GKD and name only these: {', '.join(METHODS)}")
+    started = time.time()
+    rows = []
+    for measure_name in MEASUREMENTS:
+        for method in methods:
+            row = run_child(args, method, measure_name)
+            rows.append(row)
+            print(f"  measured {method:<22} {measure_name:<15} {row['ms']:9.1f} ms {row['peak_mib']:8.0f} MiB")
+    for row in rows:
+        base = next(r for r in rows if r["method"] == "GKD" and r["measure"] == row["measure"])
+        row["ms_ratio"] = row["ms"] / base["ms"]
+        row["mem_ratio"] = row["peak_mib"] / base["peak_mib"]
+
+    title = (
+        f"{device}, vocab {args.vocab}, batch {args.batch} x {args.seq}, hidden {args.hidden} x {args.layers} layers"
+        f"{', bf16' if args.bf16 else ', fp32'}"
+    )
+    print(f"\n{title}; median of {args.steps} steps; peak memory above the level before the step")
+    header = f"{'method':<23}" + "".join(f"| {m:<32}" for m in MEASUREMENTS)
+    print(header)
+    print(f"{'':<23}" + "| ms (x GKD)     MiB (x GKD)      " * len(MEASUREMENTS))
+    for method in methods:
+        line = f"{method:<23}"
+        for measure_name in MEASUREMENTS:
+            r = next(r for r in rows if r["method"] == method and r["measure"] == measure_name)
+            line += f"| {r['ms']:7.0f} ({r['ms_ratio']:4.2f}) {r['peak_mib']:7.0f} ({r['mem_ratio']:4.2f})    "
+        print(line)
+    plot(rows, args.plot, title)
+    print(f"plot: {args.plot}   wall time {time.time() - started:.0f} s")
+    summary = {
+        "device": device,
+        "args": {k: v for k, v in vars(args).items() if k not in ("child", "method", "measure")},
+        "rows": rows,
+    }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
