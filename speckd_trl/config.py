@@ -15,6 +15,7 @@ GATE_ON = ("both", "on_policy", "off_policy")
 GATE_PROPOSALS = ("greedy", "sample")
 BNB_4BIT_QUANT_TYPES = ("nf4", "fp4")
 BNB_COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+ON_POLICY_GENERATIONS = ("student", "speculative")
 
 
 def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
@@ -60,6 +61,14 @@ class SpecKDConfig(GKDConfig):
             Loss denominator: `"tokens"` divides by the number of completion tokens (as GKD; exact under gradient
             accumulation, and the gate only removes terms), `"accepted"` by the sum of weights (each accepted token
             counts like a GKD token; louder when few are accepted).
+        on_policy_generation (`str`, *optional*, defaults to `"student"`):
+            How on-policy sequences are generated: `"student"` (the student samples alone, as GKD) or
+            `"speculative"` (SKD-style gated generation: the student drafts `gate_draft_len` tokens, the teacher
+            verifies the draft in one forward pass with the `gate` rule and replaces the first rejected token by its
+            own; see `speckd_trl.generation.speculative_generate`). Logged as `gen/teacher_forwards_per_token`,
+            `gen/mean_accepted_run` and `gen/replaced_fraction`.
+        gate_draft_len (`int`, *optional*, defaults to `4`):
+            Tokens the student drafts per teacher forward pass with `on_policy_generation="speculative"`.
         teacher_load_in_4bit (`bool`, *optional*, defaults to `False`):
             Load a teacher given as a name or path in 4-bit with bitsandbytes.
         teacher_bnb_4bit_quant_type (`str`, *optional*, defaults to `"nf4"`):
@@ -111,6 +120,19 @@ class SpecKDConfig(GKDConfig):
             "choices": list(NORMALIZATIONS),
         },
     )
+    on_policy_generation: str = field(
+        default="student",
+        metadata={
+            "help": "How on-policy sequences are generated: 'student' (the student samples alone, as GKD) or "
+            "'speculative' (the student drafts gate_draft_len tokens, the teacher verifies them in one forward pass "
+            "with the gate rule and replaces the first rejected token by its own).",
+            "choices": list(ON_POLICY_GENERATIONS),
+        },
+    )
+    gate_draft_len: int = field(
+        default=4,
+        metadata={"help": "Tokens the student drafts per teacher forward with on_policy_generation='speculative'."},
+    )
     teacher_load_in_4bit: bool = field(
         default=False,
         metadata={"help": "Load a teacher given as a name or path in 4-bit (bitsandbytes)."},
@@ -142,6 +164,16 @@ class SpecKDConfig(GKDConfig):
         _check_choice("teacher_bnb_4bit_compute_dtype", self.teacher_bnb_4bit_compute_dtype, BNB_COMPUTE_DTYPES)
         if not isinstance(self.gate_top_k, int) or isinstance(self.gate_top_k, bool) or self.gate_top_k < 1:
             raise ValueError(f"SpecKDConfig: gate_top_k={self.gate_top_k!r} is not valid; it must be an integer >= 1.")
+        _check_choice("on_policy_generation", self.on_policy_generation, ON_POLICY_GENERATIONS)
+        if (
+            not isinstance(self.gate_draft_len, int)
+            or isinstance(self.gate_draft_len, bool)
+            or self.gate_draft_len < 1
+        ):
+            raise ValueError(
+                f"SpecKDConfig: gate_draft_len={self.gate_draft_len!r} is not valid; it must be an integer >= 1 "
+                "(tokens the student drafts per teacher forward pass)."
+            )
         _check_range("reject_weight", self.reject_weight, 0.0, 1.0)
         _check_range("lmbda", self.lmbda, 0.0, 1.0)
         _check_range("beta", self.beta, 0.0, 1.0)
