@@ -261,3 +261,22 @@ def test_bad_arguments(teacher, far_student):
         speculative_generate(far_student, teacher, ids, mask, draft_len=0, max_new_tokens=2, pad_token_id=PAD)
     with pytest.raises(ValueError, match="gate='x'"):
         speculative_generate(far_student, teacher, ids, mask, gate="x", max_new_tokens=2, pad_token_id=PAD)
+
+
+def test_evaluate_drafter_on_tiny_models(tokenizer, teacher, close_student, far_student):
+    from speckd_trl.drafter import evaluate_drafter
+
+    prompts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+        for text in ("what is 1 + 2 =", "what is 3 + 4 + 5 =", "answer 7")
+    ]
+    close = evaluate_drafter(close_student, teacher, tokenizer, prompts, max_new_tokens=10, num_assistant_tokens=3)
+    far = evaluate_drafter(far_student, teacher, tokenizer, prompts, max_new_tokens=10, num_assistant_tokens=3)
+    for result in (close, far):
+        assert result["prompts"] == 3 and result["identical_fraction"] == 1.0  # greedy assisted == teacher greedy
+        assert result["teacher_forwards_alone"] == result["new_tokens"]  # one token per forward alone
+        assert 1.0 <= result["mean_accepted_length"] <= 4.0 and 0.0 <= result["acceptance_rate"] <= 1.0
+        assert result["teacher_time_s"] > 0 and result["assisted_time_s"] > 0 and result["speedup"] > 0
+    assert close["mean_accepted_length"] > 1.5 > far["mean_accepted_length"]
+    assert close["acceptance_rate"] > far["acceptance_rate"]
+    assert close_student.generation_config.num_assistant_tokens != 3  # settings restored
