@@ -156,6 +156,11 @@ class _Batch:
             past_key_values=self.caches[index],
             use_cache=True,
         )
+        if self.caches[index].get_seq_length() != mask.size(1):  # e.g. gradient checkpointing forced use_cache off
+            raise RuntimeError(
+                f"speculative generation needs the KV cache of {type(self.models[index]).__name__}, which did not "
+                "fill it; disable gradient checkpointing (and any use_cache=False override) while generating."
+            )
         return out.logits.float()
 
     def commit(self, fed: int, kept: torch.Tensor, last: torch.Tensor) -> None:

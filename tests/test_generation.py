@@ -280,3 +280,12 @@ def test_evaluate_drafter_on_tiny_models(tokenizer, teacher, close_student, far_
     assert close["mean_accepted_length"] > 1.5 > far["mean_accepted_length"]
     assert close["acceptance_rate"] > far["acceptance_rate"]
     assert close_student.generation_config.num_assistant_tokens != 3  # settings restored
+
+
+def test_a_model_that_drops_its_cache_is_an_error(tokenizer, teacher):
+    student = make_model(0, tokenizer)
+    student.gradient_checkpointing_enable()
+    student.train()  # transformers turns use_cache off under gradient checkpointing in training mode
+    ids, mask = ragged_prompts()
+    with pytest.raises(RuntimeError, match="gradient checkpointing"):
+        speculative_generate(student, teacher, ids, mask, max_new_tokens=4, pad_token_id=PAD)

@@ -140,3 +140,10 @@ def test_speculative_on_policy_generation(tmp_path, gate):
 def test_student_generation_logs_no_gen_metrics(tmp_path):
     _, logs, _ = run(tmp_path, lmbda=1.0, max_steps=2)
     assert not any(key.startswith("gen/") for entry in logs for key in entry)
+
+
+def test_speculative_generation_with_gradient_checkpointing(tmp_path):
+    _, logs, changed = run(
+        tmp_path, lmbda=1.0, on_policy_generation="speculative", gradient_checkpointing=True, max_steps=2
+    )
+    assert changed and "gen/teacher_forwards_per_token" in logs[-1]
