@@ -120,7 +120,8 @@ class _Batch:
     The caches hold every committed token of every row except its last one (``pending``), whose logits are computed
     by the next forward. Rows advance by different amounts per block: the layout keeps the same length for all rows
     and marks the positions a row did not keep as holes (``mask == 0``); positions are counted over real tokens only,
-    so a hole changes no row's logits.
+    so a hole changes no row's logits. The layout grows by the longest kept run of each block, so by at most
+    ``min(B, draft_len) * max_new_tokens`` positions (``max_new_tokens`` when every row keeps the same amount).
     """
 
     def __init__(self, models: list[torch.nn.Module], input_ids: torch.Tensor, attention_mask: torch.Tensor):

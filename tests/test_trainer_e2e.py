@@ -147,3 +147,13 @@ def test_speculative_generation_with_gradient_checkpointing(tmp_path):
         tmp_path, lmbda=1.0, on_policy_generation="speculative", gradient_checkpointing=True, max_steps=2
     )
     assert changed and "gen/teacher_forwards_per_token" in logs[-1]
+
+
+def test_speculative_generation_with_a_lora_student(tmp_path):
+    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
+    _, logs, changed = run(
+        tmp_path, lmbda=1.0, gate="spec", on_policy_generation="speculative", peft_config=peft_config, max_steps=2
+    )
+    check_logs(logs)
+    assert changed and all("lora_" in name for name in changed)
+    assert "gen/mean_accepted_run" in logs[-1]
