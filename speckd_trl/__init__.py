@@ -11,7 +11,9 @@ import os
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 from .config import SpecKDConfig  # noqa: E402
+from .drafter import evaluate_drafter  # noqa: E402
 from .gate import accept_mask, propose, sequence_rewards, teacher_rank  # noqa: E402
+from .generation import GenerationStats, speculative_generate, student_generate  # noqa: E402
 from .losses import normalize_loss, weighted_generalized_jsd  # noqa: E402
 from .trainer import SpecKDTrainer  # noqa: E402
 
@@ -21,10 +23,14 @@ __version__ = "0.1.0"
 __all__ = [
     "SpecKDConfig",
     "SpecKDTrainer",
+    "GenerationStats",
     "accept_mask",
+    "evaluate_drafter",
     "normalize_loss",
     "propose",
     "sequence_rewards",
+    "speculative_generate",
+    "student_generate",
     "teacher_rank",
     "weighted_generalized_jsd",
 ]

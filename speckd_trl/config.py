@@ -15,6 +15,7 @@ GATE_ON = ("both", "on_policy", "off_policy")
 GATE_PROPOSALS = ("greedy", "sample")
 BNB_4BIT_QUANT_TYPES = ("nf4", "fp4")
 BNB_COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+ON_POLICY_GENERATIONS = ("student", "speculative")
 
 
 def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
@@ -67,6 +68,14 @@ class SpecKDConfig(GKDConfig):
             `"chunked"` needs a plain `nn.Linear` output layer on both models (no LoRA on `lm_head`).
         loss_chunk_size (`int`, *optional*, defaults to `256`):
             Tokens per chunk of the `"chunked"` loss path.
+        on_policy_generation (`str`, *optional*, defaults to `"student"`):
+            How on-policy sequences are generated: `"student"` (the student samples alone, as GKD) or
+            `"speculative"` (SKD-style gated generation: the student drafts `gate_draft_len` tokens, the teacher
+            verifies the draft in one forward pass with the `gate` rule and replaces the first rejected token by its
+            own; see `speckd_trl.generation.speculative_generate`). Logged as `gen/teacher_forwards_per_token`,
+            `gen/mean_accepted_run` and `gen/replaced_fraction`.
+        gate_draft_len (`int`, *optional*, defaults to `4`):
+            Tokens the student drafts per teacher forward pass with `on_policy_generation="speculative"`.
         teacher_load_in_4bit (`bool`, *optional*, defaults to `False`):
             Load a teacher given as a name or path in 4-bit with bitsandbytes.
         teacher_bnb_4bit_quant_type (`str`, *optional*, defaults to `"nf4"`):
@@ -130,6 +139,19 @@ class SpecKDConfig(GKDConfig):
         default=256,
         metadata={"help": "Tokens per chunk of the 'chunked' loss path."},
     )
+    on_policy_generation: str = field(
+        default="student",
+        metadata={
+            "help": "How on-policy sequences are generated: 'student' (the student samples alone, as GKD) or "
+            "'speculative' (the student drafts gate_draft_len tokens, the teacher verifies them in one forward pass "
+            "with the gate rule and replaces the first rejected token by its own).",
+            "choices": list(ON_POLICY_GENERATIONS),
+        },
+    )
+    gate_draft_len: int = field(
+        default=4,
+        metadata={"help": "Tokens the student drafts per teacher forward with on_policy_generation='speculative'."},
+    )
     teacher_load_in_4bit: bool = field(
         default=False,
         metadata={"help": "Load a teacher given as a name or path in 4-bit (bitsandbytes)."},
@@ -169,6 +191,16 @@ class SpecKDConfig(GKDConfig):
         ):
             raise ValueError(
                 f"SpecKDConfig: loss_chunk_size={self.loss_chunk_size!r} is not valid; it must be an integer >= 1."
+            )
+        _check_choice("on_policy_generation", self.on_policy_generation, ON_POLICY_GENERATIONS)
+        if (
+            not isinstance(self.gate_draft_len, int)
+            or isinstance(self.gate_draft_len, bool)
+            or self.gate_draft_len < 1
+        ):
+            raise ValueError(
+                f"SpecKDConfig: gate_draft_len={self.gate_draft_len!r} is not valid; it must be an integer >= 1 "
+                "(tokens the student drafts per teacher forward pass)."
             )
         _check_range("reject_weight", self.reject_weight, 0.0, 1.0)
         _check_range("lmbda", self.lmbda, 0.0, 1.0)

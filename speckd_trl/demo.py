@@ -12,7 +12,8 @@ Stages (each with a progress bar; everything expensive is cached under `cache_di
 5. distillation with `SpecKDTrainer`: the teacher quantized to NF4, the student trained with LoRA on every linear
    layer (plus its RMSNorm weights, a few thousand parameters that the cut model needs to re-scale its residual
    stream), `lmbda` mixing on-policy and dataset batches;
-6. held-out exact-match accuracy of the teacher, the student before and the student after; `summary.json`, the
+6. held-out exact-match accuracy of the teacher, the student before and the student after, and (`eval_drafter`) the
+   student as a speculative-decoding drafter for the teacher before and after (`drafter.py`); `summary.json`, the
    student (adapter and merged) and `demo.png` (loss, acceptance rate, accuracy) under `output_dir`, plus links to
    the cached teacher and student and the train split as JSONL, for `examples/distill_smollm2.yaml`.
 """
@@ -83,6 +84,15 @@ class DemoConfig:
     )
     max_new_tokens: int = field(default=8, metadata={"help": "Generation length for on-policy batches and eval."})
     teacher_load_in_4bit: bool = field(default=True, metadata={"help": "Quantize the teacher to NF4 for distilling."})
+    eval_drafter: bool = field(
+        default=True,
+        metadata={
+            "help": "Measure the student as an assisted-generation drafter for the (full-precision) teacher before "
+            "and after distillation: mean accepted length and speed-up (drafter.evaluate_drafter)."
+        },
+    )
+    drafter_prompts: int = field(default=8, metadata={"help": "Eval prompts of the drafter measurement."})
+    drafter_assistant_tokens: int = field(default=4, metadata={"help": "Tokens the student drafts per round."})
 
 
 def _key(*parts: Any) -> str:
@@ -219,6 +229,34 @@ def _cached_accuracy(path: Path, data, data_key: str, config: DemoConfig, desc: 
     return accuracy
 
 
+def measure_drafter(student, teacher_dir: Path, tokenizer, rows, config: DemoConfig) -> dict[str, float]:
+    """The student drafting for the full-precision teacher on the first `drafter_prompts` eval prompts, greedy."""
+    from .drafter import evaluate_drafter
+
+    teacher, _ = _load(teacher_dir)
+    prompts = [
+        tokenizer.apply_chat_template(m[:-1], tokenize=False, add_generation_prompt=True)
+        for m in rows[: config.drafter_prompts]["messages"]
+    ]
+    result = evaluate_drafter(
+        student,
+        teacher,
+        tokenizer,
+        prompts,
+        max_new_tokens=config.max_new_tokens,
+        num_assistant_tokens=config.drafter_assistant_tokens,
+    )
+    del teacher
+    return result
+
+
+def _drafter_line(name: str, result: dict[str, float]) -> str:
+    return (
+        f"drafter {name}: {result['mean_accepted_length']:.2f} tokens per teacher forward "
+        f"(acceptance {result['acceptance_rate']:.2f}), speed-up {result['speedup']:.2f}x over the teacher alone"
+    )
+
+
 def distill(teacher_dir: Path, student_dir: Path, train, config: DemoConfig, out: Path):
     """Distill with `SpecKDTrainer`: NF4 teacher, LoRA student (all linear layers plus the RMSNorm weights)."""
     from peft import LoraConfig
@@ -346,6 +384,11 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         "teacher": _cached_accuracy(teacher_dir, data["eval"], data_key, config, "eval teacher"),
         "student before": _cached_accuracy(student_dir, data["eval"], data_key, config, "eval student before"),
     }
+    drafter = {}
+    if config.eval_drafter:
+        student_before, student_tokenizer = _load(student_dir)
+        drafter["before"] = measure_drafter(student_before, teacher_dir, student_tokenizer, data["eval"], config)
+        del student_before
     print("[5/6] distillation with SpecKDTrainer (NF4 teacher, LoRA student)")
     trainer, tokenizer = distill(teacher_dir, student_dir, data["train"], config, out)
     print("[6/6] evaluation and outputs")
@@ -358,6 +401,8 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     merged = student.merge_and_unload()
     merged.save_pretrained(str(out / "student-merged"))
     tokenizer.save_pretrained(str(out / "student-merged"))
+    if config.eval_drafter:
+        drafter["after"] = measure_drafter(merged, teacher_dir, tokenizer, data["eval"], config)
 
     history = trainer.state.log_history
     rates = [(e["step"], e["gate/acceptance_rate"]) for e in history if "gate/acceptance_rate" in e]
@@ -369,6 +414,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
             "teacher": trainer.teacher_model.num_parameters(),
             "student": merged.num_parameters(),
         },
+        "drafter": drafter,
         "wall_time_s": round(time.time() - start, 1),
         "peak_memory_gib": peak_rss_gib,
         "device": "cuda" if torch.cuda.is_available() else "cpu",
@@ -379,6 +425,8 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     print("\nheld-out exact match: " + ", ".join(f"{name} {100 * acc:.1f}%" for name, acc in accuracies.items()))
     if rates:
         print(f"acceptance rate: {rates[0][1]:.3f} at step {rates[0][0]} -> {rates[-1][1]:.3f} at step {rates[-1][0]}")
+    for name, result in drafter.items():
+        print(_drafter_line(name, result))
     print(f"wall time {summary['wall_time_s']:.0f} s, peak memory {peak_rss_gib:.1f} GiB")
     print(f"saved {out / 'summary.json'}, {out / 'demo.png'}, {out / 'student-adapter'}, {out / 'student-merged'}")
     return summary

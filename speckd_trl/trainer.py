@@ -19,6 +19,7 @@ import itertools
 import math
 import random
 from collections.abc import Callable, Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -32,6 +33,7 @@ from trl.trainer.sft_trainer import SFTTrainer
 
 from .config import SpecKDConfig
 from .gate import accept_mask, propose, sequence_rewards
+from .generation import GenerationStats, speculative_generate
 from .losses import OutputHead, chunked_weighted_jsd, normalize_loss, weighted_generalized_jsd
 from .models import (
     capture_last_hidden_state,
@@ -132,6 +134,10 @@ class SpecKDTrainer(GKDTrainer):
         self._gate_generator = torch.Generator(device=self.accelerator.device)
         self._gate_generator.manual_seed(args.seed + self.accelerator.process_index)
         self._gate_window = self._new_gate_window()
+        # Per-row seeds of speculative generation (`generation.row_seeds`); a stream of its own, so turning
+        # `on_policy_generation` on leaves the gate's draws unchanged.
+        self._generation_generator = torch.Generator()
+        self._generation_generator.manual_seed(args.seed + 1_000_003 * (self.accelerator.process_index + 1))
 
     # ------------------------------------------------------------------ batches
 
@@ -152,6 +158,8 @@ class SpecKDTrainer(GKDTrainer):
                 generation_kwargs=self.generation_kwargs,
                 gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs if kind == ON_POLICY else None,
             ) as unwrapped_model:
+                if kind == ON_POLICY and self.args.on_policy_generation == "speculative":
+                    unwrapped_model = _SpeculativeGenerator(self, unwrapped_model)
                 input_ids, attention_mask, labels = self.generate_on_policy_outputs(
                     unwrapped_model, inputs, self.generation_config
                 )
@@ -358,8 +366,18 @@ class SpecKDTrainer(GKDTrainer):
     @staticmethod
     def _new_gate_window() -> dict[str, float]:
         return dict.fromkeys(
-            ("accepted_on", "gated_on", "accepted_off", "gated_off", "reward_sum", "reward_sq_sum", "sequences"), 0.0
+            ("accepted_on", "gated_on", "accepted_off", "gated_off", "reward_sum", "reward_sq_sum", "sequences")
+            + ("gen_row_blocks", "gen_tokens", "gen_runs", "gen_run_sum", "gen_replaced"),
+            0.0,
         )
+
+    def _record_generation(self, stats: GenerationStats) -> None:
+        window = self._gate_window
+        window["gen_row_blocks"] += stats.row_blocks
+        window["gen_tokens"] += stats.generated_tokens
+        window["gen_runs"] += len(stats.accepted_runs)
+        window["gen_run_sum"] += sum(stats.accepted_runs)
+        window["gen_replaced"] += stats.replaced_tokens
 
     def _record_gate(self, kind: str, accepted: torch.Tensor, gated: torch.Tensor) -> None:
         suffix = "on" if kind == ON_POLICY else "off"
@@ -396,4 +414,42 @@ def gate_metrics(totals: dict[str, float]) -> dict[str, float]:
         mean = totals["reward_sum"] / totals["sequences"]
         metrics["reward/mean"] = mean
         metrics["reward/std"] = math.sqrt(max(totals["reward_sq_sum"] / totals["sequences"] - mean**2, 0.0))
+    if totals.get("gen_tokens", 0) > 0:  # speculative on-policy generation ran in this window
+        metrics["gen/teacher_forwards_per_token"] = totals["gen_row_blocks"] / totals["gen_tokens"]
+        metrics["gen/mean_accepted_run"] = totals["gen_run_sum"] / max(totals["gen_runs"], 1)
+        metrics["gen/replaced_fraction"] = totals["gen_replaced"] / totals["gen_tokens"]
     return metrics
+
+
+class _SpeculativeGenerator:
+    """Stands in for the student in GKD's `generate_on_policy_outputs`, whose `model.generate` call it answers with
+    `speculative_generate`, so that the ids, attention mask and labels keep exactly GKD's format.
+
+    Sampling follows the trainer's generation config: the student's temperature `args.temperature` (GKD samples with
+    `top_k=0, top_p=1`), the teacher verifies with `args.gate` / `args.gate_top_k`, `args.gate_draft_len` tokens per
+    teacher forward; the statistics go to the trainer's logging window.
+    """
+
+    def __init__(self, trainer: SpecKDTrainer, student: nn.Module):
+        self.trainer, self.student = trainer, student
+
+    def generate(self, input_ids, attention_mask, generation_config, **_):
+        trainer = self.trainer
+        trainer.teacher_model.eval()
+        sequences, stats = speculative_generate(
+            self.student,
+            trainer.teacher_model,
+            input_ids,
+            attention_mask,
+            gate=trainer.args.gate,
+            top_k=trainer.args.gate_top_k,
+            draft_len=trainer.args.gate_draft_len,
+            max_new_tokens=generation_config.max_new_tokens,
+            temperature=generation_config.temperature,
+            do_sample=generation_config.do_sample,
+            eos_token_id=generation_config.eos_token_id,
+            pad_token_id=generation_config.pad_token_id,
+            generator=trainer._generation_generator,
+        )
+        trainer._record_generation(stats)
+        return SimpleNamespace(sequences=sequences)

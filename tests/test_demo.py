@@ -57,12 +57,18 @@ def test_demo_pipeline_end_to_end_on_a_tiny_model(tiny_llama, tmp_path, monkeypa
         lora_r=4,
         max_new_tokens=3,
         teacher_load_in_4bit=True,
+        drafter_prompts=4,
+        drafter_assistant_tokens=2,
     )
     summary = run_demo(config)
     assert set(summary["accuracy"]) == {"teacher", "student before", "student after"}
     out = tmp_path / "speckd-demo"
     saved = json.loads((out / "summary.json").read_text())
     assert saved["accuracy"] == summary["accuracy"] and saved["acceptance_rate_curve"]
+    assert set(saved["drafter"]) == {"before", "after"}
+    for result in saved["drafter"].values():
+        assert result["prompts"] == 4 and result["identical_fraction"] == 1.0  # greedy assisted == teacher greedy
+        assert 1.0 <= result["mean_accepted_length"] <= 3 and result["speedup"] > 0
     for name in ("demo.png", "student-adapter/adapter_config.json", "student-merged/model.safetensors", "train.jsonl"):
         assert (out / name).is_file(), name
     cached = sorted(p.name for p in (tmp_path / "cache").iterdir())

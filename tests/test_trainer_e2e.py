@@ -124,3 +124,38 @@ def test_checkpoint_resumes(tmp_path):
     assert trainer.state.global_step == 4
     steps = [entry["step"] for entry in trainer.state.log_history if "loss" in entry]
     assert steps == [2, 4]  # the restored history, then the two steps trained after resuming
+
+
+@pytest.mark.parametrize("gate", ["topk", "spec"])
+def test_speculative_on_policy_generation(tmp_path, gate):
+    trainer, logs, changed = run(
+        tmp_path, lmbda=1.0, gate=gate, gate_top_k=30, on_policy_generation="speculative", gate_draft_len=3
+    )
+    check_logs(logs)
+    assert changed
+    for entry in logs:
+        assert 0 < entry["gen/teacher_forwards_per_token"] <= 1.0
+        assert 0 <= entry["gen/mean_accepted_run"] <= 3
+        assert 0 <= entry["gen/replaced_fraction"] <= 1.0
+
+
+def test_student_generation_logs_no_gen_metrics(tmp_path):
+    _, logs, _ = run(tmp_path, lmbda=1.0, max_steps=2)
+    assert not any(key.startswith("gen/") for entry in logs for key in entry)
+
+
+def test_speculative_generation_with_gradient_checkpointing(tmp_path):
+    _, logs, changed = run(
+        tmp_path, lmbda=1.0, on_policy_generation="speculative", gradient_checkpointing=True, max_steps=2
+    )
+    assert changed and "gen/teacher_forwards_per_token" in logs[-1]
+
+
+def test_speculative_generation_with_a_lora_student(tmp_path):
+    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
+    _, logs, changed = run(
+        tmp_path, lmbda=1.0, gate="spec", on_policy_generation="speculative", peft_config=peft_config, max_steps=2
+    )
+    check_logs(logs)
+    assert changed and all("lora_" in name for name in changed)
+    assert "gen/mean_accepted_run" in logs[-1]

@@ -1,0 +1,122 @@
+"""How good a drafter the student is for its teacher: transformers' assisted generation, greedy, measured.
+
+SpecKD's on-policy acceptance rate is the student's expected speculative-decoding acceptance against the teacher;
+`evaluate_drafter` measures the thing itself: ``teacher.generate(..., assistant_model=student)`` (greedy, one prompt
+at a time, as assisted generation requires), its mean accepted length (generated tokens per teacher forward pass)
+and its wall-clock speed-up over the teacher decoding alone.
+
+transformers 5 does not return the number of accepted tokens from ``generate`` (it is a local variable,
+``n_matches``, of the assisted decoding loop), so both models' forward passes are counted with forward hooks: each
+teacher forward emits its accepted drafts plus one token of its own, each student forward drafts one token.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+
+@torch.no_grad()
+def evaluate_drafter(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    num_assistant_tokens: int = 4,
+) -> dict[str, float]:
+    """Assisted (speculative) greedy decoding of ``prompts`` with ``student`` drafting for ``teacher``.
+
+    Each prompt is decoded twice, greedily: by the teacher alone and by the teacher with the student as assistant
+    (``num_assistant_tokens`` drafted tokens per round: constant schedule, no confidence-based early stop). A warm-up run of the first prompt is not
+    timed. Greedy assisted decoding returns the teacher's own greedy output; ``identical_fraction`` checks it.
+
+    Args:
+        student (`PreTrainedModel`): the drafter; same tokenizer as the teacher.
+        teacher (`PreTrainedModel`): the verifier.
+        tokenizer: tokenizes ``prompts`` (no special tokens added: pass chat-templated text).
+        prompts (`Sequence[str]`): the prompts, decoded one at a time.
+        max_new_tokens (`int`): generated tokens per prompt at most.
+        num_assistant_tokens (`int`): tokens the student drafts per teacher forward pass.
+
+    Returns:
+        `dict`: ``prompts``; ``new_tokens`` (assisted, summed over prompts); ``teacher_forwards`` (assisted) and
+        ``teacher_forwards_alone``; ``mean_accepted_length`` = new tokens per assisted teacher forward (1 for the
+        teacher alone; at most ``num_assistant_tokens + 1``); ``acceptance_rate`` = accepted drafts per drafted
+        token (student forward passes); ``teacher_time_s`` and ``assisted_time_s`` (summed wall-clock); ``speedup`` = their ratio;
+        ``identical_fraction``: share of prompts where both decodings agree.
+    """
+    if not prompts:
+        raise ValueError("evaluate_drafter: prompts is empty.")
+    if num_assistant_tokens < 1:
+        raise ValueError(f"evaluate_drafter: num_assistant_tokens={num_assistant_tokens} must be >= 1.")
+    student_mode, teacher_mode = student.training, teacher.training
+    student.eval()
+    teacher.eval()
+    config = student.generation_config
+    # a constant draft length: no schedule, no confidence-based early stop (transformers' default threshold 0.4)
+    fields = ("num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold")
+    saved = [getattr(config, name) for name in fields]
+    for name, value in zip(fields, (num_assistant_tokens, "constant", 0.0)):
+        setattr(config, name, value)
+    calls = [0, 0]  # teacher, student forward passes
+    hooks = [
+        teacher.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1)),
+        student.register_forward_hook(lambda *_: calls.__setitem__(1, calls[1] + 1)),
+    ]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+    totals = dict.fromkeys(
+        ("new_tokens", "teacher_forwards", "teacher_forwards_alone", "drafted", "teacher_time_s", "assisted_time_s"),
+        0.0,
+    )
+    identical = 0
+    try:
+        encoded = [
+            tokenizer(text, return_tensors="pt", add_special_tokens=False).to(teacher.device) for text in prompts
+        ]
+        teacher.generate(**encoded[0], **{**kwargs, "max_new_tokens": 2})  # warm-up, untimed
+        teacher.generate(**encoded[0], assistant_model=student, **{**kwargs, "max_new_tokens": 2})
+        for enc in encoded:
+            prompt_len = enc["input_ids"].size(1)
+            calls[0] = 0
+            start = time.perf_counter()
+            alone = teacher.generate(**enc, **kwargs)
+            totals["teacher_time_s"] += time.perf_counter() - start
+            totals["teacher_forwards_alone"] += calls[0]
+
+            calls[:] = [0, 0]
+            start = time.perf_counter()
+            assisted = teacher.generate(**enc, assistant_model=student, **kwargs)
+            totals["assisted_time_s"] += time.perf_counter() - start
+            totals["teacher_forwards"] += calls[0]
+            new = assisted.size(1) - prompt_len
+            totals["new_tokens"] += new
+            totals["drafted"] += calls[1]
+            identical += int(torch.equal(alone, assisted))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for name, value in zip(fields, saved):
+            setattr(config, name, value)
+        student.train(student_mode)
+        teacher.train(teacher_mode)
+    forwards = max(totals["teacher_forwards"], 1)
+    accepted = totals["new_tokens"] - totals["teacher_forwards"]
+    return {
+        "prompts": len(prompts),
+        "num_assistant_tokens": num_assistant_tokens,
+        "new_tokens": int(totals["new_tokens"]),
+        "teacher_forwards": int(totals["teacher_forwards"]),
+        "teacher_forwards_alone": int(totals["teacher_forwards_alone"]),
+        "mean_accepted_length": totals["new_tokens"] / forwards,
+        "acceptance_rate": max(accepted, 0) / max(totals["drafted"], 1),
+        "teacher_time_s": totals["teacher_time_s"],
+        "assisted_time_s": totals["assisted_time_s"],
+        "speedup": totals["teacher_time_s"] / max(totals["assisted_time_s"], 1e-9),
+        "identical_fraction": identical / len(prompts),
+    }

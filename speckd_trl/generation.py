@@ -1,0 +1,453 @@
+"""Student sampling and SKD-style speculative draft/verify generation.
+
+`speculative_generate` gates the on-policy sequences themselves (SKD, Xu et al. 2024), verifying like speculative
+decoding: the student drafts up to ``draft_len`` tokens, the teacher scores the whole draft in **one** forward pass,
+the first token the teacher rejects (the `gate.accept_mask` rule) is replaced by a teacher token, and drafting resumes
+after it. Teacher forward passes per sequence are about ``length / accepted-run-length`` instead of ``length``.
+`student_generate` is the plain one-model sampler with the same draw order (the ``gate="none"`` reference).
+
+Randomness: row ``b`` of a batch draws every uniform from its own CPU `torch.Generator`, seeded with ``seeds[b]``
+(by default drawn from the caller's ``generator``, see `row_seeds`), and how many uniforms it draws depends only on
+its own prompt and tokens. A row's output therefore does not depend on its batch neighbours, its padding or the
+batch's draft lengths: the same prompt with the same row seed gives the same sequence alone or in any batch (up to
+float round-off of padded batched matmuls). Sampling is inverse-CDF (one uniform per sampled token), like
+`gate.propose`.
+
+Shapes: ``B`` batch, ``P`` (left-padded) prompt length, ``N`` generated length, ``K`` draft length, ``V`` vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from .gate import GATES, accept_mask
+
+
+@dataclass
+class GenerationStats:
+    """Counts of one `speculative_generate` call (or several, after `merge`).
+
+    Attributes:
+        teacher_calls: teacher forward passes that verified a draft block (the prompt prefill is not counted).
+        row_blocks: draft blocks summed over rows: how many verify passes each sequence took part in. Teacher
+            forwards per generated token of a sequence = ``row_blocks / generated_tokens``.
+        generated_tokens: completion tokens generated, EOS included, padding excluded.
+        accepted_runs: per (row, block), how many drafted tokens the teacher accepted before the first rejection.
+        replaced_tokens: drafted tokens the teacher rejected and replaced by its own token.
+    """
+
+    teacher_calls: int = 0
+    row_blocks: int = 0
+    generated_tokens: int = 0
+    accepted_runs: list[int] = field(default_factory=list)
+    replaced_tokens: int = 0
+
+    @property
+    def teacher_forwards_per_token(self) -> float:
+        return self.row_blocks / max(self.generated_tokens, 1)
+
+    @property
+    def mean_accepted_run(self) -> float:
+        return sum(self.accepted_runs) / max(len(self.accepted_runs), 1)
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted drafts over verified drafts (each block is verified up to and including its first rejection)."""
+        accepted = sum(self.accepted_runs)
+        return accepted / max(accepted + self.replaced_tokens, 1)
+
+    @property
+    def replaced_fraction(self) -> float:
+        return self.replaced_tokens / max(self.generated_tokens, 1)
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "teacher_calls": self.teacher_calls,
+            "row_blocks": self.row_blocks,
+            "generated_tokens": self.generated_tokens,
+            "replaced_tokens": self.replaced_tokens,
+            "teacher_forwards_per_token": self.teacher_forwards_per_token,
+            "mean_accepted_run": self.mean_accepted_run,
+            "acceptance_rate": self.acceptance_rate,
+            "replaced_fraction": self.replaced_fraction,
+        }
+
+
+def row_seeds(generator: torch.Generator | None, batch_size: int) -> list[int]:
+    """One seed per row, drawn from ``generator`` (the global RNG when ``None``): ``batch_size`` int64 draws."""
+    device = generator.device if generator is not None else "cpu"
+    return torch.randint(0, 2**62, (batch_size,), generator=generator, device=device).tolist()
+
+
+def _row_generators(seeds: list[int]) -> list[torch.Generator]:
+    generators = []
+    for seed in seeds:
+        g = torch.Generator(device="cpu")
+        g.manual_seed(int(seed))
+        generators.append(g)
+    return generators
+
+
+def _uniforms(generators: list[torch.Generator], counts: list[int], width: int, device) -> torch.Tensor:
+    """`[B, width]` float64 uniforms: row ``b`` draws ``counts[b]`` from its own generator, the rest is 1."""
+    u = torch.ones(len(generators), width, dtype=torch.float64)
+    for b, count in enumerate(counts):
+        if count:
+            u[b, :count] = torch.rand(count, generator=generators[b], dtype=torch.float64)
+    return u.to(device)
+
+
+def _sample(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draws `[B]` from ``probs`` `[B, V]` (need not be normalized) with uniforms ``u`` `[B]`."""
+    cdf = probs.double().cumsum(dim=-1)
+    target = (u.to(cdf.device) * cdf[:, -1]).unsqueeze(-1)
+    # first index whose cumulative probability exceeds u (never a zero-probability token); the clamp guards round-off
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_(max=probs.size(-1) - 1)
+
+
+def _eos_set(eos_token_id: int | list[int] | None) -> set[int]:
+    if eos_token_id is None:
+        return set()
+    return {int(eos_token_id)} if isinstance(eos_token_id, int) else {int(i) for i in eos_token_id}
+
+
+class _Batch:
+    """Both models' KV caches over a shared token layout, left-padded prompt first, then committed tokens.
+
+    The caches hold every committed token of every row except its last one (``pending``), whose logits are computed
+    by the next forward. Rows advance by different amounts per block: the layout keeps the same length for all rows
+    and marks the positions a row did not keep as holes (``mask == 0``); positions are counted over real tokens only,
+    so a hole changes no row's logits. The layout grows by the longest kept run of each block, so by at most
+    ``min(B, draft_len) * max_new_tokens`` positions (``max_new_tokens`` when every row keeps the same amount).
+    """
+
+    def __init__(self, models: list[torch.nn.Module], input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        self.models = models
+        self.device = input_ids.device
+        self.caches = [DynamicCache(config=m.config) for m in models]
+        self.mask = attention_mask[:, :-1].long()  # [B, C]: cache positions that hold real tokens
+        self.pending = input_ids[:, -1].clone()  # [B]
+        self.positions = self.mask.sum(dim=-1)  # [B]: position id of the pending token
+        if input_ids.size(1) > 1:
+            prefix_positions = (self.mask.cumsum(dim=-1) - 1).clamp(min=0)
+            for model, cache in zip(models, self.caches):
+                model(
+                    input_ids=input_ids[:, :-1],
+                    attention_mask=self.mask,
+                    position_ids=prefix_positions,
+                    past_key_values=cache,
+                    use_cache=True,
+                )
+
+    def forward(self, index: int, tokens: torch.Tensor, offset: int) -> torch.Tensor:
+        """Logits `[B, n, V]` of model ``index`` for ``tokens`` `[B, n]` placed ``offset`` positions after pending.
+
+        The block's positions count as real while the block runs; `commit` decides what is kept.
+        """
+        n = tokens.size(1)
+        mask = torch.cat([self.mask, self.mask.new_ones(self.mask.size(0), offset + n)], dim=1)
+        position_ids = self.positions[:, None] + offset + torch.arange(n, device=self.device)
+        out = self.models[index](
+            input_ids=tokens,
+            attention_mask=mask,
+            position_ids=position_ids,
+            past_key_values=self.caches[index],
+            use_cache=True,
+        )
+        if self.caches[index].get_seq_length() != mask.size(1):  # e.g. gradient checkpointing forced use_cache off
+            raise RuntimeError(
+                f"speculative generation needs the KV cache of {type(self.models[index]).__name__}, which did not "
+                "fill it; disable gradient checkpointing (and any use_cache=False override) while generating."
+            )
+        return out.logits.float()
+
+    def commit(self, fed: int, kept: torch.Tensor, last: torch.Tensor) -> None:
+        """After a block that fed ``fed`` tokens (pending first), keep ``kept[b]`` of them per row; ``last`` is the
+        new pending token `[B]` (ignored where ``kept == 0``)."""
+        keep = int(kept.max())
+        for cache in self.caches:
+            if cache.get_seq_length() > self.mask.size(1) + keep:
+                cache.crop(-(cache.get_seq_length() - self.mask.size(1) - keep))
+        block_mask = (torch.arange(keep, device=self.device)[None, :] < kept[:, None]).long()
+        self.mask = torch.cat([self.mask, block_mask], dim=1)
+        self.positions = self.positions + kept
+        self.pending = torch.where(kept > 0, last, self.pending)
+
+
+def _assemble(input_ids: torch.Tensor, completions: list[list[int]], pad_token_id: int) -> torch.Tensor:
+    """``model.generate``'s layout: the prompts `[B, P]`, then the completions right-padded with ``pad_token_id``."""
+    width = max((len(c) for c in completions), default=0)
+    out = input_ids.new_full((input_ids.size(0), width), pad_token_id)
+    for b, tokens in enumerate(completions):
+        if tokens:
+            out[b, : len(tokens)] = torch.tensor(tokens, dtype=out.dtype)
+    return torch.cat([input_ids, out], dim=1)
+
+
+def _check_args(input_ids, attention_mask, max_new_tokens, temperature, pad_token_id):
+    if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} must both be [B, P]."
+        )
+    if not bool(attention_mask[:, -1].all()):
+        raise ValueError("Prompts must be left-padded: attention_mask[:, -1] must be 1 for every row.")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1.")
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature} must be > 0.")
+    if pad_token_id is None:
+        raise ValueError("pad_token_id is required: finished rows are padded with it.")
+
+
+@torch.no_grad()
+def student_generate(
+    student: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    do_sample: bool = True,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int,
+    generator: torch.Generator | None = None,
+    seeds: list[int] | None = None,
+) -> torch.Tensor:
+    """Plain ancestral sampling from ``softmax(student_logits / temperature)`` (argmax when not ``do_sample``).
+
+    The one-model reference for `speculative_generate`: row ``b`` draws exactly one uniform from its generator per
+    generated token, so ``speculative_generate(..., gate="none")`` returns the same sequences for the same seeds.
+
+    Args:
+        student (`PreTrainedModel`): a causal LM.
+        input_ids (`torch.LongTensor` of shape `[B, P]`): left-padded prompts.
+        attention_mask (`torch.LongTensor` of shape `[B, P]`): 1 on prompt tokens, 0 on left padding.
+        max_new_tokens (`int`): generated tokens per row at most.
+        temperature (`float`): sampling temperature.
+        do_sample (`bool`): sample (``True``) or take the argmax.
+        eos_token_id (`int` or `list[int]`, *optional*): a row stops after generating one of these.
+        pad_token_id (`int`): fills a row after it stops.
+        generator (`torch.Generator`, *optional*): source of the per-row seeds when ``seeds`` is not given.
+        seeds (`list[int]`, *optional*): one seed per row (see the module docstring).
+
+    Returns:
+        `torch.LongTensor` of shape `[B, P + N]`: prompts then completions, as ``model.generate`` returns them.
+    """
+    _check_args(input_ids, attention_mask, max_new_tokens, temperature, pad_token_id)
+    batch_size = input_ids.size(0)
+    generators = _row_generators(seeds if seeds is not None else row_seeds(generator, batch_size))
+    eos = _eos_set(eos_token_id)
+    state = _Batch([student], input_ids, attention_mask)
+    completions: list[list[int]] = [[] for _ in range(batch_size)]
+    done = [False] * batch_size
+    for _ in range(max_new_tokens):
+        logits = state.forward(0, state.pending[:, None], 0)[:, -1]  # [B, V]
+        if do_sample:
+            u = _uniforms(generators, [0 if d else 1 for d in done], 1, logits.device)[:, 0]
+            tokens = _sample(torch.softmax(logits / temperature, dim=-1), u).tolist()
+        else:
+            tokens = logits.argmax(dim=-1).tolist()
+        kept = torch.zeros(batch_size, dtype=torch.long, device=input_ids.device)
+        last = state.pending.clone()
+        for b in range(batch_size):
+            if done[b]:
+                continue
+            token = tokens[b]
+            completions[b].append(token)
+            done[b] = token in eos or len(completions[b]) >= max_new_tokens
+            kept[b], last[b] = 1, token
+        if all(done):
+            break
+        state.commit(1, kept, last)
+    return _assemble(input_ids, completions, pad_token_id)
+
+
+def _teacher_tokens(
+    teacher_logits: torch.Tensor,
+    draft_logits: torch.Tensor,
+    u: torch.Tensor,
+    *,
+    gate: str,
+    top_k: int,
+    do_sample: bool,
+) -> torch.Tensor:
+    """The teacher's replacements `[R]` for rejected drafts, from logits `[R, V]` at the rejected positions.
+
+    ``topk``: sampled from the teacher's top-k (ties toward the lower token id, as `gate.teacher_rank`) renormalized.
+    ``spec``: sampled from the normalized residual ``max(0, p - q)``, which makes the emitted token distributed
+    exactly as ``p`` (speculative sampling); ``q`` are the student's sampling probabilities (``draft_logits``).
+    Greedy (``do_sample=False``): the teacher's argmax for every gate. ``u`` `[R]`: one uniform per row.
+    """
+    if not do_sample:
+        return teacher_logits.argmax(dim=-1)
+    p = torch.softmax(teacher_logits, dim=-1)
+    if gate == "topk":
+        order = torch.sort(teacher_logits, descending=True, stable=True).indices  # stable: lower id first on ties
+        keep = torch.zeros_like(p, dtype=torch.bool).scatter_(-1, order[:, :top_k], True)
+        return _sample(p * keep, u)
+    residual = (p - torch.softmax(draft_logits, dim=-1)).clamp(min=0)
+    # a rejection with p == q happens only by float round-off; the residual is then empty and p is the exact answer
+    empty = residual.sum(dim=-1, keepdim=True) <= 0
+    return _sample(torch.where(empty, p, residual), u)
+
+
+@torch.no_grad()
+def speculative_generate(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    gate: str = "spec",
+    top_k: int = 5,
+    draft_len: int = 4,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    do_sample: bool = True,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int,
+    generator: torch.Generator | None = None,
+    seeds: list[int] | None = None,
+) -> tuple[torch.Tensor, GenerationStats]:
+    """SKD-style gated generation: the student drafts, the teacher verifies each block in one forward pass.
+
+    Per block and row: the student drafts ``L = min(draft_len, tokens left)`` tokens ``x_1..x_L`` (stopping early at
+    EOS) from ``q = softmax(student_logits / temperature)``; one teacher forward over the block gives ``p`` (teacher
+    at temperature 1) at every draft position; the drafts are accepted up to the first one the gate rejects, which is
+    replaced by a teacher token (`_teacher_token`); the next block starts after the last emitted token. A fully
+    accepted block emits its ``L`` drafts and no bonus token (the gate decides every token).
+
+    The gate is `gate.accept_mask` at each draft position (``q`` above for ``"spec"``):
+
+    - ``"topk"``: accept iff the draft is among the teacher's ``top_k`` (ties toward the lower token id); a rejected
+      one is replaced by a sample from the teacher's top-k renormalized. ``top_k=1`` with ``do_sample=False`` gives
+      exactly the teacher's greedy decoding.
+    - ``"spec"``: accept with probability ``min(1, p / q)``; a rejected one is replaced by a sample from
+      ``max(0, p - q)`` normalized, so every emitted token is distributed exactly as the teacher's ``p``. With
+      ``do_sample=False`` (``q`` a point mass) this is greedy speculative decoding: accept iff the draft is the
+      teacher's argmax, which again returns the teacher's greedy decoding.
+    - ``"none"``: never reject: the student's own sampling (same sequences as `student_generate`, same seeds).
+
+    Per-row draw order (each row from its own generator, see the module docstring): one uniform per drafted token;
+    for ``"spec"`` with sampling, one uniform per drafted token of the block for the accept test; one uniform for a
+    sampled replacement. Greedy decoding draws nothing.
+
+    Both models keep a `DynamicCache`; on rejection the caches are cropped to the longest kept run in the batch and
+    the positions a row did not keep are masked.
+
+    Args:
+        student (`PreTrainedModel`): the drafter (causal LM).
+        teacher (`PreTrainedModel`): the verifier; same vocabulary as the student.
+        input_ids (`torch.LongTensor` of shape `[B, P]`): left-padded prompts.
+        attention_mask (`torch.LongTensor` of shape `[B, P]`): 1 on prompt tokens, 0 on left padding.
+        gate (`str`): ``"topk"``, ``"spec"`` or ``"none"``.
+        top_k (`int`): ``k`` of the ``"topk"`` gate.
+        draft_len (`int`): drafted tokens per teacher forward, ``>= 1``.
+        max_new_tokens (`int`): generated tokens per row at most.
+        temperature (`float`): the student's sampling temperature (``q``); the teacher's ``p`` is at temperature 1.
+        do_sample (`bool`): sample, or decode greedily (see above).
+        eos_token_id (`int` or `list[int]`, *optional*): a row stops after emitting one of these.
+        pad_token_id (`int`): fills a row after it stops.
+        generator (`torch.Generator`, *optional*): source of the per-row seeds when ``seeds`` is not given.
+        seeds (`list[int]`, *optional*): one seed per row.
+
+    Returns:
+        `tuple`: the sequences, `torch.LongTensor` of shape `[B, P + N]` (prompts then completions right-padded with
+        ``pad_token_id``, the layout of ``model.generate``), and the `GenerationStats` of the call.
+    """
+    _check_args(input_ids, attention_mask, max_new_tokens, temperature, pad_token_id)
+    if gate not in GATES:
+        raise ValueError(f"speculative_generate: gate={gate!r} is not supported; use one of {GATES}.")
+    if draft_len < 1 or top_k < 1:
+        raise ValueError(f"speculative_generate: draft_len={draft_len} and top_k={top_k} must be >= 1.")
+    batch_size, device = input_ids.size(0), input_ids.device
+    generators = _row_generators(seeds if seeds is not None else row_seeds(generator, batch_size))
+    eos = _eos_set(eos_token_id)
+    stats = GenerationStats()
+    state = _Batch([student, teacher], input_ids, attention_mask)
+    completions: list[list[int]] = [[] for _ in range(batch_size)]
+    done = [False] * batch_size
+
+    while not all(done):
+        # --- draft: row b drafts budget[b] tokens, fewer if it drafts EOS
+        budget = [0 if done[b] else min(draft_len, max_new_tokens - len(completions[b])) for b in range(batch_size)]
+        width = max(budget)
+        drafts = torch.full((batch_size, width), pad_token_id, dtype=torch.long, device=device)
+        draft_logits = []  # width x [B, V], the student's logits at the sampling temperature
+        lengths = [0] * batch_size
+        last_drafted = [None] * batch_size
+        fed = state.pending[:, None]
+        for j in range(width):
+            logits = state.forward(0, fed, j)[:, -1] / temperature
+            draft_logits.append(logits)
+            drafting = [
+                lengths[b] == j < budget[b] and (j == 0 or last_drafted[b] not in eos) for b in range(batch_size)
+            ]
+            if do_sample:
+                u = _uniforms(generators, [int(d) for d in drafting], 1, device)[:, 0]
+                tokens = _sample(torch.softmax(logits, dim=-1), u)
+            else:
+                tokens = logits.argmax(dim=-1)
+            rows = torch.tensor(drafting, device=device)
+            drafts[:, j] = torch.where(rows, tokens, drafts[:, j])
+            last_drafted = tokens.tolist()
+            lengths = [j + 1 if d else n for d, n in zip(drafting, lengths)]
+            fed = drafts[:, j : j + 1]
+        draft_logits = torch.stack(draft_logits, dim=1)  # [B, width, V]
+
+        # --- verify: one teacher forward over pending + drafts[:, :-1] scores every draft position
+        block = torch.cat([state.pending[:, None], drafts[:, :-1]], dim=1)  # [B, width]
+        teacher_logits = state.forward(1, block, 0)  # [B, width, V]
+        stats.teacher_calls += 1
+
+        valid = torch.arange(width, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
+        if gate == "spec" and do_sample:
+            # accept_mask's "spec" rule, u < p / q in log space, with each row's uniforms from its own generator
+            log_p = torch.log_softmax(teacher_logits, dim=-1).gather(-1, drafts[..., None]).squeeze(-1)
+            log_q = torch.log_softmax(draft_logits, dim=-1).gather(-1, drafts[..., None]).squeeze(-1)
+            u = _uniforms(generators, lengths, width, device)
+            accepted = (torch.log(u) < log_p - log_q) & valid
+        else:  # deterministic: "topk", "none", and greedy "spec" = accept iff the teacher's argmax
+            greedy_spec = gate == "spec"
+            accepted = accept_mask(draft_logits, teacher_logits, drafts, valid, gate="topk" if greedy_spec else gate,
+                                   top_k=1 if greedy_spec else top_k)  # fmt: skip
+        runs = accepted.long().cumprod(dim=-1).sum(dim=-1)  # accepted drafts before the first rejection
+        rejected = runs < torch.tensor(lengths, device=device)
+        replacements = torch.full_like(runs, pad_token_id)
+        if rejected.any():
+            rows = rejected.nonzero().squeeze(-1)
+            u = _uniforms(generators, rejected.long().tolist() if do_sample else [0] * batch_size, 1, device)[:, 0]
+            replacements[rows] = _teacher_tokens(
+                teacher_logits[rows, runs[rows]],
+                draft_logits[rows, runs[rows]],
+                u[rows],
+                gate=gate,
+                top_k=top_k,
+                do_sample=do_sample,
+            )
+        runs, rejected, replacements = runs.tolist(), rejected.tolist(), replacements.tolist()
+        drafted = drafts.tolist()
+
+        kept = torch.zeros(batch_size, dtype=torch.long, device=device)
+        last = state.pending.clone()
+        for b in range(batch_size):
+            if lengths[b] == 0:
+                continue
+            tokens = drafted[b][: runs[b]] + ([replacements[b]] if rejected[b] else [])
+            stats.replaced_tokens += int(rejected[b])
+            stats.row_blocks += 1
+            stats.accepted_runs.append(runs[b])
+            for i, token in enumerate(tokens):  # EOS can only be a draft's last token or the replacement
+                if token in eos:
+                    tokens = tokens[: i + 1]
+                    break
+            completions[b].extend(tokens)
+            stats.generated_tokens += len(tokens)
+            done[b] = tokens[-1] in eos or len(completions[b]) >= max_new_tokens
+            kept[b], last[b] = len(tokens), tokens[-1]
+        if not all(done):
+            state.commit(width, kept, last)
+    return _assemble(input_ids, completions, pad_token_id), stats
