@@ -233,12 +233,24 @@ def main():
     parser.add_argument("--cache-dir", default=None, help="The demo's cache (default: the user cache).")
     parser.add_argument("--output-dir", default="/tmp/speckd-quality")
     parser.add_argument("--plot", default=os.path.join(os.path.dirname(__file__), "quality.png"))
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default).")
+    parser.add_argument(
+        "--from-logs",
+        nargs="+",
+        help="Train nothing: summarize the `RUN {...}` lines of earlier runs' logs (e.g. runs split over processes).",
+    )
     args = parser.parse_args()
     methods = list(ALL_METHODS) if args.methods == "all" else [m.strip() for m in args.methods.split(",")]
     unknown = [m for m in methods if m not in ALL_METHODS]
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {', '.join(ALL_METHODS)} or 'all'")
     seeds = [int(s) for s in args.seeds.split(",")]
+
+    if args.from_logs:
+        rows = [json.loads(line[4:]) for path in args.from_logs for line in open(path) if line.startswith("RUN {")]
+        rows = [r for r in rows if r["method"] in methods and r["seed"] in seeds]
+        report(rows, methods, args, f"{len(rows)} runs from {', '.join(args.from_logs)}", started=time.time())
+        return
 
     import torch
     from transformers import AutoTokenizer
@@ -247,6 +259,8 @@ def main():
     from speckd_trl.demo import DemoConfig, prepare
     from speckd_trl.models import load_teacher
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     started = time.time()
     config = DemoConfig(distill_steps=args.steps, learning_rate=args.learning_rate, lmbda=args.lmbda, beta=args.beta)
     cache = Path(args.cache_dir).expanduser() if args.cache_dir else hub.cache_dir()
@@ -270,22 +284,29 @@ def main():
             rows.append(row)
             print("RUN " + json.dumps(row), flush=True)
 
-    table = summarize(rows, methods)
     title = (
-        f"{'cuda' if cuda else 'cpu'}: {args.steps} steps x batch {config.batch_size}, seeds {args.seeds}, "
+        f"{'cuda' if cuda else 'cpu'}: {args.steps} steps x batch {config.batch_size}, "
         f"lmbda {args.lmbda}, beta {args.beta}, {len(setup['eval'])} held-out prompts"
     )
-    print(f"\n{title}; mean +- std over seeds")
-    print(f"{'method':<16}{'exact match %':>16}{'answer NLL':>16}{'teacher acc.':>16}{'train acc.':>16}")
+    report(rows, methods, args, title, started)
+
+
+def report(rows, methods, args, title, started):
+    """The table (mean +- std over seeds), the plot and the final JSON line."""
+    methods = [m for m in methods if any(r["method"] == m for r in rows)]
+    table = summarize(rows, methods)
+    seeds = sorted({r["seed"] for r in rows})
+    print(f"\n{title}; seeds {seeds}; mean +- std over seeds")
+    print(f"{'method':<18}{'exact match %':>16}{'answer NLL':>16}{'teacher acc.':>16}{'train acc.':>16}")
     for method, metrics in table.items():
         cells = []
         for metric, scale in zip(METRICS, (100, 1, 1, 1)):
             if metric in metrics:
                 mean, spread = metrics[metric]
-                cells.append(f"{mean * scale:8.2f} +-{spread * scale:5.2f}")
+                cells.append(f"{mean * scale:8.3f} +-{spread * scale:6.3f}")
             else:
                 cells.append(f"{'-':>15}")
-        print(f"{method:<16}" + "".join(f"{c:>16}" for c in cells))
+        print(f"{method:<18}" + "".join(f"{c:>16}" for c in cells))
     plot(table, args.plot, title)
     print(f"plot: {args.plot}   wall time {time.time() - started:.0f} s")
     print(json.dumps({"title": title, "args": vars(args), "rows": rows, "table": table}))

@@ -226,7 +226,7 @@ def _layers(args) -> int:
 
 def run_child(args, mode, methods, measure):
     cmd = [sys.executable, __file__, "--child", mode, "--methods", methods, "--measure", measure]
-    for name in ("vocab", "hidden", "layers", "batch", "seq", "new_tokens", "steps", "warmup"):
+    for name in ("vocab", "hidden", "layers", "batch", "seq", "new_tokens", "steps", "warmup", "threads"):
         cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     if args.bf16:
         cmd.append("--bf16")
@@ -271,12 +271,17 @@ def main():
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default).")
     parser.add_argument("--methods", default=",".join(METHODS), help="Comma-separated subset of the methods.")
     parser.add_argument("--plot", default=os.path.join(os.path.dirname(__file__), "speed_memory.png"))
     parser.add_argument("--child", choices=("time", "memory"), help=argparse.SUPPRESS)
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
         print(json.dumps(child_time(args) if args.child == "time" else child_memory(args)))
         return
 
@@ -301,7 +306,7 @@ def main():
 
     title = (
         f"{device}, vocab {args.vocab}, batch {args.batch} x {args.seq}, hidden {args.hidden} x {args.layers} layers"
-        f"{', bf16' if args.bf16 else ', fp32'}"
+        f"{', bf16' if args.bf16 else ', fp32'}{f', {args.threads} thread(s)' if args.threads else ''}"
     )
     print(f"\n{title}; median of {args.steps} steps; peak memory above the level before the step")
     header = f"{'method':<23}" + "".join(f"| {m:<32}" for m in MEASUREMENTS)
