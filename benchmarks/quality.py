@@ -13,6 +13,8 @@ steps, batch, learning rate and schedule; only the training signal differs:
 - `speckd-none`: `SpecKDTrainer` with `gate="none"`: GKD's loss with the token normalization fixed;
 - `speckd-topk`, `speckd-topk-r0`, `speckd-topk-k1`: the top-k gate (k=5, `reject_weight` 0.1 / 0; k=1);
 - `speckd-spec`, `speckd-spec-r0`: the speculative gate (`reject_weight` 0.1 / 0);
+- `speckd-topk-onpolicy`, `speckd-spec-onpolicy`: the gate on on-policy sequences only (`gate_on="on_policy"`);
+  dataset batches get GKD's full loss;
 - `speckd-topk-pg`: `speckd-topk` plus the REINFORCE term on the accept reward (`reward_coef=0.5`);
 - `speckd-topk-sched`: `speckd-topk` with k going linearly from 50 to 5 over the run (a gate that tightens).
 
@@ -49,6 +51,9 @@ SPECKD_METHODS = {
     "speckd-topk-k1": dict(gate="topk", gate_top_k=1, reject_weight=0.1),
     "speckd-spec": dict(gate="spec", reject_weight=0.1),
     "speckd-spec-r0": dict(gate="spec", reject_weight=0.0),
+    # follow-up: gate only the student's own samples; dataset batches keep GKD's full signal
+    "speckd-topk-onpolicy": dict(gate="topk", gate_top_k=5, reject_weight=0.1, gate_on="on_policy"),
+    "speckd-spec-onpolicy": dict(gate="spec", reject_weight=0.1, gate_on="on_policy"),
     # the binary-reward view: a REINFORCE term on the accept bit; a gate that tightens from k=50 to k=5
     "speckd-topk-pg": dict(gate="topk", gate_top_k=5, reject_weight=0.1, reward_coef=0.5),
     "speckd-topk-sched": dict(
