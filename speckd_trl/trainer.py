@@ -234,7 +234,7 @@ class SpecKDTrainer(GKDTrainer):
                     input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
                 ).logits[:, :-1]
             student_logits = student_outputs.logits[:, :-1]
-            accepted = self._verify(student_logits, teacher_logits, labels, gated, kind, uniforms) | (
+            accepted = self._verify_rows(student_logits, teacher_logits, labels, gated, kind, uniforms) | (
                 completion & ~gated
             )
             weights = self._loss_weights(accepted) * completion
@@ -372,6 +372,33 @@ class SpecKDTrainer(GKDTrainer):
     def _uniform(self, shape: torch.Size) -> torch.Tensor:
         generator = self._gate_generator
         return torch.rand(shape, generator=generator, device=generator.device).to(self.accelerator.device)
+
+    @torch.no_grad()
+    def _verify_rows(
+        self,
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        labels: torch.Tensor,
+        gated: torch.Tensor,
+        kind: str,
+        uniforms: dict[str, torch.Tensor],
+    ) -> torch.Tensor:
+        """`_verify` on the gated positions only (`[B, T, V]` logits in, `[B, T]` accept bits out): prompt and
+        padding positions, most of an on-policy batch, never enter the gate's `[.., V]` passes."""
+        if not gated.any() or self.args.gate == "none":
+            return gated.clone()
+        rows = gated.nonzero(as_tuple=True)
+        verdict = self._verify(
+            student_logits[rows],
+            teacher_logits[rows],
+            labels[rows],
+            gated[rows],
+            kind,
+            {name: u[rows] for name, u in uniforms.items()},
+        )
+        accepted = torch.zeros_like(gated)
+        accepted[rows] = verdict
+        return accepted
 
     @torch.no_grad()
     def _verify(
