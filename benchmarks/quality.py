@@ -213,10 +213,11 @@ def plot(table, path, title):
     for ax, metric, label in zip(
         axes,
         ("exact_match", "answer_nll", "teacher_acceptance"),
-        ("held-out exact match", "held-out answer NLL (lower is better)", "held-out teacher top-5 acceptance"),
+        ("held-out exact match (%)", "held-out answer NLL (lower is better)", "held-out teacher top-5 acceptance"),
     ):
-        means = [table[m][metric][0] for m in methods]
-        spreads = [table[m][metric][1] for m in methods]
+        scale = 100 if metric == "exact_match" else 1
+        means = [scale * table[m][metric][0] for m in methods]
+        spreads = [scale * table[m][metric][1] for m in methods]
         colors = ["#888" if m in ("sft", "gkd") else "#2a7" for m in methods]
         ax.bar(range(len(methods)), means, yerr=spreads, capsize=4, color=colors)
         ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right", fontsize=8)
