@@ -124,11 +124,23 @@ def accept_mask(
     if gate == "topk":
         if top_k < 1:
             raise ValueError(f"accept_mask: top_k={top_k} must be >= 1.")
-        return (teacher_rank(teacher_logits, proposals) < top_k) & mask
+        if top_k >= teacher_logits.size(-1):
+            return mask.clone()
+        # One pass: the k-th largest teacher logit is the threshold (its value is well defined even where torch.topk's
+        # order of ties is not). Above it: accepted, below: rejected; only a proposal whose logit equals it needs
+        # the exact tie-broken rank.
+        proposed = teacher_logits.gather(-1, proposals.unsqueeze(-1)).squeeze(-1)
+        threshold = teacher_logits.topk(top_k, dim=-1).values[..., -1]
+        accepted = proposed > threshold
+        tied = proposed == threshold
+        if tied.any():
+            accepted[tied] = teacher_rank(teacher_logits[tied], proposals[tied]) < top_k
+        return accepted & mask
     if gate == "spec":
         idx = proposals.unsqueeze(-1)
-        log_p = torch.log_softmax(teacher_logits.float(), dim=-1).gather(-1, idx).squeeze(-1)
-        log_q = torch.log_softmax(student_logits.float(), dim=-1).gather(-1, idx).squeeze(-1)
+        # log p(x) = z(x) - logsumexp(z): no [.., V] log-softmax is materialized
+        log_p = teacher_logits.gather(-1, idx).squeeze(-1).float() - torch.logsumexp(teacher_logits.float(), dim=-1)
+        log_q = student_logits.gather(-1, idx).squeeze(-1).float() - torch.logsumexp(student_logits.float(), dim=-1)
         u = _uniform(proposals.shape, proposals.device, generator) if uniforms is None else uniforms.to(log_p.device)
         # u < p/q  <=>  log u < log p - log q; u = 0 (log u = -inf) is always accepted, like u < min(1, p/q)
         return (torch.log(u) < log_p - log_q) & mask
