@@ -138,9 +138,9 @@ def accept_mask(
         return accepted & mask
     if gate == "spec":
         idx = proposals.unsqueeze(-1)
-        # log p(x) = z(x) - logsumexp(z): no [.., V] log-softmax is materialized
-        log_p = teacher_logits.gather(-1, idx).squeeze(-1).float() - torch.logsumexp(teacher_logits.float(), dim=-1)
-        log_q = student_logits.gather(-1, idx).squeeze(-1).float() - torch.logsumexp(student_logits.float(), dim=-1)
+        # (a fused log-softmax then a gather is faster on CPU than z(x) - logsumexp(z))
+        log_p = torch.log_softmax(teacher_logits.float(), dim=-1).gather(-1, idx).squeeze(-1)
+        log_q = torch.log_softmax(student_logits.float(), dim=-1).gather(-1, idx).squeeze(-1)
         u = _uniform(proposals.shape, proposals.device, generator) if uniforms is None else uniforms.to(log_p.device)
         # u < p/q  <=>  log u < log p - log q; u = 0 (log u = -inf) is always accepted, like u < min(1, p/q)
         return (torch.log(u) < log_p - log_q) & mask
