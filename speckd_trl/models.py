@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -67,6 +68,10 @@ def load_teacher(name_or_path: str, args: SpecKDConfig) -> PreTrainedModel:
 
 def load_teacher_tokenizer(name_or_path: str, args: SpecKDConfig) -> Any:
     """The tokenizer saved with the teacher, or None when its directory has none (then only the sizes are checked)."""
+    if os.path.isdir(name_or_path) and not any(
+        os.path.isfile(os.path.join(name_or_path, f)) for f in ("tokenizer.json", "tokenizer_config.json")
+    ):
+        return None  # transformers would build an empty tokenizer from the model's config
     try:
         return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError, TypeError, KeyError):

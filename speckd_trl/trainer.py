@@ -245,11 +245,12 @@ class SpecKDTrainer(GKDTrainer):
             causal shift), averaged over processes when `average_tokens_across_devices` (DDP then averages the
             gradients, which makes the sum over all processes' tokens divided by their total).
         """
+        batches = list(itertools.islice(epoch_iterator, num_batches))
         if self._resume_checkpoint is not None and not self._rng_restored:
-            # The Trainer restores the RNG states only after fetching the first window after a resume, but our
-            # generation happens while fetching: restore them before it.
+            # The Trainer restores the RNG states after fetching the first window after a resume (the skipping data
+            # loader draws from them), which is after our generation: restore them between the two.
             self._load_rng_state(self._resume_checkpoint)
-        batch_samples = [self._make_completions(batch) for batch in itertools.islice(epoch_iterator, num_batches)]
+        batch_samples = [self._make_completions(batch) for batch in batches]
         num_items = sum((batch["labels"][:, 1:] != -100).sum() for batch in batch_samples)
         num_items = torch.as_tensor(num_items, device=device)
         if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
