@@ -12,7 +12,9 @@ steps, batch, learning rate and schedule; only the training signal differs:
 - `gkd`: TRL's `GKDTrainer` as shipped (its loss normalization included), `lmbda`, `beta` as below;
 - `speckd-none`: `SpecKDTrainer` with `gate="none"`: GKD's loss with the token normalization fixed;
 - `speckd-topk`, `speckd-topk-r0`, `speckd-topk-k1`: the top-k gate (k=5, `reject_weight` 0.1 / 0; k=1);
-- `speckd-spec`, `speckd-spec-r0`: the speculative gate (`reject_weight` 0.1 / 0).
+- `speckd-spec`, `speckd-spec-r0`: the speculative gate (`reject_weight` 0.1 / 0);
+- `speckd-topk-pg`: `speckd-topk` plus the REINFORCE term on the accept reward (`reward_coef=0.5`);
+- `speckd-topk-sched`: `speckd-topk` with k going linearly from 50 to 5 over the run (a gate that tightens).
 
 Measured on the 100 held-out prompts, for every method alike:
 
@@ -47,6 +49,11 @@ SPECKD_METHODS = {
     "speckd-topk-k1": dict(gate="topk", gate_top_k=1, reject_weight=0.1),
     "speckd-spec": dict(gate="spec", reject_weight=0.1),
     "speckd-spec-r0": dict(gate="spec", reject_weight=0.0),
+    # the binary-reward view: a REINFORCE term on the accept bit; a gate that tightens from k=50 to k=5
+    "speckd-topk-pg": dict(gate="topk", gate_top_k=5, reject_weight=0.1, reward_coef=0.5),
+    "speckd-topk-sched": dict(
+        gate="topk", gate_top_k_schedule="linear", gate_top_k_start=50, gate_top_k_end=5, reject_weight=0.1
+    ),
 }
 ALL_METHODS = ("sft", "gkd", *SPECKD_METHODS)
 METRICS = ("exact_match", "answer_nll", "teacher_acceptance", "train_acceptance")

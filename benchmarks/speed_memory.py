@@ -5,10 +5,12 @@
 
 Random-init Qwen2 student and teacher built from configs (no download), SmolLM2's vocabulary size by default. Each
 (method, measurement) runs in a fresh subprocess, so that one's memory cannot hide in another's allocator, and
-reports the median time of `--steps` steps after `--warmup` untimed ones and the peak memory above the level before
-the first step: `torch.cuda.max_memory_allocated` on a GPU; on a CPU the process's peak resident memory (`VmHWM`,
-reset through `/proc/self/clear_refs`), with glibc told to map every allocation above 1 MiB separately, so that freed
-tensors leave the resident set at once.
+reports. Times: one process per measurement runs every method's step in turns, round after round (a slow spell of a
+shared machine then falls on all methods alike), and reports each method's median over `--steps` rounds after
+`--warmup` untimed ones. Peak memory: one process per method and measurement, the peak of one step above the level
+after an untimed warm-up step: `torch.cuda.max_memory_allocated` on a GPU; on a CPU the process's peak resident
+memory (`VmHWM`, reset through `/proc/self/clear_refs`), with glibc told to map every allocation above 1 MiB
+separately, so that freed tensors leave the resident set at once.
 
 Measurements, each for every method:
 
@@ -127,7 +129,8 @@ def make_batch(args, prompt_len, device):
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def measure(args) -> dict:
+def build_trainers(args, methods, on_policy, layers):
+    """One trainer per method, all on the same student and teacher, and the batch they train on."""
     import torch
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
@@ -138,9 +141,9 @@ def measure(args) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     tokenizer = make_tokenizer()
-    on_policy = args.measure == "on-policy step"
-    layers = 0 if args.measure == "loss stage" else args.layers
     student, teacher = build_models(args, tokenizer, layers, device)
+    # eos never ends a sampled sequence early: every method generates exactly `new_tokens` tokens
+    student.generation_config.eos_token_id = None
     prompt_len = args.seq - args.new_tokens if on_policy else args.seq // 4
     batch = make_batch(args, prompt_len, device)
     common = dict(
@@ -153,53 +156,76 @@ def measure(args) -> dict:
         max_new_tokens=args.new_tokens,
         per_device_train_batch_size=args.batch,
     )
-    overrides = METHODS[args.method]
-    if overrides is None:
-        trainer_cls, config = GKDTrainer, GKDConfig(**common)
-    else:
-        trainer_cls, config = SpecKDTrainer, SpecKDConfig(**common, **overrides)
-    trainer = trainer_cls(
-        model=student,
-        teacher_model=teacher,
-        args=config,
-        train_dataset=make_dataset(4),
-        processing_class=tokenizer,
-    )
-    if trainer_cls is SpecKDTrainer and not on_policy:
-        batch = {**batch, KIND_KEY: OFF_POLICY}
-    # eos never ends a sampled sequence early: every method generates exactly `new_tokens` tokens
-    trainer.generation_config.eos_token_id = None
-    trainer.model.generation_config.eos_token_id = None
-    trainer.current_gradient_accumulation_steps = 1  # set by `train()`, which this benchmark bypasses
-    model = trainer.model
-    model.train()
-    times, memory = [], PeakMemory(device)
-    for step in range(args.warmup + args.steps):
-        if step == args.warmup:
-            memory.start()
-        model.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        loss = trainer.training_step(model, dict(batch))
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if step >= args.warmup:
-            times.append(time.perf_counter() - start)
-    return {
-        "method": args.method,
-        "measure": args.measure,
-        "ms": 1000 * statistics.median(times),
-        "peak_mib": memory.peak_mib(),
-        "loss": float(loss),
-    }
+    trainers = {}
+    for method in methods:
+        overrides = METHODS[method]
+        if overrides is None:
+            trainer_cls, config = GKDTrainer, GKDConfig(**common)
+        else:
+            trainer_cls, config = SpecKDTrainer, SpecKDConfig(**common, **overrides)
+        trainer = trainer_cls(
+            model=student,
+            teacher_model=teacher,
+            args=config,
+            train_dataset=make_dataset(4),
+            processing_class=tokenizer,
+        )
+        trainer.generation_config.eos_token_id = None
+        trainer.current_gradient_accumulation_steps = 1  # set by `train()`, which this benchmark bypasses
+        inputs = {**batch, KIND_KEY: OFF_POLICY} if trainer_cls is SpecKDTrainer and not on_policy else batch
+        trainers[method] = (trainer, inputs)
+    return trainers, device
+
+
+def one_step(trainer, inputs, device) -> tuple[float, float]:
+    """Seconds and loss of one `training_step` (forward, loss, backward; generation first when on-policy)."""
+    import torch
+
+    trainer.model.train()
+    trainer.model.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    loss = trainer.training_step(trainer.model, dict(inputs))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, float(loss)
+
+
+def child_time(args) -> list[dict]:
+    """Time every method in turns (one step each, round after round), so that a slow spell of a shared machine
+    falls on all methods alike; the median over `steps` rounds."""
+    methods = args.methods.split(",")
+    trainers, device = build_trainers(args, methods, args.measure == "on-policy step", _layers(args))
+    times = {m: [] for m in methods}
+    for round_index in range(args.warmup + args.steps):
+        for method in methods:
+            seconds, loss = one_step(*trainers[method], device)
+            if round_index >= args.warmup:
+                times[method].append(seconds)
+    return [{"method": m, "measure": args.measure, "ms": 1000 * statistics.median(times[m])} for m in methods]
+
+
+def child_memory(args) -> dict:
+    """Peak memory of one method's step, above the level after an untimed warm-up step."""
+    trainers, device = build_trainers(args, [args.methods], args.measure == "on-policy step", _layers(args))
+    trainer, inputs = trainers[args.methods]
+    memory = PeakMemory(device)
+    one_step(trainer, inputs, device)
+    memory.start()
+    _, loss = one_step(trainer, inputs, device)
+    return {"method": args.methods, "measure": args.measure, "peak_mib": memory.peak_mib(), "loss": loss}
+
+
+def _layers(args) -> int:
+    return 0 if args.measure == "loss stage" else args.layers
 
 
 # ----------------------------------------------------------------------------- the side-by-side run (parent)
 
 
-def run_child(args, method, measure) -> dict:
-    cmd = [sys.executable, __file__, "--child", "--method", method, "--measure", measure]
+def run_child(args, mode, methods, measure):
+    cmd = [sys.executable, __file__, "--child", mode, "--methods", methods, "--measure", measure]
     for name in ("vocab", "hidden", "layers", "batch", "seq", "new_tokens", "steps", "warmup"):
         cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     if args.bf16:
@@ -207,7 +233,7 @@ def run_child(args, method, measure) -> dict:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20)}
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode != 0:
-        raise RuntimeError(f"{method} / {measure} failed:\n{out.stderr[-3000:]}")
+        raise RuntimeError(f"{mode} {methods} / {measure} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -247,12 +273,11 @@ def main():
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--methods", default=",".join(METHODS), help="Comma-separated subset of the methods.")
     parser.add_argument("--plot", default=os.path.join(os.path.dirname(__file__), "speed_memory.png"))
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--method", help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=("time", "memory"), help=argparse.SUPPRESS)
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure(args)))
+        print(json.dumps(child_time(args) if args.child == "time" else child_memory(args)))
         return
 
     import torch
@@ -264,8 +289,9 @@ def main():
     started = time.time()
     rows = []
     for measure_name in MEASUREMENTS:
+        timed = {r["method"]: r for r in run_child(args, "time", ",".join(methods), measure_name)}
         for method in methods:
-            row = run_child(args, method, measure_name)
+            row = {**timed[method], **run_child(args, "memory", method, measure_name)}
             rows.append(row)
             print(f"  measured {method:<22} {measure_name:<15} {row['ms']:9.1f} ms {row['peak_mib']:8.0f} MiB")
     for row in rows:
@@ -291,7 +317,7 @@ def main():
     print(f"plot: {args.plot}   wall time {time.time() - started:.0f} s")
     summary = {
         "device": device,
-        "args": {k: v for k, v in vars(args).items() if k not in ("child", "method", "measure")},
+        "args": {k: v for k, v in vars(args).items() if k not in ("child", "measure")},
         "rows": rows,
     }
     print(json.dumps(summary))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -15,6 +16,7 @@ from .losses import LOSS_PATHS, NORMALIZATIONS
 
 GATE_ON = ("both", "on_policy", "off_policy")
 GATE_PROPOSALS = ("greedy", "sample")
+SCHEDULES = ("constant", "linear")
 BNB_4BIT_QUANT_TYPES = ("nf4", "fp4")
 BNB_COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 ON_POLICY_GENERATIONS = ("student", "speculative")
@@ -50,6 +52,18 @@ def _check_range(name: str, value: float, low: float, high: float) -> None:
         raise ValueError(f"SpecKDConfig: {name}={value!r} is out of range; it must be a number in [{low}, {high}].")
 
 
+def _check_int(name: str, value: object, low: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"SpecKDConfig: {name}={value!r} is not valid; it must be an integer >= {low}.")
+
+
+def _linear(start: float, end: float, step: int, max_steps: int) -> float:
+    """``start`` at step 0, ``end`` at step ``max_steps - 1`` (the last one), linear in between."""
+    if max_steps <= 1:
+        return float(start)
+    return start + (end - start) * min(max(step, 0), max_steps - 1) / (max_steps - 1)
+
+
 @dataclass
 class SpecKDConfig(GKDConfig):
     """
@@ -83,6 +97,28 @@ class SpecKDConfig(GKDConfig):
             Loss denominator: `"tokens"` divides by the number of completion tokens (as GKD; exact under gradient
             accumulation, and the gate only removes terms), `"accepted"` by the sum of weights (each accepted token
             counts like a GKD token; louder when few are accepted).
+        gate_top_k_schedule (`str`, *optional*, defaults to `"constant"`):
+            `"constant"`: k is `gate_top_k` throughout. `"linear"`: k goes from `gate_top_k_start` at step 0 to
+            `gate_top_k_end` at the last step (rounded half up), e.g. a gate that starts lenient and tightens.
+        gate_top_k_start (`int`, *optional*):
+            k at step 0 with the linear schedule.
+        gate_top_k_end (`int`, *optional*):
+            k at the last step with the linear schedule.
+        reject_weight_schedule (`str`, *optional*, defaults to `"constant"`):
+            `"constant"` (`reject_weight` throughout) or `"linear"` (from `reject_weight_start` to
+            `reject_weight_end`).
+        reject_weight_start (`float`, *optional*):
+            `reject_weight` at step 0 with the linear schedule.
+        reject_weight_end (`float`, *optional*):
+            `reject_weight` at the last step with the linear schedule.
+        kd_coef (`float`, *optional*, defaults to `1.0`):
+            Weight of the (gated) distillation loss. `0` with `reward_coef > 0` gives a pure binary-reward
+            policy-gradient step.
+        reward_coef (`float`, *optional*, defaults to `0.0`):
+            Weight of the REINFORCE term on the teacher's accept reward, on on-policy tokens:
+            `-reward_coef * sum_t (r_t - b) log q(x_t) / N`, with `r_t` the accept bit, `b` the mean reward of the
+            micro-batch's gated on-policy tokens, `q` the student at the sampling temperature and `N` the loss's
+            token count (as `gate_normalize="tokens"`).
         loss_path (`str`, *optional*, defaults to `"eager"`):
             How the loss is computed: `"eager"` from both models' full `[B, T, V]` logits (as GKD), or `"chunked"`
             from their final hidden states and output layers, `loss_chunk_size` completion tokens at a time, so that
@@ -153,6 +189,41 @@ class SpecKDConfig(GKDConfig):
             "help": "Loss denominator: 'tokens' (completion tokens, as GKD; exact under gradient accumulation) or "
             "'accepted' (sum of the weights).",
             "choices": list(NORMALIZATIONS),
+        },
+    )
+    gate_top_k_schedule: str = field(
+        default="constant",
+        metadata={
+            "help": "'constant' (gate_top_k throughout) or 'linear' (from gate_top_k_start at step 0 to "
+            "gate_top_k_end at the last step).",
+            "choices": list(SCHEDULES),
+        },
+    )
+    gate_top_k_start: int | None = field(default=None, metadata={"help": "k at step 0 of the linear schedule."})
+    gate_top_k_end: int | None = field(default=None, metadata={"help": "k at the last step of the linear schedule."})
+    reject_weight_schedule: str = field(
+        default="constant",
+        metadata={
+            "help": "'constant' (reject_weight throughout) or 'linear' (from reject_weight_start to "
+            "reject_weight_end).",
+            "choices": list(SCHEDULES),
+        },
+    )
+    reject_weight_start: float | None = field(
+        default=None, metadata={"help": "reject_weight at step 0 of the linear schedule."}
+    )
+    reject_weight_end: float | None = field(
+        default=None, metadata={"help": "reject_weight at the last step of the linear schedule."}
+    )
+    kd_coef: float = field(
+        default=1.0,
+        metadata={"help": "Weight of the gated distillation loss (0 with reward_coef > 0: pure policy gradient)."},
+    )
+    reward_coef: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of the REINFORCE term on the teacher's accept reward (on-policy tokens): "
+            "-reward_coef * sum_t (r_t - b) log q(x_t) / N, b the micro-batch's mean reward."
         },
     )
     loss_path: str = field(
@@ -239,6 +310,15 @@ class SpecKDConfig(GKDConfig):
                 "(tokens the student drafts per teacher forward pass)."
             )
         _check_range("reject_weight", self.reject_weight, 0.0, 1.0)
+        self._check_schedule("gate_top_k", lambda name, v: _check_int(name, v, 1))
+        self._check_schedule("reject_weight", lambda name, v: _check_range(name, v, 0.0, 1.0))
+        _check_range("kd_coef", self.kd_coef, 0.0, float("inf"))
+        _check_range("reward_coef", self.reward_coef, 0.0, float("inf"))
+        if self.kd_coef == 0 and self.reward_coef == 0:
+            raise ValueError(
+                "SpecKDConfig: kd_coef=0 and reward_coef=0 leave nothing to train on; set kd_coef > 0 (distillation), "
+                "reward_coef > 0 (binary-reward policy gradient) or both."
+            )
         _check_range("lmbda", self.lmbda, 0.0, 1.0)
         _check_range("beta", self.beta, 0.0, 1.0)
         if not isinstance(self.temperature, (int, float)) or not self.temperature > 0:
@@ -259,6 +339,36 @@ class SpecKDConfig(GKDConfig):
         if self.bf16 is None:  # TRL defaults to bf16=True, which fails on CPU: use it only where it runs
             self.bf16 = not self.fp16 and not self.use_cpu and is_torch_bf16_gpu_available()
         super().__post_init__()
+
+    def _check_schedule(self, name: str, check) -> None:
+        schedule = getattr(self, f"{name}_schedule")
+        _check_choice(f"{name}_schedule", schedule, SCHEDULES)
+        for end in ("start", "end"):
+            value = getattr(self, f"{name}_{end}")
+            if schedule == "linear" and value is None:
+                raise ValueError(
+                    f"SpecKDConfig: {name}_schedule='linear' needs {name}_start and {name}_end; {name}_{end} is not "
+                    "set."
+                )
+            if schedule == "constant" and value is not None:
+                raise ValueError(
+                    f"SpecKDConfig: {name}_{end}={value!r} is set but {name}_schedule='constant'; set "
+                    f"{name}_schedule='linear' to use it, or set {name} instead."
+                )
+            if value is not None:
+                check(f"{name}_{end}", value)
+
+    def gate_top_k_at(self, step: int, max_steps: int) -> int:
+        """The `topk` gate's k at optimizer step `step` of `max_steps` (see `gate_top_k_schedule`)."""
+        if self.gate_top_k_schedule == "constant":
+            return self.gate_top_k
+        return max(1, math.floor(_linear(self.gate_top_k_start, self.gate_top_k_end, step, max_steps) + 0.5))
+
+    def reject_weight_at(self, step: int, max_steps: int) -> float:
+        """The weight of rejected positions at optimizer step `step` of `max_steps` (see `reject_weight_schedule`)."""
+        if self.reject_weight_schedule == "constant":
+            return self.reject_weight
+        return _linear(self.reject_weight_start, self.reject_weight_end, step, max_steps)
 
     @property
     def gates_on_policy(self) -> bool:

@@ -99,14 +99,47 @@ def normalize_loss(
         `torch.Tensor`: scalar loss.
     """
     n_micro = completion_mask.sum()
-    window = n_micro if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, device=weighted.device)
-    window = window.to(weighted.dtype).clamp(min=1)
+    window = loss_denominator(completion_mask, num_items_in_batch).to(weighted.dtype)
     if normalize == "tokens":
         return weighted.sum() / window
     if normalize == "accepted":
         per_micro = weighted.sum() / weights.sum().to(weighted.dtype).clamp(min=1)
         return per_micro * n_micro.to(weighted.dtype) / window
     raise ValueError(f"normalize_loss: normalize={normalize!r} is not supported; use one of {NORMALIZATIONS}.")
+
+
+def loss_denominator(completion_mask: torch.Tensor, num_items_in_batch: torch.Tensor | int | None) -> torch.Tensor:
+    """``N`` of ``gate_normalize="tokens"``: the window's completion tokens, or the micro-batch's when not given."""
+    if num_items_in_batch is None:
+        window = completion_mask.sum()
+    else:
+        window = torch.as_tensor(num_items_in_batch, device=completion_mask.device)
+    return window.float().clamp(min=1)
+
+
+def policy_gradient_loss(
+    logprobs: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, *, denominator: torch.Tensor | float
+) -> torch.Tensor:
+    """REINFORCE with a mean baseline: ``-sum_t (r_t - b) log q(x_t) / N`` over the positions in ``mask``.
+
+    ``b`` is the mean reward over ``mask`` (the micro-batch's gated on-policy tokens), a baseline that lowers the
+    variance without biasing the gradient much at the usual batch sizes; a micro-batch whose rewards are all equal
+    gives 0. Only ``logprobs`` carries a gradient.
+
+    Args:
+        logprobs (`torch.Tensor` of shape `[B, T]`): ``log q(x_t)`` of the sampled tokens under the sampling policy.
+        rewards (`torch.Tensor` of shape `[B, T]`): ``r_t`` (the gate's accept bits).
+        mask (`torch.BoolTensor` of shape `[B, T]`): positions that were sampled and gated.
+        denominator: ``N``, as in `loss_denominator`.
+
+    Returns:
+        `torch.Tensor`: scalar loss.
+    """
+    mask = mask.bool()
+    rewards = rewards.to(logprobs.dtype)
+    baseline = (rewards * mask).sum() / mask.sum().clamp(min=1)
+    advantage = (rewards - baseline).detach()
+    return -torch.where(mask, advantage * logprobs, 0.0).sum() / denominator
 
 
 @dataclass

@@ -31,13 +31,21 @@ from transformers import AutoConfig, PreTrainedModel, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 from trl.experimental.gkd import GKDTrainer
 from trl.experimental.utils import empty_cache
+from trl.kernels.chunked_logprob import ChunkedLogProbFunction
 from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.sft_trainer import SFTTrainer
 
 from .config import SpecKDConfig, on_policy_rows
 from .gate import accept_mask, propose, sequence_rewards
 from .generation import GenerationStats, speculative_generate
-from .losses import OutputHead, chunked_weighted_jsd, normalize_loss, weighted_generalized_jsd
+from .losses import (
+    OutputHead,
+    chunked_weighted_jsd,
+    loss_denominator,
+    normalize_loss,
+    policy_gradient_loss,
+    weighted_generalized_jsd,
+)
 from .models import (
     capture_last_hidden_state,
     check_pad_token,
@@ -58,6 +66,7 @@ MIXED = "mixed"  # mixing="sample": some rows on-policy, the rest seq_kd or data
 KIND_KEY = "speckd_kind"  # batch key that records how the micro-batch's completions were made
 ROW_ON_POLICY_KEY = "speckd_on_policy"  # with KIND_KEY == MIXED: bool [B], True on the rows generated on-policy
 RNG_STATE_FILE = "speckd_rng_state_{}.pth"  # per process: the batch-kind draw, the gate's and generation's generators
+VOCAB_TILE = 8192  # vocabulary columns per tile of the chunked log-probabilities (reward term)
 
 
 class SpecKDTrainer(GKDTrainer):
@@ -333,7 +342,7 @@ class SpecKDTrainer(GKDTrainer):
         uniforms = self._draw_uniforms(kind, gated)
 
         if self.args.loss_path == "chunked":
-            weighted, weights, accepted, student_outputs = self._chunked_terms(
+            weighted, weights, accepted, student_outputs, sampled_logprobs = self._chunked_terms(
                 model, inputs, labels, completion, gated, kind, uniforms
             )
         else:
@@ -350,13 +359,27 @@ class SpecKDTrainer(GKDTrainer):
             )
             weights = self._loss_weights(accepted) * completion
             weighted = weighted_generalized_jsd(student_logits, teacher_logits, weights, beta=self.beta)
-        loss = normalize_loss(
+
+            def sampled_logprobs() -> torch.Tensor:
+                logprobs = torch.log_softmax(student_logits.float() / self.temperature, dim=-1)
+                return logprobs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+
+        loss = self.args.kd_coef * normalize_loss(
             weighted,
             weights,
             completion,
             normalize=self.args.gate_normalize,
             num_items_in_batch=num_items_in_batch,
         )
+        sampled = gated & self._on_policy_positions(kind, gated)  # issue 7: the on-policy rows of a mixed batch
+        if self.args.reward_coef > 0 and sampled.any():
+            # the accept bit is the teacher's reward for the sampled token: a REINFORCE step on it
+            loss = loss + self.args.reward_coef * policy_gradient_loss(
+                sampled_logprobs(),
+                accepted,
+                sampled,
+                denominator=loss_denominator(completion, num_items_in_batch),
+            )
         if model.training:
             self._record_gate(kind, accepted, gated)
         empty_cache()
@@ -371,12 +394,13 @@ class SpecKDTrainer(GKDTrainer):
         gated: torch.Tensor,
         kind: str,
         uniforms: dict[str, torch.Tensor],
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any, Callable[[], torch.Tensor]]:
         """The loss terms of the chunked path, on the completion positions only.
 
         Returns:
-            ``sum_t w_t D_t`` (scalar), the weights `[N]` of the `N` completion positions, the accept mask `[B, T]`
-            and the student's outputs (logits of the last position only).
+            ``sum_t w_t D_t`` (scalar), the weights `[N]` of the `N` completion positions, the accept mask `[B, T]`,
+            the student's outputs (logits of the last position only), and a function that gives the student's
+            log-probabilities `[B, T]` of the labels at the sampling temperature (chunked too; 0 off the completion).
         """
         student_head, teacher_head = self._output_heads()
         # logits_to_keep=1: the model projects one position; the loss projects the rest chunk by chunk
@@ -414,7 +438,23 @@ class SpecKDTrainer(GKDTrainer):
         )
         accepted = torch.zeros_like(completion).flatten()
         accepted[rows] = row_accepted
-        return weighted, weights, accepted.view_as(completion), student_outputs
+
+        def sampled_logprobs() -> torch.Tensor:
+            row_logprobs = ChunkedLogProbFunction.apply(
+                student_hidden,
+                student_head.weight,
+                student_head.bias,
+                row_labels,
+                self.temperature,
+                VOCAB_TILE,
+                student_head.softcap,
+                student_head.logit_scale,
+                (),
+            )[0]
+            logprobs = torch.zeros(completion.numel(), device=row_logprobs.device, dtype=row_logprobs.dtype)
+            return logprobs.index_put((rows,), row_logprobs).view_as(completion)
+
+        return weighted, weights, accepted.view_as(completion), student_outputs, sampled_logprobs
 
     def _output_heads(self) -> tuple[OutputHead, OutputHead]:
         """The student's and the teacher's output layers, for the chunked loss (cut to the tokenizer's ids when the
@@ -452,7 +492,17 @@ class SpecKDTrainer(GKDTrainer):
 
     def _loss_weights(self, accepted: torch.Tensor) -> torch.Tensor:
         """``w_t``: 1 where accepted (or not gated), `reject_weight` where rejected."""
-        return torch.where(accepted, 1.0, self.args.reject_weight)
+        return torch.where(accepted, 1.0, self._reject_weight())
+
+    def _gate_top_k(self, step: int | None = None) -> int:
+        """k of the `topk` gate at optimizer step `step` (default: the current one), per `gate_top_k_schedule`."""
+        step = self.state.global_step if step is None else step
+        return self.args.gate_top_k_at(step, self.state.max_steps)
+
+    def _reject_weight(self, step: int | None = None) -> float:
+        """Weight of rejected positions at optimizer step `step` (default: the current one)."""
+        step = self.state.global_step if step is None else step
+        return self.args.reject_weight_at(step, self.state.max_steps)
 
     @staticmethod
     def _row_kinds(inputs: dict[str, Any], kind: str) -> str | torch.Tensor:
@@ -533,7 +583,7 @@ class SpecKDTrainer(GKDTrainer):
             proposals,
             gated,
             gate=self.args.gate,
-            top_k=self.args.gate_top_k,
+            top_k=self._gate_top_k(),
             uniforms=uniforms.get("accept"),
         )
 
@@ -574,6 +624,11 @@ class SpecKDTrainer(GKDTrainer):
             totals = dict(zip(keys, self.accelerator.reduce(totals, reduction="sum").tolist()))
             self._gate_window = self._new_gate_window()
             logs.update(gate_metrics(totals))
+            # the values of the step that just ran (global_step has already moved past it)
+            if self.args.gate == "topk":
+                logs["gate/top_k"] = self._gate_top_k(self.state.global_step - 1)
+            if self.args.gate != "none":
+                logs["gate/reject_weight"] = self._reject_weight(self.state.global_step - 1)
         super().log(logs, start_time)
 
 
@@ -672,7 +727,7 @@ class _SpeculativeGenerator:
             input_ids,
             attention_mask,
             gate=trainer.args.gate,
-            top_k=trainer.args.gate_top_k,
+            top_k=trainer._gate_top_k(),
             draft_len=trainer.args.gate_draft_len,
             max_new_tokens=generation_config.max_new_tokens,
             temperature=generation_config.temperature,

@@ -237,3 +237,18 @@ def test_teacher_with_non_finite_outputs_stops_training_naming_the_step(tmp_path
     trainer = build(tmp_path, teacher=teacher, loss_path=loss_path, max_steps=2)
     with pytest.raises(RuntimeError, match=r"non-finite outputs \(NaN or inf\) at training step 1 \(global_step=0\)"):
         trainer.train()
+
+
+def test_per_sample_mixing_with_the_reward_term(tmp_path):
+    """The REINFORCE term (`reward_coef`) applies to the on-policy rows of a mixed batch only."""
+    trainer = build(
+        tmp_path, lmbda=0.5, mixing="sample", per_device_train_batch_size=4, reward_coef=0.5, gate_top_k=30
+    )
+    dataset = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    batch = trainer._make_completions(dataset)
+    assert batch[KIND_KEY] == MIXED
+    with torch.no_grad():
+        with_reward = trainer.compute_loss(trainer.model, batch).item()
+        trainer.args.reward_coef = 0.0
+        without = trainer.compute_loss(trainer.model, batch).item()
+    assert math.isfinite(with_reward) and with_reward != without
