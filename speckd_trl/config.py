@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import torch
 from transformers.utils import is_torch_bf16_gpu_available
+from transformers.utils.import_utils import is_torch_bf16_available_on_device
 from trl.experimental.gkd import GKDConfig
 
 from .gate import GATES
@@ -18,6 +20,26 @@ SCHEDULES = ("constant", "linear")
 BNB_4BIT_QUANT_TYPES = ("nf4", "fp4")
 BNB_COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 ON_POLICY_GENERATIONS = ("student", "speculative")
+MIXINGS = ("batch", "sample")
+
+
+def bf16_unsupported_reason(use_cpu: bool) -> str | None:
+    """Why bf16 cannot run on the device training will use, or None when it can."""
+    if use_cpu:
+        return None if is_torch_bf16_available_on_device("cpu") else "this torch build has no bfloat16 on the CPU"
+    if torch.cuda.is_available():
+        return (
+            None if is_torch_bf16_gpu_available() else "the GPU does not support bfloat16 (it needs Ampere or newer)"
+        )
+    if is_torch_bf16_gpu_available():  # another accelerator (e.g. XPU) that transformers accepts
+        return None
+    return "no GPU is visible and use_cpu=False (transformers allows bf16 without a GPU only with use_cpu=True)"
+
+
+def on_policy_rows(lmbda: float, batch_size: int) -> int:
+    """Rows of a micro-batch of `batch_size` that get on-policy completions with `mixing="sample"`:
+    ``floor(lmbda * batch_size + 0.5)`` (rounded half up; e.g. lmbda 0.25 and batch 8: 2 rows, batch 2: 1 row)."""
+    return min(batch_size, int(lmbda * batch_size + 0.5))
 
 
 def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
@@ -112,6 +134,12 @@ class SpecKDConfig(GKDConfig):
             `gen/mean_accepted_run` and `gen/replaced_fraction`.
         gate_draft_len (`int`, *optional*, defaults to `4`):
             Tokens the student drafts per teacher forward pass with `on_policy_generation="speculative"`.
+        mixing (`str`, *optional*, defaults to `"batch"`):
+            How `lmbda` mixes on-policy and off-policy data. `"batch"` (as GKD): each micro-batch is on-policy with
+            probability `lmbda`, else `seq_kd` / dataset. `"sample"`: in every micro-batch of `B` rows,
+            `floor(lmbda * B + 0.5)` rows (rounded half up; lmbda 0.25 and B = 8 give 2) are generated on-policy and
+            the rest keep their `seq_kd` / dataset completions. Both draws come from a generator seeded with `seed`
+            that advances identically on every process.
         teacher_load_in_4bit (`bool`, *optional*, defaults to `False`):
             Load a teacher given as a name or path in 4-bit with bitsandbytes.
         teacher_bnb_4bit_quant_type (`str`, *optional*, defaults to `"nf4"`):
@@ -223,6 +251,14 @@ class SpecKDConfig(GKDConfig):
         default=4,
         metadata={"help": "Tokens the student drafts per teacher forward with on_policy_generation='speculative'."},
     )
+    mixing: str = field(
+        default="batch",
+        metadata={
+            "help": "How lmbda mixes on- and off-policy data: 'batch' (each micro-batch is on-policy with probability "
+            "lmbda, as GKD) or 'sample' (round-half-up(lmbda * batch size) rows of every micro-batch are on-policy).",
+            "choices": list(MIXINGS),
+        },
+    )
     teacher_load_in_4bit: bool = field(
         default=False,
         metadata={"help": "Load a teacher given as a name or path in 4-bit (bitsandbytes)."},
@@ -292,6 +328,13 @@ class SpecKDConfig(GKDConfig):
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(
                 f"SpecKDConfig: max_new_tokens={self.max_new_tokens!r} is not valid; it must be an integer >= 1."
+            )
+        _check_choice("mixing", self.mixing, MIXINGS)
+        reason = bf16_unsupported_reason(self.use_cpu) if self.bf16 else None
+        if reason is not None:
+            raise ValueError(
+                f"SpecKDConfig: bf16=True is not supported here: {reason}. Set bf16=False (float32), fp16=True on an "
+                "older GPU, use_cpu=True for bf16 on the CPU, or leave bf16 unset to use bf16 only where it runs."
             )
         if self.bf16 is None:  # TRL defaults to bf16=True, which fails on CPU: use it only where it runs
             self.bf16 = not self.fp16 and not self.use_cpu and is_torch_bf16_gpu_available()

@@ -124,8 +124,15 @@ class _Batch:
     ``min(B, draft_len) * max_new_tokens`` positions (``max_new_tokens`` when every row keeps the same amount).
     """
 
-    def __init__(self, models: list[torch.nn.Module], input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    def __init__(
+        self,
+        models: list[torch.nn.Module],
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        vocab_size: int | None = None,
+    ):
         self.models = models
+        self.vocab_size = vocab_size  # logits are cut to this many ids (models with padded embeddings)
         self.device = input_ids.device
         self.caches = [DynamicCache(config=m.config) for m in models]
         self.mask = attention_mask[:, :-1].long()  # [B, C]: cache positions that hold real tokens
@@ -162,7 +169,7 @@ class _Batch:
                 f"speculative generation needs the KV cache of {type(self.models[index]).__name__}, which did not "
                 "fill it; disable gradient checkpointing (and any use_cache=False override) while generating."
             )
-        return out.logits.float()
+        return out.logits[..., : self.vocab_size].float()
 
     def commit(self, fed: int, kept: torch.Tensor, last: torch.Tensor) -> None:
         """After a block that fed ``fed`` tokens (pending first), keep ``kept[b]`` of them per row; ``last`` is the
@@ -311,6 +318,7 @@ def speculative_generate(
     pad_token_id: int,
     generator: torch.Generator | None = None,
     seeds: list[int] | None = None,
+    vocab_size: int | None = None,
 ) -> tuple[torch.Tensor, GenerationStats]:
     """SKD-style gated generation: the student drafts, the teacher verifies each block in one forward pass.
 
@@ -353,6 +361,8 @@ def speculative_generate(
         pad_token_id (`int`): fills a row after it stops.
         generator (`torch.Generator`, *optional*): source of the per-row seeds when ``seeds`` is not given.
         seeds (`list[int]`, *optional*): one seed per row.
+        vocab_size (`int`, *optional*): compare and sample the logits of the first ``vocab_size`` ids only (models
+            whose embeddings are padded past the tokenizer, to different sizes); None keeps all.
 
     Returns:
         `tuple`: the sequences, `torch.LongTensor` of shape `[B, P + N]` (prompts then completions right-padded with
@@ -367,7 +377,7 @@ def speculative_generate(
     generators = _row_generators(seeds if seeds is not None else row_seeds(generator, batch_size))
     eos = _eos_set(eos_token_id)
     stats = GenerationStats()
-    state = _Batch([student, teacher], input_ids, attention_mask)
+    state = _Batch([student, teacher], input_ids, attention_mask, vocab_size)
     completions: list[list[int]] = [[] for _ in range(batch_size)]
     done = [False] * batch_size
 

@@ -51,8 +51,14 @@ def weighted_generalized_jsd(
     Returns:
         `torch.Tensor` of shape `[B, T]`.
     """
+    # float32: half-precision logits divided by a small temperature overflow (inf - inf = NaN in the divergence)
     per_vocab = GKDTrainer.generalized_jsd_loss(
-        student_logits, teacher_logits, labels=None, beta=beta, temperature=temperature, reduction="none"
+        student_logits.float(),
+        teacher_logits.float(),
+        labels=None,
+        beta=beta,
+        temperature=temperature,
+        reduction="none",
     )
     return per_vocab.sum(dim=-1) * weights.to(per_vocab.dtype)
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 
 from .config import SpecKDConfig
 from .losses import OutputHead
@@ -63,6 +64,18 @@ def load_teacher(name_or_path: str, args: SpecKDConfig) -> PreTrainedModel:
         return AutoModelForCausalLM.from_pretrained(name_or_path, **teacher_init_kwargs(args))
     except (OSError, ValueError) as err:
         raise ValueError(f"Could not load the teacher model from {name_or_path!r}: {err}") from err
+
+
+def load_teacher_tokenizer(name_or_path: str, args: SpecKDConfig) -> Any:
+    """The tokenizer saved with the teacher, or None when its directory has none (then only the sizes are checked)."""
+    if os.path.isdir(name_or_path) and not any(
+        os.path.isfile(os.path.join(name_or_path, f)) for f in ("tokenizer.json", "tokenizer_config.json")
+    ):
+        return None  # transformers would build an empty tokenizer from the model's config
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=args.trust_remote_code)
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
 
 
 def output_vocab_size(model: nn.Module) -> int:
@@ -150,23 +163,47 @@ def check_pad_token(processing_class: Any) -> None:
         )
 
 
-def check_vocab(student: nn.Module, teacher: nn.Module, tokenizer: Any) -> None:
-    """Raise if student and teacher logits cannot be compared token by token.
+def check_vocab(student: nn.Module, teacher: nn.Module, tokenizer: Any, teacher_tokenizer: Any = None) -> int | None:
+    """Raise if student and teacher logits cannot be compared token by token; say how many logits to compare.
 
-    Both models must produce the same number of logits, and that number must cover every token id of the tokenizer.
+    - With `teacher_tokenizer` (the teacher's own, when it was loaded from a directory that has one), both tokenizers
+      must map the same ids to the same tokens on their shared ids (`get_vocab()`), not merely have the same size.
+    - Each model's output must cover every id of `tokenizer`.
+    - Outputs of different sizes are accepted when both cover the tokenizer (an embedding padded past the tokenizer,
+      as Qwen models have): the logits are then compared on the tokenizer's ids only.
+
+    Returns:
+        `len(tokenizer)` when the two output sizes differ (slice both models' logits to it), else None.
     """
     tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+    if teacher_tokenizer is not None:
+        check_same_tokens(tokenizer, getattr(teacher_tokenizer, "tokenizer", teacher_tokenizer))
     n_student, n_teacher = output_vocab_size(student), output_vocab_size(teacher)
-    if n_student != n_teacher:
-        raise ValueError(
-            f"Vocabulary mismatch: the student produces {n_student} logits per token but the teacher {n_teacher}. "
-            "SpecKD compares the two next-token distributions token by token, so both must share a tokenizer and an "
-            "output size: resize one with `model.resize_token_embeddings(n)` or pick models of the same family."
-        )
     n_tokenizer = len(tokenizer)
-    if n_tokenizer > n_student:
+    for role, n in (("student", n_student), ("teacher", n_teacher)):
+        if n_tokenizer > n:
+            raise ValueError(
+                f"Vocabulary mismatch: the tokenizer has {n_tokenizer} tokens but the {role} produces only {n} "
+                f"logits; token ids >= {n} would index past its embedding. Use the models' own tokenizer or resize "
+                f"the model with `model.resize_token_embeddings({n_tokenizer})`."
+            )
+    if n_student != n_teacher:
+        # both cover the tokenizer (checked above): the extra rows are padding that no token id reaches
+        return n_tokenizer
+    return None
+
+
+def check_same_tokens(tokenizer: Any, teacher_tokenizer: Any) -> None:
+    """Raise if the two tokenizers give a shared id to different tokens (compared on the ids both have)."""
+    student_vocab = {i: t for t, i in tokenizer.get_vocab().items()}
+    teacher_vocab = {i: t for t, i in teacher_tokenizer.get_vocab().items()}
+    shared = sorted(set(student_vocab) & set(teacher_vocab))
+    differing = [i for i in shared if student_vocab[i] != teacher_vocab[i]]
+    if differing or not shared:
+        examples = ", ".join(f"id {i}: {student_vocab[i]!r} vs {teacher_vocab[i]!r}" for i in differing[:3])
         raise ValueError(
-            f"Vocabulary mismatch: the tokenizer has {n_tokenizer} tokens but the models produce only {n_student} "
-            f"logits; token ids >= {n_student} would index past the embedding. Use the models' own tokenizer or "
-            f"resize both models with `model.resize_token_embeddings({n_tokenizer})`."
+            f"Vocabulary mismatch: the student's tokenizer and the teacher's tokenizer differ on {len(differing)} of "
+            f"their {len(shared)} shared token ids ({examples}). SpecKD compares the two next-token distributions "
+            "id by id, so both models must use the same tokenizer: pick a teacher and student of the same family, "
+            "or distill across tokenizers with a method that aligns them (e.g. TRL's GOLD / ULD)."
         )

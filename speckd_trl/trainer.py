@@ -15,8 +15,10 @@ Two things differ from TRL 1.16's `GKDTrainer` besides the gate:
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
+import os
 import random
 from collections.abc import Callable, Iterator
 from types import SimpleNamespace
@@ -25,14 +27,15 @@ from typing import Any
 import torch
 from datasets import Dataset
 from torch import nn
-from transformers import PreTrainedModel, TrainerCallback
+from transformers import AutoConfig, PreTrainedModel, TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
 from trl.experimental.gkd import GKDTrainer
 from trl.experimental.utils import empty_cache
 from trl.kernels.chunked_logprob import ChunkedLogProbFunction
 from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.sft_trainer import SFTTrainer
 
-from .config import SpecKDConfig
+from .config import SpecKDConfig, on_policy_rows
 from .gate import accept_mask, propose, sequence_rewards
 from .generation import GenerationStats, speculative_generate
 from .losses import (
@@ -49,14 +52,20 @@ from .models import (
     check_vocab,
     last_hidden_state,
     load_teacher,
+    load_teacher_tokenizer,
     output_head,
+    output_vocab_size,
 )
+from .validation import check_4bit_teacher, check_dataset, check_quantized_student, prepare_prompt_completion
 
 
 ON_POLICY = "on_policy"
 SEQ_KD = "seq_kd"
 OFF_POLICY = "off_policy"
+MIXED = "mixed"  # mixing="sample": some rows on-policy, the rest seq_kd or dataset
 KIND_KEY = "speckd_kind"  # batch key that records how the micro-batch's completions were made
+ROW_ON_POLICY_KEY = "speckd_on_policy"  # with KIND_KEY == MIXED: bool [B], True on the rows generated on-policy
+RNG_STATE_FILE = "speckd_rng_state_{}.pth"  # per process: the batch-kind draw, the gate's and generation's generators
 VOCAB_TILE = 8192  # vocabulary columns per tile of the chunked log-probabilities (reward term)
 
 
@@ -101,6 +110,16 @@ class SpecKDTrainer(GKDTrainer):
                 "GKDConfig field."
             )
         check_pad_token(processing_class)
+        # Bad input fails here, before any model is prepared or any step runs.
+        for name, dataset in [("train_dataset", train_dataset)] + _named(eval_dataset, "eval_dataset"):
+            check_dataset(dataset, processing_class, args.max_length, name=name)
+        train_dataset = prepare_prompt_completion(train_dataset, processing_class)
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {k: prepare_prompt_completion(v, processing_class) for k, v in eval_dataset.items()}
+        else:
+            eval_dataset = prepare_prompt_completion(eval_dataset, processing_class)
+        if not isinstance(model, str):
+            check_quantized_student(model, peft_config)
 
         if teacher_model is None:
             teacher_model = args.teacher_model_name_or_path
@@ -109,7 +128,11 @@ class SpecKDTrainer(GKDTrainer):
                 "SpecKDTrainer needs a teacher: pass `teacher_model=` (a model, a name or a local path) or set "
                 "`teacher_model_name_or_path` in SpecKDConfig."
             )
+        teacher_tokenizer = None
         if isinstance(teacher_model, str):
+            if args.teacher_load_in_4bit:
+                check_4bit_teacher(args.device)
+            teacher_tokenizer = load_teacher_tokenizer(teacher_model, args)
             teacher_model = load_teacher(teacher_model, args)
         elif args.teacher_model_init_kwargs is not None:
             raise ValueError(
@@ -118,6 +141,11 @@ class SpecKDTrainer(GKDTrainer):
 
         # The teacher is already loaded with our kwargs; GKD would try to apply them to an instance and raise.
         init_kwargs, args.teacher_model_init_kwargs = args.teacher_model_init_kwargs, None
+        # GKD refuses different `config.vocab_size`s outright; `check_vocab` below accepts padded embeddings that
+        # both cover the tokenizer (Qwen), so GKD's check sees the student's size until it is done.
+        teacher_config = teacher_model.config.get_text_config()
+        teacher_vocab_size = teacher_config.vocab_size
+        teacher_config.vocab_size = _config_vocab_size(model, args) or teacher_vocab_size
         try:
             super().__init__(
                 model,
@@ -136,7 +164,12 @@ class SpecKDTrainer(GKDTrainer):
             )
         finally:
             args.teacher_model_init_kwargs = init_kwargs
-        check_vocab(self.model, self.teacher_model, self.processing_class)
+            teacher_config.vocab_size = teacher_vocab_size
+        # Logits compared on the tokenizer's ids only when the two output sizes differ (padded embeddings), else None.
+        self._shared_vocab = check_vocab(self.model, self.teacher_model, self.processing_class, teacher_tokenizer)
+        if self._shared_vocab is not None:  # never sample an id past the tokenizer (padding rows of the embedding)
+            n_out = max(output_vocab_size(self.model), output_vocab_size(self.teacher_model))
+            self.generation_config.suppress_tokens = list(range(self._shared_vocab, n_out))
 
         # Same draw on every process: all of them generate (or not) together.
         self._kind_rng = random.Random(args.seed)
@@ -147,6 +180,7 @@ class SpecKDTrainer(GKDTrainer):
         # `on_policy_generation` on leaves the gate's draws unchanged.
         self._generation_generator = torch.Generator()
         self._generation_generator.manual_seed(args.seed + 1_000_003 * (self.accelerator.process_index + 1))
+        self._resume_checkpoint, self._rng_restored = None, False
 
     # ------------------------------------------------------------------ batches
 
@@ -156,24 +190,59 @@ class SpecKDTrainer(GKDTrainer):
             return ON_POLICY
         return SEQ_KD if self.seq_kd else OFF_POLICY
 
+    def _draw_on_policy_rows(self, batch_size: int) -> torch.Tensor:
+        """`mixing="sample"`: which rows of a micro-batch are generated on-policy, bool `[B]`.
+
+        `config.on_policy_rows(lmbda, B)` rows, drawn without replacement. The shared generator advances by exactly
+        one draw per micro-batch whatever `B` is, so processes stay in step even when their last batches differ.
+        """
+        row_rng = random.Random(self._kind_rng.getrandbits(64))
+        rows = row_rng.sample(range(batch_size), on_policy_rows(self.lmbda, batch_size))
+        on_policy = torch.zeros(batch_size, dtype=torch.bool)
+        on_policy[rows] = True
+        return on_policy
+
     def _make_completions(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        """Draw the micro-batch's kind and, for on-policy / `seq_kd`, replace its completions by generated ones."""
-        kind = self._draw_kind()
-        if kind != OFF_POLICY:
-            generator_model = self.model_wrapped if kind == ON_POLICY else self.teacher_model
-            with unwrap_model_for_generation(
-                generator_model,
-                self.accelerator,
-                generation_kwargs=self.generation_kwargs,
-                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs if kind == ON_POLICY else None,
-            ) as unwrapped_model:
-                if kind == ON_POLICY and self.args.on_policy_generation == "speculative":
-                    unwrapped_model = _SpeculativeGenerator(self, unwrapped_model)
-                input_ids, attention_mask, labels = self.generate_on_policy_outputs(
-                    unwrapped_model, inputs, self.generation_config
-                )
-            inputs = {**inputs, "input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-        return {**inputs, KIND_KEY: kind}
+        """Draw the micro-batch's kind and, for on-policy / `seq_kd`, replace its completions by generated ones.
+
+        With `mixing="sample"` the draw is per row: the on-policy rows and the others are generated separately and
+        put back in their places, right-padded to a common length (the batch is then of kind `MIXED`, with the rows'
+        kinds under `ROW_ON_POLICY_KEY`).
+        """
+        if self.args.mixing == "batch":
+            kind = self._draw_kind()
+            return {**self._generate(kind, inputs), KIND_KEY: kind}
+        batch_size = inputs["input_ids"].size(0)
+        on_policy = self._draw_on_policy_rows(batch_size)
+        other = SEQ_KD if self.seq_kd else OFF_POLICY
+        if on_policy.all() or not on_policy.any():
+            kind = ON_POLICY if on_policy.all() else other
+            return {**self._generate(kind, inputs), KIND_KEY: kind}
+        parts = [
+            self._generate(ON_POLICY, _select_rows(inputs, on_policy)),
+            self._generate(other, _select_rows(inputs, ~on_policy)),
+        ]
+        pad_token_id = self.processing_class.pad_token_id if self.processing_class.pad_token_id is not None else 0
+        merged = _merge_rows(inputs, parts, [on_policy, ~on_policy], pad_token_id)
+        return {**merged, KIND_KEY: MIXED, ROW_ON_POLICY_KEY: on_policy.to(inputs["input_ids"].device)}
+
+    def _generate(self, kind: str, inputs: dict[str, Any]) -> dict[str, Any]:
+        """`inputs` with its completions generated by the student (on-policy) or the teacher (`seq_kd`)."""
+        if kind == OFF_POLICY:
+            return inputs
+        generator_model = self.model_wrapped if kind == ON_POLICY else self.teacher_model
+        with unwrap_model_for_generation(
+            generator_model,
+            self.accelerator,
+            generation_kwargs=self.generation_kwargs,
+            gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs if kind == ON_POLICY else None,
+        ) as unwrapped_model:
+            if kind == ON_POLICY and self.args.on_policy_generation == "speculative":
+                unwrapped_model = _SpeculativeGenerator(self, unwrapped_model)
+            input_ids, attention_mask, labels = self.generate_on_policy_outputs(
+                unwrapped_model, inputs, self.generation_config
+            )
+        return {**inputs, "input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
     def get_batch_samples(
         self, epoch_iterator: Iterator, num_batches: int, device: torch.device
@@ -185,12 +254,61 @@ class SpecKDTrainer(GKDTrainer):
             causal shift), averaged over processes when `average_tokens_across_devices` (DDP then averages the
             gradients, which makes the sum over all processes' tokens divided by their total).
         """
-        batch_samples = [self._make_completions(batch) for batch in itertools.islice(epoch_iterator, num_batches)]
+        batches = list(itertools.islice(epoch_iterator, num_batches))
+        if self._resume_checkpoint is not None and not self._rng_restored:
+            # The Trainer restores the RNG states after fetching the first window after a resume (the skipping data
+            # loader draws from them), which is after our generation: restore them between the two.
+            self._load_rng_state(self._resume_checkpoint)
+        batch_samples = [self._make_completions(batch) for batch in batches]
         num_items = sum((batch["labels"][:, 1:] != -100).sum() for batch in batch_samples)
         num_items = torch.as_tensor(num_items, device=device)
         if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
             num_items = self.accelerator.gather(num_items).sum() / self.accelerator.num_processes
         return batch_samples, num_items
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """`Trainer.train`; remembers the checkpoint so that our RNG states are restored before the first generation."""
+        checkpoint = resume_from_checkpoint
+        if isinstance(checkpoint, bool):
+            checkpoint = get_last_checkpoint(self.args.output_dir) if checkpoint else None
+        self._resume_checkpoint, self._rng_restored = checkpoint, False
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _speckd_rng_state(self) -> dict[str, Any]:
+        return {
+            "kind": self._kind_rng.getstate(),
+            "gate": self._gate_generator.get_state(),
+            "generation": self._generation_generator.get_state(),
+            "gate_window": dict(self._gate_window),
+        }
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        """The Trainer's RNG states, plus ours (one file per process): the batch-kind draw (identical on every
+        process), the gate's and speculative generation's generators (per process), and the logging window's
+        gate counts, so that a resumed run continues the same loss and metrics trajectory."""
+        super()._save_rng_state(output_dir)
+        os.makedirs(output_dir, exist_ok=True)
+        torch.save(
+            self._speckd_rng_state(), os.path.join(output_dir, RNG_STATE_FILE.format(self.accelerator.process_index))
+        )
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        """Restore the Trainer's and our RNG states once per resume (see `get_batch_samples`)."""
+        if checkpoint is None or self._rng_restored:
+            return
+        super()._load_rng_state(checkpoint)
+        self._rng_restored = True
+        path = os.path.join(checkpoint, RNG_STATE_FILE.format(self.accelerator.process_index))
+        if not os.path.isfile(path):  # a checkpoint of another trainer, or of a run with more processes
+            return
+        state = torch.load(path, weights_only=True)
+        kind_state = state["kind"]
+        self._kind_rng.setstate((kind_state[0], tuple(kind_state[1]), kind_state[2]))
+        self._gate_generator.set_state(state["gate"].cpu())
+        self._generation_generator.set_state(state["generation"].cpu())
+        self._gate_window = {**self._new_gate_window(), **state["gate_window"]}
 
     def training_step(
         self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None = None
@@ -219,7 +337,8 @@ class SpecKDTrainer(GKDTrainer):
         # Causal shift: the model's output at position i predicts the token at i + 1.
         labels = inputs["labels"][:, 1:]
         completion = labels != -100
-        gated = completion if self._is_gated(kind) else torch.zeros_like(completion)
+        kind = self._row_kinds(inputs, kind)  # issue 7: mixing="sample" batches carry a kind per row
+        gated = completion & self._is_gated(kind)
         uniforms = self._draw_uniforms(kind, gated)
 
         if self.args.loss_path == "chunked":
@@ -233,7 +352,8 @@ class SpecKDTrainer(GKDTrainer):
                 teacher_logits = self.teacher_model(
                     input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
                 ).logits[:, :-1]
-            student_logits = student_outputs.logits[:, :-1]
+            student_logits = self._shared_logits(student_outputs.logits[:, :-1])
+            teacher_logits = self._check_teacher(self._shared_logits(teacher_logits))
             accepted = self._verify_rows(student_logits, teacher_logits, labels, gated, kind, uniforms) | (
                 completion & ~gated
             )
@@ -251,12 +371,13 @@ class SpecKDTrainer(GKDTrainer):
             normalize=self.args.gate_normalize,
             num_items_in_batch=num_items_in_batch,
         )
-        if self.args.reward_coef > 0 and kind == ON_POLICY and gated.any():
+        sampled = gated & self._on_policy_positions(kind, gated)  # issue 7: the on-policy rows of a mixed batch
+        if self.args.reward_coef > 0 and sampled.any():
             # the accept bit is the teacher's reward for the sampled token: a REINFORCE step on it
             loss = loss + self.args.reward_coef * policy_gradient_loss(
                 sampled_logprobs(),
                 accepted,
-                gated,
+                sampled,
                 denominator=loss_denominator(completion, num_items_in_batch),
             )
         if model.training:
@@ -290,6 +411,7 @@ class SpecKDTrainer(GKDTrainer):
         self.teacher_model.eval()
         with torch.no_grad():
             teacher_hidden = last_hidden_state(self.teacher_model, inputs["input_ids"], inputs["attention_mask"])
+        self._check_teacher(teacher_hidden)
         rows = completion.flatten().nonzero().squeeze(-1)
         student_hidden = captured["hidden"][:, :-1].flatten(0, 1)[rows]
         teacher_hidden = teacher_hidden[:, :-1].flatten(0, 1)[rows]
@@ -335,11 +457,38 @@ class SpecKDTrainer(GKDTrainer):
         return weighted, weights, accepted.view_as(completion), student_outputs, sampled_logprobs
 
     def _output_heads(self) -> tuple[OutputHead, OutputHead]:
-        """The student's and the teacher's output layers, for the chunked loss."""
-        return (
+        """The student's and the teacher's output layers, for the chunked loss (cut to the tokenizer's ids when the
+        two output sizes differ, as `_shared_logits` cuts the eager path's logits)."""
+        heads = (
             output_head(self.accelerator.unwrap_model(self.model), "student"),
             output_head(self.accelerator.unwrap_model(self.teacher_model), "teacher"),
         )
+        n = self._shared_vocab
+        if n is None:
+            return heads
+        return tuple(
+            dataclasses.replace(h, weight=h.weight[:n], bias=None if h.bias is None else h.bias[:n]) for h in heads
+        )
+
+    # ------------------------------------------------------------------ guard rails
+
+    def _shared_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits `[..., V]` cut to the tokenizer's ids when the models' output sizes differ (padded embeddings)."""
+        return logits if self._shared_vocab is None else logits[..., : self._shared_vocab]
+
+    def _check_teacher(self, teacher_out: torch.Tensor) -> torch.Tensor:
+        """Stop with an error naming the step when the teacher's logits (or hidden states) are not all finite.
+
+        One reduction and one host sync per micro-batch, on a tensor that is already computed.
+        """
+        if not bool(torch.isfinite(teacher_out).all()):
+            step = self.state.global_step
+            raise RuntimeError(
+                f"The teacher produced non-finite outputs (NaN or inf) at training step {step + 1} (global_step="
+                f"{step}). Training stopped: a loss against them would be NaN. Check the teacher's weights and dtype "
+                "(fp16 overflow: load it in bfloat16 or float32), or its quantization settings."
+            )
+        return teacher_out
 
     def _loss_weights(self, accepted: torch.Tensor) -> torch.Tensor:
         """``w_t``: 1 where accepted (or not gated), `reject_weight` where rejected."""
@@ -355,18 +504,41 @@ class SpecKDTrainer(GKDTrainer):
         step = self.state.global_step if step is None else step
         return self.args.reject_weight_at(step, self.state.max_steps)
 
-    def _is_gated(self, kind: str) -> bool:
+    @staticmethod
+    def _row_kinds(inputs: dict[str, Any], kind: str) -> str | torch.Tensor:
+        """The batch's kind, or for a `MIXED` batch (`mixing="sample"`) its on-policy rows as a bool `[B, 1]`."""
+        if kind != MIXED:
+            return kind
+        return inputs[ROW_ON_POLICY_KEY].bool().unsqueeze(-1)
+
+    def _is_gated(self, kind: str | torch.Tensor) -> bool | torch.Tensor:
+        if isinstance(kind, torch.Tensor):  # per row, [B, 1]
+            return (kind & self.args.gates_on_policy) | (~kind & self.args.gates_off_policy)
         return self.args.gates_on_policy if kind == ON_POLICY else self.args.gates_off_policy
 
-    def _draw_uniforms(self, kind: str, gated: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The gate's U(0, 1) draws for the micro-batch, `[B, T]` each, made once so every loss path uses them."""
+    @staticmethod
+    def _on_policy_positions(kind: str | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Bool like `like` `[B, T]`: True at the positions of on-policy rows."""
+        if isinstance(kind, torch.Tensor):
+            return kind.to(like.device).expand_as(like)
+        return torch.full_like(like, kind == ON_POLICY, dtype=torch.bool)
+
+    def _draw_uniforms(self, kind: str | torch.Tensor, gated: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The gate's U(0, 1) draws for the micro-batch, `[B, T]` each, made once so every loss path uses them.
+
+        For a mixed batch the per-position kinds go along as ``"on_policy"`` (bool `[B, T]`), so that both loss
+        paths slice them with the draws and `_verify` treats each position by its row's kind.
+        """
         uniforms = {}
         if not gated.any() or self.args.gate == "none":
             return uniforms
-        if kind != ON_POLICY and self.args.gate_proposal == "sample":
+        on_policy = self._on_policy_positions(kind, gated)
+        if self.args.gate_proposal == "sample" and bool((gated & ~on_policy).any()):
             uniforms["proposal"] = self._uniform(gated.shape)
         if self.args.gate == "spec":
             uniforms["accept"] = self._uniform(gated.shape)
+        if isinstance(kind, torch.Tensor):
+            uniforms["on_policy"] = on_policy
         return uniforms
 
     def _uniform(self, shape: torch.Size) -> torch.Tensor:
@@ -419,7 +591,12 @@ class SpecKDTrainer(GKDTrainer):
         if self.args.gate == "none":
             return gated.clone()
         student_logits = student_logits.detach()
-        if kind == ON_POLICY:
+        on_policy = uniforms.get("on_policy")
+        if on_policy is not None:  # mixed batch (mixing="sample"): each position by its row's kind
+            sampled = propose(student_logits, mode=self.args.gate_proposal, uniforms=uniforms.get("proposal"))
+            proposals = torch.where(on_policy, labels.clamp(min=0), sampled)
+            proposal_logits = torch.where(on_policy[..., None], student_logits / self.temperature, student_logits)
+        elif kind == ON_POLICY:
             # The proposal is the sampled token, drawn from the student at the generation temperature
             # (GKD samples with top_k=0, top_p=1), so that is the q of the `spec` rule.
             proposals = labels.clamp(min=0)
@@ -455,11 +632,12 @@ class SpecKDTrainer(GKDTrainer):
         window["gen_run_sum"] += sum(stats.accepted_runs)
         window["gen_replaced"] += stats.replaced_tokens
 
-    def _record_gate(self, kind: str, accepted: torch.Tensor, gated: torch.Tensor) -> None:
-        suffix = "on" if kind == ON_POLICY else "off"
+    def _record_gate(self, kind: str | torch.Tensor, accepted: torch.Tensor, gated: torch.Tensor) -> None:
         window = self._gate_window
-        window[f"accepted_{suffix}"] += (accepted & gated).sum().item()
-        window[f"gated_{suffix}"] += gated.sum().item()
+        on_policy = self._on_policy_positions(kind, gated)
+        for suffix, rows in (("on", gated & on_policy), ("off", gated & ~on_policy)):
+            window[f"accepted_{suffix}"] += (accepted & rows).sum().item()
+            window[f"gated_{suffix}"] += rows.sum().item()
         rewards = sequence_rewards(accepted, gated)
         window["reward_sum"] += rewards.sum().item()
         window["reward_sq_sum"] += rewards.square().sum().item()
@@ -502,6 +680,59 @@ def gate_metrics(totals: dict[str, float]) -> dict[str, float]:
     return metrics
 
 
+def _config_vocab_size(model: Any, args: SpecKDConfig) -> int | None:
+    """The student's `config.vocab_size` (read from its config file when it is given as a name or path)."""
+    if isinstance(model, str):
+        try:
+            config = AutoConfig.from_pretrained(model, trust_remote_code=args.trust_remote_code)
+        except (OSError, ValueError):
+            return None  # SFTTrainer reports the bad path
+        return config.get_text_config().vocab_size
+    config = getattr(model, "config", None)
+    return config.get_text_config().vocab_size if config is not None else None
+
+
+def _named(dataset: Any, name: str) -> list[tuple[str, Any]]:
+    if isinstance(dataset, dict):
+        return [(f"{name}[{key!r}]", value) for key, value in dataset.items()]
+    return [(name, dataset)]
+
+
+def _select_rows(inputs: dict[str, Any], rows: torch.Tensor) -> dict[str, Any]:
+    """The micro-batch restricted to `rows` (bool `[B]`): per-row tensors and lists are indexed, the rest kept."""
+    batch_size = rows.numel()
+    index = rows.nonzero().squeeze(-1)
+    out = {}
+    for key, value in inputs.items():
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.size(0) == batch_size:
+            out[key] = value[index.to(value.device)]
+        elif isinstance(value, list) and len(value) == batch_size:
+            out[key] = [value[i] for i in index.tolist()]
+        else:
+            out[key] = value
+    return out
+
+
+def _merge_rows(
+    inputs: dict[str, Any], parts: list[dict[str, Any]], rows: list[torch.Tensor], pad_token_id: int
+) -> dict[str, Any]:
+    """Put the rows of `parts` (generated separately for the bool masks `rows`) back in their places of `inputs`.
+
+    `input_ids`, `attention_mask` and `labels` are right-padded to the longest part (pad id, 0, -100). A causal model's
+    outputs at a row's real positions do not depend on padding after them, so each row's loss is unchanged. The
+    prompts and any other key are the original batch's.
+    """
+    merged = dict(inputs)
+    width = max(part["input_ids"].size(1) for part in parts)
+    for key, fill in (("input_ids", pad_token_id), ("attention_mask", 0), ("labels", -100)):
+        template = parts[0][key]
+        out = template.new_full((rows[0].numel(), width), fill)
+        for part, mask in zip(parts, rows):
+            out[mask.nonzero().squeeze(-1).to(out.device), : part[key].size(1)] = part[key]
+        merged[key] = out
+    return merged
+
+
 class _SpeculativeGenerator:
     """Stands in for the student in GKD's `generate_on_policy_outputs`, whose `model.generate` call it answers with
     `speculative_generate`, so that the ids, attention mask and labels keep exactly GKD's format.
@@ -531,6 +762,7 @@ class _SpeculativeGenerator:
             eos_token_id=generation_config.eos_token_id,
             pad_token_id=generation_config.pad_token_id,
             generator=trainer._generation_generator,
+            vocab_size=trainer._shared_vocab,
         )
         trainer._record_generation(stats)
         return SimpleNamespace(sequences=sequences)

@@ -1,8 +1,10 @@
 """Bad input fails before training starts, with a message that names the value and the fix."""
 
 import pytest
+import torch
+from datasets import Dataset
 
-from speckd_trl import SpecKDConfig, SpecKDTrainer
+from speckd_trl import SpecKDConfig, SpecKDTrainer, config, validation
 from speckd_trl.testing import make_dataset, make_model, make_tokenizer
 
 
@@ -51,10 +53,29 @@ def make(tokenizer, student, teacher, **overrides):
     )
 
 
-def test_vocabulary_mismatch(tmp_path):
+def test_teacher_tokenizer_that_differs_token_by_token(tmp_path):
+    """Same size, different tokens: the teacher's saved tokenizer is compared id by id, not only by its length."""
     tokenizer = make_tokenizer()
-    with pytest.raises(ValueError, match="vocab"):
-        make(tokenizer, make_model(0, tokenizer), make_model(1, tokenizer, vocab_size=128), output_dir=str(tmp_path))
+    teacher_dir = tmp_path / "teacher"
+    make_model(1, tokenizer).save_pretrained(teacher_dir)
+    other = make_tokenizer()
+    vocab = other.backend_tokenizer.get_vocab()
+    swapped = {**vocab, "user": vocab["assistant"], "assistant": vocab["user"]}  # two ids exchanged
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    backend = Tokenizer(models.WordLevel(vocab=swapped, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    other._tokenizer = backend
+    other.save_pretrained(teacher_dir)
+    with pytest.raises(ValueError, match="teacher.s tokenizer differ on 2 of their 96 shared token ids") as err:
+        make(tokenizer, make_model(0, tokenizer), str(teacher_dir), output_dir=str(tmp_path / "out"))
+    assert "'user' vs 'assistant'" in str(err.value)
+
+
+def test_teacher_output_smaller_than_the_tokenizer(tmp_path):
+    tokenizer = make_tokenizer()
+    with pytest.raises(ValueError, match="the tokenizer has 96 tokens but the teacher produces only 64 logits"):
+        make(tokenizer, make_model(0, tokenizer), make_model(1, tokenizer, vocab_size=64), output_dir=str(tmp_path))
 
 
 def test_tokenizer_larger_than_the_models(tmp_path):
@@ -96,3 +117,105 @@ def test_args_must_be_a_speckd_config(tmp_path):
             train_dataset=make_dataset(),
             processing_class=tokenizer,
         )
+
+
+def test_tokenizer_without_chat_template(tmp_path):
+    tokenizer = make_tokenizer()
+    tokenizer.chat_template = None
+    with pytest.raises(ValueError, match="has no chat template"):
+        make(tokenizer, make_model(0, tokenizer), make_model(1, tokenizer), output_dir=str(tmp_path))
+
+
+def make_with_dataset(tmp_path, dataset, **overrides):
+    tokenizer = make_tokenizer()
+    return SpecKDTrainer(
+        model=make_model(0, tokenizer),
+        teacher_model=make_model(1, tokenizer),
+        args=SpecKDConfig(**{**BASE, "output_dir": str(tmp_path), **overrides}),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
+
+
+def test_dataset_rows_without_messages_or_prompt_completion(tmp_path):
+    dataset = Dataset.from_list([{"text": "what is 1 + 2 = answer 3"}])
+    with pytest.raises(ValueError, match=r"train_dataset has columns \['text'\], but SpecKD needs chat rows"):
+        make_with_dataset(tmp_path, dataset)
+
+
+def test_empty_dataset(tmp_path):
+    with pytest.raises(ValueError, match=r"train_dataset is empty \(0 rows\)"):
+        make_with_dataset(tmp_path, make_dataset().select([]))
+
+
+def test_max_length_shorter_than_the_prompts(tmp_path):
+    with pytest.raises(ValueError, match="max_length=6 is shorter than the prompts: the prompt of row") as err:
+        make_with_dataset(tmp_path, make_dataset(), max_length=6)
+    assert "Raise max_length above" in str(err.value)
+
+
+def test_prompt_completion_rows_are_accepted(tmp_path):
+    chat = [
+        {
+            "prompt": [{"role": "user", "content": "what is 1 + 2 ="}],
+            "completion": [{"role": "assistant", "content": "answer 3"}],
+        }
+    ] * 4
+    text = [{"prompt": "what is 1 + 2 =", "completion": "answer 3 <|im_end|>"}] * 4
+    for rows in (chat, text):
+        trainer = make_with_dataset(tmp_path, Dataset.from_list(rows))
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+        completion = batch["labels"][0][batch["labels"][0] != -100]
+        assert trainer.processing_class.decode(completion).split()[:2] == ["answer", "3"]
+
+
+def test_4bit_teacher_without_bitsandbytes(tmp_path, monkeypatch):
+    monkeypatch.setattr(validation, "bitsandbytes_available", lambda: False)
+    tokenizer = make_tokenizer()
+    with pytest.raises(ImportError, match="teacher_load_in_4bit=True needs the bitsandbytes package"):
+        make(
+            tokenizer,
+            make_model(0, tokenizer),
+            str(tmp_path / "teacher"),
+            teacher_load_in_4bit=True,
+            output_dir=str(tmp_path),
+        )
+
+
+def test_4bit_teacher_on_an_unsupported_device(tmp_path, monkeypatch):
+    monkeypatch.setattr(validation, "bitsandbytes_available", lambda: True)
+    monkeypatch.setattr(validation, "BNB_4BIT_DEVICES", ("cuda",))  # pretend this CPU is not supported
+    tokenizer = make_tokenizer()
+    with pytest.raises(ValueError, match="teacher_load_in_4bit=True is not supported on device 'cpu'"):
+        make(
+            tokenizer,
+            make_model(0, tokenizer),
+            str(tmp_path / "teacher"),
+            teacher_load_in_4bit=True,
+            output_dir=str(tmp_path),
+        )
+    with pytest.raises(ValueError, match="not supported on device 'mps'"):
+        validation.check_4bit_teacher("mps")
+
+
+def test_bf16_where_unsupported(monkeypatch):
+    monkeypatch.setattr(config, "bf16_unsupported_reason", lambda use_cpu: "the GPU does not support bfloat16")
+    with pytest.raises(ValueError, match="bf16=True is not supported here: the GPU does not support bfloat16"):
+        SpecKDConfig(**{**BASE, "bf16": True})
+    if not torch.cuda.is_available():  # the real check: no GPU, use_cpu=False
+        monkeypatch.undo()
+        with pytest.raises(ValueError, match="no GPU is visible and use_cpu=False"):
+            SpecKDConfig(**{**BASE, "bf16": True, "use_cpu": False})
+
+
+def test_quantized_student_without_peft_config(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    tokenizer = make_tokenizer()
+    make_model(0, tokenizer).save_pretrained(tmp_path / "student")
+    student = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "student", quantization_config=BitsAndBytesConfig(load_in_4bit=True), device_map={"": "cpu"}
+    )
+    with pytest.raises(ValueError, match="is quantized, and quantized weights cannot be trained directly"):
+        make(tokenizer, student, make_model(1, tokenizer), output_dir=str(tmp_path))

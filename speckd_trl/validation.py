@@ -1,0 +1,160 @@
+"""Up-front checks of the trainer's inputs: each raises before any training with one message that says what is wrong,
+the offending value and how to fix it.
+
+Checks of the models' vocabularies live in `models.py` (`check_vocab`), next to the code that reads the models.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+import torch
+from datasets import Dataset, IterableDataset
+
+
+# bitsandbytes' 4-bit kernels: CUDA, CPU (>= 0.48), Intel XPU and Habana HPU; not Apple MPS.
+BNB_4BIT_DEVICES = ("cuda", "cpu", "xpu", "hpu")
+# prompts tokenized by `check_dataset` to compare with `max_length` (the first rows; enough to catch a wrong setting
+# without tokenizing a large dataset twice)
+MAX_LENGTH_CHECK_ROWS = 1000
+
+
+def bitsandbytes_available() -> bool:
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+def check_4bit_teacher(device: torch.device | str) -> None:
+    """Raise if a 4-bit teacher cannot be loaded here: bitsandbytes missing, or a device it has no kernels for."""
+    if not bitsandbytes_available():
+        raise ImportError(
+            "teacher_load_in_4bit=True needs the bitsandbytes package, which is not installed. Install it with "
+            "`pip install bitsandbytes`, or set teacher_load_in_4bit=False."
+        )
+    device_type = torch.device(device).type
+    if device_type not in BNB_4BIT_DEVICES:
+        raise ValueError(
+            f"teacher_load_in_4bit=True is not supported on device {device_type!r}: bitsandbytes has 4-bit kernels "
+            f"for {', '.join(BNB_4BIT_DEVICES)} only. Train on one of those, or set teacher_load_in_4bit=False."
+        )
+
+
+def is_quantized(model: Any) -> bool:
+    """Whether a loaded model holds quantized (bitsandbytes, GPTQ, AWQ, ...) weights."""
+    return bool(
+        getattr(model, "is_loaded_in_4bit", False)
+        or getattr(model, "is_loaded_in_8bit", False)
+        or getattr(model, "hf_quantizer", None) is not None
+        or getattr(model, "is_quantized", False)
+    )
+
+
+def check_quantized_student(model: Any, peft_config: Any) -> None:
+    """Raise for a quantized student without adapters: its quantized weights cannot be trained."""
+    if peft_config is None and is_quantized(model) and not hasattr(model, "peft_config"):
+        raise ValueError(
+            f"The student {type(model).__name__} is quantized, and quantized weights cannot be trained directly. "
+            "Pass `peft_config=` (e.g. `LoraConfig(r=16, target_modules='all-linear')`) to train adapters on it "
+            "(QLoRA), or load the student unquantized."
+        )
+
+
+def dataset_format(dataset: Any) -> str | None:
+    """``"messages"``, ``"prompt_completion"``, ``"tokenized"`` or None, from the dataset's columns."""
+    columns = getattr(dataset, "column_names", None)
+    if columns is None and isinstance(dataset, IterableDataset) and dataset.features is not None:
+        columns = list(dataset.features)
+    if columns is None:
+        return None
+    if "messages" in columns:
+        return "messages"
+    if "prompt" in columns and "completion" in columns:
+        return "prompt_completion"
+    if "input_ids" in columns:
+        return "tokenized"
+    return "unknown"
+
+
+def check_dataset(dataset: Any, tokenizer: Any, max_length: int | None, name: str = "train_dataset") -> None:
+    """Raise for an empty dataset, rows without `messages` or `prompt`/`completion`, a chat dataset with a tokenizer
+    that has no chat template, or a `max_length` that does not leave room for a completion after a prompt.
+
+    Only `datasets.Dataset` rows are read (the first `MAX_LENGTH_CHECK_ROWS` for the length check); other datasets
+    (iterable, torch) are checked by their columns when they have some.
+    """
+    if dataset is None:
+        return
+    if isinstance(dataset, Dataset) or hasattr(dataset, "__len__"):
+        if len(dataset) == 0:
+            raise ValueError(
+                f"{name} is empty (0 rows): there is nothing to distill on. Check the dataset path, split and any "
+                "filtering applied before building the trainer."
+            )
+    kind = dataset_format(dataset)
+    if kind == "unknown":
+        raise ValueError(
+            f"{name} has columns {dataset.column_names}, but SpecKD needs chat rows `messages` (a list of "
+            "{'role', 'content'} dicts ending with the assistant turn) or `prompt` and `completion` columns. Rename "
+            "or map the columns, e.g. `dataset.rename_column('conversations', 'messages')`."
+        )
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+    chat = kind == "messages" or (kind == "prompt_completion" and _is_conversational(dataset[0]["prompt"]))
+    if chat and getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(
+            f"{name} holds chat messages, but the tokenizer {type(tokenizer).__name__} has no chat template "
+            "(tokenizer.chat_template is None), so the conversations cannot be turned into text. Use the chat/instruct "
+            "model's tokenizer or set `tokenizer.chat_template = '...'` (a Jinja template)."
+        )
+    if max_length is not None and isinstance(dataset, Dataset) and kind in ("messages", "prompt_completion"):
+        longest, row = 0, -1
+        for i, example in enumerate(dataset.select(range(min(len(dataset), MAX_LENGTH_CHECK_ROWS)))):
+            n = len(prompt_token_ids(example, tokenizer))
+            if n > longest:
+                longest, row = n, i
+        if longest >= max_length:
+            raise ValueError(
+                f"max_length={max_length} is shorter than the prompts: the prompt of row {row} of {name} has "
+                f"{longest} tokens, which leaves no room for a completion (sequences are cut to max_length tokens). "
+                f"Raise max_length above {longest} (prompt plus completion), or shorten or filter the long prompts."
+            )
+
+
+def _is_conversational(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and isinstance(value[0], dict) and "role" in value[0]
+
+
+def prompt_token_ids(example: dict[str, Any], tokenizer: Any) -> list[int]:
+    """The prompt's token ids, as `DataCollatorForChatML` tokenizes it."""
+    if "messages" in example:
+        text = tokenizer.apply_chat_template(example["messages"][:-1], add_generation_prompt=True, tokenize=False)
+    elif _is_conversational(example["prompt"]):
+        text = tokenizer.apply_chat_template(example["prompt"], add_generation_prompt=True, tokenize=False)
+    else:
+        text = example["prompt"]
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def to_messages(example: dict[str, Any]) -> dict[str, Any]:
+    """A conversational `prompt`/`completion` row as the `messages` row `DataCollatorForChatML` reads."""
+    return {"messages": list(example["prompt"]) + list(example["completion"])}
+
+
+def prepare_prompt_completion(dataset: Any, tokenizer: Any) -> Any:
+    """`prompt`/`completion` rows in the form TRL's GKD collator reads (it reads `messages` or `input_ids`).
+
+    Conversational rows (lists of messages) become ``messages = prompt + completion``; plain-text rows are tokenized
+    to ``input_ids`` with a ``completion_mask`` (prompt and completion tokenized separately, so the boundary is exact).
+    Other datasets are returned unchanged.
+    """
+    if dataset_format(dataset) != "prompt_completion" or not isinstance(dataset, Dataset):
+        return dataset
+    if _is_conversational(dataset[0]["prompt"]):
+        return dataset.map(to_messages, remove_columns=["prompt", "completion"])
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+
+    def tokenize(example: dict[str, Any]) -> dict[str, Any]:
+        prompt = tokenizer(example["prompt"], add_special_tokens=False)["input_ids"]
+        completion = tokenizer(example["completion"], add_special_tokens=False)["input_ids"]
+        return {"input_ids": prompt + completion, "completion_mask": [0] * len(prompt) + [1] * len(completion)}
+
+    return dataset.map(tokenize, remove_columns=["completion"])

@@ -1,0 +1,61 @@
+"""One process of the multi-process test (`test_distributed.py`): a few steps with lmbda=0.5, recording per step the
+batch kind this process drew and the logged metrics, written to `<out>/rank<i>.json`.
+
+Run under `torchrun --nproc_per_node 2 tests/ddp_worker.py OUT BATCH` (gloo on CPU), or in-process via `run`.
+"""
+
+import json
+import os
+import sys
+
+from speckd_trl import SpecKDConfig, SpecKDTrainer
+from speckd_trl.testing import make_dataset, make_model, make_tokenizer
+
+
+def run(out_dir: str, per_device_batch: int, steps: int = 4) -> dict:
+    tokenizer = make_tokenizer()
+    args = SpecKDConfig(
+        output_dir=out_dir,
+        bf16=False,
+        use_cpu=True,
+        report_to="none",
+        per_device_train_batch_size=per_device_batch,
+        max_new_tokens=6,
+        max_steps=steps,
+        logging_steps=1,
+        learning_rate=5e-3,
+        save_strategy="no",
+        seed=0,
+        lmbda=0.5,
+        gate="topk",
+        gate_top_k=40,
+        reject_weight=0.5,
+        temperature=1e-4,  # near-greedy sampling: the same completions however the batch is split
+        dataloader_drop_last=True,
+    )
+    trainer = SpecKDTrainer(
+        model=make_model(0, tokenizer),
+        teacher_model=make_model(1, tokenizer),
+        args=args,
+        train_dataset=make_dataset(16),
+        processing_class=tokenizer,
+    )
+    kinds = []
+    draw = trainer._draw_kind
+
+    def recording_draw():
+        kinds.append(draw())
+        return kinds[-1]
+
+    trainer._draw_kind = recording_draw
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    record = {"rank": trainer.accelerator.process_index, "world": trainer.accelerator.num_processes}
+    record.update(kinds=kinds, logs=logs)
+    with open(os.path.join(out_dir, f"rank{record['rank']}.json"), "w") as f:
+        json.dump(record, f)
+    return record
+
+
+if __name__ == "__main__":
+    run(sys.argv[1], int(sys.argv[2]))
