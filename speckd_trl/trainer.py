@@ -353,12 +353,14 @@ class SpecKDTrainer(GKDTrainer):
                     input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
                 ).logits[:, :-1]
             student_logits = self._shared_logits(student_outputs.logits[:, :-1])
-            teacher_logits = self._check_teacher(self._shared_logits(teacher_logits))
+            teacher_logits = self._shared_logits(teacher_logits)
             accepted = self._verify_rows(student_logits, teacher_logits, labels, gated, kind, uniforms) | (
                 completion & ~gated
             )
             weights = self._loss_weights(accepted) * completion
             weighted = weighted_generalized_jsd(student_logits, teacher_logits, weights, beta=self.beta)
+            if not bool(torch.isfinite(weighted).all()):  # [B, T]: cheap; a bad teacher shows here first
+                self._check_teacher(teacher_logits)
 
             def sampled_logprobs() -> torch.Tensor:
                 logprobs = torch.log_softmax(student_logits.float() / self.temperature, dim=-1)
@@ -479,7 +481,8 @@ class SpecKDTrainer(GKDTrainer):
     def _check_teacher(self, teacher_out: torch.Tensor) -> torch.Tensor:
         """Stop with an error naming the step when the teacher's logits (or hidden states) are not all finite.
 
-        One reduction and one host sync per micro-batch, on a tensor that is already computed.
+        The chunked path checks the teacher's hidden states `[N, H]` every micro-batch; the eager path checks the
+        `[B, T]` loss terms and only looks at the `[B, T, V]` logits when those are not finite.
         """
         if not bool(torch.isfinite(teacher_out).all()):
             step = self.state.global_step
