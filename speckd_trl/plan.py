@@ -30,8 +30,8 @@ The model, term by term (``b`` = bytes per element of the compute dtype: 4 float
   4 i)`` (counted from Llama/Qwen2's forward: norms, q/k/v, RoPE'd q/k, attention output, residuals, the MLP's gate,
   up, activation and product); with gradient checkpointing only each layer's input ``b * h`` is kept, plus one
   layer's ``A_layer`` while it is recomputed. Plus ``3 h b`` per token outside the layers (embedding output, final
-  norm). The teacher's forward runs without gradient: only one layer's intermediates at a time (``(2 i + 4 h) b``
-  per token), not counted separately (they are freed before the loss).
+  norm). The teacher's forward runs without gradient, while the student's activations are alive: one layer's
+  intermediates at a time, ``(2 i_t + 4 h_t) b`` per token, counted in the activations term.
 - **Logits of both models**. Eager loss path: both models' ``[B, T, V]`` logits in the compute dtype (``2 b``)
   plus ``k_eager`` float32 ``[B, T, V]`` temporaries of the gate, the generalized JSD (log-softmaxes, the mixture,
   the KL terms) and its backward. Chunked loss path: ``m_chunk`` float32 ``[chunk, V]`` tiles (``chunk =
@@ -343,6 +343,11 @@ def _activations(shape: ModelShape, tokens: int, b: int, checkpointing: bool) ->
     return outside + shape.num_layers * per_layer
 
 
+def _teacher_transient(shape: ModelShape, tokens: int, b: int) -> float:
+    """The teacher's no-grad forward pass: one layer's intermediates at a time, alive with the student's activations."""
+    return (2 * shape.intermediate_size + 4 * shape.hidden_size) * b * tokens
+
+
 def _logits(
     cfg: PlanConfig, teacher: ModelShape, student: ModelShape, rows: int, tokens: int, completion: int
 ) -> float:
@@ -399,7 +404,8 @@ def estimate_memory(
         t = config.seq_len
         phases["off-policy step"] = {
             "gradients": gradients,
-            "activations": _activations(student, rows * t, b, config.gradient_checkpointing),
+            "activations": _activations(student, rows * t, b, config.gradient_checkpointing)
+            + _teacher_transient(teacher, rows * t, b),
             "logits (both models)": _logits(config, teacher, student, rows, t, t - prompt),
         }
     kv = 0.0
@@ -407,7 +413,8 @@ def estimate_memory(
         t = prompt + config.max_new_tokens
         phases["on-policy step"] = {
             "gradients": gradients,
-            "activations": _activations(student, rows * t, b, config.gradient_checkpointing),
+            "activations": _activations(student, rows * t, b, config.gradient_checkpointing)
+            + _teacher_transient(teacher, rows * t, b),
             "logits (both models)": _logits(config, teacher, student, rows, t, config.max_new_tokens),
         }
         kv = kv_cache_bytes(student, rows, t, b)

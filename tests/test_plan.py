@@ -28,8 +28,9 @@ def _plan_check():
 
 
 def tiny(model_type="qwen2", vocab=500, tied=False, **overrides):
-    return dict(model_type=model_type, vocab_size=vocab, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
-                num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied, **overrides)  # fmt: skip
+    config = dict(model_type=model_type, vocab_size=vocab, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)  # fmt: skip
+    return {**config, **overrides}
 
 
 @pytest.fixture(scope="module")
