@@ -37,7 +37,7 @@ TEACHER = dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num
 STUDENT = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
                num_key_value_heads=2)  # fmt: skip
 
-# name: (student mode, loss path, on-policy, gradient checkpointing, batch, seq, vocab)
+# name: (student mode, loss path, on-policy, gradient checkpointing, batch, seq, vocab); "-nf4": NF4 teacher
 CONFIGS = {
     "full-eager-off": ("full", "eager", False, False, 2, 512, VOCAB),
     "full-chunked-off": ("full", "chunked", False, False, 2, 512, VOCAB),
@@ -47,6 +47,7 @@ CONFIGS = {
     "lora-chunked-on": ("lora", "chunked", True, False, 2, 512, VOCAB),
     "lora-eager-ckpt-off": ("lora", "eager", False, True, 4, 512, VOCAB),
     "full-eager-off-v8k": ("full", "eager", False, False, 4, 512, 8000),
+    "lora-chunked-off-nf4": ("lora", "chunked", False, False, 2, 512, VOCAB),
     # smaller ones, for tests/test_plan.py
     "test-full-eager-off": ("full", "eager", False, False, 2, 256, VOCAB),
     "test-lora-chunked-off": ("lora", "chunked", False, False, 2, 256, VOCAB),
@@ -70,7 +71,7 @@ def plan_config(name: str, teacher: dict = TEACHER, student: dict = STUDENT):
     return PlanConfig(
         teacher=qwen2_config(teacher, vocab, 2 * seq),
         student=qwen2_config(student, vocab, 2 * seq),
-        teacher_quant="none",
+        teacher_quant="nf4" if name.endswith("-nf4") else "none",
         student_mode=mode,
         lora_r=16,
         batch_size=batch,
@@ -107,16 +108,23 @@ def run_steps(cfg, steps: int, on_measure_start=None) -> float:
     from speckd_trl.testing import make_dataset, make_tokenizer
     from speckd_trl.trainer import KIND_KEY, OFF_POLICY
 
-    if on_measure_start is not None:
-        on_measure_start()
     tokenizer = make_tokenizer()
-    models = []
-    for seed, source in ((0, cfg.student), (1, cfg.teacher)):
+
+    def build(seed, source):
         torch.manual_seed(seed)
         config = load_model_config(source)
         config.pad_token_id, config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
-        models.append(AutoModelForCausalLM.from_config(config))
-    student, teacher = models
+        return AutoModelForCausalLM.from_config(config)
+
+    teacher = None
+    if cfg.teacher_quant == "nf4":  # saved before the baseline; SpecKDTrainer loads it in NF4 as a user's run does
+        teacher = tempfile.mkdtemp(prefix="plan-check-teacher-")
+        build(1, cfg.teacher).save_pretrained(teacher)
+    if on_measure_start is not None:
+        on_measure_start()
+    student = build(0, cfg.student)
+    if teacher is None:
+        teacher = build(1, cfg.teacher)
     on_policy = cfg.lmbda >= 1.0
     args = SpecKDConfig(
         output_dir=tempfile.mkdtemp(),
@@ -133,6 +141,7 @@ def run_steps(cfg, steps: int, on_measure_start=None) -> float:
         reject_weight=0.1,  # random models reject nearly everything: keep a non-zero loss
         beta=0.5,
         learning_rate=1e-4,
+        teacher_load_in_4bit=cfg.teacher_quant == "nf4",
     )
     peft_config = None
     if cfg.student_mode == "lora":

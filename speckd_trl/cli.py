@@ -163,14 +163,20 @@ def make_plan_parser():
     )
     parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank on every linear layer (default: 16).")
     parser.add_argument("--batch-size", type=int, default=2, help="per_device_train_batch_size (default: 2).")
-    parser.add_argument("--seq-len", type=int, default=512, help="Dataset sequence length, prompt + completion.")
+    parser.add_argument(
+        "--seq-len", type=int, default=512, help="Dataset sequence length, prompt + completion (default: 512)."
+    )
     parser.add_argument("--prompt-len", type=int, default=None, help="Prompt tokens (default: seq-len // 4).")
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="Tokens generated on on-policy steps.")
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=128, help="Tokens generated on on-policy steps (default: 128)."
+    )
     parser.add_argument("--lmbda", type=float, default=0.5, help="Share of on-policy batches, as GKD (default: 0.5).")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="Student gradient checkpointing.")
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw", help="Optimizer (default: adamw).")
     parser.add_argument("--loss-path", choices=LOSS_PATHS, default="eager", help="SpecKD loss path (default: eager).")
-    parser.add_argument("--loss-chunk-size", type=int, default=256, help="Tokens per chunk of the chunked loss.")
+    parser.add_argument(
+        "--loss-chunk-size", type=int, default=256, help="Tokens per chunk of the chunked loss (default: 256)."
+    )
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
                         help="Compute dtype of both models (default: bfloat16).")  # fmt: skip
     parser.add_argument("--budget-gib", type=float, default=24.0, help="GPU memory in GiB (default: 24).")

@@ -141,6 +141,9 @@ def model_shape(source: Any, name: str | None = None) -> ModelShape:
     from transformers import AutoModelForCausalLM
 
     config = load_model_config(source)
+    if name is None and isinstance(source, (str, Path)):
+        path = Path(source)
+        name = path.name if path.is_dir() else path.stem if path.name != "config.json" else path.parent.name
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     embedding = model.get_input_embeddings().weight
@@ -464,12 +467,13 @@ def format_plan(plan: MemoryPlan, budget_gib: float = 24.0, reserve_gib: float =
         if name == "generation KV cache" and plan.phase != "generation":
             continue
         lines.append(f"{name:<26}{_gib(value)}")
-    lines.append(f"{'peak (' + plan.phase + ')':<26}{_gib(plan.total)}")
-    for name, value in plan.phases.items():
-        if name != plan.phase:
-            lines.append(f"{'  ' + name:<26}{_gib(value)}")
-    if plan.kv_cache and plan.phase != "generation":
-        lines.append(f"{'  (generation KV cache)':<26}{_gib(plan.kv_cache)}")
+    lines.append(f"{'PEAK: ' + plan.phase:<26}{_gib(plan.total)}")
+    others = [name for name in plan.phases if name != plan.phase]
+    if others:
+        lines.append("other phases, total:")
+    for name in others:
+        extra = f"   (KV cache {plan.kv_cache / GIB:.2f})" if name == "generation" else ""
+        lines.append(f"{'  ' + name:<26}{_gib(plan.phases[name])}{extra}")
     usable = budget_gib - reserve_gib
     if plan.fits(budget_gib, reserve_gib):
         lines.append(f"\nFITS a {budget_gib:g} GiB GPU ({plan.total / GIB:.2f} <= {usable:g} GiB: {reserve_gib:g} "
