@@ -272,17 +272,14 @@ class MemoryPlan:
             return fitting
         cfg, texts, plan = self.config, [], self
         for _ in range(8):
-            options = [
-                (text, replace(cfg, **change))
-                for text, change in _changes(cfg)
-                if not change.get("batch_size") or change["batch_size"] >= 1
-            ]
+            options = [(text, replace(cfg, **change)) for text, change in _changes(cfg, self.config.batch_size)]
             if not options:
                 break
             trials = [(text, c, estimate_memory(c, teacher=self.teacher, student=self.student)) for text, c in options]
             text, cfg, new_plan = min(trials, key=lambda t: t[2].total)
             if new_plan.total >= plan.total:
                 break
+            texts = [t for t in texts if t.split()[0] != text.split()[0]]  # a later --flag value replaces an earlier
             texts.append(text)
             plan = new_plan
             if plan.fits(budget_gib, reserve_gib):
@@ -299,8 +296,10 @@ class Suggestion:
     plan: MemoryPlan
 
 
-def _changes(cfg: PlanConfig) -> list[tuple[str, dict[str, Any]]]:
-    """Single changes that lower the peak memory, as (CLI text, PlanConfig fields)."""
+def _changes(cfg: PlanConfig, base_batch: int | None = None) -> list[tuple[str, dict[str, Any]]]:
+    """Single changes that lower the peak memory, as (CLI text, PlanConfig fields); `base_batch` is the batch size the
+    gradient accumulation in the text makes up for (default: `cfg.batch_size`)."""
+    base_batch = base_batch or cfg.batch_size
     changes: list[tuple[str, dict[str, Any]]] = []
     if cfg.loss_path == "eager":
         changes.append(("--loss-path chunked", {"loss_path": "chunked"}))
@@ -317,7 +316,7 @@ def _changes(cfg: PlanConfig) -> list[tuple[str, dict[str, Any]]]:
     if cfg.batch_size > 1:
         half = cfg.batch_size // 2
         changes.append(
-            (f"--batch-size {half} (x{cfg.batch_size // half} gradient_accumulation_steps)", {"batch_size": half})
+            (f"--batch-size {half} (x{base_batch // half} gradient_accumulation_steps)", {"batch_size": half})
         )
     return changes
 

@@ -116,6 +116,16 @@ def test_suggestions_fit_when_re_estimated(shapes):
     assert "DOES NOT FIT" in text and "--" in text.split("Changes that make it fit")[1]
 
 
+def test_combined_suggestion_when_no_single_change_fits(shapes):
+    plan = estimate_memory(
+        PlanConfig(teacher=shapes["8b"], student=shapes["8b"], student_mode="full", batch_size=8, seq_len=2048)
+    )
+    (suggestion,) = plan.suggestions(24)
+    assert suggestion.plan.fits(24) and " + " in suggestion.text
+    flags = [part.split()[0] for part in suggestion.text.split(" + ")]
+    assert len(flags) == len(set(flags))  # a flag appears once, with its final value
+
+
 def test_generation_cache_is_counted_for_on_policy(shapes):
     on = estimate_memory(PlanConfig(teacher=shapes["8b"], student=shapes["1b"], lmbda=1.0, max_new_tokens=256))
     off = estimate_memory(replace(on.config, lmbda=0.0))
