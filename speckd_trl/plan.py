@@ -36,8 +36,9 @@ The model, term by term (``b`` = bytes per element of the compute dtype: 4 float
   plus ``k_eager`` float32 ``[B, T, V]`` temporaries of the gate, the generalized JSD (log-softmaxes, the mixture,
   the KL terms) and its backward. Chunked loss path: ``m_chunk`` float32 ``[chunk, V]`` tiles (``chunk =
   min(loss_chunk_size, N)``) plus, per completion token, the gathered hidden states of both models and the float32
-  gradient of the student's (``(h_s + h_t) b + 4 h_s``), plus two float32 ``[V, h_s]`` gradients of the student's
-  output layer when it is trained (full fine-tuning).
+  gradient of the student's (``(h_s + h_t) b + 4 h_s``), plus a float32 ``[V, h_s]`` gradient of the student's
+  output layer when it is trained (full fine-tuning), computed in the forward pass before the parameter's own
+  gradient (counted with the gradients) exists.
 - **Generation KV cache** (on-policy steps, ``lmbda > 0``): ``2 * L * kv * (prompt + max_new_tokens) * B * b`` for
   the student (and the teacher too with SKD-style speculative generation), plus the prefill's transient of one
   layer. Generation happens before the training forward pass and its cache is freed before it, so the KV cache and
@@ -362,8 +363,8 @@ def _logits(
     total = M_CHUNK * chunk * vocab * 4 + n * (
         (student.hidden_size + teacher.hidden_size) * b + 4 * student.hidden_size
     )
-    if cfg.student_mode == "full":  # the output layer's float32 gradient, and its copy in the backward pass
-        total += 2 * 4 * vocab * student.hidden_size
+    if cfg.student_mode == "full":  # the output layer's float32 gradient, made in the forward pass (see losses.py)
+        total += 4 * vocab * student.hidden_size
     return total
 
 
