@@ -16,10 +16,11 @@ The model, term by term (``b`` = bytes per element of the compute dtype: 4 float
   (``AutoModelForCausalLM.from_config``, no memory) and its parameters counted, split into the linear layers of the
   decoder (what bitsandbytes quantizes and LoRA adapts), the input embedding, the output layer (0 when tied) and the
   rest (norms).
-- **Teacher weights**: ``P * b`` unquantized; 8-bit: 1 B per linear parameter (+ 4 B per output row of scales);
+- **Teacher weights**: ``P * b`` unquantized; 8-bit: 1 B per linear parameter (the per-row scales are negligible);
   NF4 with double quantization (our default): 4 bits + an 8-bit absmax per 64-block + a float32 constant per 256
   absmax = 0.5159 B per linear parameter; the embeddings, output layer and norms stay in the compute dtype (this
-  reproduces the 5.32 GiB measured on an H100 for the 8B-shaped NF4 teacher: 5.31 GiB).
+  reproduces the 5.32 GiB measured on an H100 for the 8B-shaped NF4 teacher: 5.31 GiB). The bf16 copy of one
+  weight that bitsandbytes dequantizes during the forward pass is not counted.
 - **Student weights**: ``P * b`` (full and LoRA); QLoRA: as the NF4 teacher.
 - **Trainable state**: full: gradients ``P * b`` and AdamW's two moments ``2 * P * b`` (`torch.optim.AdamW` keeps
   them in the parameter's dtype; 8 B per parameter in float32); LoRA / QLoRA: rank ``r`` on every linear layer of
@@ -49,13 +50,17 @@ step of an off-policy batch (``T = seq_len``, ``N = seq_len - prompt_len`` per r
 (``T = prompt_len + max_new_tokens``, ``N = max_new_tokens``), or on-policy generation. Gradients are counted in the
 training phase (conservative: some are produced only after activations are freed).
 
-**Calibration.** ``c_act``, ``k_eager`` and ``m_chunk`` were measured, not guessed: `benchmarks/plan_check.py` runs
-SpecKD optimizer steps of small Qwen2 models (tens of millions of parameters, vocabulary 32000, float32) on a CPU in
-a fresh process each and measures the peak resident memory above the level after the imports (with glibc mapping
-every allocation above 1 MiB separately, so that freed tensors leave the resident set). ``k_eager`` for bfloat16 /
-float16 comes from the earlier H100 measurements of `benchmarks/one_gpu_memory.py` (8B NF4 teacher, 1B LoRA
-student, batch 2 and 4 x 512), where autocast runs the divergence's log-softmaxes in float32 and the rest in bf16.
-See the README's "One GPU" section for the measured tables.
+**Calibration.** ``c_act = 0.7``, ``k_eager = 15`` (float32) and ``m_chunk = 17`` were measured, not guessed:
+`benchmarks/plan_check.py` runs SpecKD optimizer steps of small Qwen2 models (tens of millions of parameters,
+vocabulary 32000, float32) on a CPU in a fresh process each and measures the peak resident memory above the level
+after the imports (with glibc mapping every allocation above 1 MiB separately, so that freed tensors leave the
+resident set). ``m_chunk`` came from the difference between ``loss_chunk_size`` 64 and 256, ``c_act`` from the
+growth with the batch (1, 2, 4 rows of 512 tokens), ``k_eager`` from the eager steps' remainder once weights,
+optimizer states and activations are taken out: about 17 float32 ``[rows, V]`` tensors on both paths, the two
+models' logits included. ``k_eager = 16`` for bfloat16 / float16 was fitted to the earlier H100 measurements of
+`benchmarks/one_gpu_memory.py` (8B NF4 teacher, 1B LoRA student, dataset steps at batch 2 and 4 x 512; bf16 logits,
+most temporaries float32 under autocast); the chunked path and ``c_act`` have not been checked on a GPU. The
+README's "One GPU" section has the measured tables (CPU: estimate / measured 0.90-1.09 over 13 configurations).
 """
 
 from __future__ import annotations
@@ -185,6 +190,8 @@ class PlanConfig:
     computed `ModelShape`). `seq_len` is the length of a dataset sequence (prompt + completion), `prompt_len` its
     prompt part (default `seq_len // 4`); on-policy sequences are `prompt_len + max_new_tokens` long. `lmbda` as in
     GKD: 0 plans dataset batches only, 1 on-policy batches only, anything between the larger of the two.
+    `speculative_generation`: on-policy sequences come from SKD-style gated generation (the teacher keeps a KV cache
+    too). `dtype`: the compute dtype of both models' unquantized weights.
     """
 
     teacher: Any

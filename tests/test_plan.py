@@ -7,7 +7,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
@@ -178,7 +177,6 @@ def test_plan_errors_are_one_line(argv, message, capsys):
     "name", ["test-full-eager-off", "test-lora-chunked-off", "test-lora-eager-on", "test-full-chunked-on"]
 )
 def test_estimate_is_within_25_percent_of_the_measured_peak(name):
-    torch.manual_seed(0)
     row = _plan_check().run_child(name, steps=2)
     assert row["measured_mib"] > 100  # something real was measured
     assert 0.75 <= row["ratio"] <= 1.25, row
