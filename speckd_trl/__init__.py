@@ -15,6 +15,7 @@ from .drafter import evaluate_drafter  # noqa: E402
 from .gate import accept_mask, propose, sequence_rewards, teacher_rank  # noqa: E402
 from .generation import GenerationStats, speculative_generate, student_generate  # noqa: E402
 from .losses import normalize_loss, weighted_generalized_jsd  # noqa: E402
+from .plan import MemoryPlan, PlanConfig, estimate_memory, format_plan  # noqa: E402
 from .trainer import SpecKDTrainer  # noqa: E402
 
 
@@ -24,8 +25,12 @@ __all__ = [
     "SpecKDConfig",
     "SpecKDTrainer",
     "GenerationStats",
+    "MemoryPlan",
+    "PlanConfig",
     "accept_mask",
+    "estimate_memory",
     "evaluate_drafter",
+    "format_plan",
     "normalize_loss",
     "propose",
     "sequence_rewards",

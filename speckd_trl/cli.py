@@ -11,6 +11,7 @@ speckd-trl \\
 speckd-trl --config recipe.yaml            # YAML keys are the same flags; the command line overrides them
 accelerate launch -m speckd_trl --config recipe.yaml   # or: torchrun --nproc_per_node 2 -m speckd_trl ...
 speckd-trl demo                            # the offline SmolLM2 demo (see speckd_trl/demo.py)
+speckd-trl plan --teacher t/config.json --student s/config.json --teacher-quant nf4   # will it fit? (speckd_trl/plan.py)
 ```
 
 Datasets: a name that `datasets.load_dataset` knows, a local directory (`save_to_disk` output or data files), or one
@@ -141,11 +142,85 @@ def demo(argv: list[str]) -> None:
     run_demo(config)
 
 
+def make_plan_parser():
+    """The `argparse` parser of `speckd-trl plan`."""
+    import argparse
+
+    from .plan import DEFAULT_RESERVE_GIB, LOSS_PATHS, OPTIMIZERS, STUDENT_MODES, TEACHER_QUANTS
+
+    parser = argparse.ArgumentParser(
+        prog="speckd-trl plan",
+        description="Estimate the peak GPU memory of SpecKD training from the two models' configs (no weights "
+        "needed), broken down by term, say whether it fits a budget, and which settings would make it fit.",
+    )
+    parser.add_argument("--teacher", required=True, help="Teacher: a model directory or a config.json file.")
+    parser.add_argument("--student", required=True, help="Student: a model directory or a config.json file.")
+    parser.add_argument(
+        "--teacher-quant", choices=TEACHER_QUANTS, default="none", help="Teacher weights (default: none)."
+    )
+    parser.add_argument(
+        "--student-mode", choices=STUDENT_MODES, default="lora", help="Student training (default: lora)."
+    )
+    parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank on every linear layer (default: 16).")
+    parser.add_argument("--batch-size", type=int, default=2, help="per_device_train_batch_size (default: 2).")
+    parser.add_argument(
+        "--seq-len", type=int, default=512, help="Dataset sequence length, prompt + completion (default: 512)."
+    )
+    parser.add_argument("--prompt-len", type=int, default=None, help="Prompt tokens (default: seq-len // 4).")
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=128, help="Tokens generated on on-policy steps (default: 128)."
+    )
+    parser.add_argument("--lmbda", type=float, default=0.5, help="Share of on-policy batches, as GKD (default: 0.5).")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="Student gradient checkpointing.")
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw", help="Optimizer (default: adamw).")
+    parser.add_argument("--loss-path", choices=LOSS_PATHS, default="eager", help="SpecKD loss path (default: eager).")
+    parser.add_argument(
+        "--loss-chunk-size", type=int, default=256, help="Tokens per chunk of the chunked loss (default: 256)."
+    )
+    parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
+                        help="Compute dtype of both models (default: bfloat16).")  # fmt: skip
+    parser.add_argument("--budget-gib", type=float, default=24.0, help="GPU memory in GiB (default: 24).")
+    parser.add_argument("--reserve-gib", type=float, default=DEFAULT_RESERVE_GIB,
+                        help=f"GiB kept free for the CUDA context and fragmentation (default: {DEFAULT_RESERVE_GIB:g}).")  # fmt: skip
+    return parser
+
+
+def plan(argv: list[str]) -> None:
+    """`speckd-trl plan ...`: print the memory plan (see `speckd_trl.plan`)."""
+    from .plan import PlanConfig, estimate_memory, format_plan
+
+    args = make_plan_parser().parse_args(argv)
+    for flag, value in (("--teacher", args.teacher), ("--student", args.student)):
+        if not Path(value).expanduser().exists():
+            raise CLIError(f"{flag} {value}: no such file or directory (give a model directory or a config.json).")
+    config = PlanConfig(
+        teacher=args.teacher,
+        student=args.student,
+        teacher_quant=args.teacher_quant,
+        student_mode=args.student_mode,
+        lora_r=args.lora_r,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        prompt_len=args.prompt_len,
+        max_new_tokens=args.max_new_tokens,
+        lmbda=args.lmbda,
+        gradient_checkpointing=args.gradient_checkpointing,
+        optimizer=args.optimizer,
+        loss_path=args.loss_path,
+        loss_chunk_size=args.loss_chunk_size,
+        dtype=args.dtype,
+    )
+    print(format_plan(estimate_memory(config), budget_gib=args.budget_gib, reserve_gib=args.reserve_gib))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `speckd-trl` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecation notes drown the errors
     try:
+        if argv[:1] == ["plan"]:
+            plan(argv[1:])
+            return 0
         is_demo = argv[:1] == ["demo"]
         command = argv[1:] if is_demo else argv
         if "--config" in command:

@@ -1,0 +1,516 @@
+"""Memory planner: will a teacher / student pair fit a GPU with given settings? No weights needed, only configs.
+
+`estimate_memory(PlanConfig(...))` returns a `MemoryPlan`: the peak memory of a SpecKD training step broken down
+into terms, `fits(budget)`, and `suggestions(budget)`: concrete changes of the settings, each re-estimated, that
+would make it fit. `speckd-trl plan ...` prints the same from the shell (`format_plan`).
+
+What is estimated: the peak of what PyTorch allocates (`torch.cuda.max_memory_allocated` on a GPU; on a CPU the
+growth of the resident set), not the CUDA context (~0.5 GiB) nor the allocator's cached-but-free blocks. `fits`
+therefore keeps a reserve (`DEFAULT_RESERVE_GIB`, 2 GiB) free.
+
+The model, term by term (``b`` = bytes per element of the compute dtype: 4 float32, 2 bfloat16 / float16;
+``P`` parameters; ``h`` hidden size, ``i`` intermediate size, ``q = heads * head_dim``, ``kv = kv_heads * head_dim``,
+``L`` layers, ``V`` vocabulary, ``B`` batch, ``T`` tokens of a training sequence, ``N`` completion tokens):
+
+- **Parameter counts** are exact: each config is instantiated on the `meta` device
+  (``AutoModelForCausalLM.from_config``, no memory) and its parameters counted, split into the linear layers of the
+  decoder (what bitsandbytes quantizes and LoRA adapts), the input embedding, the output layer (0 when tied) and the
+  rest (norms).
+- **Teacher weights**: ``P * b`` unquantized; 8-bit: 1 B per linear parameter (the per-row scales are negligible);
+  NF4 with double quantization (our default): 4 bits + an 8-bit absmax per 64-block + a float32 constant per 256
+  absmax = 0.5159 B per linear parameter; the embeddings, output layer and norms stay in the compute dtype (this
+  reproduces the 5.32 GiB measured on an H100 for the 8B-shaped NF4 teacher: 5.31 GiB). The bf16 copy of one
+  weight that bitsandbytes dequantizes during the forward pass is not counted.
+- **Student weights**: ``P * b`` (full and LoRA); QLoRA: as the NF4 teacher.
+- **Trainable state**: full: gradients ``P * b`` and AdamW's two moments ``2 * P * b`` (`torch.optim.AdamW` keeps
+  them in the parameter's dtype; 8 B per parameter in float32); LoRA / QLoRA: rank ``r`` on every linear layer of
+  the decoder (PEFT's ``all-linear``: ``r * (in + out)`` each), adapters in float32 (PEFT upcasts them): 4 B weight
+  + 4 B gradient + 8 B AdamW states per LoRA parameter. ``adamw_8bit`` (bitsandbytes): 2 B of states per trainable
+  parameter; ``sgd`` (no momentum): none.
+- **Activations** kept for the backward pass, per token per decoder layer: ``A_layer = c_act * b * (10 h + 3 kv +
+  4 i)`` (counted from Llama/Qwen2's forward: norms, q/k/v, RoPE'd q/k, attention output, residuals, the MLP's gate,
+  up, activation and product); with gradient checkpointing only each layer's input ``b * h`` is kept, plus one
+  layer's ``A_layer`` while it is recomputed. Plus ``3 h b`` per token outside the layers (embedding output, final
+  norm). The teacher's forward runs without gradient, while the student's activations are alive: one layer's
+  intermediates at a time, ``(2 i_t + 4 h_t) b`` per token, counted in the activations term.
+- **Logits of both models**. Eager loss path: both models' ``[B, T, V]`` logits in the compute dtype (``2 b``)
+  plus ``k_eager`` float32 ``[B, T, V]`` temporaries of the gate, the generalized JSD (log-softmaxes, the mixture,
+  the KL terms) and its backward. Chunked loss path: ``m_chunk`` float32 ``[chunk, V]`` tiles (``chunk =
+  min(loss_chunk_size, N)``) plus, per completion token, the gathered hidden states of both models and the float32
+  gradient of the student's (``(h_s + h_t) b + 4 h_s``), plus a float32 ``[V, h_s]`` gradient of the student's
+  output layer when it is trained (full fine-tuning), computed in the forward pass before the parameter's own
+  gradient (counted with the gradients) exists.
+- **Generation KV cache** (on-policy steps, ``lmbda > 0``): ``2 * L * kv * (prompt + max_new_tokens) * B * b`` for
+  the student (and the teacher too with SKD-style speculative generation), plus the prefill's transient of one
+  layer. Generation happens before the training forward pass and its cache is freed before it, so the KV cache and
+  the activations / logits are never alive at once.
+
+Peak = teacher weights + student weights + trainable state (weights, moments) + the largest phase: the training
+step of an off-policy batch (``T = seq_len``, ``N = seq_len - prompt_len`` per row), that of an on-policy batch
+(``T = prompt_len + max_new_tokens``, ``N = max_new_tokens``), or on-policy generation. Gradients are counted in the
+training phase (conservative: some are produced only after activations are freed).
+
+**Calibration.** ``c_act = 0.7``, ``k_eager = 15`` (float32) and ``m_chunk = 17`` were measured, not guessed:
+`benchmarks/plan_check.py` runs SpecKD optimizer steps of small Qwen2 models (tens of millions of parameters,
+vocabulary 32000, float32) on a CPU in a fresh process each and measures the peak resident memory above the level
+after the imports (with glibc mapping every allocation above 1 MiB separately, so that freed tensors leave the
+resident set). ``m_chunk`` came from the difference between ``loss_chunk_size`` 64 and 256, ``c_act`` from the
+growth with the batch (1, 2, 4 rows of 512 tokens), ``k_eager`` from the eager steps' remainder once weights,
+optimizer states and activations are taken out: about 17 float32 ``[rows, V]`` tensors on both paths, the two
+models' logits included. ``k_eager = 16`` for bfloat16 / float16 was fitted to the earlier H100 measurements of
+`benchmarks/one_gpu_memory.py` (8B NF4 teacher, 1B LoRA student, dataset steps at batch 2 and 4 x 512; bf16 logits,
+most temporaries float32 under autocast); the chunked path and ``c_act`` have not been checked on a GPU. The
+README's "One GPU" section has the measured tables (CPU: estimate / measured 0.90-1.09 over 13 configurations).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+
+GIB = 2**30
+DEFAULT_RESERVE_GIB = 2.0  # CUDA context, allocator fragmentation: kept free by `fits`
+TEACHER_QUANTS = ("none", "8bit", "nf4")
+STUDENT_MODES = ("full", "lora", "qlora")
+OPTIMIZERS = ("adamw", "adamw_8bit", "sgd")
+LOSS_PATHS = ("eager", "chunked")
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes, 8-bit absmax per 64, fp32 per 256 absmax
+INT8_BYTES_PER_PARAM = 1.0
+
+# Calibrated constants (see the module docstring).
+C_ACT = 0.7  # multiplier of the counted per-layer activations (CPU, Qwen2, sdpa)
+K_EAGER = {4: 15.0, 2: 16.0}  # float32 [B, T, V] temporaries of the eager loss, by compute-dtype bytes
+M_CHUNK = 17.0  # float32 [chunk, V] tiles alive at once in the chunked loss (both logits + temporaries)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The shapes of a causal LM that the planner needs, with exact parameter counts."""
+
+    name: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    tie_word_embeddings: bool
+    num_parameters: int  # unique parameters (a tied output layer counted once)
+    linear_parameters: int  # weights and biases of the decoder layers' nn.Linear modules
+    embedding_parameters: int
+    output_parameters: int  # 0 when tied to the embedding
+    lora_parameters_per_rank: int  # sum of (in + out) over the decoder's linear layers
+
+    @property
+    def other_parameters(self) -> int:
+        return self.num_parameters - self.linear_parameters - self.embedding_parameters - self.output_parameters
+
+
+def load_model_config(source: Any):
+    """A `transformers.PretrainedConfig` from a config object, a dict, a `config.json` path or a model directory."""
+    from transformers import AutoConfig, PretrainedConfig
+
+    if isinstance(source, PretrainedConfig):
+        return source
+    if isinstance(source, dict):
+        data = dict(source)
+    else:
+        path = Path(source).expanduser()
+        if path.is_dir():
+            if not (path / "config.json").is_file():
+                raise FileNotFoundError(f"{source}: no config.json in this directory.")
+            return AutoConfig.from_pretrained(str(path))
+        if not path.is_file():
+            raise FileNotFoundError(f"{source}: no such file or directory (give a model directory or a config.json).")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{source}: not a JSON config ({err}).") from err
+    data = {k: v for k, v in data.items() if not k.startswith("_")}  # "_comment" and the like
+    model_type = data.pop("model_type", None)
+    if model_type is None:
+        raise ValueError(f"{source if not isinstance(source, dict) else 'config'}: no 'model_type' key.")
+    data.pop("architectures", None)
+    return AutoConfig.for_model(model_type, **data)
+
+
+def model_shape(source: Any, name: str | None = None) -> ModelShape:
+    """`ModelShape` of a config (see `load_model_config`), parameters counted on the `meta` device."""
+    import torch
+    from torch import nn
+    from transformers import AutoModelForCausalLM
+
+    config = load_model_config(source)
+    if name is None and isinstance(source, (str, Path)):
+        path = Path(source)
+        name = path.name if path.is_dir() else path.stem if path.name != "config.json" else path.parent.name
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    embedding = model.get_input_embeddings().weight
+    output = model.get_output_embeddings()
+    tied = output is not None and output.weight is embedding
+    output_parameters = 0 if output is None or tied else sum(p.numel() for p in output.parameters())
+    linear = lora_per_rank = 0
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and module is not output:
+            linear += sum(p.numel() for p in module.parameters())
+            lora_per_rank += module.in_features + module.out_features
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    return ModelShape(
+        name=name or getattr(config, "_name_or_path", "") or config.model_type,
+        hidden_size=text.hidden_size,
+        num_layers=text.num_hidden_layers,
+        num_heads=heads,
+        num_kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+        head_dim=head_dim,
+        intermediate_size=text.intermediate_size,
+        vocab_size=text.vocab_size,
+        tie_word_embeddings=tied,
+        num_parameters=sum(p.numel() for p in model.parameters()),
+        linear_parameters=linear,
+        embedding_parameters=embedding.numel(),
+        output_parameters=output_parameters,
+        lora_parameters_per_rank=lora_per_rank,
+    )
+
+
+@dataclass
+class PlanConfig:
+    """The settings of a SpecKD run that decide its peak memory.
+
+    `teacher` / `student`: a model directory, a `config.json` path, a dict or a `PretrainedConfig` (or an already
+    computed `ModelShape`). `seq_len` is the length of a dataset sequence (prompt + completion), `prompt_len` its
+    prompt part (default `seq_len // 4`); on-policy sequences are `prompt_len + max_new_tokens` long. `lmbda` as in
+    GKD: 0 plans dataset batches only, 1 on-policy batches only, anything between the larger of the two.
+    `speculative_generation`: on-policy sequences come from SKD-style gated generation (the teacher keeps a KV cache
+    too). `dtype`: the compute dtype of both models' unquantized weights.
+    """
+
+    teacher: Any
+    student: Any
+    teacher_quant: str = "none"
+    student_mode: str = "lora"
+    lora_r: int = 16
+    batch_size: int = 2
+    seq_len: int = 512
+    prompt_len: int | None = None
+    max_new_tokens: int = 128
+    lmbda: float = 0.5
+    gradient_checkpointing: bool = False
+    optimizer: str = "adamw"
+    loss_path: str = "eager"
+    loss_chunk_size: int = 256
+    dtype: str = "bfloat16"
+    speculative_generation: bool = False
+
+    def __post_init__(self):
+        for name, allowed in (
+            ("teacher_quant", TEACHER_QUANTS),
+            ("student_mode", STUDENT_MODES),
+            ("optimizer", OPTIMIZERS),
+            ("loss_path", LOSS_PATHS),
+            ("dtype", tuple(DTYPE_BYTES)),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"PlanConfig: {name}={getattr(self, name)!r} is not valid; use one of {allowed}.")
+        for name in ("lora_r", "batch_size", "seq_len", "max_new_tokens", "loss_chunk_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"PlanConfig: {name}={value!r} must be an integer >= 1.")
+        if self.prompt_len is not None and not 0 < self.prompt_len < self.seq_len:
+            raise ValueError(f"PlanConfig: prompt_len={self.prompt_len!r} must be in [1, seq_len).")
+        if not 0.0 <= self.lmbda <= 1.0:
+            raise ValueError(f"PlanConfig: lmbda={self.lmbda!r} must be in [0, 1].")
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.prompt_len if self.prompt_len is not None else max(1, self.seq_len // 4)
+
+
+@dataclass
+class MemoryPlan:
+    """The estimated peak memory of a SpecKD training step, in bytes, term by term.
+
+    `terms` maps a term's name to its bytes at the peak; `phase` names the phase that peaks (`"off-policy step"`,
+    `"on-policy step"` or `"generation"`); `phases` gives every phase's total; `kv_cache` is the generation KV cache
+    (reported even when another phase peaks).
+    """
+
+    config: PlanConfig
+    teacher: ModelShape
+    student: ModelShape
+    terms: dict[str, float]
+    phase: str
+    phases: dict[str, float]
+    kv_cache: float
+    trainable_parameters: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> float:
+        return sum(self.terms.values())
+
+    def fits(self, budget_gib: float = 24.0, reserve_gib: float = DEFAULT_RESERVE_GIB) -> bool:
+        """Whether the peak leaves `reserve_gib` free on a card of `budget_gib`."""
+        return self.total <= (budget_gib - reserve_gib) * GIB
+
+    def suggestions(self, budget_gib: float = 24.0, reserve_gib: float = DEFAULT_RESERVE_GIB) -> list[Suggestion]:
+        """Changes of the settings that make the plan fit, each re-estimated; empty when it already fits.
+
+        First every single change that fits on its own (smallest peak first); if none does, the changes applied
+        one after another, most saving first, until the plan fits (one cumulative suggestion).
+        """
+        if self.fits(budget_gib, reserve_gib):
+            return []
+        candidates = [(text, replace(self.config, **change)) for text, change in _changes(self.config)]
+        estimated = [
+            Suggestion(text, cfg, estimate_memory(cfg, teacher=self.teacher, student=self.student))
+            for text, cfg in candidates
+        ]
+        fitting = sorted((s for s in estimated if s.plan.fits(budget_gib, reserve_gib)), key=lambda s: s.plan.total)
+        if fitting:
+            return fitting
+        cfg, texts, plan = self.config, [], self
+        for _ in range(8):
+            options = [(text, replace(cfg, **change)) for text, change in _changes(cfg, self.config.batch_size)]
+            if not options:
+                break
+            trials = [(text, c, estimate_memory(c, teacher=self.teacher, student=self.student)) for text, c in options]
+            text, cfg, new_plan = min(trials, key=lambda t: t[2].total)
+            if new_plan.total >= plan.total:
+                break
+            texts = [t for t in texts if t.split()[0] != text.split()[0]]  # a later --flag value replaces an earlier
+            texts.append(text)
+            plan = new_plan
+            if plan.fits(budget_gib, reserve_gib):
+                return [Suggestion(" + ".join(texts), cfg, plan)]
+        return [Suggestion(" + ".join(texts) + " (still does not fit)", cfg, plan)] if texts else []
+
+
+@dataclass
+class Suggestion:
+    """A change of the settings (`text`, e.g. ``--loss-path chunked``), the changed config and its plan."""
+
+    text: str
+    config: PlanConfig
+    plan: MemoryPlan
+
+
+def _changes(cfg: PlanConfig, base_batch: int | None = None) -> list[tuple[str, dict[str, Any]]]:
+    """Single changes that lower the peak memory, as (CLI text, PlanConfig fields); `base_batch` is the batch size the
+    gradient accumulation in the text makes up for (default: `cfg.batch_size`)."""
+    base_batch = base_batch or cfg.batch_size
+    changes: list[tuple[str, dict[str, Any]]] = []
+    if cfg.loss_path == "eager":
+        changes.append(("--loss-path chunked", {"loss_path": "chunked"}))
+    if not cfg.gradient_checkpointing:
+        changes.append(("--gradient-checkpointing", {"gradient_checkpointing": True}))
+    if cfg.teacher_quant != "nf4":
+        changes.append(("--teacher-quant nf4", {"teacher_quant": "nf4"}))
+    if cfg.student_mode == "full":
+        changes.append(("--student-mode lora", {"student_mode": "lora"}))
+        if cfg.optimizer == "adamw":
+            changes.append(("--optimizer adamw_8bit", {"optimizer": "adamw_8bit"}))
+    elif cfg.student_mode == "lora":
+        changes.append(("--student-mode qlora", {"student_mode": "qlora"}))
+    if cfg.batch_size > 1:
+        half = cfg.batch_size // 2
+        changes.append(
+            (f"--batch-size {half} (x{base_batch // half} gradient_accumulation_steps)", {"batch_size": half})
+        )
+    return changes
+
+
+def _weight_bytes(shape: ModelShape, quant: str, b: int) -> float:
+    """Bytes of a model's weights: decoder linear layers quantized as `quant`, everything else in the dtype."""
+    rest = shape.num_parameters - shape.linear_parameters
+    if quant == "nf4":
+        return shape.linear_parameters * NF4_BYTES_PER_PARAM + rest * b
+    if quant == "8bit":
+        return shape.linear_parameters * INT8_BYTES_PER_PARAM + rest * b
+    return shape.num_parameters * b
+
+
+def layer_activation_bytes(shape: ModelShape, b: int) -> float:
+    """Bytes one decoder layer keeps for the backward pass, per token (see the module docstring)."""
+    h, kv, i = shape.hidden_size, shape.num_kv_heads * shape.head_dim, shape.intermediate_size
+    return C_ACT * b * (10 * h + 3 * kv + 4 * i)
+
+
+def _activations(shape: ModelShape, tokens: int, b: int, checkpointing: bool) -> float:
+    outside = 3 * shape.hidden_size * b * tokens
+    per_layer = layer_activation_bytes(shape, b) * tokens
+    if checkpointing:
+        return outside + shape.num_layers * shape.hidden_size * b * tokens + per_layer
+    return outside + shape.num_layers * per_layer
+
+
+def _teacher_transient(shape: ModelShape, tokens: int, b: int) -> float:
+    """The teacher's no-grad forward pass: one layer's intermediates at a time, alive with the student's activations."""
+    return (2 * shape.intermediate_size + 4 * shape.hidden_size) * b * tokens
+
+
+def _logits(
+    cfg: PlanConfig, teacher: ModelShape, student: ModelShape, rows: int, tokens: int, completion: int
+) -> float:
+    b = DTYPE_BYTES[cfg.dtype]
+    vocab = student.vocab_size
+    if cfg.loss_path == "eager":
+        return rows * tokens * vocab * (2 * b + 4 * K_EAGER[b])
+    n = rows * completion
+    chunk = min(cfg.loss_chunk_size, n)
+    total = M_CHUNK * chunk * vocab * 4 + n * (
+        (student.hidden_size + teacher.hidden_size) * b + 4 * student.hidden_size
+    )
+    if cfg.student_mode == "full":  # the output layer's float32 gradient, made in the forward pass (see losses.py)
+        total += 4 * vocab * student.hidden_size
+    return total
+
+
+def kv_cache_bytes(shape: ModelShape, rows: int, tokens: int, b: int) -> float:
+    """``2 * L * kv_heads * head_dim * tokens * rows * b``: keys and values of every layer."""
+    return 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * tokens * rows * b
+
+
+def estimate_memory(
+    config: PlanConfig, *, teacher: ModelShape | None = None, student: ModelShape | None = None
+) -> MemoryPlan:
+    """The peak memory of a SpecKD training step with `config` (see the module docstring for every term)."""
+    teacher = teacher or (config.teacher if isinstance(config.teacher, ModelShape) else model_shape(config.teacher))
+    student = student or (config.student if isinstance(config.student, ModelShape) else model_shape(config.student))
+    if teacher.vocab_size != student.vocab_size:
+        raise ValueError(
+            f"The teacher's vocabulary ({teacher.vocab_size}) differs from the student's ({student.vocab_size}); "
+            "SpecKD needs the same vocabulary."
+        )
+    b = DTYPE_BYTES[config.dtype]
+    rows = config.batch_size
+    notes: list[str] = []
+
+    terms: dict[str, float] = {"teacher weights": _weight_bytes(teacher, config.teacher_quant, b)}
+    student_quant = "nf4" if config.student_mode == "qlora" else "none"
+    terms["student weights"] = _weight_bytes(student, student_quant, b)
+    if config.student_mode == "full":
+        trainable, param_bytes = student.num_parameters, b
+        terms["LoRA weights"] = 0.0
+    else:
+        trainable, param_bytes = config.lora_r * student.lora_parameters_per_rank, 4
+        terms["LoRA weights"] = trainable * 4.0
+    state_bytes = {"adamw": 2 * param_bytes, "adamw_8bit": 2, "sgd": 0}[config.optimizer]
+    terms["optimizer states"] = float(trainable * state_bytes)
+    gradients = float(trainable * param_bytes)
+
+    prompt = config.prompt_tokens
+    phases: dict[str, dict[str, float]] = {}
+    if config.lmbda < 1.0:
+        t = config.seq_len
+        phases["off-policy step"] = {
+            "gradients": gradients,
+            "activations": _activations(student, rows * t, b, config.gradient_checkpointing)
+            + _teacher_transient(teacher, rows * t, b),
+            "logits (both models)": _logits(config, teacher, student, rows, t, t - prompt),
+        }
+    kv = 0.0
+    if config.lmbda > 0.0:
+        t = prompt + config.max_new_tokens
+        phases["on-policy step"] = {
+            "gradients": gradients,
+            "activations": _activations(student, rows * t, b, config.gradient_checkpointing)
+            + _teacher_transient(teacher, rows * t, b),
+            "logits (both models)": _logits(config, teacher, student, rows, t, config.max_new_tokens),
+        }
+        kv = kv_cache_bytes(student, rows, t, b)
+        if config.speculative_generation:
+            kv += kv_cache_bytes(teacher, rows, t, b)
+        prefill = rows * prompt * (2 * student.intermediate_size + 4 * student.hidden_size) * b
+        phases["generation"] = {"generation KV cache": kv, "activations": float(prefill)}
+    phase = max(phases, key=lambda name: sum(phases[name].values()))
+    for name in ("gradients", "activations", "logits (both models)", "generation KV cache"):
+        terms[name] = phases[phase].get(name, 0.0)
+    persistent = sum(v for k, v in terms.items() if k not in phases[phase])
+    phase_totals = {name: persistent + sum(values.values()) for name, values in phases.items()}
+    return MemoryPlan(
+        config=config,
+        teacher=teacher,
+        student=student,
+        terms=terms,
+        phase=phase,
+        phases=phase_totals,
+        kv_cache=kv,
+        trainable_parameters=trainable,
+        notes=notes,
+    )
+
+
+def _gib(value: float) -> str:
+    return f"{value / GIB:8.2f}"
+
+
+def format_plan(plan: MemoryPlan, budget_gib: float = 24.0, reserve_gib: float = DEFAULT_RESERVE_GIB) -> str:
+    """A text table of the plan, the verdict for `budget_gib`, and the suggestions when it does not fit."""
+    cfg, t, s = plan.config, plan.teacher, plan.student
+    student_mode = cfg.student_mode if cfg.student_mode == "full" else f"{cfg.student_mode} r={cfg.lora_r}"
+    lines = [
+        f"teacher: {t.name}: {t.num_parameters / 1e9:.2f}B parameters, {t.num_layers} layers, hidden {t.hidden_size}, "
+        f"vocab {t.vocab_size}, {cfg.teacher_quant}",
+        f"student: {s.name}: {s.num_parameters / 1e9:.2f}B parameters, {s.num_layers} layers, hidden {s.hidden_size}, "
+        f"{student_mode} ({plan.trainable_parameters / 1e6:.1f}M trainable), {cfg.optimizer}",
+        f"batch {cfg.batch_size} x {cfg.seq_len} tokens (prompt {cfg.prompt_tokens}), max_new_tokens "
+        f"{cfg.max_new_tokens}, lmbda {cfg.lmbda}, {cfg.dtype}, loss path {cfg.loss_path}"
+        + (f" (chunk {cfg.loss_chunk_size})" if cfg.loss_path == "chunked" else "")
+        + f", gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}",
+        "",
+        f"{'term':<26}{'GiB':>8}",
+    ]
+    for name, value in plan.terms.items():
+        if name == "generation KV cache" and plan.phase != "generation":
+            continue
+        lines.append(f"{name:<26}{_gib(value)}")
+    lines.append(f"{'PEAK: ' + plan.phase:<26}{_gib(plan.total)}")
+    others = [name for name in plan.phases if name != plan.phase]
+    if others:
+        lines.append("other phases, total:")
+    for name in others:
+        extra = f"   (KV cache {plan.kv_cache / GIB:.2f})" if name == "generation" else ""
+        lines.append(f"{'  ' + name:<26}{_gib(plan.phases[name])}{extra}")
+    usable = budget_gib - reserve_gib
+    if plan.fits(budget_gib, reserve_gib):
+        lines.append(f"\nFITS a {budget_gib:g} GiB GPU ({plan.total / GIB:.2f} <= {usable:g} GiB: {reserve_gib:g} "
+                     "GiB kept for the CUDA context and fragmentation).")  # fmt: skip
+    else:
+        lines.append(f"\nDOES NOT FIT a {budget_gib:g} GiB GPU ({plan.total / GIB:.2f} > {usable:g} GiB: "
+                     f"{reserve_gib:g} GiB kept for the CUDA context and fragmentation).")  # fmt: skip
+        suggestions = plan.suggestions(budget_gib, reserve_gib)
+        if suggestions:
+            lines.append("Changes that make it fit (each re-estimated):")
+            for suggestion in suggestions:
+                lines.append(f"  {suggestion.text:<60} -> {suggestion.plan.total / GIB:6.2f} GiB")
+        else:
+            lines.append("No change of these settings makes it fit: use a smaller model or a larger GPU.")
+    return "\n".join(lines)
+
+
+def gib(value: float) -> float:
+    """Bytes to GiB."""
+    return value / GIB
+
+
+__all__ = [
+    "MemoryPlan",
+    "ModelShape",
+    "PlanConfig",
+    "Suggestion",
+    "estimate_memory",
+    "format_plan",
+    "kv_cache_bytes",
+    "load_model_config",
+    "model_shape",
+]

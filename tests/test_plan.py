@@ -1,0 +1,182 @@
+"""The memory planner: exact parameter counts, the arithmetic's direction, suggestions, the CLI, and the estimate
+against measured peak memory of small models on a CPU (each measured in a fresh subprocess)."""
+
+import importlib.util
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from speckd_trl.cli import main
+from speckd_trl.plan import GIB, PlanConfig, estimate_memory, format_plan, load_model_config, model_shape
+
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "examples" / "configs"
+LLAMA_8B, LLAMA_1B, SMOLLM2 = (str(CONFIGS / f) for f in ("llama3-8b.json", "llama3.2-1b.json", "smollm2-135m.json"))
+
+
+def _plan_check():
+    spec = importlib.util.spec_from_file_location("plan_check", ROOT / "benchmarks" / "plan_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny(model_type="qwen2", vocab=500, tied=False, **overrides):
+    config = dict(model_type=model_type, vocab_size=vocab, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)  # fmt: skip
+    return {**config, **overrides}
+
+
+@pytest.fixture(scope="module")
+def shapes():
+    return {name: model_shape(path) for name, path in (("8b", LLAMA_8B), ("1b", LLAMA_1B), ("smol", SMOLLM2))}
+
+
+def test_parameter_counts_are_the_published_ones(shapes):
+    assert shapes["8b"].num_parameters == 8_030_261_248  # Llama-3.1-8B
+    assert shapes["1b"].num_parameters == 1_235_814_400  # Llama-3.2-1B (tied)
+    assert shapes["smol"].num_parameters == 134_515_008  # SmolLM2-135M (tied)
+    assert shapes["1b"].tie_word_embeddings and not shapes["8b"].tie_word_embeddings
+    assert shapes["8b"].output_parameters == 128256 * 4096 and shapes["1b"].output_parameters == 0
+
+
+@pytest.mark.parametrize(
+    "config",
+    [tiny(), tiny(tied=True), tiny("llama", head_dim=32), tiny("llama", vocab=300, num_key_value_heads=4)],
+)
+def test_counts_match_a_real_model_and_peft(config):
+    shape = model_shape(config)
+    model = AutoModelForCausalLM.from_config(load_model_config(config))
+    assert shape.num_parameters == sum(p.numel() for p in model.parameters())
+    assert shape.embedding_parameters == model.get_input_embeddings().weight.numel()
+    peft_model = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear"))
+    trainable, _ = peft_model.get_nb_trainable_parameters()
+    assert 8 * shape.lora_parameters_per_rank == trainable
+
+
+def test_config_sources_agree(tmp_path):
+    config = tiny()
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    AutoModelForCausalLM.from_config(load_model_config(config)).save_pretrained(tmp_path / "model")
+    from_dict, from_file, from_dir = (
+        model_shape(source) for source in (config, tmp_path / "config.json", tmp_path / "model")
+    )
+    assert from_dict.num_parameters == from_file.num_parameters == from_dir.num_parameters
+    with pytest.raises(FileNotFoundError):
+        model_shape(tmp_path / "missing.json")
+
+
+def test_nf4_teacher_matches_the_h100_measurement(shapes):
+    plan = estimate_memory(PlanConfig(teacher=shapes["8b"], student=shapes["1b"], teacher_quant="nf4"))
+    assert plan.terms["teacher weights"] / GIB == pytest.approx(5.32, rel=0.02)  # benchmarks/README.md
+    bf16 = estimate_memory(PlanConfig(teacher=shapes["8b"], student=shapes["1b"]))
+    assert bf16.terms["teacher weights"] == 2 * 8_030_261_248
+
+
+def test_monotone_in_every_size(shapes):
+    base = PlanConfig(teacher=shapes["8b"], student=shapes["1b"], teacher_quant="nf4", lmbda=0.5)
+    total = estimate_memory(base).total
+    for change in (dict(batch_size=4), dict(seq_len=1024), dict(max_new_tokens=512), dict(lora_r=64),
+                   dict(student_mode="full"), dict(teacher_quant="none"), dict(dtype="float32")):  # fmt: skip
+        assert estimate_memory(replace(base, **change)).total > total, change
+    for change in (dict(gradient_checkpointing=True), dict(loss_path="chunked"), dict(student_mode="qlora")):
+        assert estimate_memory(replace(base, **change)).total < total, change
+    full = replace(base, student_mode="full")
+    assert estimate_memory(replace(full, optimizer="adamw_8bit")).total < estimate_memory(full).total
+    assert estimate_memory(replace(full, optimizer="sgd")).total < estimate_memory(full).total
+
+
+def test_chunked_is_far_smaller_at_a_large_vocabulary(shapes):
+    eager = estimate_memory(PlanConfig(teacher=shapes["8b"], student=shapes["1b"], teacher_quant="nf4", seq_len=1024))
+    chunked = estimate_memory(replace(eager.config, loss_path="chunked"))
+    assert chunked.terms["logits (both models)"] < eager.terms["logits (both models)"] / 5
+    assert chunked.total < eager.total
+
+
+def test_suggestions_fit_when_re_estimated(shapes):
+    plan = estimate_memory(
+        PlanConfig(teacher=shapes["8b"], student=shapes["1b"], teacher_quant="none", batch_size=4, seq_len=1024)
+    )
+    assert not plan.fits(24)
+    suggestions = plan.suggestions(24)
+    assert suggestions
+    for suggestion in suggestions:
+        assert suggestion.plan.fits(24)
+        assert estimate_memory(suggestion.config).total == pytest.approx(suggestion.plan.total)
+    assert estimate_memory(replace(plan.config, batch_size=1, loss_path="chunked")).suggestions(24) == []
+    small = estimate_memory(PlanConfig(teacher=shapes["smol"], student=shapes["smol"], student_mode="full"))
+    assert small.fits(24) and small.suggestions(24) == []
+    text = format_plan(plan, 24)
+    assert "DOES NOT FIT" in text and "--" in text.split("Changes that make it fit")[1]
+
+
+def test_combined_suggestion_when_no_single_change_fits(shapes):
+    plan = estimate_memory(
+        PlanConfig(teacher=shapes["8b"], student=shapes["8b"], student_mode="full", batch_size=8, seq_len=2048)
+    )
+    (suggestion,) = plan.suggestions(24)
+    assert suggestion.plan.fits(24) and " + " in suggestion.text
+    flags = [part.split()[0] for part in suggestion.text.split(" + ")]
+    assert len(flags) == len(set(flags))  # a flag appears once, with its final value
+
+
+def test_generation_cache_is_counted_for_on_policy(shapes):
+    on = estimate_memory(PlanConfig(teacher=shapes["8b"], student=shapes["1b"], lmbda=1.0, max_new_tokens=256))
+    off = estimate_memory(replace(on.config, lmbda=0.0))
+    assert on.kv_cache == 2 * 16 * 8 * 64 * (128 + 256) * 2 * 2 and off.kv_cache == 0
+    assert set(on.phases) == {"on-policy step", "generation"} and set(off.phases) == {"off-policy step"}
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+
+def test_plan_help(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plan", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--teacher", "--student", "--teacher-quant", "--student-mode", "--lora-r", "--batch-size",
+                 "--seq-len", "--max-new-tokens", "--gradient-checkpointing", "--optimizer", "--loss-path",
+                 "--dtype", "--budget-gib"):  # fmt: skip
+        assert flag in text
+
+
+def test_plan_prints_a_table_and_a_verdict(capsys):
+    argv = ["plan", "--teacher", LLAMA_8B, "--student", LLAMA_1B, "--teacher-quant", "nf4", "--seq-len", "1024"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "teacher weights" in out and "logits (both models)" in out and "DOES NOT FIT a 24 GiB GPU" in out
+    assert "--loss-path chunked" in out
+    assert main([*argv, "--loss-path", "chunked", "--gradient-checkpointing"]) == 0
+    assert "FITS a 24 GiB GPU" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--teacher", "no/such/config.json", "--student", LLAMA_1B], "no such file or directory"),
+        (["--teacher", LLAMA_8B, "--student", SMOLLM2], "vocabulary"),
+    ],
+)
+def test_plan_errors_are_one_line(argv, message, capsys):
+    assert main(["plan", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("speckd-trl: error:") and message in err[0]
+
+
+# ----------------------------------------------------------------------------- estimate vs measured (CPU)
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to reset the peak RSS")
+@pytest.mark.parametrize(
+    "name", ["test-full-eager-off", "test-lora-chunked-off", "test-lora-eager-on", "test-full-chunked-on"]
+)
+def test_estimate_is_within_25_percent_of_the_measured_peak(name):
+    row = _plan_check().run_child(name, steps=2)
+    assert row["measured_mib"] > 100  # something real was measured
+    assert 0.75 <= row["ratio"] <= 1.25, row
