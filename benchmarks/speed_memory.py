@@ -10,7 +10,8 @@ shared machine then falls on all methods alike), and reports each method's media
 `--warmup` untimed ones. Peak memory: one process per method and measurement, the peak of one step above the level
 after an untimed warm-up step: `torch.cuda.max_memory_allocated` on a GPU; on a CPU the process's peak resident
 memory (`VmHWM`, reset through `/proc/self/clear_refs`), with glibc told to map every allocation above 1 MiB
-separately, so that freed tensors leave the resident set at once.
+separately, so that freed tensors leave the resident set at once (the timing processes keep glibc's default, which
+reuses freed memory: mapping fresh pages for every tensor would slow all methods).
 
 Measurements, each for every method:
 
@@ -230,7 +231,9 @@ def run_child(args, mode, methods, measure):
         cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     if args.bf16:
         cmd.append("--bf16")
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20)}
+    env = dict(os.environ)
+    if mode == "memory":  # freed tensors leave the resident set at once; timing keeps glibc's default allocator
+        env["MALLOC_MMAP_THRESHOLD_"] = str(2**20)
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"{mode} {methods} / {measure} failed:\n{out.stderr[-3000:]}")
