@@ -89,6 +89,7 @@ def accept_mask(
     top_k: int = 5,
     generator: torch.Generator | None = None,
     uniforms: torch.Tensor | None = None,
+    normalized: bool = False,
 ) -> torch.BoolTensor:
     """The teacher's verdict ``a_t`` on the student's proposals.
 
@@ -103,6 +104,10 @@ def accept_mask(
     `propose` pass them at temperature 1. ``p_t = softmax(teacher_logits)`` is the teacher at temperature 1. A
     mismatch silently biases the acceptance rate. ``student_logits`` is only read for ``"spec"``.
 
+    Log-probabilities may be passed in place of logits (the verdicts are the same: ranks do not change, and
+    ``log_softmax`` of log-probabilities is the identity); with ``normalized=True`` the ``"spec"`` rule then reads
+    ``log p(x_t)`` and ``log q(x_t)`` directly instead of normalizing both ``[B, T, V]`` tensors again.
+
     Args:
         student_logits (`torch.Tensor` of shape `[B, T, V]`): logits of the proposal distribution ``q``.
         teacher_logits (`torch.Tensor` of shape `[B, T, V]`): teacher logits (``p``).
@@ -113,6 +118,8 @@ def accept_mask(
         generator (`torch.Generator`, *optional*): source of ``u_t`` for ``"spec"``; seed it for reproducibility.
         uniforms (`torch.Tensor` of shape `[B, T]`, *optional*): the ``u_t`` to use for ``"spec"`` instead of drawing
             them from ``generator``.
+        normalized (`bool`): both ``student_logits`` and ``teacher_logits`` are log-probabilities (``log_softmax``
+            outputs, e.g. the divergence's own).
 
     Returns:
         `torch.BoolTensor` of shape `[B, T]`: ``True`` where accepted; always ``False`` where ``mask`` is ``False``.
@@ -138,9 +145,12 @@ def accept_mask(
         return accepted & mask
     if gate == "spec":
         idx = proposals.unsqueeze(-1)
-        # (a fused log-softmax then a gather is faster on CPU than z(x) - logsumexp(z))
-        log_p = torch.log_softmax(teacher_logits.float(), dim=-1).gather(-1, idx).squeeze(-1)
-        log_q = torch.log_softmax(student_logits.float(), dim=-1).gather(-1, idx).squeeze(-1)
+        if normalized:
+            log_p = teacher_logits.gather(-1, idx).squeeze(-1).float()
+            log_q = student_logits.gather(-1, idx).squeeze(-1).float()
+        else:  # (a fused log-softmax then a gather is faster on CPU than z(x) - logsumexp(z))
+            log_p = torch.log_softmax(teacher_logits.float(), dim=-1).gather(-1, idx).squeeze(-1)
+            log_q = torch.log_softmax(student_logits.float(), dim=-1).gather(-1, idx).squeeze(-1)
         u = _uniform(proposals.shape, proposals.device, generator) if uniforms is None else uniforms.to(log_p.device)
         # u < p/q  <=>  log u < log p - log q; u = 0 (log u = -inf) is always accepted, like u < min(1, p/q)
         return (torch.log(u) < log_p - log_q) & mask

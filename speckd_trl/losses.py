@@ -1,15 +1,18 @@
 """Per-position weighted generalized JSD and its normalization.
 
-The divergence itself is TRL's: `GKDTrainer.generalized_jsd_loss` with ``reduction="none"`` returns the element-wise
-terms ``[B, T, V]``; summing over the vocabulary gives the per-position divergence ``D_beta(p_t, q_t)`` that SpecKD
-weights. Reusing it keeps ``gate="none"`` bit-for-bit equal to GKD (beta=0 forward KL(p||q), beta=1 reverse KL(q||p),
-otherwise the JSD through the mixture ``beta * p + (1 - beta) * q``).
+The divergence is TRL's: the element-wise terms ``[B, T, V]`` of `GKDTrainer.generalized_jsd_loss` with
+``reduction="none"``; summing over the vocabulary gives the per-position divergence ``D_beta(p_t, q_t)`` that SpecKD
+weights (beta=0 forward KL(p||q), beta=1 reverse KL(q||p), otherwise the JSD through the mixture
+``beta * p + (1 - beta) * q``). TRL's function is split in two here, its ``log_softmax`` (`jsd_log_probs`) and the
+rest (`generalized_jsd_from_log_probs`), each the same operations as TRL's, so that the gate reads ``log p(x_t)`` and
+``log q(x_t)`` from the divergence's own log-probabilities instead of normalizing ``[B, T, V]`` logits again; a test
+keeps ``gate="none"`` bit for bit equal to GKD.
 
 Two paths compute the same loss:
 
 - eager (`weighted_generalized_jsd`): from both models' full ``[B, T, V]`` logits, exactly as GKD;
 - chunked (`chunked_weighted_jsd`): from both models' final hidden states and output layers, ``chunk_size`` tokens
-  at a time, so that only ``[chunk_size, V]`` logits ever exist. The gate runs on each chunk's logits, and each
+  at a time, so that only ``[chunk_size, V]`` logits ever exist. The gate runs on each chunk's log-probs, and each
   chunk's gradient is taken in the forward pass (as fused linear-cross-entropy kernels do), so neither model's logits
   are kept for the backward pass.
 
@@ -22,11 +25,83 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from trl.experimental.gkd import GKDTrainer
+import torch.nn.functional as F
 
 
 NORMALIZATIONS = ("tokens", "accepted")
 LOSS_PATHS = ("eager", "chunked")
+
+
+def jsd_log_probs(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """``log_softmax(logits / temperature)``, the first step of GKD's divergence, made apart so the gate can read it.
+
+    The computation is `GKDTrainer.generalized_jsd_loss`'s own (a division by ``temperature``, skipped when it is 1,
+    since ``z / 1`` is ``z`` exactly; then ``log_softmax``), in the logits' dtype, so float32 and bfloat16 results are
+    bit for bit GKD's. Only float16 is computed in float32: its range (65504) overflows when logits are divided by a
+    small temperature, and ``inf - inf`` gives NaN in the divergence (bfloat16 has float32's range).
+
+    Args:
+        logits (`torch.Tensor` of shape `[..., V]`): logits.
+        temperature (`float`): softmax temperature ``tau``.
+
+    Returns:
+        `torch.Tensor` of shape `[..., V]`: log-probabilities (float32 for float16 logits, else the logits' dtype).
+    """
+    if logits.dtype == torch.float16:
+        logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    return torch.log_softmax(logits, dim=-1)
+
+
+def generalized_jsd_from_log_probs(
+    student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor, *, beta: float
+) -> torch.Tensor:
+    """GKD's element-wise generalized JSD terms from log-probabilities (its ``reduction="none"`` output).
+
+    The operations of `GKDTrainer.generalized_jsd_loss` after its ``log_softmax``, unchanged (a test checks the
+    result is bit for bit TRL's): beta=0 forward KL(p||q), beta=1 reverse KL(q||p), otherwise the KL of both to the
+    mixture ``beta * p + (1 - beta) * q``. TRL's function takes logits only; taking the log-probabilities lets the
+    gate read ``log p(x_t)`` and ``log q(x_t)`` from the divergence's own ``[.., V]`` tensors instead of computing
+    two more.
+
+    Args:
+        student_log_probs (`torch.Tensor` of shape `[..., V]`): ``log q``, from `jsd_log_probs`.
+        teacher_log_probs (`torch.Tensor` of shape `[..., V]`): ``log p``, from `jsd_log_probs`.
+        beta (`float`): generalized JSD interpolation in ``[0, 1]``.
+
+    Returns:
+        `torch.Tensor` of shape `[..., V]`: sum it over the vocabulary for ``D_beta(p_t, q_t)``.
+    """
+    if beta == 0:
+        return F.kl_div(student_log_probs, teacher_log_probs, reduction="none", log_target=True)
+    if beta == 1:
+        return F.kl_div(teacher_log_probs, student_log_probs, reduction="none", log_target=True)
+    beta = torch.tensor(beta, dtype=student_log_probs.dtype, device=student_log_probs.device)
+    mixture_log_probs = torch.logsumexp(
+        torch.stack([student_log_probs + torch.log1p(-beta), teacher_log_probs + torch.log(beta)]), dim=0
+    )
+    kl_teacher = F.kl_div(mixture_log_probs, teacher_log_probs, reduction="none", log_target=True)
+    kl_student = F.kl_div(mixture_log_probs, student_log_probs, reduction="none", log_target=True)
+    return beta * kl_teacher + (1 - beta) * kl_student
+
+
+def weighted_jsd_from_log_probs(
+    student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor, weights: torch.Tensor, *, beta: float
+) -> torch.Tensor:
+    """``w_t * D_beta(p_t, q_t)`` at every position from log-probabilities (see `weighted_generalized_jsd`).
+
+    Args:
+        student_log_probs (`torch.Tensor` of shape `[B, T, V]`): ``log q``, from `jsd_log_probs`.
+        teacher_log_probs (`torch.Tensor` of shape `[B, T, V]`): ``log p``, from `jsd_log_probs`.
+        weights (`torch.Tensor` of shape `[B, T]`): ``w_t``; 0 on masked positions.
+        beta (`float`): generalized JSD interpolation in ``[0, 1]``.
+
+    Returns:
+        `torch.Tensor` of shape `[B, T]`.
+    """
+    per_vocab = generalized_jsd_from_log_probs(student_log_probs, teacher_log_probs, beta=beta)
+    return per_vocab.sum(dim=-1) * weights.to(per_vocab.dtype)
 
 
 def weighted_generalized_jsd(
@@ -39,7 +114,9 @@ def weighted_generalized_jsd(
 ) -> torch.Tensor:
     """``w_t * D_beta(p_t^tau, q_t^tau)`` at every position, no reduction.
 
-    Positions with weight 0 contribute exactly 0 to the value and the gradient (as long as the logits are finite).
+    With all weights 1 this is `GKDTrainer.generalized_jsd_loss(..., reduction="none").sum(-1)` bit for bit (float16
+    logits excepted: they are computed in float32, see `jsd_log_probs`). Positions with weight 0 contribute exactly 0
+    to the value and the gradient (as long as the logits are finite).
 
     Args:
         student_logits (`torch.Tensor` of shape `[B, T, V]`): student logits ``z^S``.
@@ -51,16 +128,9 @@ def weighted_generalized_jsd(
     Returns:
         `torch.Tensor` of shape `[B, T]`.
     """
-    # float32: half-precision logits divided by a small temperature overflow (inf - inf = NaN in the divergence)
-    per_vocab = GKDTrainer.generalized_jsd_loss(
-        student_logits.float(),
-        teacher_logits.float(),
-        labels=None,
-        beta=beta,
-        temperature=temperature,
-        reduction="none",
+    return weighted_jsd_from_log_probs(
+        jsd_log_probs(student_logits, temperature), jsd_log_probs(teacher_logits, temperature), weights, beta=beta
     )
-    return per_vocab.sum(dim=-1) * weights.to(per_vocab.dtype)
 
 
 def normalize_loss(
@@ -206,13 +276,15 @@ class _ChunkedWeightedJSD(torch.autograd.Function):
         for start in range(0, n_rows, chunk_size):
             rows = slice(start, min(start + chunk_size, n_rows))
             hidden = student_hidden[rows]
-            teacher_logits = teacher_head.transform(teacher_head.project(teacher_hidden[rows]))
+            teacher_log_probs = jsd_log_probs(
+                teacher_head.transform(teacher_head.project(teacher_hidden[rows])), temperature
+            )
             raw = student_head.project(hidden).requires_grad_()
             with torch.enable_grad():
-                student_logits = student_head.transform(raw)
-                chunk_weights = weight_fn(student_logits.detach(), teacher_logits, rows).to(torch.float32)
-                chunk_loss = weighted_generalized_jsd(
-                    student_logits, teacher_logits, chunk_weights, beta=beta, temperature=temperature
+                student_log_probs = jsd_log_probs(student_head.transform(raw), temperature)
+                chunk_weights = weight_fn(student_log_probs.detach(), teacher_log_probs, rows).to(torch.float32)
+                chunk_loss = weighted_jsd_from_log_probs(
+                    student_log_probs, teacher_log_probs, chunk_weights, beta=beta
                 ).sum()
                 (grad_logits,) = torch.autograd.grad(chunk_loss, raw)
             weights[rows] = chunk_weights
@@ -223,7 +295,7 @@ class _ChunkedWeightedJSD(torch.autograd.Function):
                 grad_weight.addmm_(grad_logits.t(), hidden.float())
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(dim=0)
-            del teacher_logits, raw, student_logits, grad_logits, chunk_loss
+            del teacher_log_probs, raw, student_log_probs, grad_logits, chunk_loss
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.dtypes = (student_hidden.dtype, student_weight.dtype, None if student_bias is None else student_bias.dtype)
         ctx.mark_non_differentiable(weights)
@@ -250,9 +322,9 @@ def chunked_weighted_jsd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``sum_t w_t D_beta(p_t, q_t)`` from hidden states, never holding more than ``chunk_size`` rows of logits.
 
-    For each chunk of rows, both models' logits are projected through their output layers, ``weight_fn`` turns them
-    into the gate's weights, and the divergence of `weighted_generalized_jsd` (the same code as the eager path) is
-    summed and differentiated right away. The gradients with respect to the student's hidden states, output weight
+    For each chunk of rows, both models' logits are projected through their output layers and normalized
+    (`jsd_log_probs`), ``weight_fn`` turns the log-probabilities into the gate's weights, and the divergence of
+    `weighted_jsd_from_log_probs` (the same code as the eager path) is summed and differentiated right away. The gradients with respect to the student's hidden states, output weight
     and bias are accumulated in float32 and returned by the backward pass, so the chunk's logits are freed before the
     next chunk starts. Peak extra memory: a few ``[chunk_size, V]`` float32 tensors plus the ``[N, H]`` gradient (and
     a ``[V, H]`` one when the student's output layer is trained). The teacher gets no gradient.
@@ -263,8 +335,9 @@ def chunked_weighted_jsd(
             them.
         teacher_hidden (`torch.Tensor` of shape `[N, H_t]`): the teacher's final hidden states at the same positions.
         teacher_head (`OutputHead`): the teacher's output layer (same vocabulary ``V``).
-        weight_fn (`Callable`): ``weight_fn(student_logits [n, V], teacher_logits [n, V], rows: slice) -> [n]``, the
-            loss weights ``w_t`` of the chunk's rows, computed from the chunk's (detached) logits.
+        weight_fn (`Callable`): ``weight_fn(student_log_probs [n, V], teacher_log_probs [n, V], rows: slice) -> [n]``,
+            the loss weights ``w_t`` of the chunk's rows, computed from the chunk's (detached) log-probabilities at
+            ``temperature``.
         beta (`float`): generalized JSD interpolation in ``[0, 1]``.
         temperature (`float`): softmax temperature of the divergence.
         chunk_size (`int`): rows of logits projected at a time.

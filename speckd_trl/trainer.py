@@ -41,10 +41,11 @@ from .generation import GenerationStats, speculative_generate
 from .losses import (
     OutputHead,
     chunked_weighted_jsd,
+    jsd_log_probs,
     loss_denominator,
     normalize_loss,
     policy_gradient_loss,
-    weighted_generalized_jsd,
+    weighted_jsd_from_log_probs,
 )
 from .models import (
     capture_last_hidden_state,
@@ -354,11 +355,13 @@ class SpecKDTrainer(GKDTrainer):
                 ).logits[:, :-1]
             student_logits = self._shared_logits(student_outputs.logits[:, :-1])
             teacher_logits = self._shared_logits(teacher_logits)
-            accepted = self._verify_rows(student_logits, teacher_logits, labels, gated, kind, uniforms) | (
+            # GKD's divergence, split at its log-softmax so that the gate reads the same log-probabilities
+            student_log_probs, teacher_log_probs = jsd_log_probs(student_logits), jsd_log_probs(teacher_logits)
+            accepted = self._verify_rows(student_log_probs, teacher_log_probs, labels, gated, kind, uniforms) | (
                 completion & ~gated
             )
             weights = self._loss_weights(accepted) * completion
-            weighted = weighted_generalized_jsd(student_logits, teacher_logits, weights, beta=self.beta)
+            weighted = weighted_jsd_from_log_probs(student_log_probs, teacher_log_probs, weights, beta=self.beta)
             if not bool(torch.isfinite(weighted).all()):  # [B, T]: cheap; a bad teacher shows here first
                 self._check_teacher(teacher_logits)
 
@@ -421,10 +424,10 @@ class SpecKDTrainer(GKDTrainer):
         row_uniforms = {name: u.flatten()[rows] for name, u in uniforms.items()}
         row_accepted = torch.ones_like(row_gated)
 
-        def weight_fn(student_logits: torch.Tensor, teacher_logits: torch.Tensor, chunk: slice) -> torch.Tensor:
+        def weight_fn(student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor, chunk: slice) -> torch.Tensor:
             chunk_uniforms = {name: u[chunk] for name, u in row_uniforms.items()}
             verdict = self._verify(
-                student_logits, teacher_logits, row_labels[chunk], row_gated[chunk], kind, chunk_uniforms
+                student_log_probs, teacher_log_probs, row_labels[chunk], row_gated[chunk], kind, chunk_uniforms
             )
             row_accepted[chunk] = verdict | ~row_gated[chunk]
             return self._loss_weights(row_accepted[chunk])
@@ -551,21 +554,27 @@ class SpecKDTrainer(GKDTrainer):
     @torch.no_grad()
     def _verify_rows(
         self,
-        student_logits: torch.Tensor,
-        teacher_logits: torch.Tensor,
+        student_log_probs: torch.Tensor,
+        teacher_log_probs: torch.Tensor,
         labels: torch.Tensor,
         gated: torch.Tensor,
         kind: str,
         uniforms: dict[str, torch.Tensor],
     ) -> torch.Tensor:
-        """`_verify` on the gated positions only (`[B, T, V]` logits in, `[B, T]` accept bits out): prompt and
-        padding positions, most of an on-policy batch, never enter the gate's `[.., V]` passes."""
+        """`_verify` on a `[B, T]` batch (`[B, T, V]` log-probabilities in, `[B, T]` accept bits out).
+
+        When at most half the positions are gated (an on-policy batch is mostly prompt and padding), only the gated
+        positions are copied out and verified; otherwise the whole batch goes through the gate's `[.., V]` passes
+        (cheaper than copying most of it) and the mask drops the rest. Both give the same verdicts.
+        """
         if not gated.any() or self.args.gate == "none":
             return gated.clone()
+        if 2 * int(gated.sum()) > gated.numel():
+            return self._verify(student_log_probs, teacher_log_probs, labels, gated, kind, uniforms)
         rows = gated.nonzero(as_tuple=True)
         verdict = self._verify(
-            student_logits[rows],
-            teacher_logits[rows],
+            student_log_probs[rows],
+            teacher_log_probs[rows],
             labels[rows],
             gated[rows],
             kind,
@@ -578,8 +587,8 @@ class SpecKDTrainer(GKDTrainer):
     @torch.no_grad()
     def _verify(
         self,
-        student_logits: torch.Tensor,
-        teacher_logits: torch.Tensor,
+        student_log_probs: torch.Tensor,
+        teacher_log_probs: torch.Tensor,
         labels: torch.Tensor,
         gated: torch.Tensor,
         kind: str,
@@ -587,35 +596,48 @@ class SpecKDTrainer(GKDTrainer):
     ) -> torch.Tensor:
         """The teacher's accept bits on the student's proposals at the gated positions.
 
-        Shapes: logits `[..., V]`, the rest `[...]` (a batch `[B, T]` or a chunk of rows `[n]`).
+        The inputs are the divergence's log-probabilities (temperature 1), so the `spec` rule needs no `[.., V]`
+        pass of its own except for on-policy tokens sampled at a temperature other than 1.
+
+        Shapes: log-probabilities `[..., V]`, the rest `[...]` (a batch `[B, T]` or a chunk of rows `[n]`).
         """
         if not gated.any():
             return torch.zeros_like(gated)
         if self.args.gate == "none":
             return gated.clone()
-        student_logits = student_logits.detach()
+        student_log_probs = student_log_probs.detach()
         on_policy = uniforms.get("on_policy")
         if on_policy is not None:  # mixed batch (mixing="sample"): each position by its row's kind
-            sampled = propose(student_logits, mode=self.args.gate_proposal, uniforms=uniforms.get("proposal"))
+            sampled = propose(student_log_probs, mode=self.args.gate_proposal, uniforms=uniforms.get("proposal"))
             proposals = torch.where(on_policy, labels.clamp(min=0), sampled)
-            proposal_logits = torch.where(on_policy[..., None], student_logits / self.temperature, student_logits)
+            proposal_log_probs = torch.where(
+                on_policy[..., None], self._sampling_log_probs(student_log_probs), student_log_probs
+            )
         elif kind == ON_POLICY:
             # The proposal is the sampled token, drawn from the student at the generation temperature
             # (GKD samples with top_k=0, top_p=1), so that is the q of the `spec` rule.
             proposals = labels.clamp(min=0)
-            proposal_logits = student_logits / self.temperature
+            proposal_log_probs = self._sampling_log_probs(student_log_probs)
         else:
-            proposals = propose(student_logits, mode=self.args.gate_proposal, uniforms=uniforms.get("proposal"))
-            proposal_logits = student_logits
+            proposals = propose(student_log_probs, mode=self.args.gate_proposal, uniforms=uniforms.get("proposal"))
+            proposal_log_probs = student_log_probs
         return accept_mask(
-            proposal_logits,
-            teacher_logits,
+            proposal_log_probs,
+            teacher_log_probs,
             proposals,
             gated,
             gate=self.args.gate,
             top_k=self._gate_top_k(),
             uniforms=uniforms.get("accept"),
+            normalized=True,
         )
+
+    def _sampling_log_probs(self, student_log_probs: torch.Tensor) -> torch.Tensor:
+        """The student's log-probabilities at the generation temperature, from those at temperature 1 (the `spec`
+        rule's ``q`` for sampled tokens; the `topk` rule does not read the student, so it is left as is)."""
+        if self.temperature == 1.0 or self.args.gate != "spec":
+            return student_log_probs
+        return torch.log_softmax(student_log_probs.float() / self.temperature, dim=-1)
 
     # ------------------------------------------------------------------ logging
 

@@ -155,3 +155,16 @@ def test_bad_arguments_raise(kwargs):
     student, teacher, proposals, mask = random_logits(0)
     with pytest.raises(ValueError, match="accept_mask"):
         accept_mask(student, teacher, proposals, mask, **kwargs)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_log_probs_in_place_of_logits_give_the_same_verdicts(seed):
+    """The trainer passes the divergence's log-probabilities (`normalized=True`): same verdicts as from logits."""
+    student, teacher, proposals, mask = random_logits(seed)
+    u = torch.rand(B, T, generator=torch.Generator().manual_seed(seed))
+    log_q, log_p = torch.log_softmax(student, -1), torch.log_softmax(teacher, -1)
+    spec = accept_mask(log_q, log_p, proposals, mask, gate="spec", uniforms=u, normalized=True)
+    assert torch.equal(spec, spec_reference(student, teacher, proposals, mask, u))
+    for k in (1, 3, 7):
+        topk = accept_mask(log_q, log_p, proposals, mask, gate="topk", top_k=k, normalized=True)
+        assert torch.equal(topk, topk_reference(teacher, proposals, mask, k))

@@ -70,3 +70,24 @@ def test_normalize_tokens_and_accepted():
     assert got.item() == pytest.approx(6 / 3 * 5 / 10)
     with pytest.raises(ValueError, match="normalize"):
         normalize_loss(weighted, weights, completion, normalize="mean")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_divergence_is_gkd_bit_for_bit(dtype, beta, temperature):
+    """TRL's divergence split at its log-softmax (so the gate can read it) gives TRL's values and gradients exactly."""
+    from trl.experimental.gkd import GKDTrainer
+
+    g = torch.Generator().manual_seed(0)
+    student = (torch.randn(B, T, 64, generator=g) * 3).to(dtype).requires_grad_()
+    teacher = (torch.randn(B, T, 64, generator=g) * 3).to(dtype)
+    ones = torch.ones(B, T)
+    ours = weighted_generalized_jsd(student, teacher, ones, beta=beta, temperature=temperature)
+    trl = GKDTrainer.generalized_jsd_loss(student, teacher, beta=beta, temperature=temperature, reduction="none")
+    trl = trl.sum(-1)
+    assert ours.dtype == dtype and torch.equal(ours, trl)
+    upstream = torch.randn(B, T, generator=g).to(dtype)
+    (grad_ours,) = torch.autograd.grad(ours, student, upstream)
+    (grad_trl,) = torch.autograd.grad(trl, student, upstream)
+    assert torch.equal(grad_ours, grad_trl)

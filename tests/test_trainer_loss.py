@@ -185,3 +185,29 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path, lmbda, normalize
     else:  # per micro-batch denominators: the same direction, token-share weighted
         cosine = torch.nn.functional.cosine_similarity(updates[0], updates[1], dim=0)
         assert cosine > 0.9
+
+
+@pytest.mark.parametrize("gate", ["topk", "spec"])
+@pytest.mark.parametrize("kind", ["off_policy", "on_policy"])
+def test_gate_on_the_whole_batch_or_on_the_gated_rows_alike(tmp_path, gate, kind):
+    """`_verify_rows` gates the whole batch when most positions are gated and copies the gated rows out otherwise;
+    both give the verdicts of the gate applied position by position."""
+    trainer = make_trainer(tmp_path, gate=gate, gate_top_k=3, temperature=0.7)
+    g = torch.Generator().manual_seed(0)
+    n_b, n_t, vocab = 3, 8, 96
+    log_q = torch.log_softmax(torch.randn(n_b, n_t, vocab, generator=g) * 2, -1)
+    log_p = torch.log_softmax(torch.randn(n_b, n_t, vocab, generator=g) * 2, -1)
+    labels = torch.randint(0, vocab, (n_b, n_t), generator=g)
+    uniforms = {"accept": torch.rand(n_b, n_t, generator=g)} if gate == "spec" else {}
+    most = torch.rand(n_b, n_t, generator=g) > 0.2
+    few = most & (torch.arange(n_t) < 3)
+    assert 2 * most.sum() > most.numel() >= 2 * few.sum()
+    whole = trainer._verify_rows(log_q, log_p, labels, most, kind, uniforms)
+    rows = trainer._verify_rows(log_q, log_p, labels, few, kind, uniforms)
+    assert torch.equal(rows, whole & few)
+    for b, t in most.nonzero().tolist():  # one position at a time
+        one = trainer._verify(
+            log_q[b, t], log_p[b, t], labels[b, t], most[b, t], kind, {n: u[b, t] for n, u in uniforms.items()}
+        )
+        assert one.item() == whole[b, t].item()
+    assert 0 < whole[most].float().mean() < 1
