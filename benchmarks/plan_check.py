@@ -105,7 +105,7 @@ def run_steps(cfg, steps: int, on_measure_start=None) -> float:
 
     from speckd_trl import SpecKDConfig, SpecKDTrainer
     from speckd_trl.plan import load_model_config
-    from speckd_trl.testing import make_dataset, make_tokenizer
+    from speckd_trl.testing import make_dataset, make_tokenizer, random_batch
     from speckd_trl.trainer import KIND_KEY, OFF_POLICY
 
     tokenizer = make_tokenizer()
@@ -162,18 +162,7 @@ def run_steps(cfg, steps: int, on_measure_start=None) -> float:
     model.train()
     optimizer = trainer.create_optimizer()
     vocab = load_model_config(cfg.student).vocab_size
-    g = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(4, vocab, (cfg.batch_size, cfg.seq_len), generator=g)
-    prompt = cfg.prompt_tokens
-    labels = input_ids.clone()
-    labels[:, :prompt] = -100
-    batch = {
-        "input_ids": input_ids,
-        "attention_mask": torch.ones_like(input_ids),
-        "labels": labels,
-        "prompts": input_ids[:, :prompt],
-        "prompt_attention_mask": torch.ones_like(input_ids[:, :prompt]),
-    }
+    batch = random_batch(cfg.batch_size, cfg.seq_len, cfg.prompt_tokens, vocab)
     if not on_policy:
         batch[KIND_KEY] = OFF_POLICY  # a dataset batch; without the key training_step generates (lmbda=1)
     loss = None

@@ -114,19 +114,9 @@ def build_models(args, tokenizer, layers, device):
 
 
 def make_batch(args, prompt_len, device):
-    import torch
+    from speckd_trl.testing import random_batch
 
-    g = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(4, args.vocab, (args.batch, args.seq), generator=g)
-    labels = input_ids.clone()
-    labels[:, :prompt_len] = -100
-    batch = {
-        "input_ids": input_ids,
-        "attention_mask": torch.ones_like(input_ids),
-        "labels": labels,
-        "prompts": input_ids[:, :prompt_len],
-        "prompt_attention_mask": torch.ones_like(input_ids[:, :prompt_len]),
-    }
+    batch = random_batch(args.batch, args.seq, prompt_len, args.vocab)
     return {k: v.to(device) for k, v in batch.items()}
 
 

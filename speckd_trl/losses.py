@@ -36,18 +36,21 @@ def jsd_log_probs(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tenso
     """``log_softmax(logits / temperature)``, the first step of GKD's divergence, made apart so the gate can read it.
 
     The computation is `GKDTrainer.generalized_jsd_loss`'s own (a division by ``temperature``, skipped when it is 1,
-    since ``z / 1`` is ``z`` exactly; then ``log_softmax``), in the logits' dtype, so float32 and bfloat16 results are
-    bit for bit GKD's. Only float16 is computed in float32: its range (65504) overflows when logits are divided by a
-    small temperature, and ``inf - inf`` gives NaN in the divergence (bfloat16 has float32's range).
+    since ``z / 1`` is ``z`` exactly; then ``log_softmax``), so float32 results are bit for bit GKD's. Half-precision
+    logits are computed in float32, where GKD stays in their dtype: float16 overflows (range 65504) when logits are
+    divided by a small temperature, and ``inf - inf`` gives NaN in the divergence; bfloat16 keeps 8 mantissa bits, so
+    near-uniform distributions (a high temperature) give divergences off by tens of percent (measured in the tests).
+    The price is float32 ``[B, T, V]`` temporaries on the eager path; the chunked path holds a chunk at a time.
 
     Args:
         logits (`torch.Tensor` of shape `[..., V]`): logits.
         temperature (`float`): softmax temperature ``tau``.
 
     Returns:
-        `torch.Tensor` of shape `[..., V]`: log-probabilities (float32 for float16 logits, else the logits' dtype).
+        `torch.Tensor` of shape `[..., V]`: log-probabilities (float32 for half-precision logits, else the logits'
+        dtype).
     """
-    if logits.dtype == torch.float16:
+    if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
     if temperature != 1.0:
         logits = logits / temperature
@@ -114,8 +117,8 @@ def weighted_generalized_jsd(
 ) -> torch.Tensor:
     """``w_t * D_beta(p_t^tau, q_t^tau)`` at every position, no reduction.
 
-    With all weights 1 this is `GKDTrainer.generalized_jsd_loss(..., reduction="none").sum(-1)` bit for bit (float16
-    logits excepted: they are computed in float32, see `jsd_log_probs`). Positions with weight 0 contribute exactly 0
+    With all weights 1 this is `GKDTrainer.generalized_jsd_loss(..., reduction="none").sum(-1)` bit for bit (for
+    half-precision logits, computed in float32 here: see `jsd_log_probs`). Positions with weight 0 contribute exactly 0
     to the value and the gradient (as long as the logits are finite).
 
     Args:

@@ -104,3 +104,23 @@ def perturbed_copy(model: PreTrainedModel, noise: float, seed: int = 0) -> PreTr
             if param.dim() > 1:
                 param.add_(torch.randn(param.shape, generator=generator) * param.std() * noise)
     return clone
+
+
+def random_batch(batch_size: int, seq_len: int, prompt_len: int, vocab_size: int, seed: int = 0) -> dict:
+    """A collated batch of random token ids (ids 4 and up: no special tokens), for benchmarks and memory checks.
+
+    Every row is `seq_len` tokens, all attended; the first `prompt_len` are the prompt (labels -100), the rest the
+    completion. Holds the keys GKD's collator produces: `input_ids`, `attention_mask`, `labels`, `prompts`,
+    `prompt_attention_mask` (all `[B, T]` or `[B, prompt_len]`, on the CPU).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(4, vocab_size, (batch_size, seq_len), generator=generator)
+    labels = input_ids.clone()
+    labels[:, :prompt_len] = -100
+    return {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "labels": labels,
+        "prompts": input_ids[:, :prompt_len],
+        "prompt_attention_mask": torch.ones_like(input_ids[:, :prompt_len]),
+    }

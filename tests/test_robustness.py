@@ -216,15 +216,18 @@ def test_all_rejected_batch_gives_zero_loss(tmp_path, loss_path):
 
 @pytest.mark.parametrize("temperature", [1e-4, 1.0, 100.0])
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
-def test_jsd_is_finite_for_fp16_logits_and_extreme_temperatures(temperature, beta):
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_jsd_is_finite_for_half_precision_logits_and_extreme_temperatures(temperature, beta, dtype):
     generator = torch.Generator().manual_seed(0)
     student = torch.randn(2, 3, 96, generator=generator) * 30
     teacher = torch.randn(2, 3, 96, generator=generator) * 30
     weights = torch.tensor([[1.0, 0.5, 0.0], [1.0, 1.0, 0.0]])
     reference = weighted_generalized_jsd(student, teacher, weights, beta=beta, temperature=temperature)
-    half = weighted_generalized_jsd(student.half(), teacher.half(), weights, beta=beta, temperature=temperature)
+    half = weighted_generalized_jsd(student.to(dtype), teacher.to(dtype), weights, beta=beta, temperature=temperature)
+    half = half.float()
     assert torch.isfinite(reference).all() and torch.isfinite(half).all()
     assert (half[:, 2] == 0).all()
+    # both are computed in float32 (in bfloat16, as GKD does, temperature 100 with beta 0.5 is off by 30%)
     assert torch.allclose(half, reference, rtol=2e-2, atol=2e-2 * reference.abs().max().item())
 
 
