@@ -21,6 +21,10 @@ Measurements, each for every method:
 - `loss stage`: the off-policy step on models with no decoder layers (embedding, final norm, output layer), which
   leaves what the methods do differently: the output layer, the gate and the divergence with their backward.
 
+Per method and measurement it also times the gate alone (`gate_ms`: the trainer's `_verify_rows` on the step's
+log-probabilities, median of 5), which a difference of noisy step times cannot isolate, and reports the spread of
+the step times (`ms_min`, `ms_max`).
+
 Methods: `GKD` (TRL's `GKDTrainer` as shipped), SpecKD with `gate` none / topk / spec on the eager path (the same
 `[B, T, V]` logits as GKD), and topk / spec on the chunked path (`loss_path="chunked"`). Prints a table with the
 ratios to GKD and a final JSON line, and saves a plot.
@@ -194,7 +198,49 @@ def child_time(args) -> list[dict]:
             seconds, loss = one_step(*trainers[method], device)
             if round_index >= args.warmup:
                 times[method].append(seconds)
-    return [{"method": m, "measure": args.measure, "ms": 1000 * statistics.median(times[m])} for m in methods]
+    return [
+        {
+            "method": m,
+            "measure": args.measure,
+            "ms": 1000 * statistics.median(times[m]),
+            "ms_min": 1000 * min(times[m]),
+            "ms_max": 1000 * max(times[m]),
+            "gate_ms": gate_ms(*trainers[m], device, on_policy=args.measure == "on-policy step"),
+        }
+        for m in methods
+    ]
+
+
+def gate_ms(trainer, inputs, device, *, on_policy: bool, repeats: int = 5) -> float:
+    """Milliseconds of the gate alone on this batch (median of `repeats`): the trainer's `_verify_rows` on the
+    models' log-probabilities, with the random draws; 0 for GKD and `gate="none"`. A step-time difference between
+    methods mixes the gate with the machine's noise; this isolates it. On-policy: the last `new_tokens` positions
+    stand for the generated ones."""
+    import torch
+
+    from speckd_trl import SpecKDTrainer
+    from speckd_trl.losses import jsd_log_probs
+    from speckd_trl.trainer import OFF_POLICY, ON_POLICY
+
+    if not isinstance(trainer, SpecKDTrainer) or trainer.args.gate == "none":
+        return 0.0
+    with torch.no_grad():
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        student = jsd_log_probs(trainer.model(input_ids=ids, attention_mask=mask).logits[:, :-1])
+        teacher = jsd_log_probs(trainer.teacher_model(input_ids=ids, attention_mask=mask).logits[:, :-1])
+    labels = inputs["labels"][:, 1:]
+    kind = ON_POLICY if on_policy else OFF_POLICY
+    gated = (labels != -100) & trainer._is_gated(kind)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        trainer._verify_rows(student, teacher, labels, gated, kind, trainer._draw_uniforms(kind, gated))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
 
 
 def child_memory(args) -> dict:
@@ -310,6 +356,15 @@ def main():
         for measure_name in MEASUREMENTS:
             r = next(r for r in rows if r["method"] == method and r["measure"] == measure_name)
             line += f"| {r['ms']:7.0f} ({r['ms_ratio']:4.2f}) {r['peak_mib']:7.0f} ({r['mem_ratio']:4.2f})    "
+        print(line)
+    print("\nthe gate alone (`_verify_rows` on the step's log-probabilities): ms (share of the method's step time);")
+    print("step times' spread over the timed rounds: min-max ms")
+    for method in methods:
+        line = f"{method:<23}"
+        for measure_name in MEASUREMENTS:
+            r = next(r for r in rows if r["method"] == method and r["measure"] == measure_name)
+            gate = f"{r['gate_ms']:6.1f} ({100 * r['gate_ms'] / r['ms']:4.1f}%)"
+            line += f"| {gate:<15} {r['ms_min']:6.0f}-{r['ms_max']:<6.0f}   "
         print(line)
     plot(rows, args.plot, title)
     print(f"plot: {args.plot}   wall time {time.time() - started:.0f} s")

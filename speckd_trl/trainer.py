@@ -366,7 +366,9 @@ class SpecKDTrainer(GKDTrainer):
                 self._check_teacher(teacher_logits)
 
             def sampled_logprobs() -> torch.Tensor:
-                logprobs = torch.log_softmax(student_logits.float() / self.temperature, dim=-1)
+                logprobs = student_log_probs  # at the sampling temperature, differentiable
+                if self.temperature != 1.0:
+                    logprobs = jsd_log_probs(student_logits, self.temperature)
                 return logprobs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
 
         loss = self.args.kd_coef * normalize_loss(
