@@ -50,7 +50,7 @@ step of an off-policy batch (``T = seq_len``, ``N = seq_len - prompt_len`` per r
 (``T = prompt_len + max_new_tokens``, ``N = max_new_tokens``), or on-policy generation. Gradients are counted in the
 training phase (conservative: some are produced only after activations are freed).
 
-**Calibration.** ``c_act = 0.7``, ``k_eager = 13`` (float32) and ``m_chunk = 17`` were measured, not guessed:
+**Calibration.** ``c_act = 0.7``, ``k_eager = 13`` (float32) and ``m_chunk = 15`` were measured, not guessed:
 `benchmarks/plan_check.py` runs SpecKD optimizer steps of small Qwen2 models (tens of millions of parameters,
 vocabulary 32000, float32) on a CPU in a fresh process each and measures the peak resident memory above the level
 after the imports (with glibc mapping every allocation above 1 MiB separately, so that freed tensors leave the
@@ -58,11 +58,11 @@ resident set). ``m_chunk`` came from the difference between ``loss_chunk_size`` 
 growth with the batch (1, 2, 4 rows of 512 tokens), ``k_eager`` from the eager steps' remainder once weights,
 optimizer states and activations are taken out: about 15 float32 ``[rows, V]`` tensors on both paths, the two
 models' logits included (17 before the gate shared the divergence's log-probabilities and the temperature-1
-division was dropped, which removed two). ``k_eager = 16`` for bfloat16 / float16 was fitted to the earlier H100
+division was dropped, which removed two; the same change took ``m_chunk`` from 17 to 15). ``k_eager = 16`` for bfloat16 / float16 was fitted to the earlier H100
 measurements of `benchmarks/one_gpu_memory.py` (8B NF4 teacher, 1B LoRA student, dataset steps at batch 2 and 4 x
 512; bf16 logits, most temporaries float32 under autocast), before the divergence cast half-precision logits to
 float32 and before that change; it has not been measured since (no GPU); the chunked path and ``c_act`` have not been checked on a GPU. The
-README's "One GPU" section has the measured tables (CPU: estimate / measured 0.90-1.09 over 13 configurations).
+README's "One GPU" section has the measured tables (CPU: estimate / measured 0.93-1.11 over 13 configurations).
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ INT8_BYTES_PER_PARAM = 1.0
 # Calibrated constants (see the module docstring).
 C_ACT = 0.7  # multiplier of the counted per-layer activations (CPU, Qwen2, sdpa)
 K_EAGER = {4: 13.0, 2: 16.0}  # float32 [B, T, V] temporaries of the eager loss, by compute-dtype bytes
-M_CHUNK = 17.0  # float32 [chunk, V] tiles alive at once in the chunked loss (both logits + temporaries)
+M_CHUNK = 15.0  # float32 [chunk, V] tiles alive at once in the chunked loss (both logits + temporaries)
 
 
 @dataclass(frozen=True)
