@@ -6,7 +6,7 @@ weights (beta=0 forward KL(p||q), beta=1 reverse KL(q||p), otherwise the JSD thr
 ``beta * p + (1 - beta) * q``). TRL's function is split in two here, its ``log_softmax`` (`jsd_log_probs`) and the
 rest (`generalized_jsd_from_log_probs`), each the same operations as TRL's, so that the gate reads ``log p(x_t)`` and
 ``log q(x_t)`` from the divergence's own log-probabilities instead of normalizing ``[B, T, V]`` logits again; a test
-keeps ``gate="none"`` bit for bit equal to GKD.
+keeps the per-position divergence (values and gradients) bit for bit TRL's for float32 and float64 logits.
 
 Two paths compute the same loss:
 
