@@ -39,8 +39,28 @@ def test_invalid_config_value_names_field_value_and_range(field, value, fragment
 
 def test_defaults_are_valid():
     args = SpecKDConfig(**BASE)
-    assert (args.gate, args.gate_top_k, args.gate_on, args.reject_weight) == ("topk", 5, "both", 0.0)
+    assert (args.gate, args.gate_top_k, args.gate_on, args.reject_weight) == ("topk", 5, "both", 0.1)
     assert args.gate_normalize == "tokens" and not args.teacher_load_in_4bit
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"reject_weight": 0.0},
+        {"gate": "spec", "reject_weight": 0.0},
+        {"reject_weight_schedule": "linear", "reject_weight_start": 0.5, "reject_weight_end": 0.0},
+    ],
+)
+def test_masking_rejected_positions_completely_warns(overrides):
+    """reject_weight 0 collapsed the student in the quality benchmark: allowed, but it warns and names the fix."""
+    with pytest.warns(UserWarning, match=r"reject weight of 0 masks rejected positions.*reject_weight=0.1"):
+        SpecKDConfig(**BASE, **overrides)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"reject_weight": 0.05}, {"gate": "none", "reject_weight": 0.0}])
+def test_a_small_reject_weight_or_no_gate_does_not_warn(overrides, recwarn):
+    SpecKDConfig(**BASE, **overrides)
+    assert not [w for w in recwarn if "reject weight of 0" in str(w.message)]
 
 
 def make(tokenizer, student, teacher, **overrides):
