@@ -221,6 +221,9 @@ def plot(table, path, title):
         colors = ["#888" if m in ("sft", "gkd") else "#2a7" for m in methods]
         ax.bar(range(len(methods)), means, yerr=spreads, capsize=4, color=colors)
         ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right", fontsize=8)
+        if metric == "answer_nll" and max(means) > 3 * min(means):  # a collapsed run: keep the rest readable
+            ax.set_yscale("log")
+            label += ", log scale"
         ax.set_title(label, fontsize=10)
     fig.suptitle(title)
     fig.tight_layout()
@@ -255,7 +258,13 @@ def main():
     if args.from_logs:
         rows = [json.loads(line[4:]) for path in args.from_logs for line in open(path) if line.startswith("RUN {")]
         rows = [r for r in rows if r["method"] in methods and r["seed"] in seeds]
-        report(rows, methods, args, f"{len(rows)} runs from {', '.join(args.from_logs)}", started=time.time())
+        report(
+            rows,
+            methods,
+            args,
+            f"{len(rows)} runs from {', '.join(os.path.basename(p) for p in args.from_logs)}",
+            started=time.time(),
+        )
         return
 
     import torch
