@@ -89,14 +89,6 @@ def plan_config(name: str, teacher: dict = TEACHER, student: dict = STUDENT):
 # ----------------------------------------------------------------------------- one measurement (child process)
 
 
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def run_steps(cfg, steps: int, on_measure_start=None) -> float:
     """Build the models of `cfg` (a `PlanConfig`), a `SpecKDTrainer`, and run `steps` optimizer steps."""
     import torch
@@ -176,11 +168,12 @@ def run_steps(cfg, steps: int, on_measure_start=None) -> float:
 def measure(name: str, steps: int, overrides: dict | None = None) -> dict:
     import gc
 
-    import torch  # noqa: F401
+    import torch
     import transformers  # noqa: F401
     import trl  # noqa: F401
 
     from speckd_trl.plan import PlanConfig, estimate_memory
+    from speckd_trl.testing import PeakMemory
 
     cfg = plan_config(name)
     if overrides:
@@ -200,17 +193,15 @@ def measure(name: str, steps: int, overrides: dict | None = None) -> dict:
     )
     run_steps(warm, 1)  # imports, thread pools, kernels: resident before the baseline
     gc.collect()
-    base = {}
+    memory = PeakMemory("cuda" if torch.cuda.is_available() else "cpu")  # where the trainer puts the models
 
     def start():
         gc.collect()
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current resident set
-        base["rss"] = _rss_kib("VmRSS") * 1024
+        memory.start()
 
     started = time.perf_counter()
     loss = run_steps(cfg, steps, on_measure_start=start)
-    measured = _rss_kib("VmHWM") * 1024 - base["rss"]
+    measured = memory.peak_mib() * 2**20
     plan = estimate_memory(cfg)
     return {
         "name": name,

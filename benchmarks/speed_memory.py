@@ -59,41 +59,6 @@ MEASUREMENTS = ("off-policy step", "on-policy step", "loss stage")
 # ----------------------------------------------------------------------------- one measurement (child process)
 
 
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-class PeakMemory:
-    """Peak memory above the current level, in MiB: CUDA allocator statistics, or the CPU resident set."""
-
-    def __init__(self, device):
-        self.device = device
-
-    def start(self):
-        if self.device.type == "cuda":
-            import torch
-
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-        else:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # reset VmHWM to the current resident set
-            self.base = _rss_kib("VmRSS") * 1024
-
-    def peak_mib(self) -> float:
-        if self.device.type == "cuda":
-            import torch
-
-            torch.cuda.synchronize()
-            return (torch.cuda.max_memory_allocated() - self.base) / 2**20
-        return (_rss_kib("VmHWM") * 1024 - self.base) / 2**20
-
-
 def build_models(args, tokenizer, layers, device):
     import torch
 
@@ -245,6 +210,8 @@ def gate_ms(trainer, inputs, device, *, on_policy: bool, repeats: int = 5) -> fl
 
 def child_memory(args) -> dict:
     """Peak memory of one method's step, above the level after an untimed warm-up step."""
+    from speckd_trl.testing import PeakMemory
+
     trainers, device = build_trainers(args, [args.methods], args.measure == "on-policy step", _layers(args))
     trainer, inputs = trainers[args.methods]
     memory = PeakMemory(device)

@@ -124,3 +124,41 @@ def random_batch(batch_size: int, seq_len: int, prompt_len: int, vocab_size: int
         "prompts": input_ids[:, :prompt_len],
         "prompt_attention_mask": torch.ones_like(input_ids[:, :prompt_len]),
     }
+
+
+def _status_kib(field: str) -> int:
+    """A `/proc/self/status` field in KiB (`VmRSS`, `VmHWM`)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+class PeakMemory:
+    """Peak memory of a stretch of code above the level at `start()`, in MiB, for the benchmarks.
+
+    On a CUDA device: `torch.cuda.max_memory_allocated` (peak stats reset at `start()`). On a CPU: the process's peak
+    resident set (`VmHWM`, reset through `/proc/self/clear_refs`; Linux only). Run the process with
+    `MALLOC_MMAP_THRESHOLD_=1048576` so that freed tensors leave the resident set at once.
+    """
+
+    def __init__(self, device: torch.device | str):
+        self.device = torch.device(device)
+        self.base = 0
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset VmHWM to the current resident set
+            self.base = _status_kib("VmRSS") * 1024
+
+    def peak_mib(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            return (torch.cuda.max_memory_allocated() - self.base) / 2**20
+        return (_status_kib("VmHWM") * 1024 - self.base) / 2**20
