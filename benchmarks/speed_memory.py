@@ -251,11 +251,14 @@ def plot(rows, path, title):
 
     methods = list(dict.fromkeys(r["method"] for r in rows))
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
-    width = 0.8 / len(MEASUREMENTS)
+    measures = list(dict.fromkeys(r["measure"] for r in rows))
+    width = 0.8 / len(measures)
     for ax, key, label in ((axes[0], "ms_ratio", "time / GKD's"), (axes[1], "mem_ratio", "peak memory / GKD's")):
-        for i, measure in enumerate(MEASUREMENTS):
+        for i, measure in enumerate(measures):
             values = [next(r[key] for r in rows if r["method"] == m and r["measure"] == measure) for m in methods]
-            ax.bar([j + (i - 1) * width for j in range(len(methods))], values, width, label=measure)
+            ax.bar(
+                [j + (i - (len(measures) - 1) / 2) * width for j in range(len(methods))], values, width, label=measure
+            )
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_xticks(range(len(methods)), [m.replace(" (", "\n(") for m in methods], fontsize=8)
         ax.set_ylabel(label)
@@ -278,7 +281,12 @@ def main():
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default).")
-    parser.add_argument("--methods", default=",".join(METHODS), help="Comma-separated subset of the methods.")
+    parser.add_argument(
+        "--methods", default=",".join(METHODS), help="Comma-separated subset of the methods, timed in this order."
+    )
+    parser.add_argument(
+        "--measures", default=",".join(MEASUREMENTS), help="Comma-separated subset of: " + ", ".join(MEASUREMENTS)
+    )
     parser.add_argument("--plot", default=os.path.join(os.path.dirname(__file__), "speed_memory.png"))
     parser.add_argument("--child", choices=("time", "memory"), help=argparse.SUPPRESS)
     parser.add_argument("--measure", help=argparse.SUPPRESS)
@@ -297,9 +305,12 @@ def main():
     methods = [m.strip() for m in args.methods.split(",")]
     if "GKD" not in methods or any(m not in METHODS for m in methods):
         parser.error(f"--methods must include GKD and name only these: {', '.join(METHODS)}")
+    measures = [m.strip() for m in args.measures.split(",")]
+    if not measures or any(m not in MEASUREMENTS for m in measures):
+        parser.error(f"--measures must name some of: {', '.join(MEASUREMENTS)}")
     started = time.time()
     rows = []
-    for measure_name in MEASUREMENTS:
+    for measure_name in measures:
         timed = {r["method"]: r for r in run_child(args, "time", ",".join(methods), measure_name)}
         for method in methods:
             row = {**timed[method], **run_child(args, "memory", method, measure_name)}
@@ -315,12 +326,12 @@ def main():
         f"{', bf16' if args.bf16 else ', fp32'}{f', {args.threads} thread(s)' if args.threads else ''}"
     )
     print(f"\n{title}; median of {args.steps} steps; peak memory above the level before the step")
-    header = f"{'method':<23}" + "".join(f"| {m:<32}" for m in MEASUREMENTS)
+    header = f"{'method':<23}" + "".join(f"| {m:<32}" for m in measures)
     print(header)
-    print(f"{'':<23}" + "| ms (x GKD)     MiB (x GKD)      " * len(MEASUREMENTS))
+    print(f"{'':<23}" + "| ms (x GKD)     MiB (x GKD)      " * len(measures))
     for method in methods:
         line = f"{method:<23}"
-        for measure_name in MEASUREMENTS:
+        for measure_name in measures:
             r = next(r for r in rows if r["method"] == method and r["measure"] == measure_name)
             line += f"| {r['ms']:7.0f} ({r['ms_ratio']:4.2f}) {r['peak_mib']:7.0f} ({r['mem_ratio']:4.2f})    "
         print(line)
@@ -328,7 +339,7 @@ def main():
     print("step times' spread over the timed rounds: min-max ms")
     for method in methods:
         line = f"{method:<23}"
-        for measure_name in MEASUREMENTS:
+        for measure_name in measures:
             r = next(r for r in rows if r["method"] == method and r["measure"] == measure_name)
             gate = f"{r['gate_ms']:6.1f} ({100 * r['gate_ms'] / r['ms']:4.1f}%)"
             line += f"| {gate:<15} {r['ms_min']:6.0f}-{r['ms_max']:<6.0f}   "
