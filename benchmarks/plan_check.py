@@ -14,7 +14,7 @@ cache). glibc is told to map every allocation above 1 MiB separately (`MALLOC_MM
 tensors leave the resident set at once. On a GPU the child measures `torch.cuda.max_memory_allocated` instead.
 
 Prints planner estimate vs measured and their ratio per configuration, a final JSON line, and saves a plot
-(`plan_check.png` next to this script; `*.png` is gitignored outside docs/).
+(`plan_check.png` next to this script; gitignored: its figures are in the README tables).
 """
 
 from __future__ import annotations
