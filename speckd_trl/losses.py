@@ -327,10 +327,11 @@ def chunked_weighted_jsd(
 
     For each chunk of rows, both models' logits are projected through their output layers and normalized
     (`jsd_log_probs`), ``weight_fn`` turns the log-probabilities into the gate's weights, and the divergence of
-    `weighted_jsd_from_log_probs` (the same code as the eager path) is summed and differentiated right away. The gradients with respect to the student's hidden states, output weight
-    and bias are accumulated in float32 and returned by the backward pass, so the chunk's logits are freed before the
-    next chunk starts. Peak extra memory: a few ``[chunk_size, V]`` float32 tensors plus the ``[N, H]`` gradient (and
-    a ``[V, H]`` one when the student's output layer is trained). The teacher gets no gradient.
+    `weighted_jsd_from_log_probs` (the same code as the eager path) is summed and differentiated right away. The
+    gradients with respect to the student's hidden states, output weight and bias are accumulated in float32 and
+    returned by the backward pass, so the chunk's logits are freed before the next chunk starts. Peak extra memory:
+    a few ``[chunk_size, V]`` float32 tensors plus the ``[N, H]`` gradient (and a ``[V, H]`` one when the student's
+    output layer is trained). The teacher gets no gradient.
 
     Args:
         student_hidden (`torch.Tensor` of shape `[N, H_s]`): the student's final hidden states (after the last norm).

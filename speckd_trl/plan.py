@@ -58,10 +58,11 @@ resident set). ``m_chunk`` came from the difference between ``loss_chunk_size`` 
 growth with the batch (1, 2, 4 rows of 512 tokens), ``k_eager`` from the eager steps' remainder once weights,
 optimizer states and activations are taken out: about 15 float32 ``[rows, V]`` tensors on both paths, the two
 models' logits included (17 before the gate shared the divergence's log-probabilities and the temperature-1
-division was dropped, which removed two; the same change took ``m_chunk`` from 17 to 15). ``k_eager = 16`` for bfloat16 / float16 was fitted to the earlier H100
-measurements of `benchmarks/one_gpu_memory.py` (8B NF4 teacher, 1B LoRA student, dataset steps at batch 2 and 4 x
-512; bf16 logits, most temporaries float32 under autocast), before the divergence cast half-precision logits to
-float32 and before that change; it has not been measured since (no GPU); the chunked path and ``c_act`` have not been checked on a GPU. The
+division was dropped, which removed two; the same change took ``m_chunk`` from 17 to 15). ``k_eager = 16`` for
+bfloat16 / float16 was fitted to the earlier H100 measurements of `benchmarks/one_gpu_memory.py` (8B NF4 teacher,
+1B LoRA student, dataset steps at batch 2 and 4 x 512; bf16 logits, most temporaries float32 under autocast), before
+the divergence cast half-precision logits to float32 and before that change; it has not been measured since (no
+GPU), nor have the chunked path and ``c_act`` been checked on a GPU. The
 README's "One GPU" section has the measured tables (CPU: estimate / measured 0.93-1.11 over 13 configurations).
 """
 

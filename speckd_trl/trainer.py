@@ -639,7 +639,7 @@ class SpecKDTrainer(GKDTrainer):
         rule's ``q`` for sampled tokens; the `topk` rule does not read the student, so it is left as is)."""
         if self.temperature == 1.0 or self.args.gate != "spec":
             return student_log_probs
-        return torch.log_softmax(student_log_probs.float() / self.temperature, dim=-1)
+        return jsd_log_probs(student_log_probs, self.temperature)
 
     # ------------------------------------------------------------------ logging
 
