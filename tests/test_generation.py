@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from transformers import DynamicCache
 
 from speckd_trl import SpecKDConfig
 from speckd_trl.generation import row_seeds, speculative_generate, student_generate
@@ -40,12 +41,17 @@ def ragged_prompts() -> tuple[torch.Tensor, torch.Tensor]:
     return ids, (ids != PAD).long()
 
 
+def hf_greedy(model, ids, mask, max_new_tokens: int, eos_token_id=EOS) -> torch.Tensor:
+    """transformers' greedy decoding as the reference, every setting that decides the tokens passed explicitly
+    (not read from the model's generation config or transformers' defaults)."""
+    return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                          num_beams=1, eos_token_id=eos_token_id, pad_token_id=PAD)  # fmt: skip
+
+
 @pytest.mark.parametrize("draft_len", [1, 3, 8])
 def test_topk1_greedy_is_the_teachers_greedy_decoding(teacher, close_student, draft_len):
     ids, mask = ragged_prompts()
-    expected = teacher.generate(
-        input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=PAD
-    )
+    expected = hf_greedy(teacher, ids, mask, 16)
     got, stats = speculative_generate(close_student, teacher, ids, mask, gate="topk", top_k=1, draft_len=draft_len,
                                       max_new_tokens=16, do_sample=False, eos_token_id=EOS, pad_token_id=PAD)  # fmt: skip
     assert torch.equal(got, expected)
@@ -57,9 +63,7 @@ def test_topk1_greedy_is_the_teachers_greedy_decoding(teacher, close_student, dr
 
 def test_spec_greedy_is_the_teachers_greedy_decoding(teacher, close_student):
     ids, mask = ragged_prompts()
-    expected = teacher.generate(
-        input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=PAD
-    )
+    expected = hf_greedy(teacher, ids, mask, 12)
     got, _ = speculative_generate(close_student, teacher, ids, mask, gate="spec", draft_len=4, max_new_tokens=12,
                                   do_sample=False, eos_token_id=EOS, pad_token_id=PAD)  # fmt: skip
     assert torch.equal(got, expected)
@@ -77,9 +81,7 @@ def test_gate_none_is_the_students_own_sampling(teacher, far_student, temperatur
 
 def test_student_generate_greedy_matches_hf_generate(far_student):
     ids, mask = ragged_prompts()
-    expected = far_student.generate(
-        input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=PAD
-    )
+    expected = hf_greedy(far_student, ids, mask, 10)
     got = student_generate(
         far_student, ids, mask, max_new_tokens=10, do_sample=False, eos_token_id=EOS, pad_token_id=PAD
     )
@@ -129,10 +131,9 @@ def test_same_seed_same_sequences(teacher, far_student):
 
 def test_eos_and_max_new_tokens_are_respected(teacher, close_student):
     ids, mask = ragged_prompts()
-    free = teacher.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=PAD)
+    free = hf_greedy(teacher, ids, mask, 10)
     eos = int(free[0, ids.size(1) + 3])  # row 0 emits it at its 4th token: a stop token for the test
-    expected = teacher.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
-                                pad_token_id=PAD, eos_token_id=eos)  # fmt: skip
+    expected = hf_greedy(teacher, ids, mask, 10, eos_token_id=eos)
     got, _ = speculative_generate(close_student, teacher, ids, mask, gate="topk", top_k=1, draft_len=4,
                                   max_new_tokens=10, do_sample=False, eos_token_id=eos, pad_token_id=PAD)  # fmt: skip
     assert torch.equal(got, expected)
@@ -270,7 +271,13 @@ def test_evaluate_drafter_on_tiny_models(tokenizer, teacher, close_student, far_
         tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
         for text in ("what is 1 + 2 =", "what is 3 + 4 + 5 =", "answer 7")
     ]
+    # settings the call overrides, set to values of our own first, so "restored" does not lean on transformers' defaults
+    fields = ("num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold")
+    mine = (11, "heuristic", 0.25)
+    for name, value in zip(fields, mine):
+        setattr(close_student.generation_config, name, value)
     close = evaluate_drafter(close_student, teacher, tokenizer, prompts, max_new_tokens=10, num_assistant_tokens=3)
+    assert tuple(getattr(close_student.generation_config, name) for name in fields) == mine  # settings restored
     far = evaluate_drafter(far_student, teacher, tokenizer, prompts, max_new_tokens=10, num_assistant_tokens=3)
     for result in (close, far):
         assert result["prompts"] == 3 and result["identical_fraction"] == 1.0  # greedy assisted == teacher greedy
@@ -279,13 +286,40 @@ def test_evaluate_drafter_on_tiny_models(tokenizer, teacher, close_student, far_
         assert result["teacher_time_s"] > 0 and result["assisted_time_s"] > 0 and result["speedup"] > 0
     assert close["mean_accepted_length"] > 1.5 > far["mean_accepted_length"]
     assert close["acceptance_rate"] > far["acceptance_rate"]
-    assert close_student.generation_config.num_assistant_tokens != 3  # settings restored
 
 
-def test_a_model_that_drops_its_cache_is_an_error(tokenizer, teacher):
-    student = make_model(0, tokenizer)
-    student.gradient_checkpointing_enable()
-    student.train()  # transformers turns use_cache off under gradient checkpointing in training mode
+class CacheDropper(torch.nn.Module):
+    """A causal LM that never fills the `DynamicCache` it is handed, whatever transformers does by default.
+
+    ``"ignore"``: the wrapped model runs on the fed tokens alone with ``use_cache=False`` (no cache in or out);
+    ``"own"``: it writes to a fresh cache of its own and returns that one. Either way the caller's cache keeps
+    ``get_seq_length() == 0``, as under a ``use_cache=False`` override.
+    """
+
+    def __init__(self, model: torch.nn.Module, mode: str):
+        super().__init__()
+        self.model, self.mode, self.config = model, mode, model.config
+
+    def forward(self, input_ids, past_key_values=None, use_cache=None, **_):
+        if self.mode == "ignore":
+            return self.model(input_ids=input_ids, use_cache=False)
+        return self.model(input_ids=input_ids, past_key_values=DynamicCache(config=self.config), use_cache=True)
+
+
+@pytest.mark.parametrize("mode", ["ignore", "own"])
+@pytest.mark.parametrize("dropper", ["student", "teacher"])
+def test_a_model_that_drops_its_cache_is_an_error(tokenizer, teacher, far_student, mode, dropper):
+    """`_Batch.forward` checks that the model filled its KV cache; without the check the models would silently
+    decode from the fed tokens alone (wrong logits, no error)."""
+    student, verifier = far_student, teacher
+    if dropper == "student":
+        student = CacheDropper(far_student, mode)
+    else:
+        verifier = CacheDropper(teacher, mode)
     ids, mask = ragged_prompts()
-    with pytest.raises(RuntimeError, match="gradient checkpointing"):
-        speculative_generate(student, teacher, ids, mask, max_new_tokens=4, pad_token_id=PAD)
+    with pytest.raises(RuntimeError, match="needs the KV cache of CacheDropper, which did not fill it"):
+        speculative_generate(student, verifier, ids, mask, max_new_tokens=4, pad_token_id=PAD,
+                             generator=torch.Generator().manual_seed(0))  # fmt: skip
+    if dropper == "student":  # the one-model sampler goes through the same check
+        with pytest.raises(RuntimeError, match="needs the KV cache of CacheDropper"):
+            student_generate(student, ids, mask, max_new_tokens=4, pad_token_id=PAD, seeds=[0, 1, 2])
