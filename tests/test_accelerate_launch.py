@@ -1,0 +1,70 @@
+"""`accelerate launch` as the README documents it: `examples/accelerate/multi_cpu.yaml` really starts two processes
+that train as one DDP job (gloo on the CPU), through the `speckd-trl` CLI on tiny models saved to disk."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "examples" / "accelerate" / "multi_cpu.yaml"
+ROWS, PER_DEVICE_BATCH, PROCESSES = 8, 2, 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def workspace(tmp_path):
+    from speckd_trl.testing import make_dataset, make_model, make_tokenizer
+
+    tokenizer = make_tokenizer()
+    for name, seed in (("student", 0), ("teacher", 1)):
+        make_model(seed, tokenizer).save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    with open(tmp_path / "train.jsonl", "w") as f:
+        for row in make_dataset(ROWS):
+            f.write(json.dumps(row) + "\n")
+    return tmp_path
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch build has no torch.distributed")
+def test_accelerate_launch_runs_two_processes_as_one_job(workspace):
+    out = workspace / "out"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIG)]
+    command += ["--main_process_port", str(free_port()), "-m", "speckd_trl"]
+    command += [
+        "--model_name_or_path", str(workspace / "student"),
+        "--teacher_model_name_or_path", str(workspace / "teacher"),
+        "--dataset_name", str(workspace / "train.jsonl"),
+        "--output_dir", str(out),
+        "--use_cpu", "--report_to", "none", "--seed", "0",
+        "--num_train_epochs", "1", "--per_device_train_batch_size", str(PER_DEVICE_BATCH),
+        "--logging_steps", "1", "--save_strategy", "epoch", "--save_only_model",
+        "--max_new_tokens", "4", "--lmbda", "0.5", "--gate", "topk", "--gate_top_k", "10",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRL_EXPERIMENTAL_SILENCE="1")
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+
+    # One epoch of 8 rows is 8 / (2 processes x batch 2) = 2 optimizer steps. One process would take 4 steps, and
+    # two processes that each trained alone (not one DDP job) would each take 4.
+    steps = ROWS // (PROCESSES * PER_DEVICE_BATCH)
+    checkpoints = sorted(out.glob("checkpoint-*"))
+    assert [c.name for c in checkpoints] == [f"checkpoint-{steps}"], checkpoints
+    state = json.loads((checkpoints[0] / "trainer_state.json").read_text())
+    assert state["global_step"] == state["max_steps"] == steps
+    losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+    assert len(losses) == steps and all(loss > 0 for loss in losses)
+    assert (out / "model.safetensors").is_file()
+    assert f"Saved the student to {out}." in result.stdout
