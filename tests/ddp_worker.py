@@ -1,7 +1,8 @@
 """One process of the multi-process test (`test_distributed.py`): a few steps with lmbda=0.5, recording per step the
 batch kind this process drew and the logged metrics, written to `<out>/rank<i>.json`.
 
-Run under `torchrun --nproc_per_node 2 tests/ddp_worker.py OUT BATCH` (gloo on CPU), or in-process via `run`.
+Run under `python -m torch.distributed.run --nproc_per_node 2 tests/ddp_worker.py OUT BATCH` (`torchrun`; gloo on CPU),
+or in-process via `run`.
 """
 
 import json

@@ -1,16 +1,16 @@
-"""Two CPU processes (torchrun, gloo): the same batch kind on every process at every step, and the loss of one
-process on the same global batch."""
+"""Two CPU processes (`python -m torch.distributed.run`, gloo): the same batch kind on every process at every step,
+and the loss of one process on the same global batch."""
 
 import importlib.util
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,7 +25,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed")
+# `python -m torch.distributed.run` is `torchrun` without needing the script on PATH (a venv that is not activated)
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch build has no torch.distributed")
 def test_two_processes_agree_and_match_one_process(tmp_path):
     multi, single = tmp_path / "multi", tmp_path / "single"
     multi.mkdir()
