@@ -37,6 +37,11 @@ class GenerationStats:
         generated_tokens: completion tokens generated, EOS included, padding excluded.
         accepted_runs: per (row, block), how many drafted tokens the teacher accepted before the first rejection.
         replaced_tokens: drafted tokens the teacher rejected and replaced by its own token.
+        proposals: `torch.LongTensor` of shape `[B, P + N]`, the layout of the returned sequences: at every
+            completion position the token the student drafted there (the emitted token where the teacher accepted
+            it, the rejected draft where the teacher replaced it); the prompts and padding as in the sequences.
+            These are the student's own samples, the actions a gate or a reward must score: a teacher replacement
+            was never sampled by the student. `None` until `speculative_generate` fills it.
     """
 
     teacher_calls: int = 0
@@ -44,6 +49,7 @@ class GenerationStats:
     generated_tokens: int = 0
     accepted_runs: list[int] = field(default_factory=list)
     replaced_tokens: int = 0
+    proposals: torch.Tensor | None = None
 
     @property
     def teacher_forwards_per_token(self) -> float:
@@ -366,7 +372,9 @@ def speculative_generate(
 
     Returns:
         `tuple`: the sequences, `torch.LongTensor` of shape `[B, P + N]` (prompts then completions right-padded with
-        ``pad_token_id``, the layout of ``model.generate``), and the `GenerationStats` of the call.
+        ``pad_token_id``, the layout of ``model.generate``), and the `GenerationStats` of the call, whose
+        ``proposals`` hold the student's draft at every position of the sequences (it differs from the sequence
+        exactly where the teacher replaced a rejected draft).
     """
     _check_args(input_ids, attention_mask, max_new_tokens, temperature, pad_token_id)
     if gate not in GATES:
@@ -379,6 +387,7 @@ def speculative_generate(
     stats = GenerationStats()
     state = _Batch([student, teacher], input_ids, attention_mask, vocab_size)
     completions: list[list[int]] = [[] for _ in range(batch_size)]
+    proposals: list[list[int]] = [[] for _ in range(batch_size)]  # the student's draft at each emitted position
     done = [False] * batch_size
 
     while not all(done):
@@ -455,9 +464,11 @@ def speculative_generate(
                     tokens = tokens[: i + 1]
                     break
             completions[b].extend(tokens)
+            proposals[b].extend(drafted[b][: len(tokens)])  # every emitted token stands at a drafted position
             stats.generated_tokens += len(tokens)
             done[b] = tokens[-1] in eos or len(completions[b]) >= max_new_tokens
             kept[b], last[b] = len(tokens), tokens[-1]
         if not all(done):
             state.commit(width, kept, last)
+    stats.proposals = _assemble(input_ids, proposals, pad_token_id)
     return _assemble(input_ids, completions, pad_token_id), stats

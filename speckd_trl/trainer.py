@@ -66,6 +66,10 @@ OFF_POLICY = "off_policy"
 MIXED = "mixed"  # mixing="sample": some rows on-policy, the rest seq_kd or dataset
 KIND_KEY = "speckd_kind"  # batch key that records how the micro-batch's completions were made
 ROW_ON_POLICY_KEY = "speckd_on_policy"  # with KIND_KEY == MIXED: bool [B], True on the rows generated on-policy
+# With on_policy_generation="speculative": long [B, L] like input_ids, the student's own draft at each completion
+# position of an on-policy row (it differs from input_ids where the teacher replaced a rejected draft). Without it
+# the on-policy tokens themselves are the student's samples.
+PROPOSALS_KEY = "speckd_proposals"
 RNG_STATE_FILE = "speckd_rng_state_{}.pth"  # per process: the batch-kind draw, the gate's and generation's generators
 VOCAB_TILE = 8192  # vocabulary columns per tile of the chunked log-probabilities (reward term)
 
@@ -176,6 +180,9 @@ class SpecKDTrainer(GKDTrainer):
         self._kind_rng = random.Random(args.seed)
         self._gate_generator = torch.Generator(device=self.accelerator.device)
         self._gate_generator.manual_seed(args.seed + self.accelerator.process_index)
+        # Evaluation draws its gate uniforms from a stream of its own, re-seeded by every `evaluate`: it never moves
+        # the training draws, and the same model evaluates to the same loss every time.
+        self._eval_gate_generator = torch.Generator(device=self.accelerator.device)
         self._gate_window = self._new_gate_window()
         # Per-row seeds of speculative generation (`generation.row_seeds`); a stream of its own, so turning
         # `on_policy_generation` on leaves the gate's draws unchanged.
@@ -238,12 +245,16 @@ class SpecKDTrainer(GKDTrainer):
             generation_kwargs=self.generation_kwargs,
             gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs if kind == ON_POLICY else None,
         ) as unwrapped_model:
-            if kind == ON_POLICY and self.args.on_policy_generation == "speculative":
+            speculative = kind == ON_POLICY and self.args.on_policy_generation == "speculative"
+            if speculative:
                 unwrapped_model = _SpeculativeGenerator(self, unwrapped_model)
             input_ids, attention_mask, labels = self.generate_on_policy_outputs(
                 unwrapped_model, inputs, self.generation_config
             )
-        return {**inputs, "input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        generated = {**inputs, "input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        if speculative:  # the gate and the reward score the student's drafts, not the teacher's replacements
+            generated[PROPOSALS_KEY] = unwrapped_model.proposals.to(input_ids.device)
+        return generated
 
     def get_batch_samples(
         self, epoch_iterator: Iterator, num_batches: int, device: torch.device
@@ -276,6 +287,11 @@ class SpecKDTrainer(GKDTrainer):
             checkpoint = get_last_checkpoint(self.args.output_dir) if checkpoint else None
         self._resume_checkpoint, self._rng_restored = checkpoint, False
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def evaluate(self, *args, **kwargs) -> dict[str, float]:
+        """`Trainer.evaluate`; the gate's evaluation draws restart from `args.seed` (per process) on every call."""
+        self._eval_gate_generator.manual_seed(self.args.seed + self.accelerator.process_index)
+        return super().evaluate(*args, **kwargs)
 
     def _speckd_rng_state(self) -> dict[str, Any]:
         return {
@@ -338,13 +354,16 @@ class SpecKDTrainer(GKDTrainer):
         # Causal shift: the model's output at position i predicts the token at i + 1.
         labels = inputs["labels"][:, 1:]
         completion = labels != -100
+        # What the student sampled at each position of an on-policy row: the gate's proposal and the reward's action
+        sampled_ids = inputs.get(PROPOSALS_KEY, inputs["input_ids"])[:, 1:]
         kind = self._row_kinds(inputs, kind)  # issue 7: mixing="sample" batches carry a kind per row
         gated = completion & self._is_gated(kind)
-        uniforms = self._draw_uniforms(kind, gated)
+        generator = self._gate_generator if model.training else self._eval_gate_generator
+        uniforms = self._draw_uniforms(kind, gated, generator)
 
         if self.args.loss_path == "chunked":
             weighted, weights, accepted, student_outputs, sampled_logprobs = self._chunked_terms(
-                model, inputs, labels, completion, gated, kind, uniforms
+                model, inputs, sampled_ids, completion, gated, kind, uniforms
             )
         else:
             student_outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
@@ -357,7 +376,7 @@ class SpecKDTrainer(GKDTrainer):
             teacher_logits = self._shared_logits(teacher_logits)
             # GKD's divergence, split at its log-softmax so that the gate reads the same log-probabilities
             student_log_probs, teacher_log_probs = jsd_log_probs(student_logits), jsd_log_probs(teacher_logits)
-            accepted = self._verify_rows(student_log_probs, teacher_log_probs, labels, gated, kind, uniforms) | (
+            accepted = self._verify_rows(student_log_probs, teacher_log_probs, sampled_ids, gated, kind, uniforms) | (
                 completion & ~gated
             )
             weights = self._loss_weights(accepted) * completion
@@ -369,7 +388,7 @@ class SpecKDTrainer(GKDTrainer):
                 logprobs = student_log_probs  # at the sampling temperature, differentiable
                 if self.temperature != 1.0:
                     logprobs = jsd_log_probs(student_logits, self.temperature)
-                return logprobs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+                return logprobs.gather(-1, sampled_ids.unsqueeze(-1)).squeeze(-1)
 
         loss = self.args.kd_coef * normalize_loss(
             weighted,
@@ -396,7 +415,7 @@ class SpecKDTrainer(GKDTrainer):
         self,
         model: nn.Module,
         inputs: dict[str, Any],
-        labels: torch.Tensor,
+        sampled_ids: torch.Tensor,
         completion: torch.Tensor,
         gated: torch.Tensor,
         kind: str,
@@ -407,7 +426,8 @@ class SpecKDTrainer(GKDTrainer):
         Returns:
             ``sum_t w_t D_t`` (scalar), the weights `[N]` of the `N` completion positions, the accept mask `[B, T]`,
             the student's outputs (logits of the last position only), and a function that gives the student's
-            log-probabilities `[B, T]` of the labels at the sampling temperature (chunked too; 0 off the completion).
+            log-probabilities `[B, T]` of `sampled_ids` at the sampling temperature (chunked too; 0 off the
+            completion).
         """
         student_head, teacher_head = self._output_heads()
         # logits_to_keep=1: the model projects one position; the loss projects the rest chunk by chunk
@@ -422,14 +442,14 @@ class SpecKDTrainer(GKDTrainer):
         rows = completion.flatten().nonzero().squeeze(-1)
         student_hidden = captured["hidden"][:, :-1].flatten(0, 1)[rows]
         teacher_hidden = teacher_hidden[:, :-1].flatten(0, 1)[rows]
-        row_labels, row_gated = labels.flatten()[rows], gated.flatten()[rows]
+        row_sampled, row_gated = sampled_ids.flatten()[rows], gated.flatten()[rows]
         row_uniforms = {name: u.flatten()[rows] for name, u in uniforms.items()}
         row_accepted = torch.ones_like(row_gated)
 
         def weight_fn(student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor, chunk: slice) -> torch.Tensor:
             chunk_uniforms = {name: u[chunk] for name, u in row_uniforms.items()}
             verdict = self._verify(
-                student_log_probs, teacher_log_probs, row_labels[chunk], row_gated[chunk], kind, chunk_uniforms
+                student_log_probs, teacher_log_probs, row_sampled[chunk], row_gated[chunk], kind, chunk_uniforms
             )
             row_accepted[chunk] = verdict | ~row_gated[chunk]
             return self._loss_weights(row_accepted[chunk])
@@ -451,7 +471,7 @@ class SpecKDTrainer(GKDTrainer):
                 student_hidden,
                 student_head.weight,
                 student_head.bias,
-                row_labels,
+                row_sampled,
                 self.temperature,
                 VOCAB_TILE,
                 student_head.softcap,
@@ -531,8 +551,11 @@ class SpecKDTrainer(GKDTrainer):
             return kind.to(like.device).expand_as(like)
         return torch.full_like(like, kind == ON_POLICY, dtype=torch.bool)
 
-    def _draw_uniforms(self, kind: str | torch.Tensor, gated: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The gate's U(0, 1) draws for the micro-batch, `[B, T]` each, made once so every loss path uses them.
+    def _draw_uniforms(
+        self, kind: str | torch.Tensor, gated: torch.Tensor, generator: torch.Generator
+    ) -> dict[str, torch.Tensor]:
+        """The gate's U(0, 1) draws for the micro-batch, `[B, T]` each, from `generator` (the training or the
+        evaluation stream), made once so every loss path uses them.
 
         For a mixed batch the per-position kinds go along as ``"on_policy"`` (bool `[B, T]`), so that both loss
         paths slice them with the draws and `_verify` treats each position by its row's kind.
@@ -542,15 +565,14 @@ class SpecKDTrainer(GKDTrainer):
             return uniforms
         on_policy = self._on_policy_positions(kind, gated)
         if self.args.gate_proposal == "sample" and bool((gated & ~on_policy).any()):
-            uniforms["proposal"] = self._uniform(gated.shape)
+            uniforms["proposal"] = self._uniform(gated.shape, generator)
         if self.args.gate == "spec":
-            uniforms["accept"] = self._uniform(gated.shape)
+            uniforms["accept"] = self._uniform(gated.shape, generator)
         if isinstance(kind, torch.Tensor):
             uniforms["on_policy"] = on_policy
         return uniforms
 
-    def _uniform(self, shape: torch.Size) -> torch.Tensor:
-        generator = self._gate_generator
+    def _uniform(self, shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
         return torch.rand(shape, generator=generator, device=generator.device).to(self.accelerator.device)
 
     @torch.no_grad()
@@ -558,7 +580,7 @@ class SpecKDTrainer(GKDTrainer):
         self,
         student_log_probs: torch.Tensor,
         teacher_log_probs: torch.Tensor,
-        labels: torch.Tensor,
+        sampled_ids: torch.Tensor,
         gated: torch.Tensor,
         kind: str,
         uniforms: dict[str, torch.Tensor],
@@ -572,12 +594,12 @@ class SpecKDTrainer(GKDTrainer):
         if not gated.any() or self.args.gate == "none":
             return gated.clone()
         if 2 * int(gated.sum()) > gated.numel():
-            return self._verify(student_log_probs, teacher_log_probs, labels, gated, kind, uniforms)
+            return self._verify(student_log_probs, teacher_log_probs, sampled_ids, gated, kind, uniforms)
         rows = gated.nonzero(as_tuple=True)
         verdict = self._verify(
             student_log_probs[rows],
             teacher_log_probs[rows],
-            labels[rows],
+            sampled_ids[rows],
             gated[rows],
             kind,
             {name: u[rows] for name, u in uniforms.items()},
@@ -591,7 +613,7 @@ class SpecKDTrainer(GKDTrainer):
         self,
         student_log_probs: torch.Tensor,
         teacher_log_probs: torch.Tensor,
-        labels: torch.Tensor,
+        sampled_ids: torch.Tensor,
         gated: torch.Tensor,
         kind: str,
         uniforms: dict[str, torch.Tensor],
@@ -600,6 +622,8 @@ class SpecKDTrainer(GKDTrainer):
 
         The inputs are the divergence's log-probabilities (temperature 1), so the `spec` rule needs no `[.., V]`
         pass of its own except for on-policy tokens sampled at a temperature other than 1.
+
+        `sampled_ids` are the tokens the student sampled (read at on-policy positions only: the proposals there).
 
         Shapes: log-probabilities `[..., V]`, the rest `[...]` (a batch `[B, T]` or a chunk of rows `[n]`).
         """
@@ -610,15 +634,19 @@ class SpecKDTrainer(GKDTrainer):
         student_log_probs = student_log_probs.detach()
         on_policy = uniforms.get("on_policy")
         if on_policy is not None:  # mixed batch (mixing="sample"): each position by its row's kind
-            sampled = propose(student_log_probs, mode=self.args.gate_proposal, uniforms=uniforms.get("proposal"))
-            proposals = torch.where(on_policy, labels.clamp(min=0), sampled)
+            proposals = sampled_ids
+            # `_draw_uniforms` drew the "proposal" uniforms iff a dataset / seq_kd position is gated; without them
+            # none is, and `propose` would draw from torch's global generator (shifting every later draw of the run)
+            if self.args.gate_proposal == "greedy" or "proposal" in uniforms:
+                own = propose(student_log_probs, mode=self.args.gate_proposal, uniforms=uniforms.get("proposal"))
+                proposals = torch.where(on_policy, sampled_ids, own)
             proposal_log_probs = torch.where(
                 on_policy[..., None], self._sampling_log_probs(student_log_probs), student_log_probs
             )
         elif kind == ON_POLICY:
             # The proposal is the sampled token, drawn from the student at the generation temperature
             # (GKD samples with top_k=0, top_p=1), so that is the q of the `spec` rule.
-            proposals = labels.clamp(min=0)
+            proposals = sampled_ids
             proposal_log_probs = self._sampling_log_probs(student_log_probs)
         else:
             proposals = propose(student_log_probs, mode=self.args.gate_proposal, uniforms=uniforms.get("proposal"))
@@ -745,17 +773,21 @@ def _merge_rows(
 ) -> dict[str, Any]:
     """Put the rows of `parts` (generated separately for the bool masks `rows`) back in their places of `inputs`.
 
-    `input_ids`, `attention_mask` and `labels` are right-padded to the longest part (pad id, 0, -100). A causal model's
+    `input_ids`, `attention_mask` and `labels` (and the on-policy rows' drafts under `PROPOSALS_KEY`, which are the
+    tokens themselves on rows that have none) are right-padded to the longest part (pad id, 0, -100). A causal model's
     outputs at a row's real positions do not depend on padding after them, so each row's loss is unchanged. The
     prompts and any other key are the original batch's.
     """
     merged = dict(inputs)
     width = max(part["input_ids"].size(1) for part in parts)
-    for key, fill in (("input_ids", pad_token_id), ("attention_mask", 0), ("labels", -100)):
-        template = parts[0][key]
-        out = template.new_full((rows[0].numel(), width), fill)
-        for part, mask in zip(parts, rows):
-            out[mask.nonzero().squeeze(-1).to(out.device), : part[key].size(1)] = part[key]
+    fills = {"input_ids": pad_token_id, "attention_mask": 0, "labels": -100}
+    if any(PROPOSALS_KEY in part for part in parts):  # rows without drafts: their tokens are the proposals
+        fills[PROPOSALS_KEY] = pad_token_id
+    for key, fill in fills.items():
+        values = [part.get(key, part["input_ids"]) for part in parts]
+        out = values[0].new_full((rows[0].numel(), width), fill)
+        for value, mask in zip(values, rows):
+            out[mask.nonzero().squeeze(-1).to(out.device), : value.size(1)] = value
         merged[key] = out
     return merged
 
@@ -771,6 +803,7 @@ class _SpeculativeGenerator:
 
     def __init__(self, trainer: SpecKDTrainer, student: nn.Module):
         self.trainer, self.student = trainer, student
+        self.proposals: torch.Tensor | None = None  # the last call's `GenerationStats.proposals`
 
     def generate(self, input_ids, attention_mask, generation_config, **_):
         trainer = self.trainer
@@ -792,4 +825,5 @@ class _SpeculativeGenerator:
             vocab_size=trainer._shared_vocab,
         )
         trainer._record_generation(stats)
+        self.proposals = stats.proposals
         return SimpleNamespace(sequences=sequences)
