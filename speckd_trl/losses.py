@@ -267,8 +267,11 @@ class _ChunkedWeightedJSD(torch.autograd.Function):
         beta: float,
         temperature: float,
         chunk_size: int,
+        grad_enabled: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+        # `needs_input_grad` follows `requires_grad` even under `torch.no_grad()` (evaluation): no gradient work there
+        needs_hidden, needs_weight, needs_bias = (grad_enabled and needs for needs in ctx.needs_input_grad[:3])
+        needs_grad = needs_hidden or needs_weight or needs_bias
         n_rows = student_hidden.size(0)
         device = student_hidden.device
         total = torch.zeros((), device=device, dtype=torch.float32)
@@ -282,16 +285,18 @@ class _ChunkedWeightedJSD(torch.autograd.Function):
             teacher_log_probs = jsd_log_probs(
                 teacher_head.transform(teacher_head.project(teacher_hidden[rows])), temperature
             )
-            raw = student_head.project(hidden).requires_grad_()
-            with torch.enable_grad():
+            raw = student_head.project(hidden).requires_grad_(needs_grad)
+            with torch.set_grad_enabled(needs_grad):
                 student_log_probs = jsd_log_probs(student_head.transform(raw), temperature)
                 chunk_weights = weight_fn(student_log_probs.detach(), teacher_log_probs, rows).to(torch.float32)
                 chunk_loss = weighted_jsd_from_log_probs(
                     student_log_probs, teacher_log_probs, chunk_weights, beta=beta
                 ).sum()
-                (grad_logits,) = torch.autograd.grad(chunk_loss, raw)
             weights[rows] = chunk_weights
             total += chunk_loss.detach()
+            if not needs_grad:
+                continue
+            (grad_logits,) = torch.autograd.grad(chunk_loss, raw)
             if grad_hidden is not None:
                 grad_hidden[rows] = grad_logits.to(student_weight.dtype) @ student_weight
             if grad_weight is not None:
@@ -309,7 +314,7 @@ class _ChunkedWeightedJSD(torch.autograd.Function):
         grads = []
         for grad, dtype in zip(ctx.saved_tensors, ctx.dtypes):
             grads.append(None if grad is None else (grad * grad_total).to(dtype))
-        return (*grads[:2], grads[2], None, None, None, None, None, None, None)
+        return (*grads[:2], grads[2], None, None, None, None, None, None, None, None)
 
 
 def chunked_weighted_jsd(
@@ -369,4 +374,5 @@ def chunked_weighted_jsd(
         beta,
         temperature,
         chunk_size,
+        torch.is_grad_enabled(),
     )

@@ -74,6 +74,30 @@ def test_chunked_matches_eager_loss_and_gradients(beta, chunk_size, head_kind):
         torch.testing.assert_close(g.double(), e, rtol=1e-3, atol=1e-5)  # float32 vs float64
 
 
+def test_chunked_under_no_grad_computes_no_gradient(monkeypatch):
+    """Evaluation runs the loss under `torch.no_grad()`: the same value, and no gradient work (no autograd.grad call,
+    no float32 `[N, H]` / `[V, H]` buffers), although the inputs still require grad."""
+    torch.manual_seed(0)
+    h_s = torch.randn(9, 8, requires_grad=True)
+    head_s = OutputHead(weight=torch.randn(20, 8, requires_grad=True))
+    h_t, head_t = torch.randn(9, 12), OutputHead(weight=torch.randn(20, 12))
+
+    def weight_fn(student_log_probs, teacher_log_probs, rows):
+        return torch.ones(student_log_probs.size(0))
+
+    expected, _ = chunked_weighted_jsd(h_s, head_s, h_t, head_t, weight_fn, beta=0.5, chunk_size=4)
+
+    def no_grad_allowed(*args, **kwargs):
+        raise AssertionError("a gradient was computed under torch.no_grad()")
+
+    monkeypatch.setattr(torch.autograd, "grad", no_grad_allowed)
+    with torch.no_grad():
+        total, weights = chunked_weighted_jsd(h_s, head_s, h_t, head_t, weight_fn, beta=0.5, chunk_size=4)
+    assert not total.requires_grad
+    torch.testing.assert_close(total, expected.detach())
+    torch.testing.assert_close(weights, torch.ones(9))
+
+
 def test_chunked_needs_same_vocabulary():
     head = OutputHead(torch.randn(10, 4))
     with pytest.raises(ValueError, match="same vocabulary"):
