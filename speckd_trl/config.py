@@ -117,7 +117,8 @@ class SpecKDConfig(GKDConfig):
             `reject_weight` at the last step with the linear schedule.
         kd_coef (`float`, *optional*, defaults to `1.0`):
             Weight of the (gated) distillation loss. `0` with `reward_coef > 0` gives a pure binary-reward
-            policy-gradient step.
+            policy-gradient step (which needs on-policy tokens that are gated: `lmbda > 0`, a gate other than
+            `"none"` and `gate_on` other than `"off_policy"`; else the loss would be zero and this raises).
         reward_coef (`float`, *optional*, defaults to `0.0`):
             Weight of the REINFORCE term on the teacher's accept reward, on on-policy tokens:
             `-reward_coef * sum_t (r_t - b) log q(x_t) / N`, with `r_t` the accept bit, `b` the mean reward of the
@@ -329,6 +330,7 @@ class SpecKDConfig(GKDConfig):
             )
         _check_range("lmbda", self.lmbda, 0.0, 1.0)
         _check_range("beta", self.beta, 0.0, 1.0)
+        self._check_reward_term()
         if not isinstance(self.temperature, (int, float)) or not self.temperature > 0:
             raise ValueError(
                 f"SpecKDConfig: temperature={self.temperature!r} is not valid; the sampling temperature must be > 0."
@@ -347,6 +349,25 @@ class SpecKDConfig(GKDConfig):
         if self.bf16 is None:  # TRL defaults to bf16=True, which fails on CPU: use it only where it runs
             self.bf16 = not self.fp16 and not self.use_cpu and is_torch_bf16_gpu_available()
         super().__post_init__()
+
+    def _check_reward_term(self) -> None:
+        """`reward_coef > 0` where the reward term is identically zero: an error when it is the whole loss."""
+        if self.reward_coef == 0:
+            return
+        if self.gate == "none":
+            why, fix = "gate='none' accepts every token (every reward is 1, so every advantage is 0)", "gate='topk'"
+        elif not self.gates_on_policy:
+            why, fix = "gate_on='off_policy' gates no on-policy token, and only those get rewards", "gate_on='both'"
+        elif self.lmbda == 0:
+            why, fix = "lmbda=0 generates no on-policy token, and only those get rewards", "lmbda > 0"
+        else:
+            return
+        message = f"SpecKDConfig: reward_coef={self.reward_coef!r} has no effect: {why}."
+        if self.kd_coef == 0:
+            raise ValueError(
+                f"{message} With kd_coef=0 the loss would be identically zero. Set {fix}, or kd_coef > 0 to distill."
+            )
+        warnings.warn(f"{message} Set {fix} to train on the reward, or reward_coef=0.", UserWarning, stacklevel=3)
 
     def _warn_if_rejected_positions_are_masked(self) -> None:
         if self.gate == "none":

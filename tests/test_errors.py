@@ -63,6 +63,44 @@ def test_a_small_reject_weight_or_no_gate_does_not_warn(overrides, recwarn):
     assert not [w for w in recwarn if "reject weight of 0" in str(w.message)]
 
 
+@pytest.mark.parametrize(
+    "overrides, why, fix",
+    [
+        ({"gate": "none"}, "gate='none' accepts every token", "gate='topk'"),
+        ({"gate_on": "off_policy"}, "gate_on='off_policy' gates no on-policy token", "gate_on='both'"),
+        ({"lmbda": 0.0}, "lmbda=0 generates no on-policy token", "lmbda > 0"),
+    ],
+)
+def test_a_reward_term_that_is_identically_zero(overrides, why, fix, recwarn):
+    """kd_coef=0 would train on a loss of exactly 0: an error. Beside distillation the term is only useless: a
+    warning."""
+    args = {**BASE, "reward_coef": 0.5, **overrides}
+    with pytest.raises(ValueError) as err:
+        SpecKDConfig(**args, kd_coef=0.0)
+    message = str(err.value)
+    assert "reward_coef=0.5 has no effect" in message and why in message and fix in message
+    with pytest.warns(UserWarning, match=f"reward_coef=0.5 has no effect: {why}"):
+        SpecKDConfig(**args, kd_coef=1.0)
+
+
+def test_a_pure_reward_step_on_gated_on_policy_tokens_is_valid(recwarn):
+    SpecKDConfig(**BASE, kd_coef=0.0, reward_coef=0.5, lmbda=0.5, gate="spec", gate_on="on_policy")
+    assert not [w for w in recwarn if "reward_coef" in str(w.message)]
+
+
+def test_import_prints_no_bitsandbytes_kernels_line():
+    """bitsandbytes (imported by PEFT) logs that the optional `kernels` package is missing; a newcomer reads that as
+    a failure, so `import speckd_trl` drops that one line and nothing else."""
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-c", "import speckd_trl, bitsandbytes"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert "kernels" not in result.stdout + result.stderr
+
+
 def make(tokenizer, student, teacher, **overrides):
     return SpecKDTrainer(
         model=student,
