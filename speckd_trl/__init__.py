@@ -4,11 +4,23 @@ Swap `GKDConfig` / `GKDTrainer` for `SpecKDConfig` / `SpecKDTrainer`: the studen
 completion position, the teacher verifies it, and the generalized JSD is kept only where the teacher accepts.
 """
 
+import logging
 import os
 
 
 # GKD lives in trl.experimental, which warns on import; SpecKD is the public API here.
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+
+
+def _drop_missing_kernels_package(record: logging.LogRecord) -> bool:
+    """bitsandbytes' CPU backend logs, when it is imported, that the optional `kernels` package (which fetches a
+    faster CPU 4-bit kernel from the Hugging Face Hub) is missing; it then runs its own CPU kernels, as expected
+    offline. PEFT imports bitsandbytes at its own import, so that line would be the first of every run: drop it.
+    Any other failure to load those kernels is still reported."""
+    return "No module named 'kernels'" not in record.getMessage()
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_drop_missing_kernels_package)
 
 from .config import SpecKDConfig  # noqa: E402
 from .drafter import evaluate_drafter  # noqa: E402
