@@ -255,3 +255,24 @@ def test_per_sample_mixing_with_the_reward_term(tmp_path):
         trainer.args.reward_coef = 0.0
         without = trainer.compute_loss(trainer.model, batch).item()
     assert math.isfinite(with_reward) and with_reward != without
+
+
+def test_an_ungated_proposal_mode_draws_nothing(tmp_path):
+    """gate_on="on_policy" gates no dataset row, so gate_proposal cannot matter; with "sample" nothing may be drawn
+    from torch's global generator either (it would shift every later draw of the run: sampling, dropout)."""
+    runs = []
+    for proposal in ("greedy", "sample"):
+        trainer = build(
+            tmp_path / proposal,
+            lmbda=0.5,
+            mixing="sample",
+            gate_on="on_policy",
+            gate_proposal=proposal,
+            max_steps=3,
+            logging_steps=1,
+        )
+        runs.append(train_logs(trainer))
+    assert runs[0].keys() == runs[1].keys() == {1, 2, 3}
+    for step, entry in runs[0].items():
+        assert runs[1][step]["loss"] == entry["loss"]
+        assert runs[1][step]["gate/acceptance_rate"] == entry["gate/acceptance_rate"]
