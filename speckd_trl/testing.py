@@ -67,6 +67,7 @@ def make_model(
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
+        attention_dropout=0.0,  # explicit: by-hand loss recomputations assume a deterministic forward in train mode
     )
     model = AutoModelForCausalLM.from_config(config_class(**{**config_kwargs, **config_overrides}))
     model.generation_config.eos_token_id = tokenizer.eos_token_id

@@ -3,11 +3,12 @@
 import pytest
 import torch
 from datasets import Dataset
+from transformers import TrainerCallback
 from trl.experimental.gkd import GKDTrainer
 
 from speckd_trl import SpecKDConfig, SpecKDTrainer
 from speckd_trl.testing import make_dataset, make_model, make_tokenizer
-from speckd_trl.trainer import KIND_KEY, OFF_POLICY
+from speckd_trl.trainer import KIND_KEY, OFF_POLICY, ON_POLICY
 
 
 def make_args(tmp_path, **overrides) -> SpecKDConfig:
@@ -93,7 +94,8 @@ def test_topk_gate_masks_rejected_tokens(tmp_path):
 
 
 def test_nothing_accepted_gives_finite_zero_loss_and_zero_gradient(tmp_path):
-    trainer = make_trainer(tmp_path, gate="topk", gate_top_k=1, reject_weight=0.0)
+    with pytest.warns(UserWarning, match="a reject weight of 0 masks rejected positions completely"):
+        trainer = make_trainer(tmp_path, gate="topk", gate_top_k=1, reject_weight=0.0)
     batch = dataset_batch(trainer)
     # the teacher's top-1 is always token 0 (<pad>), which the student never proposes
     with torch.no_grad():
@@ -145,46 +147,141 @@ def test_on_policy_loss_uses_the_generated_tokens(tmp_path):
     assert ours.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+class GradientsBeforeTheStep(TrainerCallback):
+    """Copies the accumulated gradients just before the optimizer steps (after any clipping; the tests turn it off),
+    so that a test reads the gradient itself, whatever the optimizer does with it."""
+
+    def __init__(self):
+        self.grads = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.grads.append([p.grad.detach().clone() for p in model.parameters()])
+
+
+def record_windows(trainer) -> list:
+    """Wraps `get_batch_samples`: every accumulation window the trainer trains on, with its `num_items_in_batch`."""
+    windows, fetch = [], trainer.get_batch_samples
+
+    def recorded(*args, **kwargs):
+        batches, num_items = fetch(*args, **kwargs)
+        windows.append(
+            ([{k: v.clone() if torch.is_tensor(v) else v for k, v in b.items()} for b in batches], num_items)
+        )
+        return batches, num_items
+
+    trainer.get_batch_samples = recorded
+    return windows
+
+
+def topk_terms_by_hand(student, teacher, batch, *, top_k, reject_weight, beta):
+    """One micro-batch's ``sum_t w_t D_t`` (differentiable), ``sum_t w_t``, its completion tokens and accept bits,
+    written from the README with TRL's divergence.
+
+    Proposals: the sampled token on an on-policy batch, the student's argmax otherwise (`gate_proposal="greedy"`).
+    ``w_t`` = 1 if the proposal is in the teacher's top-k, else `reject_weight`, 0 off the completion.
+    """
+    logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    with torch.no_grad():
+        teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    completion = labels != -100
+    proposals = labels.clamp(min=0) if batch[KIND_KEY] == ON_POLICY else logits.detach().argmax(-1)
+    accepted = (teacher_logits.topk(top_k).indices == proposals[..., None]).any(-1) & completion
+    weights = torch.where(accepted, 1.0, reject_weight) * completion
+    divergence = GKDTrainer.generalized_jsd_loss(logits, teacher_logits, beta=beta, reduction="none").sum(-1)
+    return (weights * divergence).sum(), weights.sum(), completion.sum(), accepted[completion]
+
+
+def window_loss(terms, num_items, contract):
+    """The loss summed over a window's micro-batches (`terms`: `topk_terms_by_hand` of each), ``N = num_items``.
+
+    ``"tokens"`` (`normalize_loss`'s contract): ``sum_t w_t D_t / N``.
+    ``"accepted"`` (its contract under accumulation): each micro-batch ``(n_micro / N) * sum_t w_t D_t / max(1,
+    sum_t w_t)``, its own weights in its denominator.
+    ``"accepted_pooled"`` (not the contract; tells the test apart from it): one denominator for the whole window,
+    ``sum w_t D_t / max(1, sum w_t)`` over all its micro-batches.
+    """
+    if contract == "tokens":
+        return sum(weighted for weighted, *_ in terms) / num_items
+    if contract == "accepted":
+        return sum(weighted / w_sum.clamp(min=1) * n_micro / num_items for weighted, w_sum, n_micro, _ in terms)
+    return sum(t[0] for t in terms) / sum(t[1] for t in terms).clamp(min=1)
+
+
 @pytest.mark.parametrize("lmbda", [0.0, 1.0])
 @pytest.mark.parametrize("normalize", ["tokens", "accepted"])
 def test_gradient_accumulation_matches_the_full_batch(tmp_path, lmbda, normalize):
-    """2 micro-batches of 1 give the update of 1 batch of 2 (SGD, lr 1: the update is the gradient)."""
+    """The accumulated gradient is the gradient of the window's loss as documented (`window_loss`), for 1 batch of 2
+    and for 2 micro-batches of 1, and no other candidate contract's; with `"tokens"` both give the same gradient."""
     short, long = "answer 7", "answer is 3 + 4 = 7 answer 7 what is 7"  # completions of different lengths
     dataset = Dataset.from_list(
         [
-            {"messages": [{"role": "user", "content": "what is 3 + 4 ="}, {"role": "assistant", "content": c}]}
-            for c in (short, long)
+            {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": c}]}
+            for q, c in (("what is 3 + 4 =", short), ("what is 1 + 2 + 5 =", long))
         ]
     )
-    updates = []
+    top_k, reject_weight, beta = 30, 0.1, 0.5
+    contracts = ("tokens", "accepted", "accepted_pooled")
+    grads = []
     for batch_size, accumulation in [(2, 1), (1, 2)]:
+        capture = GradientsBeforeTheStep()
         trainer = make_trainer(
             tmp_path / f"b{batch_size}",
             dataset=dataset,
             lmbda=lmbda,
             temperature=1e-4,  # near-greedy sampling: the same completions batched or not
             gate="topk",
-            gate_top_k=30,
-            reject_weight=0.1,
+            gate_top_k=top_k,
+            gate_proposal="greedy",
+            reject_weight=reject_weight,
+            beta=beta,
             gate_normalize=normalize,
             per_device_train_batch_size=batch_size,
             gradient_accumulation_steps=accumulation,
             max_steps=1,
-            optim="sgd",
-            learning_rate=1.0,
-            lr_scheduler_type="constant",
-            max_grad_norm=0.0,
-            weight_decay=0.0,
+            max_grad_norm=0.0,  # no clipping: the captured gradient is the accumulated one
         )
-        before = [p.detach().clone() for p in trainer.model.parameters()]
+        trainer.add_callback(capture)
+        windows = record_windows(trainer)
+        # the weights the step's gradient is taken at, in a model of our own (a deepcopy of a prepared model would
+        # keep calling the original's forward)
+        student = make_model(0, trainer.processing_class)
+        student.load_state_dict({k: v.detach().clone() for k, v in trainer.model.state_dict().items()})
         trainer.train()
-        updates.append(torch.cat([(p.detach() - b).flatten() for p, b in zip(trainer.model.parameters(), before)]))
-    assert updates[0].abs().sum() > 0
-    if normalize == "tokens":
-        assert torch.allclose(updates[0], updates[1], atol=1e-6, rtol=1e-4)
-    else:  # per micro-batch denominators: the same direction, token-share weighted
-        cosine = torch.nn.functional.cosine_similarity(updates[0], updates[1], dim=0)
-        assert cosine > 0.9
+        assert len(windows) == 1 and len(capture.grads) == 1
+        (batches, num_items), got = windows[0], capture.grads[0]
+        assert len(batches) == accumulation
+        assert num_items.item() == sum((b["labels"][:, 1:] != -100).sum().item() for b in batches)
+        assert all(b[KIND_KEY] == (ON_POLICY if lmbda == 1.0 else OFF_POLICY) for b in batches)
+
+        expected = {}
+        for contract in contracts:
+            student.zero_grad()
+            terms = [
+                topk_terms_by_hand(
+                    student, trainer.teacher_model, b, top_k=top_k, reject_weight=reject_weight, beta=beta
+                )
+                for b in batches
+            ]
+            window_loss(terms, num_items, contract).backward()
+            expected[contract] = [p.grad.clone() for p in student.parameters()]
+        for g, e in zip(got, expected[normalize]):
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-8)
+
+        # the check has power: the gate rejects some tokens, and the candidate contracts give other gradients
+        assert 0 < torch.cat([accepted for *_, accepted in terms]).float().mean() < 1
+        scale = max(g.abs().max() for g in expected[normalize])
+        for other in contracts:
+            if other == normalize or (accumulation == 1 and other == "accepted_pooled"):  # one micro-batch: the same
+                continue
+            assert max((a - b).abs().max() for a, b in zip(expected[normalize], expected[other])) > 1e-3 * scale
+        if accumulation == 2:  # the micro-batches differ, so their shares and denominators do
+            assert not torch.equal(batches[0]["input_ids"], batches[1]["input_ids"])
+            assert terms[0][1].item() / terms[0][2].item() != pytest.approx(terms[1][1].item() / terms[1][2].item())
+        grads.append(got)
+    if normalize == "tokens":  # k micro-batches of b give the gradient of one batch of k * b
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
 
 
 @pytest.mark.parametrize("gate", ["topk", "spec"])
