@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from trl.experimental.gkd import GKDTrainer
 
 from speckd_trl import SpecKDConfig, SpecKDTrainer
 from speckd_trl.gate import accept_mask
@@ -119,25 +120,70 @@ def test_pure_policy_gradient_trains(tmp_path):
 # ----------------------------------------------------------------------------- schedules
 
 
+@torch.no_grad()
+def scheduled_loss_by_hand(trainer, batch, num_items, top_k, reject_weight):
+    """The step's loss from the README with this `top_k` and `reject_weight` (`topk` gate, greedy proposals on
+    dataset batches, the sampled token on on-policy ones, `gate_normalize="tokens"`), TRL's divergence."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    student = trainer.model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    teacher = trainer.teacher_model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    completion = labels != -100
+    proposals = labels.clamp(min=0) if batch[KIND_KEY] == ON_POLICY else student.argmax(-1)
+    accepted = (teacher.topk(top_k).indices == proposals[..., None]).any(-1)
+    weights = torch.where(accepted, 1.0, reject_weight) * completion
+    divergence = GKDTrainer.generalized_jsd_loss(student, teacher, beta=trainer.beta, reduction="none").sum(-1)
+    return ((weights * divergence).sum() / num_items).item()
+
+
 def test_linear_top_k_schedule_is_logged_every_step(tmp_path):
+    """The values in force are logged each step, and the step's loss is the loss with those values (recomputed by
+    hand on the step's own batch and weights), not with another step's."""
     steps = 5
-    trainer = make_trainer(
-        tmp_path,
-        gate="topk",
-        gate_top_k_schedule="linear",
-        gate_top_k_start=40,
-        gate_top_k_end=2,
-        reject_weight_schedule="linear",
-        reject_weight_start=0.5,
-        reject_weight_end=0.0,
-        lmbda=0.5,
-        max_steps=steps,
-        logging_steps=1,
-    )
+    top_ks, reject_weights = [40, 31, 21, 12, 2], [0.5, 0.375, 0.25, 0.125, 0.0]  # 40 - 38 * s / 4, rounded half up
+    with pytest.warns(UserWarning, match="reject weight of 0"):  # the schedule ends at 0
+        trainer = make_trainer(
+            tmp_path,
+            gate="topk",
+            gate_proposal="greedy",
+            gate_normalize="tokens",
+            beta=0.5,
+            gate_top_k_schedule="linear",
+            gate_top_k_start=40,
+            gate_top_k_end=2,
+            reject_weight_schedule="linear",
+            reject_weight_start=0.5,
+            reject_weight_end=0.0,
+            lmbda=0.5,
+            max_steps=steps,
+            logging_steps=1,
+        )
+    seen, compute_loss = [], trainer.compute_loss
+
+    def checked(model, inputs, return_outputs=False, num_items_in_batch=None):
+        # before the step's update: the weights the loss is taken at
+        by_hand = [
+            scheduled_loss_by_hand(trainer, inputs, num_items_in_batch, *v) for v in zip(top_ks, reject_weights)
+        ]
+        loss = compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        value = (loss[0] if return_outputs else loss).item()
+        seen.append((trainer.state.global_step, inputs[KIND_KEY], value, by_hand))
+        return loss
+
+    trainer.compute_loss = checked
     trainer.train()
     logs = [e for e in trainer.state.log_history if "loss" in e]
-    assert [e["gate/top_k"] for e in logs] == [40, 31, 21, 12, 2]  # 40 - 38 * s / 4, rounded half up
-    assert [e["gate/reject_weight"] for e in logs] == pytest.approx([0.5, 0.375, 0.25, 0.125, 0.0])
+    assert [e["gate/top_k"] for e in logs] == top_ks
+    assert [e["gate/reject_weight"] for e in logs] == pytest.approx(reject_weights)
+
+    assert [step for step, *_ in seen] == list(range(steps))
+    assert {kind for _, kind, *_ in seen} == {ON_POLICY, OFF_POLICY}  # lmbda=0.5: both kinds of batch occur
+    for step, kind, loss, by_hand in seen:
+        assert loss == pytest.approx(by_hand[step], rel=1e-5, abs=1e-7), (step, kind)
+        # the check has power: with any other step's values this batch's loss is another one
+        for other, value in enumerate(by_hand):
+            if other != step:
+                assert value != pytest.approx(by_hand[step], rel=1e-3), (step, other, kind)
 
 
 def test_schedule_values():
