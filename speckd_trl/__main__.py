@@ -1,4 +1,4 @@
-"""`python -m speckd_trl` (also under `accelerate launch -m speckd_trl`)."""
+"""`python -m speckd_trl` (also under `accelerate launch --config_file examples/accelerate/... -m speckd_trl`)."""
 
 import sys
 

@@ -9,7 +9,8 @@ speckd-trl \\
     --use_peft --lora_r 16 --lora_target_modules all-linear \\
     --output_dir out
 speckd-trl --config recipe.yaml            # YAML keys are the same flags; the command line overrides them
-accelerate launch -m speckd_trl --config recipe.yaml   # or: torchrun --nproc_per_node 2 -m speckd_trl ...
+accelerate launch --config_file examples/accelerate/multi_gpu.yaml -m speckd_trl --config recipe.yaml   # DDP
+accelerate launch --config_file examples/accelerate/multi_cpu.yaml -m speckd_trl --use_cpu --config recipe.yaml
 speckd-trl demo                            # the offline SmolLM2 demo (see speckd_trl/demo.py)
 speckd-trl plan --teacher t/config.json --student s/config.json --teacher-quant nf4   # will it fit? (speckd_trl/plan.py)
 ```

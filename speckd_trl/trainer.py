@@ -57,7 +57,13 @@ from .models import (
     output_head,
     output_vocab_size,
 )
-from .validation import check_4bit_teacher, check_dataset, check_quantized_student, prepare_prompt_completion
+from .validation import (
+    check_4bit_teacher,
+    check_dataset,
+    check_launch,
+    check_quantized_student,
+    prepare_prompt_completion,
+)
 
 
 ON_POLICY = "on_policy"
@@ -114,6 +120,7 @@ class SpecKDTrainer(GKDTrainer):
                 f"SpecKDTrainer needs `args=SpecKDConfig(...)`, got {type(args).__name__}. SpecKDConfig accepts every "
                 "GKDConfig field."
             )
+        check_launch(args)
         check_pad_token(processing_class)
         # Bad input fails here, before any model is prepared or any step runs.
         for name, dataset in [("train_dataset", train_dataset)] + _named(eval_dataset, "eval_dataset"):

@@ -7,6 +7,7 @@ Checks of the models' vocabularies live in `models.py` (`check_vocab`), next to 
 from __future__ import annotations
 
 import importlib.util
+import os
 from typing import Any
 
 import torch
@@ -22,6 +23,22 @@ MAX_LENGTH_CHECK_ROWS = 1000
 
 def bitsandbytes_available() -> bool:
     return importlib.util.find_spec("bitsandbytes") is not None
+
+
+def check_launch(args: Any) -> None:
+    """Raise if a launcher started several processes that would not train as one job.
+
+    `accelerate launch` / `torchrun` set `WORLD_SIZE` in every process. On a machine with no GPU and `use_cpu=False`
+    the processes do not join a process group: each would train alone on the whole dataset, with no error.
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and args.world_size != launched:
+        raise ValueError(
+            f"{launched} processes were launched (WORLD_SIZE={launched}) but training sees a world of "
+            f"{args.world_size}: each process would train alone on the whole dataset. On a machine without a GPU set "
+            "use_cpu=True (`--use_cpu`), so that the processes join one gloo process group (see "
+            "examples/accelerate/multi_cpu.yaml)."
+        )
 
 
 def check_4bit_teacher(device: torch.device | str) -> None:

@@ -37,9 +37,8 @@ def workspace(tmp_path):
     return tmp_path
 
 
-@pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch build has no torch.distributed")
-def test_accelerate_launch_runs_two_processes_as_one_job(workspace):
-    out = workspace / "out"
+def launch(workspace, out, *flags) -> subprocess.CompletedProcess:
+    """`accelerate launch --config_file multi_cpu.yaml -m speckd_trl ...` for one epoch on the tiny models."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIG)]
     command += ["--main_process_port", str(free_port()), "-m", "speckd_trl"]
     command += [
@@ -47,14 +46,20 @@ def test_accelerate_launch_runs_two_processes_as_one_job(workspace):
         "--teacher_model_name_or_path", str(workspace / "teacher"),
         "--dataset_name", str(workspace / "train.jsonl"),
         "--output_dir", str(out),
-        "--use_cpu", "--report_to", "none", "--seed", "0",
+        *flags, "--report_to", "none", "--seed", "0",
         "--num_train_epochs", "1", "--per_device_train_batch_size", str(PER_DEVICE_BATCH),
         "--logging_steps", "1", "--save_strategy", "epoch", "--save_only_model",
         "--max_new_tokens", "4", "--lmbda", "0.5", "--gate", "topk", "--gate_top_k", "10",
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRL_EXPERIMENTAL_SILENCE="1")
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch build has no torch.distributed")
+def test_accelerate_launch_runs_two_processes_as_one_job(workspace):
+    out = workspace / "out"
+    result = launch(workspace, out, "--use_cpu")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
 
     # One epoch of 8 rows is 8 / (2 processes x batch 2) = 2 optimizer steps. One process would take 4 steps, and
@@ -68,3 +73,14 @@ def test_accelerate_launch_runs_two_processes_as_one_job(workspace):
     assert len(losses) == steps and all(loss > 0 for loss in losses)
     assert (out / "model.safetensors").is_file()
     assert f"Saved the student to {out}." in result.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="without a GPU, processes without --use_cpu do not form a job")
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch build has no torch.distributed")
+def test_processes_that_would_train_alone_are_an_error(workspace):
+    """Without `--use_cpu` on a machine with no GPU, each process would train alone on the whole dataset."""
+    result = launch(workspace, workspace / "out")
+    assert result.returncode != 0
+    assert "2 processes were launched (WORLD_SIZE=2) but training sees a world of 1" in result.stderr
+    assert "--use_cpu" in result.stderr
+    assert not (workspace / "out" / "model.safetensors").exists()
