@@ -21,6 +21,7 @@ def make_args(tmp_path, **overrides) -> SpecKDConfig:
         max_new_tokens=6,
         save_strategy="no",
         seed=0,
+        gate_proposal="greedy",  # the by-hand references below take the student's argmax as its proposal
     )
     kwargs.update(overrides)
     return SpecKDConfig(**kwargs)
