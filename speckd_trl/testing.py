@@ -75,6 +75,21 @@ def make_model(
     return model
 
 
+def drop_cache_under_gradient_checkpointing(model: PreTrainedModel) -> PreTrainedModel:
+    """Make `model` ignore its KV cache (``use_cache=False``, no ``past_key_values``) whenever gradient checkpointing
+    is on and it is in training mode, whatever the installed transformers does there (older versions turned the
+    cache off themselves; 5.x keeps it). Tests use it to set up that situation explicitly. Returns `model`."""
+    forward = model.forward
+
+    def forward_without_cache_when_checkpointing(*args, **kwargs):
+        if model.is_gradient_checkpointing and model.training:
+            kwargs.update(use_cache=False, past_key_values=None)
+        return forward(*args, **kwargs)
+
+    model.forward = forward_without_cache_when_checkpointing
+    return model
+
+
 def make_dataset(n: int = 16, seed: int = 0) -> Dataset:
     """Chat rows `{"messages": [user, assistant]}` of small sums, prompts of varying length."""
     rng = random.Random(seed)
