@@ -126,7 +126,7 @@ def _trainer(tmp_path, loss_path, peft=False, **overrides):
         args=make_args(tmp_path / loss_path, loss_path=loss_path, loss_chunk_size=5, **overrides),
         train_dataset=make_dataset(),
         processing_class=tokenizer,
-        peft_config=LoraConfig(r=4, target_modules="all-linear") if peft else None,
+        peft_config=LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0) if peft else None,
     )
 
 

@@ -71,7 +71,8 @@ def test_cli_bad_choice_exits_with_usage(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--gate", "bogus"])
     assert exit_info.value.code == 2
-    assert "invalid choice: 'bogus'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--gate" in err and "bogus" in err and "usage:" in err
 
 
 def test_cli_help_lists_the_speckd_fields(capsys):

@@ -90,15 +90,22 @@ def test_a_pure_reward_step_on_gated_on_policy_tokens_is_valid(recwarn):
 
 def test_import_prints_no_bitsandbytes_kernels_line():
     """bitsandbytes (imported by PEFT) logs that the optional `kernels` package is missing; a newcomer reads that as
-    a failure, so `import speckd_trl` drops that one line and nothing else."""
+    a failure, so `import speckd_trl` drops that one line and nothing else. The record is sent by hand too, so the
+    test holds whether or not this machine's bitsandbytes logs it (it does only on CPUs with AVX512-BF16)."""
     import subprocess
     import sys
 
-    result = subprocess.run(
-        [sys.executable, "-c", "import speckd_trl, bitsandbytes"], capture_output=True, text=True, timeout=120
-    )
+    script = """
+import logging, sys
+import speckd_trl, bitsandbytes
+logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s.", ModuleNotFoundError("No module named 'kernels'"))
+logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s.", RuntimeError("kernel version 0.1"))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert "kernels" not in result.stdout + result.stderr
+    assert "kernels'" not in result.stdout + result.stderr
+    assert "kernel version 0.1" in result.stderr  # any other failure to load the kernels is still reported
 
 
 def make(tokenizer, student, teacher, **overrides):

@@ -42,10 +42,9 @@ def test_bf16_lora_student_with_nf4_teacher_on_cuda(tmp_path):
         lmbda=0.5,
         gate="spec",
         teacher_load_in_4bit=True,
-        model_init_kwargs={"dtype": "bfloat16"},
     )
     trainer = SpecKDTrainer(
-        model=make_model(0, tokenizer),
+        model=make_model(0, tokenizer).to(torch.bfloat16),  # model_init_kwargs apply only to a model given by name
         teacher_model=str(tmp_path / "teacher"),
         args=args,
         train_dataset=make_dataset(32),
@@ -55,6 +54,7 @@ def test_bf16_lora_student_with_nf4_teacher_on_cuda(tmp_path):
     layers = [m for m in trainer.teacher_model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert layers and all(m.weight.device.type == "cuda" and m.weight.quant_type == "nf4" for m in layers)
     assert layers[0].compute_dtype == torch.bfloat16
+    assert trainer.model.get_input_embeddings().weight.dtype == torch.bfloat16
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]

@@ -12,6 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForCausalLM,
@@ -22,6 +23,11 @@ from transformers import (  # noqa: E402
 )
 
 from speckd_trl import hub  # noqa: E402
+
+
+def saved_dtypes(checkpoint: Path) -> set[torch.dtype]:
+    """The dtypes of the tensors in a checkpoint's safetensors files (whatever key its config.json names them by)."""
+    return {t.dtype for path in checkpoint.glob("*.safetensors") for t in load_file(path).values()}
 
 
 def _gguf_or_skip():
@@ -93,7 +99,7 @@ def test_converted_checkpoint_reloads(converted):
     tokenizer = AutoTokenizer.from_pretrained(converted)
     assert getattr(model.config, "quantization_config", None) is None
     assert not getattr(model, "is_quantized", False)
-    assert model.dtype == torch.float32
+    assert saved_dtypes(converted) == {torch.float32}  # what was written, not what from_pretrained defaults to
     assert sum(p.numel() for p in model.parameters()) == 134_515_008  # embeddings tied with lm_head
 
     assert tokenizer.pad_token is not None and tokenizer.pad_token_id is not None
@@ -209,7 +215,7 @@ def test_convert_fixes_tokens_and_config(fake_gguf_loaders, tmp_path):
     assert calls == [("tokenizer", gguf.parent, "tiny.gguf"), ("model", gguf.parent, "tiny.gguf")]
     assert out == tmp_path / "ckpt" and hub.is_complete_checkpoint(out)
     config = json.loads((out / "config.json").read_text())
-    assert "quantization_config" not in config and config["dtype"] == "bfloat16"
+    assert "quantization_config" not in config and saved_dtypes(out) == {torch.bfloat16}
     tokenizer = PreTrainedTokenizerFast.from_pretrained(out)
     assert tokenizer.pad_token == "<unk>"  # no pad in the GGUF: an existing non-end-of-turn token, vocab unchanged
     assert len(tokenizer) == 8 and tokenizer.chat_template
@@ -218,7 +224,7 @@ def test_convert_fixes_tokens_and_config(fake_gguf_loaders, tmp_path):
     assert generation["pad_token_id"] == config["pad_token_id"] == 0
     # converting again replaces the old checkpoint in place
     hub.convert_gguf_to_hf(gguf, out, show_progress=False)
-    assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
+    assert saved_dtypes(out) == {torch.float32}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "tiny.gguf"]
 
 

@@ -7,7 +7,7 @@ import torch
 from peft import LoraConfig
 
 from speckd_trl import SpecKDConfig, SpecKDTrainer
-from speckd_trl.testing import make_dataset, make_model, make_tokenizer
+from speckd_trl.testing import drop_cache_under_gradient_checkpointing, make_dataset, make_model, make_tokenizer
 
 
 GATE_KEYS = ("gate/acceptance_rate", "reward/mean", "reward/std")
@@ -89,7 +89,7 @@ def test_gate_on_restricts_the_gated_kind(tmp_path, gate_on):
 
 
 def test_lora_student(tmp_path):
-    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
+    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0, bias="none")
     trainer, logs, changed = run(tmp_path, lmbda=0.5, peft_config=peft_config)
     check_logs(logs)
     assert changed and all("lora_" in name for name in changed), changed
@@ -145,8 +145,16 @@ def test_student_generation_logs_no_gen_metrics(tmp_path):
 
 
 def test_speculative_generation_with_gradient_checkpointing(tmp_path):
+    """Generation turns gradient checkpointing off, so the student keeps its KV cache even if (as older transformers
+    did) the model drops it under checkpointing in training mode: the student here always does."""
+    student = drop_cache_under_gradient_checkpointing(make_model(0, make_tokenizer()))
     _, logs, changed = run(
-        tmp_path, lmbda=1.0, on_policy_generation="speculative", gradient_checkpointing=True, max_steps=2
+        tmp_path,
+        student=student,
+        lmbda=1.0,
+        on_policy_generation="speculative",
+        gradient_checkpointing=True,
+        max_steps=2,
     )
     assert changed and "gen/teacher_forwards_per_token" in logs[-1]
 
