@@ -14,27 +14,13 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "examples" / "accelerate" / "multi_cpu.yaml"
-ROWS, PER_DEVICE_BATCH, PROCESSES = 8, 2, 2
+ROWS, PER_DEVICE_BATCH, PROCESSES = 8, 2, 2  # ROWS: the `workspace` fixture's (conftest.py)
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture
-def workspace(tmp_path):
-    from speckd_trl.testing import make_dataset, make_model, make_tokenizer
-
-    tokenizer = make_tokenizer()
-    for name, seed in (("student", 0), ("teacher", 1)):
-        make_model(seed, tokenizer).save_pretrained(tmp_path / name)
-        tokenizer.save_pretrained(tmp_path / name)
-    with open(tmp_path / "train.jsonl", "w") as f:
-        for row in make_dataset(ROWS):
-            f.write(json.dumps(row) + "\n")
-    return tmp_path
 
 
 def launch(workspace, out, *flags) -> subprocess.CompletedProcess:

@@ -1,23 +1,8 @@
 """`speckd-trl` on tiny models saved to disk and a local JSONL dataset."""
 
-import json
-
 import pytest
 
 from speckd_trl.cli import main
-from speckd_trl.testing import make_dataset, make_model, make_tokenizer
-
-
-@pytest.fixture
-def workspace(tmp_path):
-    tokenizer = make_tokenizer()
-    for name, seed in (("student", 0), ("teacher", 1)):
-        make_model(seed, tokenizer).save_pretrained(tmp_path / name)
-        tokenizer.save_pretrained(tmp_path / name)
-    with open(tmp_path / "train.jsonl", "w") as f:
-        for row in make_dataset(8):
-            f.write(json.dumps(row) + "\n")
-    return tmp_path
 
 
 def test_cli_trains_on_local_files(workspace, tmp_path):
