@@ -146,7 +146,7 @@ class _Batch:
         self.positions = self.mask.sum(dim=-1)  # [B]: position id of the pending token
         if input_ids.size(1) > 1:
             prefix_positions = (self.mask.cumsum(dim=-1) - 1).clamp(min=0)
-            for model, cache in zip(models, self.caches):
+            for index, (model, cache) in enumerate(zip(models, self.caches)):
                 model(
                     input_ids=input_ids[:, :-1],
                     attention_mask=self.mask,
@@ -154,6 +154,7 @@ class _Batch:
                     past_key_values=cache,
                     use_cache=True,
                 )
+                self._check_cache(index, self.mask.size(1))  # before a forward reads a cache that is not there
 
     def forward(self, index: int, tokens: torch.Tensor, offset: int) -> torch.Tensor:
         """Logits `[B, n, V]` of model ``index`` for ``tokens`` `[B, n]` placed ``offset`` positions after pending.
@@ -170,12 +171,17 @@ class _Batch:
             past_key_values=self.caches[index],
             use_cache=True,
         )
-        if self.caches[index].get_seq_length() != mask.size(1):  # e.g. gradient checkpointing forced use_cache off
+        self._check_cache(index, mask.size(1))
+        return out.logits[..., : self.vocab_size].float()
+
+    def _check_cache(self, index: int, length: int) -> None:
+        """Raise unless model ``index``'s cache holds ``length`` positions (a model may drop it: e.g. older
+        transformers turned ``use_cache`` off under gradient checkpointing in training mode)."""
+        if self.caches[index].get_seq_length() != length:
             raise RuntimeError(
                 f"speculative generation needs the KV cache of {type(self.models[index]).__name__}, which did not "
                 "fill it; disable gradient checkpointing (and any use_cache=False override) while generating."
             )
-        return out.logits[..., : self.vocab_size].float()
 
     def commit(self, fed: int, kept: torch.Tensor, last: torch.Tensor) -> None:
         """After a block that fed ``fed`` tokens (pending first), keep ``kept[b]`` of them per row; ``last`` is the

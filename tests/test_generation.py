@@ -292,21 +292,25 @@ class CacheDropper(torch.nn.Module):
     """A causal LM that never fills the `DynamicCache` it is handed, whatever transformers does by default.
 
     ``"ignore"``: the wrapped model runs on the fed tokens alone with ``use_cache=False`` (no cache in or out);
-    ``"own"``: it writes to a fresh cache of its own and returns that one. Either way the caller's cache keeps
-    ``get_seq_length() == 0``, as under a ``use_cache=False`` override.
+    ``"own"``: it writes to a fresh cache of its own and returns that one; ``"mask"``: like ``"ignore"`` but it keeps
+    the caller's attention mask and positions (as a real model under a ``use_cache=False`` override does), so a
+    forward after the prompt's prefill fails inside attention unless the missing cache is caught first. Either way
+    the caller's cache keeps ``get_seq_length() == 0``.
     """
 
     def __init__(self, model: torch.nn.Module, mode: str):
         super().__init__()
         self.model, self.mode, self.config = model, mode, model.config
 
-    def forward(self, input_ids, past_key_values=None, use_cache=None, **_):
+    def forward(self, input_ids, past_key_values=None, use_cache=None, **kwargs):
         if self.mode == "ignore":
             return self.model(input_ids=input_ids, use_cache=False)
+        if self.mode == "mask":
+            return self.model(input_ids=input_ids, use_cache=False, **kwargs)
         return self.model(input_ids=input_ids, past_key_values=DynamicCache(config=self.config), use_cache=True)
 
 
-@pytest.mark.parametrize("mode", ["ignore", "own"])
+@pytest.mark.parametrize("mode", ["ignore", "own", "mask"])
 @pytest.mark.parametrize("dropper", ["student", "teacher"])
 def test_a_model_that_drops_its_cache_is_an_error(tokenizer, teacher, far_student, mode, dropper):
     """`_Batch.forward` checks that the model filled its KV cache; without the check the models would silently
