@@ -60,7 +60,6 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import lab_process as lp  # noqa: E402
@@ -92,8 +91,10 @@ def make_setup(args) -> dict:
         "tokenizer": tokenizer,
         "train": train,
         "sft_train": sft_train,
-        "eval": {name: eval_set(getattr(splits, name), args.data_seed + i + 1)
-                 for i, name in enumerate(("validation", "test"))},  # fmt: skip
+        "eval": {
+            name: eval_set(getattr(splits, name), args.data_seed + i + 1)
+            for i, name in enumerate(("validation", "test"))
+        },  # fmt: skip
     }
 
 
@@ -405,7 +406,7 @@ def main(argv=None):
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--seeds", type=int, default=10, help="reporting seeds 0..N-1")
     parser.add_argument("--select-seeds", type=int, default=3, help="validation seeds (1000..) for the grid; 0: skip")
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default 150; --quick: 8)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--learning-rate", type=float, default=3e-3)
     parser.add_argument("--lmbda", type=float, default=0.5)
@@ -418,13 +419,18 @@ def main(argv=None):
     parser.add_argument("--eval-prompts", type=int, default=500)
     parser.add_argument("--data-seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--quick", action="store_true", help="smoke run: 2 seeds, 8 steps, no grid, 64 prompts")
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: 2 seeds, 8 steps, no grid, <= 64 held-out prompts"
+    )
     parser.add_argument("--output-dir", default="/tmp/speckd-lab")
     parser.add_argument("--plot", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "lab.png"))
     parser.add_argument("--log", default="", help="also write the lines and the final JSON here (.log and .json)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.seeds, args.select_seeds, args.steps, args.eval_prompts, args.train_prompts = 2, 0, 8, 64, 128
+        args.seeds, args.select_seeds, args.train_prompts = 2, 0, 128
+        args.eval_prompts = min(args.eval_prompts, 64)
+    if args.steps is None:
+        args.steps = 8 if args.quick else 150
     args.methods = [m.strip() for m in args.methods.split(",")]
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:

@@ -128,9 +128,7 @@ def make_splits(n_train: int, n_validation: int, n_test: int, seed: int = 0) -> 
     rng = random.Random(seed)
     codes = rng.sample(range(N_DIGITS**PROMPT_LEN), n_train + n_validation + n_test)
     prompts = [[(c >> (4 * i)) & 15 for i in range(PROMPT_LEN)] for c in codes]
-    return Splits(
-        prompts[:n_train], prompts[n_train : n_train + n_validation], prompts[n_train + n_validation :]
-    )
+    return Splits(prompts[:n_train], prompts[n_train : n_train + n_validation], prompts[n_train + n_validation :])
 
 
 def chat_rows(prompts: list[list[int]], seed: int) -> list[dict]:
