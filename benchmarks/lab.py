@@ -71,7 +71,7 @@ DEFAULT_GRID = {
     "speckd-spec": [dict(reject_weight=w) for w in (0.1, 0.5)],
 }
 DEFAULT_SETTINGS = {"speckd-topk": dict(gate_top_k=4, reject_weight=0.1), "speckd-spec": dict(reject_weight=0.1)}
-METRICS = ("kl_all", "kl_det", "kl_ent", "exact", "train_acceptance")
+METRICS = ("kl_all", "kl_det", "kl_ent", "exact", "train_acceptance", "kl_teacher", "off_support")
 
 
 # ---------------------------------------------------------------------------------------------- data and models
@@ -154,7 +154,10 @@ def greedy_exact(model, prompts) -> float:
     return (answer == target).all(-1).float().mean().item()
 
 
-def evaluate(model, data) -> dict[str, float]:
+def evaluate(model, data, teacher=None) -> dict[str, float]:
+    """`kl_*` and `exact`; with the teacher also `kl_teacher` (mean KL(teacher || student) over the answer slots:
+    how closely the student copies its teacher) and `off_support` (the student's mean probability mass outside the
+    true support at the high-entropy slots: the share of the teacher's noise it learned)."""
     import torch
 
     model.eval()
@@ -162,6 +165,15 @@ def evaluate(model, data) -> dict[str, float]:
         log_probs = model(input_ids=data["ids"]).logits[:, :-1].float().log_softmax(-1)
         out = kl_metrics(log_probs, data)
         out["exact"] = greedy_exact(model, data["prompts"])
+        if teacher is not None:
+            p_t = teacher.probabilities(data["ids"])[:, :-1]
+            slots = data["slots"]
+            answer = (slots >= 0) & (slots <= lp.ANSWER_LEN)
+            kl_t = (torch.xlogy(p_t, p_t) - p_t * log_probs).sum(-1)
+            out["kl_teacher"] = kl_t[answer].mean().item()
+            ent = (slots >= 0) & (slots % 2 == 1) & (slots < lp.ANSWER_LEN)
+            outside = (log_probs.exp() * (data["p_true"] == 0)).sum(-1)
+            out["off_support"] = outside[ent].mean().item()
     return out
 
 
@@ -170,8 +182,12 @@ def teacher_reference(teacher, data) -> dict[str, float]:
     import torch
 
     with torch.no_grad():
-        out = kl_metrics(teacher(input_ids=data["ids"]).logits[:, :-1].log_softmax(-1), data)
+        log_probs = teacher(input_ids=data["ids"]).logits[:, :-1].log_softmax(-1)
+        out = kl_metrics(log_probs, data)
         out["exact"] = greedy_exact(teacher, data["prompts"])
+        slots = data["slots"]
+        ent = (slots >= 0) & (slots % 2 == 1) & (slots < lp.ANSWER_LEN)
+        out["off_support"] = (log_probs.exp() * (data["p_true"] == 0)).sum(-1)[ent].mean().item()
     return out
 
 
@@ -232,7 +248,7 @@ def run_one(method: str, settings: dict, seed: int, split: str, setup: dict, tea
     trainer.train()
     train_s = time.time() - built
     row = {"method": method, "settings": settings, "seed": seed, "split": split, "noise": teacher.config.noise}
-    row.update(evaluate(trainer.model, setup["eval"][split]))
+    row.update(evaluate(trainer.model, setup["eval"][split], teacher))
     history = trainer.state.log_history
     rates = [e["gate/acceptance_rate"] for e in history if "gate/acceptance_rate" in e]
     row["train_acceptance"] = rates[-1] if rates else None
@@ -292,7 +308,8 @@ def fmt(value: tuple[float, float], scale: float = 1.0, digits: int = 3) -> str:
 def print_table(rows, methods, title) -> dict:
     table = summarize(rows, methods)
     print(f"\n{title}\nmean +- 95% t-interval half-width over seeds (n per method in the last column)")
-    header = ("method", "KL all", "KL det", "KL ent", "exact %", "train acc.", "teacher fwd", "train s", "n")
+    header = ("method", "KL all", "KL det", "KL ent", "exact %", "train acc.", "KL(teacher||student)", "off-support",
+              "teacher fwd", "train s", "n")  # fmt: skip
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for method in methods:
@@ -300,6 +317,8 @@ def print_table(rows, methods, title) -> dict:
         cells = [
             fmt(m["kl_all"]), fmt(m["kl_det"]), fmt(m["kl_ent"]), fmt(m["exact"], 100, 1),
             fmt(m["train_acceptance"], 1, 2) if "train_acceptance" in m else "-",
+            fmt(m["kl_teacher"]) if "kl_teacher" in m else "-",
+            fmt(m["off_support"]) if "off_support" in m else "-",
             f"{m['teacher_forwards'][0]:.0f}", f"{m['train_s'][0]:.1f}", str(m["n"]),
         ]  # fmt: skip
         print("| " + " | ".join([method, *cells]) + " |")
@@ -364,8 +383,8 @@ def plot(result, path, title):
 
     rows, methods = result["rows"], result["methods"]
     sweep = result.get("sweep")
-    panels = 4 if sweep else 3
-    fig, axes = plt.subplots(1, panels, figsize=(4.6 * panels, 4.2))
+    panels = 5 if sweep else 4
+    fig, axes = plt.subplots(1, panels, figsize=(4.4 * panels, 4.2))
     table = summarize(rows, methods)
     ref = result["teacher"]
     for ax, metric, label in zip(axes, ("kl_det", "kl_ent", "exact"),
@@ -382,8 +401,20 @@ def plot(result, path, title):
         ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right", fontsize=8)
         ax.set_title(label, fontsize=9)
         ax.legend(fontsize=7)
+    ax = axes[3]  # the mechanism: how much of the signal the gate keeps, over training
+    for method in methods:
+        curves = [r["acceptance_curve"] for r in rows if r["method"] == method and r.get("acceptance_curve")]
+        if curves and method != "speckd-none":
+            n = min(len(c) for c in curves)
+            mean = [statistics.fmean(c[i] for c in curves) for i in range(n)]
+            every = result["args"]["steps"] / max(n, 1)
+            ax.plot([every * (i + 1) for i in range(n)], mean, marker=".", label=method)
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("optimizer step")
+    ax.set_title("training acceptance rate (mean over seeds)", fontsize=9)
+    ax.legend(fontsize=7)
     if sweep:
-        ax = axes[3]
+        ax = axes[4]
         for method in sweep["methods"]:
             xs, ys, hs = [], [], []
             for noise in sweep["noises"]:
@@ -392,6 +423,9 @@ def plot(result, path, title):
                     m, h = t_interval(vals)
                     xs.append(noise), ys.append(m), hs.append(h)
             ax.errorbar(xs, ys, yerr=hs, capsize=3, marker="o", label=method)
+        if sweep.get("teacher"):
+            ax.plot(sweep["noises"], [sweep["teacher"][str(x)]["kl_all"] for x in sweep["noises"]], "r--",
+                    lw=1, label="teacher")  # fmt: skip
         ax.set_xlabel("teacher noise (0 = exact process)")
         ax.set_title("KL(true||student), all slots, by teacher noise", fontsize=9)
         ax.legend(fontsize=7)
@@ -399,6 +433,36 @@ def plot(result, path, title):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def report_sweep(sweep) -> None:
+    for noise in sweep["noises"]:
+        teacher = sweep["teacher"][str(noise)]
+        print_table(
+            [r for r in sweep["rows"] if r["noise"] == noise],
+            sweep["methods"],
+            f"sweep: teacher noise {noise} (teacher: KL all {teacher['kl_all']:.3f}, KL det {teacher['kl_det']:.3f}, "
+            f"KL ent {teacher['kl_ent']:.3f}, exact {100 * teacher['exact']:.1f}%)",
+        )
+
+
+def from_json(path: str, plot_path: str) -> dict:
+    """Re-print the tables and redraw the plot of an earlier run's `.json` (teacher references of a sweep that
+    lacks them are read from the `TEACHER` lines of the `.log` next to it)."""
+    result = json.loads(Path(path).read_text())
+    print_table(result["rows"], result["methods"], result["title"])
+    sweep = result.get("sweep")
+    if sweep and not sweep.get("teacher"):
+        sweep["teacher"] = {}
+        for line in Path(path).with_suffix(".log").read_text().splitlines():
+            if line.startswith("TEACHER noise "):
+                noise, ref = line[len("TEACHER noise ") :].split(": ", 1)
+                sweep["teacher"][str(float(noise))] = json.loads(ref)["test"]
+    if sweep:
+        report_sweep(sweep)
+    plot(result, plot_path, result["title"])
+    print(f"plot: {plot_path}")
+    return result
 
 
 def main(argv=None):
@@ -425,7 +489,10 @@ def main(argv=None):
     parser.add_argument("--output-dir", default="/tmp/speckd-lab")
     parser.add_argument("--plot", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "lab.png"))
     parser.add_argument("--log", default="", help="also write the lines and the final JSON here (.log and .json)")
+    parser.add_argument("--from-json", default="", help="train nothing: re-report an earlier run's .json")
     args = parser.parse_args(argv)
+    if args.from_json:
+        return from_json(args.from_json, args.plot)
     if args.quick:
         args.seeds, args.select_seeds, args.train_prompts = 2, 0, 128
         args.eval_prompts = min(args.eval_prompts, 64)
@@ -472,17 +539,19 @@ def main(argv=None):
 
     if args.sweep_noise:
         noises = [float(x) for x in args.sweep_noise.split(",")]
-        sweep_rows = []
+        sweep_rows, sweep_teacher_refs = [], {}
         for noise in noises:
             if noise == args.noise:
                 sweep_rows += rows
+                sweep_teacher_refs[str(noise)] = reference["test"]
                 continue
             sweep_teacher = make_teacher(noise, args.teacher_temperature)
-            log(f"TEACHER noise {noise}: {json.dumps(teacher_reference(sweep_teacher, setup['eval']['test']))}")
+            sweep_teacher_refs[str(noise)] = teacher_reference(sweep_teacher, setup["eval"]["test"])
+            log(f"TEACHER noise {noise}: {json.dumps({'test': sweep_teacher_refs[str(noise)]})}")
             sweep_rows += compare(setup, sweep_teacher, settings, args, log)
-        result["sweep"] = {"noises": noises, "methods": args.methods, "rows": sweep_rows}
-        for noise in noises:
-            print_table([r for r in sweep_rows if r["noise"] == noise], args.methods, f"sweep: teacher noise {noise}")
+        result["sweep"] = {"noises": noises, "methods": args.methods, "rows": sweep_rows,
+                           "teacher": sweep_teacher_refs}  # fmt: skip
+        report_sweep(result["sweep"])
 
     compute = {m: {"steps": args.steps, "teacher_forwards": result["table"][m]["teacher_forwards"][0],
                    "train_s": result["table"][m]["train_s"][0]} for m in args.methods}  # fmt: skip

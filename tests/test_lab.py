@@ -67,3 +67,5 @@ def test_quick_run(lab, tmp_path):
     assert result["paired"]["speckd-topk - gkd/kl_all"][2] == 2  # paired over both seeds
     assert (tmp_path / "lab.png").stat().st_size > 0
     assert json.loads((tmp_path / "lab-quick.json").read_text())["settings"]["speckd-topk"]["gate_top_k"] >= 1
+    again = lab.from_json(str(tmp_path / "lab-quick.json"), str(tmp_path / "again.png"))  # re-report, no training
+    assert again["rows"] == json.loads(json.dumps(rows)) and (tmp_path / "again.png").stat().st_size > 0
