@@ -314,13 +314,13 @@ def fmt(value: tuple[float, float], scale: float = 1.0, digits: int = 3) -> str:
     return f"{mean * scale:.{digits}f} +- {half * scale:.{digits}f}"
 
 
-def print_table(rows, methods, title) -> dict:
+def print_table(rows, methods, title, out=print) -> dict:
     table = summarize(rows, methods)
-    print(f"\n{title}\nmean +- 95% t-interval half-width over seeds (n per method in the last column)")
+    out(f"\n{title}\nmean +- 95% t-interval half-width over seeds (n per method in the last column)")
     header = ("method", "KL all", "KL det", "KL ent", "exact %", "train acc.", "KL(teacher||student)", "off-support",
               "teacher fwd", "train s", "n")  # fmt: skip
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
+    out("| " + " | ".join(header) + " |")
+    out("|" + "---|" * len(header))
     for method in methods:
         m = table[method]
         cells = [
@@ -330,15 +330,15 @@ def print_table(rows, methods, title) -> dict:
             fmt(m["off_support"]) if "off_support" in m else "-",
             f"{m['teacher_forwards'][0]:.0f}", f"{m['train_s'][0]:.1f}", str(m["n"]),
         ]  # fmt: skip
-        print("| " + " | ".join([method, *cells]) + " |")
+        out("| " + " | ".join([method, *cells]) + " |")
     diffs = {}
     pairs = [(m, "gkd") for m in methods if m.startswith("speckd") and "gkd" in methods]
     pairs += [(m, "speckd-none") for m in methods if m in ("speckd-topk", "speckd-spec") and "speckd-none" in methods]
     pairs += [(m, "sft") for m in methods if m != "sft" and "sft" in methods and m in ("gkd", "speckd-none")]
     if pairs:
-        print("\npaired differences per seed (method - baseline), mean +- 95% t half-width; negative KL = better")
-        print("| method - baseline | KL all | KL det | KL ent | exact % | seeds lower KL all |")
-        print("|---|---|---|---|---|---|")
+        out("\npaired differences per seed (method - baseline), mean +- 95% t half-width; negative KL = better")
+        out("| method - baseline | KL all | KL det | KL ent | exact % | seeds lower KL all |")
+        out("|---|---|---|---|---|---|")
     for method, baseline in pairs:
         cells = []
         for metric, scale, digits in (("kl_all", 1, 3), ("kl_det", 1, 3), ("kl_ent", 1, 3), ("exact", 100, 1)):
@@ -347,9 +347,9 @@ def print_table(rows, methods, title) -> dict:
             cells.append(fmt(d[:2], scale, digits) + ("*" if abs(d[0]) > d[1] and d[2] > 1 else ""))
         wins = lower_count(rows, method, baseline, "kl_all")
         diffs[f"{method} - {baseline}/seeds_lower_kl_all"] = wins
-        print(f"| {method} - {baseline} | " + " | ".join(cells) + f" | {wins[0]} of {wins[1]} |")
+        out(f"| {method} - {baseline} | " + " | ".join(cells) + f" | {wins[0]} of {wins[1]} |")
     if pairs:
-        print("(* : the 95% interval excludes 0)")
+        out("(* : the 95% interval excludes 0)")
     return {"table": table, "paired": diffs}
 
 
@@ -446,7 +446,7 @@ def plot(result, path, title):
     plt.close(fig)
 
 
-def report_sweep(sweep) -> None:
+def report_sweep(sweep, out=print) -> None:
     for noise in sweep["noises"]:
         teacher = sweep["teacher"][str(noise)]
         print_table(
@@ -454,6 +454,7 @@ def report_sweep(sweep) -> None:
             sweep["methods"],
             f"sweep: teacher noise {noise} (teacher: KL all {teacher['kl_all']:.3f}, KL det {teacher['kl_det']:.3f}, "
             f"KL ent {teacher['kl_ent']:.3f}, exact {100 * teacher['exact']:.1f}%)",
+            out,
         )
 
 
@@ -468,7 +469,8 @@ def from_json(path: str, plot_path: str) -> dict:
         for line in Path(path).with_suffix(".log").read_text().splitlines():
             if line.startswith("TEACHER noise "):
                 noise, ref = line[len("TEACHER noise ") :].split(": ", 1)
-                sweep["teacher"][str(float(noise))] = json.loads(ref)["test"]
+                ref = json.loads(ref)
+                sweep["teacher"][str(float(noise))] = ref.get("test", ref)  # older logs: the test split alone
     if sweep:
         report_sweep(sweep)
     plot(result, plot_path, result["title"])
@@ -546,7 +548,7 @@ def main(argv=None):
     result = {"title": title, "args": {k: v for k, v in vars(args).items()}, "settings": settings,
               "teacher": reference["test"], "methods": args.methods, "rows": rows}  # fmt: skip
     log(f"settings: {json.dumps(settings)}   teacher on test: {json.dumps(reference['test'])}")
-    result.update(print_table(rows, args.methods, title))
+    result.update(print_table(rows, args.methods, title, log))
 
     if args.sweep_noise:
         noises = [float(x) for x in args.sweep_noise.split(",")]
@@ -562,7 +564,7 @@ def main(argv=None):
             sweep_rows += compare(setup, sweep_teacher, settings, args, log)
         result["sweep"] = {"noises": noises, "methods": args.methods, "rows": sweep_rows,
                            "teacher": sweep_teacher_refs}  # fmt: skip
-        report_sweep(result["sweep"])
+        report_sweep(result["sweep"], log)
 
     compute = {m: {"steps": args.steps, "teacher_forwards": result["table"][m]["teacher_forwards"][0],
                    "train_s": result["table"][m]["train_s"][0]} for m in args.methods}  # fmt: skip
