@@ -116,8 +116,8 @@ def make_student(seed: int, tokenizer):
     return make_model(seed, tokenizer, vocab_size=lp.VOCAB_SIZE, layers=2)
 
 
-def make_teacher(noise: float, temperature: float):
-    return lp.OracleTeacher(lp.OracleTeacherConfig(noise=noise, temperature=temperature))
+def make_teacher(noise: float, temperature: float, mode: str = "mix"):
+    return lp.OracleTeacher(lp.OracleTeacherConfig(noise=noise, temperature=temperature, mode=mode))
 
 
 # ---------------------------------------------------------------------------------------------- metrics
@@ -490,6 +490,9 @@ def main(argv=None):
     parser.add_argument("--beta", type=float, default=0.0)
     parser.add_argument("--noise", type=float, default=0.3, help="teacher noise of the main comparison")
     parser.add_argument("--teacher-temperature", type=float, default=1.0)
+    parser.add_argument("--teacher-mode", default="mix", choices=lp.TEACHER_MODES,
+                        help="'mix': error spread inside every distribution; 'flip': confidently wrong at a share "
+                        "`noise` of the contexts, exact elsewhere")  # fmt: skip
     parser.add_argument("--sweep-noise", default="", help="comma-separated teacher noises: run the sweep too")
     parser.add_argument("--settings", default="", help="JSON {method: settings}: skip the validation grid")
     parser.add_argument("--train-prompts", type=int, default=2000)
@@ -529,7 +532,7 @@ def main(argv=None):
         lines.append(line)
 
     setup = make_setup(args)
-    teacher = make_teacher(args.noise, args.teacher_temperature)
+    teacher = make_teacher(args.noise, args.teacher_temperature, args.teacher_mode)
     reference = {split: teacher_reference(teacher, setup["eval"][split]) for split in ("validation", "test")}
     log(f"TEACHER noise {args.noise}: {json.dumps(reference)}")
 
@@ -542,7 +545,7 @@ def main(argv=None):
 
     rows = compare(setup, teacher, settings, args, log)
     title = (
-        f"lab: teacher noise {args.noise}, {args.steps} steps x batch {args.batch_size}, lr {args.learning_rate}, "
+        f"lab: teacher {args.teacher_mode} noise {args.noise}, {args.steps} steps x batch {args.batch_size}, lr {args.learning_rate}, "
         f"lmbda {args.lmbda}, beta {args.beta}, {len(setup['eval']['test']['prompts'])} test prompts"
     )
     result = {"title": title, "args": {k: v for k, v in vars(args).items()}, "settings": settings,
@@ -558,7 +561,7 @@ def main(argv=None):
                 sweep_rows += rows
                 sweep_teacher_refs[str(noise)] = reference["test"]
                 continue
-            sweep_teacher = make_teacher(noise, args.teacher_temperature)
+            sweep_teacher = make_teacher(noise, args.teacher_temperature, args.teacher_mode)
             sweep_teacher_refs[str(noise)] = teacher_reference(sweep_teacher, setup["eval"]["test"])
             log(f"TEACHER noise {noise}: {json.dumps({'test': sweep_teacher_refs[str(noise)]})}")
             sweep_rows += compare(setup, sweep_teacher, settings, args, log)

@@ -197,12 +197,19 @@ def context_hash(input_ids: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     return out
 
 
+TEACHER_MODES = ("mix", "flip")
+FLIP_MASS = 0.9  # "flip" mode: mass on the wrong token at a flipped position
+
+
 class OracleTeacherConfig(PretrainedConfig):
     model_type = "speckd_lab_oracle"
 
     def __init__(self, vocab_size: int = VOCAB_SIZE, noise: float = 0.0, temperature: float = 1.0,
-                 noise_seed: int = 1234, **kwargs):  # fmt: skip
+                 noise_seed: int = 1234, mode: str = "mix", **kwargs):  # fmt: skip
+        if mode not in TEACHER_MODES:
+            raise ValueError(f"OracleTeacherConfig: mode={mode!r}; choose from {TEACHER_MODES}")
         self.vocab_size = vocab_size
+        self.mode = mode
         self.noise = noise
         self.temperature = temperature
         self.noise_seed = noise_seed
@@ -210,8 +217,11 @@ class OracleTeacherConfig(PretrainedConfig):
 
 
 class OracleTeacher(PreTrainedModel):
-    """A teacher whose next-token law is computed from the known process: ``(1 - noise) * p_true + noise * r_ctx``,
-    then raised to ``1 / temperature`` and renormalized. Counts its forward passes (`forwards`) and the sequences it
+    """A teacher whose next-token law is computed from the known process, then raised to ``1 / temperature`` and
+    renormalized. `mode="mix"`: ``(1 - noise) * p_true + noise * r_ctx`` at every answer position (error spread
+    inside every distribution). `mode="flip"`: at a share `noise` of the contexts (chosen by the context hash) the
+    teacher is confidently wrong, ``0.9 * onehot(argmax r_ctx) + 0.1 * p_true``, and exact elsewhere (position-level
+    errors: the "noisy teacher tokens" a position gate could filter). Counts its forward passes (`forwards`) and the sequences it
     scored (`rows`)."""
 
     config_class = OracleTeacherConfig
@@ -224,9 +234,11 @@ class OracleTeacher(PreTrainedModel):
         with torch.random.fork_rng():  # a table fixed by `noise_seed`, whatever the global RNG state
             torch.manual_seed(config.noise_seed)
             gamma = torch._standard_gamma(torch.full((NOISE_ROWS, N_DIGITS + N_FILLERS), 0.3))
+            flip_u = torch.rand(NOISE_ROWS)  # drawn after the table: "mix" teachers are unchanged by it
         table = torch.zeros(NOISE_ROWS, VOCAB_SIZE)
         table[:, CONTENT] = gamma / gamma.sum(-1, keepdim=True)
         self.register_buffer("noise_table", table, persistent=False)
+        self.register_buffer("flip_u", flip_u, persistent=False)
         self.forwards = 0
         self.rows = 0
         self.post_init()
@@ -243,9 +255,15 @@ class OracleTeacher(PreTrainedModel):
         noise = self.config.noise
         p = p_true
         if noise > 0:
-            r = self.noise_table[context_hash(ids, slots)]
+            rows = context_hash(ids, slots)
+            r = self.noise_table[rows]
             answer = (slots >= 0).unsqueeze(-1)
-            p = torch.where(answer, (1 - noise) * p_true + noise * r, p_true)
+            if self.config.mode == "mix":
+                p = torch.where(answer, (1 - noise) * p_true + noise * r, p_true)
+            else:
+                wrong = torch.nn.functional.one_hot(r.argmax(-1), VOCAB_SIZE).float()
+                flipped = answer & (self.flip_u[rows] < noise).unsqueeze(-1)
+                p = torch.where(flipped, FLIP_MASS * wrong + (1 - FLIP_MASS) * p_true, p_true)
         if self.config.temperature != 1.0:
             p = p.clamp_min(1e-12) ** (1.0 / self.config.temperature)
             p = p / p.sum(-1, keepdim=True)

@@ -48,6 +48,8 @@ def test_process_and_teacher(lab):
     noisy = lab.teacher_reference(lab.make_teacher(0.3, 1.0), data)
     assert noisy["kl_det"] == pytest.approx(-math.log(0.7), abs=0.05)  # 30% of the mass moved off the right token
     assert noisy["kl_ent"] > 0.05 and noisy["exact"] == 1.0  # argmax still right at noise 0.3
+    flip = lab.teacher_reference(lab.make_teacher(0.3, 1.0, "flip"), data)
+    assert flip["exact"] < 0.8  # confidently wrong at about 30% of the deterministic slots
 
 
 def test_quick_run(lab, tmp_path):
