@@ -16,11 +16,14 @@ disjoint.
 Dirichlet(0.3) law over the 32 content tokens picked by a hash of the context. `noise` is the teacher's weakness:
 0 is the exact process; 0.3 (the default) keeps every deterministic argmax right but puts 30% of the mass on
 context-specific wrong tokens and distorts the fillers' law (the "noisy teacher tokens" SpecKD's gate is meant to
-filter); past about 0.5 some deterministic argmaxes are wrong. A computable teacher is exact, costs almost nothing,
-and makes the mechanism readable (KL(true || teacher) is known); its price is that it has no architecture, so
+filter); 0.6 is a weak teacher (KL(true || teacher) 0.74 nats; its argmaxes are still right on the test prompts).
+`--teacher-mode flip` makes the errors position-level instead: at a share `noise` of the contexts the teacher puts
+0.9 on one wrong token (0.1 on the truth), elsewhere it is exact -- the case where a gate that acts on whole
+positions could filter the teacher's noise. A computable teacher is exact, costs almost nothing, and makes the
+mechanism readable (KL(true || teacher) is known); its price is that it has no architecture, so
 "teacher size" is modelled by its error, not its width.
 
-**The student**: a from-scratch Qwen2 of hidden 64 x 2 layers (`speckd_trl.testing.make_model`, 0.1M parameters),
+**The student**: a from-scratch Qwen2 of hidden 64 x 2 layers (`speckd_trl.testing.make_model`, 82k parameters),
 initialized from the seed; every method of a seed starts from the same weights and sees the same data order.
 
 **Methods** (same steps, batch, learning rate and schedule): `sft` (TRL `SFTTrainer` on sampled answers),
