@@ -33,11 +33,10 @@ import random
 from dataclasses import dataclass
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from speckd_trl.testing import CHAT_TEMPLATE
+from speckd_trl.testing import word_level_tokenizer
 
 
 PAD, UNK, IM_START, IM_END, USER, ASSISTANT = range(6)
@@ -62,19 +61,7 @@ def words() -> list[str]:
 
 
 def make_lab_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {w: i for i, w in enumerate(words())}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        unk_token="<unk>",
-        eos_token="<|im_end|>",
-        bos_token="<|im_start|>",
-        pad_token="<pad>",
-        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
-    )
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
+    return word_level_tokenizer(words())
 
 
 def deterministic_answer(prompt: list[int]) -> list[int]:

@@ -31,6 +31,13 @@ def make_tokenizer(with_pad: bool = True) -> PreTrainedTokenizerFast:
     """A word-level tokenizer with a ChatML-like template; no download."""
     words = SPECIALS + WORDS
     words += [f"w{i}" for i in range(VOCAB_SIZE - len(words))]
+    return word_level_tokenizer(words, with_pad=with_pad)
+
+
+def word_level_tokenizer(words: list[str], with_pad: bool = True) -> PreTrainedTokenizerFast:
+    """A whitespace word-level tokenizer over `words` (id = position) with the ChatML-like `CHAT_TEMPLATE`.
+
+    `words` must contain `SPECIALS` (`<pad>`, `<unk>`, `<|im_start|>`, `<|im_end|>`)."""
     backend = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(
