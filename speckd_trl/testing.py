@@ -115,6 +115,37 @@ def make_dataset(n: int = 16, seed: int = 0) -> Dataset:
     return Dataset.from_list(rows)
 
 
+# `SpecKDConfig` settings of every tiny test run: CPU, float32, no reporting, no checkpoints, seed 0
+TINY_ARGS = dict(bf16=False, use_cpu=True, report_to="none", save_strategy="no", seed=0)
+
+
+def make_trainer(
+    output_dir,
+    *,
+    student: PreTrainedModel | None = None,
+    teacher: PreTrainedModel | None = None,
+    train_dataset: Dataset | None = None,
+    peft_config=None,
+    callbacks=None,
+    **overrides,
+):
+    """A `SpecKDTrainer` on the tiny models: student `make_model(0)`, teacher `make_model(1)` and `make_dataset()`
+    unless given, with `TINY_ARGS`; `overrides` are further `SpecKDConfig` fields."""
+    from .config import SpecKDConfig
+    from .trainer import SpecKDTrainer
+
+    tokenizer = make_tokenizer()
+    return SpecKDTrainer(
+        model=student if student is not None else make_model(0, tokenizer),
+        teacher_model=teacher if teacher is not None else make_model(1, tokenizer),
+        args=SpecKDConfig(**{**TINY_ARGS, "output_dir": str(output_dir), **overrides}),
+        train_dataset=train_dataset if train_dataset is not None else make_dataset(),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=callbacks,
+    )
+
+
 def perturbed_copy(model: PreTrainedModel, noise: float, seed: int = 0) -> PreTrainedModel:
     """A copy of `model` with Gaussian noise of std `noise` times each weight's std added: a student close to its
     teacher, for tests and benchmarks of speculative generation that need a high acceptance rate."""

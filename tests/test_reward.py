@@ -7,25 +7,20 @@ from trl.experimental.gkd import GKDTrainer
 from speckd_trl import SpecKDConfig, SpecKDTrainer
 from speckd_trl.gate import accept_mask
 from speckd_trl.losses import policy_gradient_loss
-from speckd_trl.testing import make_dataset, make_model, make_tokenizer
+from speckd_trl.testing import TINY_ARGS
+from speckd_trl.testing import make_trainer as tiny_trainer
 from speckd_trl.trainer import KIND_KEY, OFF_POLICY, ON_POLICY
 
 
+DEFAULTS = dict(per_device_train_batch_size=4, max_new_tokens=6)
+
+
 def make_args(tmp_path, **overrides) -> SpecKDConfig:
-    kwargs = dict(output_dir=str(tmp_path), bf16=False, use_cpu=True, report_to="none", save_strategy="no")
-    kwargs.update(per_device_train_batch_size=4, max_new_tokens=6, seed=0)
-    return SpecKDConfig(**{**kwargs, **overrides})
+    return SpecKDConfig(**{**TINY_ARGS, "output_dir": str(tmp_path), **DEFAULTS, **overrides})
 
 
 def make_trainer(tmp_path, **overrides) -> SpecKDTrainer:
-    tokenizer = make_tokenizer()
-    return SpecKDTrainer(
-        model=make_model(0, tokenizer),
-        teacher_model=make_model(1, tokenizer),
-        args=make_args(tmp_path, **overrides),
-        train_dataset=make_dataset(),
-        processing_class=tokenizer,
-    )
+    return tiny_trainer(tmp_path, **{**DEFAULTS, **overrides})
 
 
 def on_policy_batch(trainer):

@@ -6,35 +6,16 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from speckd_trl import SpecKDConfig, SpecKDTrainer
+from speckd_trl import SpecKDTrainer
 from speckd_trl.config import on_policy_rows
 from speckd_trl.losses import weighted_generalized_jsd
-from speckd_trl.testing import make_dataset, make_model, make_tokenizer
+from speckd_trl.testing import make_model, make_tokenizer, make_trainer
 from speckd_trl.trainer import KIND_KEY, MIXED, OFF_POLICY, ON_POLICY, ROW_ON_POLICY_KEY
 
 
-def build(output_dir, *, teacher=None, callbacks=None, **overrides) -> SpecKDTrainer:
-    tokenizer = make_tokenizer()
-    kwargs = dict(
-        output_dir=str(output_dir),
-        bf16=False,
-        use_cpu=True,
-        report_to="none",
-        per_device_train_batch_size=2,
-        max_new_tokens=6,
-        learning_rate=5e-3,
-        save_strategy="no",
-        seed=0,
-    )
-    kwargs.update(overrides)
-    return SpecKDTrainer(
-        model=make_model(0, tokenizer),
-        teacher_model=teacher if teacher is not None else make_model(1, tokenizer),
-        args=SpecKDConfig(**kwargs),
-        train_dataset=make_dataset(),
-        processing_class=tokenizer,
-        callbacks=callbacks,
-    )
+def build(output_dir, **overrides) -> SpecKDTrainer:
+    defaults = dict(per_device_train_batch_size=2, max_new_tokens=6, learning_rate=5e-3)
+    return make_trainer(output_dir, **{**defaults, **overrides})
 
 
 class StopAt(TrainerCallback):

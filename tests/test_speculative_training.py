@@ -8,9 +8,9 @@ replacement was not the student's action, and under `topk` it is in the teacher'
 import pytest
 import torch
 
-from speckd_trl import SpecKDConfig, SpecKDTrainer, speculative_generate
+from speckd_trl import SpecKDTrainer, speculative_generate
 from speckd_trl.gate import accept_mask
-from speckd_trl.testing import make_dataset, make_model, make_tokenizer
+from speckd_trl.testing import make_model, make_tokenizer, make_trainer
 from speckd_trl.trainer import KIND_KEY, ON_POLICY, PROPOSALS_KEY
 
 
@@ -18,31 +18,9 @@ TOP_K = 3
 
 
 def build(tmp_path, **overrides) -> SpecKDTrainer:
-    tokenizer = make_tokenizer()
-    kwargs = dict(
-        output_dir=str(tmp_path),
-        bf16=False,
-        use_cpu=True,
-        report_to="none",
-        per_device_train_batch_size=4,
-        max_new_tokens=8,
-        max_steps=2,
-        save_strategy="no",
-        seed=0,
-        lmbda=1.0,
-        on_policy_generation="speculative",
-        gate="topk",
-        gate_top_k=TOP_K,
-        gate_draft_len=3,
-    )
-    kwargs.update(overrides)
-    return SpecKDTrainer(
-        model=make_model(0, tokenizer),
-        teacher_model=make_model(1, tokenizer),
-        args=SpecKDConfig(**kwargs),
-        train_dataset=make_dataset(),
-        processing_class=tokenizer,
-    )
+    defaults = dict(per_device_train_batch_size=4, max_new_tokens=8, max_steps=2, lmbda=1.0)
+    defaults.update(on_policy_generation="speculative", gate="topk", gate_top_k=TOP_K, gate_draft_len=3)
+    return make_trainer(tmp_path, **{**defaults, **overrides})
 
 
 def speculative_batch(trainer: SpecKDTrainer) -> dict:

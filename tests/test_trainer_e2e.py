@@ -6,37 +6,21 @@ import pytest
 import torch
 from peft import LoraConfig
 
-from speckd_trl import SpecKDConfig, SpecKDTrainer
-from speckd_trl.testing import drop_cache_under_gradient_checkpointing, make_dataset, make_model, make_tokenizer
+from speckd_trl import SpecKDTrainer
+from speckd_trl.testing import (
+    drop_cache_under_gradient_checkpointing,
+    make_model,
+    make_tokenizer,
+    make_trainer,
+)
 
 
 GATE_KEYS = ("gate/acceptance_rate", "reward/mean", "reward/std")
 
 
-def build(tmp_path, *, student=None, teacher=None, peft_config=None, **overrides) -> SpecKDTrainer:
-    tokenizer = make_tokenizer()
-    kwargs = dict(
-        output_dir=str(tmp_path),
-        bf16=False,
-        use_cpu=True,
-        report_to="none",
-        per_device_train_batch_size=2,
-        max_new_tokens=6,
-        max_steps=4,
-        logging_steps=2,
-        learning_rate=5e-3,
-        save_strategy="no",
-        seed=0,
-    )
-    kwargs.update(overrides)
-    return SpecKDTrainer(
-        model=student if student is not None else make_model(0, tokenizer),
-        teacher_model=teacher if teacher is not None else make_model(1, tokenizer),
-        args=SpecKDConfig(**kwargs),
-        train_dataset=make_dataset(),
-        processing_class=tokenizer,
-        peft_config=peft_config,
-    )
+def build(tmp_path, **overrides) -> SpecKDTrainer:
+    defaults = dict(per_device_train_batch_size=2, max_new_tokens=6, max_steps=4, logging_steps=2, learning_rate=5e-3)
+    return make_trainer(tmp_path, **{**defaults, **overrides})
 
 
 def run(tmp_path, **kwargs):

@@ -7,35 +7,21 @@ from transformers import TrainerCallback
 from trl.experimental.gkd import GKDTrainer
 
 from speckd_trl import SpecKDConfig, SpecKDTrainer
-from speckd_trl.testing import make_dataset, make_model, make_tokenizer
+from speckd_trl.testing import TINY_ARGS, make_model
+from speckd_trl.testing import make_trainer as tiny_trainer
 from speckd_trl.trainer import KIND_KEY, OFF_POLICY, ON_POLICY
 
 
+# the by-hand references below take the student's argmax as its proposal
+DEFAULTS = dict(per_device_train_batch_size=4, max_new_tokens=6, gate_proposal="greedy")
+
+
 def make_args(tmp_path, **overrides) -> SpecKDConfig:
-    kwargs = dict(
-        output_dir=str(tmp_path),
-        bf16=False,
-        use_cpu=True,
-        report_to="none",
-        per_device_train_batch_size=4,
-        max_new_tokens=6,
-        save_strategy="no",
-        seed=0,
-        gate_proposal="greedy",  # the by-hand references below take the student's argmax as its proposal
-    )
-    kwargs.update(overrides)
-    return SpecKDConfig(**kwargs)
+    return SpecKDConfig(**{**TINY_ARGS, "output_dir": str(tmp_path), **DEFAULTS, **overrides})
 
 
 def make_trainer(tmp_path, dataset=None, **overrides) -> SpecKDTrainer:
-    tokenizer = make_tokenizer()
-    return SpecKDTrainer(
-        model=make_model(0, tokenizer),
-        teacher_model=make_model(1, tokenizer),
-        args=make_args(tmp_path, **overrides),
-        train_dataset=dataset if dataset is not None else make_dataset(),
-        processing_class=tokenizer,
-    )
+    return tiny_trainer(tmp_path, train_dataset=dataset, **{**DEFAULTS, **overrides})
 
 
 def dataset_batch(trainer, n=4):
