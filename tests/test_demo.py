@@ -48,9 +48,11 @@ def test_layer_subset_rejects_bad_layers(tiny_llama, tmp_path):
         layer_subset(tiny_llama, [0, 9], tmp_path / "s2")
 
 
-def test_demo_pipeline_end_to_end_on_a_tiny_model(tiny_llama, tmp_path, monkeypatch):
+@pytest.mark.parametrize("student_init", ["base", "layers"])
+def test_demo_pipeline_end_to_end_on_a_tiny_model(tiny_llama, tmp_path, monkeypatch, student_init):
     monkeypatch.chdir(tmp_path)  # the shipped CLI recipe reads the demo's outputs from ./speckd-demo
     config = DemoConfig(
+        student_init=student_init,
         output_dir="speckd-demo",
         cache_dir=str(tmp_path / "cache"),
         base_model=str(tiny_llama),
@@ -68,6 +70,8 @@ def test_demo_pipeline_end_to_end_on_a_tiny_model(tiny_llama, tmp_path, monkeypa
     )
     summary = run_demo(config)
     assert set(summary["accuracy"]) == {"teacher", "student before", "student after"}
+    accuracy = summary["accuracy"]
+    assert summary["student_gain_points"] == round(100 * (accuracy["student after"] - accuracy["student before"]), 1)
     out = tmp_path / "speckd-demo"
     saved = json.loads((out / "summary.json").read_text())
     assert saved["accuracy"] == summary["accuracy"] and saved["acceptance_rate_curve"]
@@ -78,7 +82,11 @@ def test_demo_pipeline_end_to_end_on_a_tiny_model(tiny_llama, tmp_path, monkeypa
     for name in ("demo.png", "student-adapter/adapter_config.json", "student-merged/model.safetensors", "train.jsonl"):
         assert (out / name).is_file(), name
     cached = sorted(p.name for p in (tmp_path / "cache").iterdir())
-    assert any(n.startswith("teacher-") for n in cached) and any(n.startswith("student-") for n in cached)
+    assert any(n.startswith("teacher-") for n in cached)
+    # 'base' starts the student from the untuned base model itself; 'layers' caches a cut of the tuned teacher
+    assert any(n.startswith("student-") for n in cached) == (student_init == "layers")
+    student_init_dir = (out / "student-init").resolve()
+    assert (student_init_dir == tiny_llama.resolve()) == (student_init == "base")
 
     # the plain CLI re-runs the distillation from the shipped recipe on what the demo left behind
     recipe = Path(__file__).resolve().parents[1] / "examples" / "distill_smollm2.yaml"
@@ -86,8 +94,13 @@ def test_demo_pipeline_end_to_end_on_a_tiny_model(tiny_llama, tmp_path, monkeypa
     assert (out / "cli-run" / "adapter_config.json").is_file()
 
 
+def test_demo_rejects_an_unknown_student_init(tmp_path):
+    with pytest.raises(ValueError, match="student_init='cut'"):
+        run_demo(DemoConfig(student_init="cut", cache_dir=str(tmp_path), output_dir=str(tmp_path / "out")))
+
+
 def test_demo_help_lists_its_fields(capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--help"])
     text = capsys.readouterr().out
-    assert "--distill_steps" in text and "--student_layers" in text and "--gate" in text
+    assert "--distill_steps" in text and "--student_layers" in text and "--student_init" in text and "--gate" in text
