@@ -35,13 +35,14 @@ import argparse
 import dataclasses
 import json
 import os
-import statistics
+import sys
 import time
 from pathlib import Path
 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # lab.py: the shared statistics
 
 DEFAULT_METHODS = ("sft", "gkd", "speckd-topk", "speckd-spec")
 SPECKD_METHODS = {
@@ -65,7 +66,7 @@ METRICS = ("exact_match", "answer_nll", "teacher_acceptance", "train_acceptance"
 
 
 def lora_student(student_dir: Path, config):
-    """The demo's student: LoRA r on every linear layer, plus trainable RMSNorm weights (after the trainer wraps it)."""
+    """The student with a LoRA adapter of rank `config.lora_r` on every linear layer (built by the trainer)."""
     import torch
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM
@@ -83,7 +84,9 @@ def train_norms(model) -> None:
             param.requires_grad_(True)
 
 
-def build_trainer(method: str, student_dir, teacher, tokenizer, train, config, out: Path):
+def build_trainer(method: str, student_dir, teacher, tokenizer, train, config, out: Path, *, norms: bool = True,
+                  settings: dict | None = None):  # fmt: skip
+    """One method's trainer; `settings` override the method's `SpecKDConfig` fields (a validation choice)."""
     from trl import SFTConfig, SFTTrainer
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
@@ -114,12 +117,13 @@ def build_trainer(method: str, student_dir, teacher, tokenizer, train, config, o
         trainer = SpecKDTrainer(
             model=model,
             teacher_model=teacher,
-            args=SpecKDConfig(**kwargs, **distill, **SPECKD_METHODS[method]),
+            args=SpecKDConfig(**kwargs, **distill, **{**SPECKD_METHODS[method], **(settings or {})}),
             train_dataset=train,
             processing_class=tokenizer,
             peft_config=peft,
         )
-    train_norms(trainer.model)
+    if norms:  # the cut student re-scales its residual stream; a whole model does not need it
+        train_norms(trainer.model)
     return trainer
 
 
@@ -173,32 +177,38 @@ def run_one(method, seed, setup, args) -> dict:
     out = Path(args.output_dir) / f"{method}-seed{seed}"
     start = time.time()
     trainer = build_trainer(method, setup["student_dir"], setup["teacher"], setup["tokenizer"], setup["train"],
-                            config, out)  # fmt: skip
+                            config, out, norms=args.student == "subset", settings=setup["settings"].get(method))  # fmt: skip
     trainer.train()
     train_s = time.time() - start
     student = trainer.model
     student.generation_config.eos_token_id = setup["tokenizer"].eos_token_id
     exact = evaluate(student, setup["tokenizer"], setup["eval"], max_new_tokens=config.max_new_tokens, desc=method)
-    row = {"method": method, "seed": seed, "exact_match": exact, "train_s": round(train_s, 1)}
+    row = {"method": method, "seed": seed, "split": args.heldout, "exact_match": exact, "train_s": round(train_s, 1)}
+    row["settings"] = setup["settings"].get(method, {})
     row.update(heldout_metrics(student, setup["examples"], setup["teacher_logits"]))
-    rates = [e["gate/acceptance_rate"] for e in trainer.state.log_history if "gate/acceptance_rate" in e]
+    history = trainer.state.log_history
+    rates = [e["gate/acceptance_rate"] for e in history if "gate/acceptance_rate" in e]
     row["train_acceptance"] = rates[-1] if rates else None
-    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    row["acceptance_curve"] = rates
+    losses = [e["loss"] for e in history if "loss" in e]
     row["final_loss"] = losses[-1] if losses else None
+    row["steps"] = trainer.state.global_step
     row["wall_s"] = round(time.time() - start, 1)
     return row
 
 
 def summarize(rows, methods):
+    """Per method and metric: the mean over seeds and the half-width of its 95% t-interval."""
+    from lab import t_interval
+
     table = {}
     for method in methods:
         runs = [r for r in rows if r["method"] == method]
-        table[method] = {}
+        table[method] = {"n": len(runs)}
         for metric in METRICS:
-            values = [r[metric] for r in runs if r[metric] is not None]
+            values = [r[metric] for r in runs if r.get(metric) is not None]
             if values:
-                spread = statistics.stdev(values) if len(values) > 1 else 0.0
-                table[method][metric] = (statistics.mean(values), spread)
+                table[method][metric] = t_interval(values)
     return table
 
 
@@ -231,6 +241,23 @@ def plot(table, path, title):
     plt.close(fig)
 
 
+HELDOUT_OFFSETS = {"demo": (0, 100), "validation": (100, 500), "test": (600, 500)}  # (first item, items)
+
+
+def heldout_rows(config, split: str, items: int | None):
+    """Held-out rows of the demo's task that no train row shares: `demo` is the demo's own eval split (100 items,
+    looked at while the demo was built), `validation` the next 500 (for choosing settings), `test` the 500 after
+    (for reporting only). One stream of unique non-train prompts, so the three never overlap."""
+    from speckd_trl.tasks import build_task_dataset
+
+    first, size = HELDOUT_OFFSETS[split]
+    total = sum(HELDOUT_OFFSETS["test"])
+    pool = build_task_dataset(config.task, num_train=config.num_train, num_eval=total, seed=config.seed,
+                              system_prompt=config.system_prompt)["eval"]  # fmt: skip
+    size = min(size, items) if items else size
+    return pool.select(range(first, first + size))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"'all' or some of {ALL_METHODS}.")
@@ -239,9 +266,24 @@ def main():
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--lmbda", type=float, default=0.5)
     parser.add_argument("--beta", type=float, default=0.0)
+    parser.add_argument(
+        "--student",
+        default="subset",
+        choices=("subset", "base"),
+        help="'subset': the demo's 10-of-30-layer cut of the tuned teacher (compress); 'base': the untuned "
+        "SmolLM2-135M-Instruct, the teacher before its task tune (transfer: a competent model without the skill).",
+    )
+    parser.add_argument("--lora-r", type=int, default=None, help="LoRA rank (default: the demo's).")
+    parser.add_argument("--batch-size", type=int, default=None, help="batch size (default: the demo's).")
+    parser.add_argument(
+        "--heldout", default="demo", choices=tuple(HELDOUT_OFFSETS), help="held-out split to measure on."
+    )
+    parser.add_argument("--items", type=int, default=None, help="use only the first N items of the held-out split.")
+    parser.add_argument("--settings", default="", help="JSON {method: {SpecKDConfig field: value}} overrides.")
     parser.add_argument("--cache-dir", default=None, help="The demo's cache (default: the user cache).")
     parser.add_argument("--output-dir", default="/tmp/speckd-quality")
     parser.add_argument("--plot", default=os.path.join(os.path.dirname(__file__), "quality.png"))
+    parser.add_argument("--log", default="", help="also append the RUN lines, the tables and the final JSON here.")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default).")
     parser.add_argument(
         "--from-logs",
@@ -255,6 +297,12 @@ def main():
         parser.error(f"unknown methods {unknown}; choose from {', '.join(ALL_METHODS)} or 'all'")
     seeds = [int(s) for s in args.seeds.split(",")]
 
+    def log(line: str) -> None:
+        print(line, flush=True)
+        if args.log:
+            with open(args.log, "a") as handle:
+                handle.write(line + "\n")
+
     if args.from_logs:
         rows = [json.loads(line[4:]) for path in args.from_logs for line in open(path) if line.startswith("RUN {")]
         rows = [r for r in rows if r["method"] in methods and r["seed"] in seeds]
@@ -264,6 +312,7 @@ def main():
             args,
             f"{len(rows)} runs from {', '.join(os.path.basename(p) for p in args.from_logs)}",
             started=time.time(),
+            log=log,
         )
         return
 
@@ -278,53 +327,84 @@ def main():
         torch.set_num_threads(args.threads)
     started = time.time()
     config = DemoConfig(distill_steps=args.steps, learning_rate=args.learning_rate, lmbda=args.lmbda, beta=args.beta)
+    overrides = {"lora_r": args.lora_r, "batch_size": args.batch_size}
+    config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
     cache = Path(args.cache_dir).expanduser() if args.cache_dir else hub.cache_dir()
     teacher_dir, student_dir, data, _ = prepare(config, cache)
+    if args.student == "base":
+        student_dir = hub.smollm2_checkpoint(cache)
     cuda = torch.cuda.is_available()
     load_args = SpecKDConfig(output_dir=args.output_dir, use_cpu=not cuda, teacher_load_in_4bit=True, report_to="none")
+    heldout = data["eval"] if args.heldout == "demo" else heldout_rows(config, args.heldout, args.items)
+    if args.heldout == "demo" and args.items:
+        heldout = heldout.select(range(min(args.items, len(heldout))))
     setup = {
         "config": config,
         "student_dir": student_dir,
         "teacher": load_teacher(str(teacher_dir), load_args),  # NF4, shared by every run (never trained)
         "tokenizer": AutoTokenizer.from_pretrained(str(student_dir)),
         "train": data["train"],
-        "eval": data["eval"],
+        "eval": heldout,
+        "settings": json.loads(args.settings) if args.settings else {},
     }
     setup["examples"] = answer_positions(setup["tokenizer"], setup["eval"])
     setup["teacher_logits"] = answer_logits(setup["teacher"], setup["examples"])  # once: the teacher never changes
+    log("ARGS " + json.dumps(vars(args)))
     rows = []
     for seed in seeds:
         for method in methods:
             row = run_one(method, seed, setup, args)
             rows.append(row)
-            print("RUN " + json.dumps(row), flush=True)
+            log("RUN " + json.dumps(row))
 
     title = (
-        f"{'cuda' if cuda else 'cpu'}: {args.steps} steps x batch {config.batch_size}, "
-        f"lmbda {args.lmbda}, beta {args.beta}, {len(setup['eval'])} held-out prompts"
+        f"{'cuda' if cuda else 'cpu'}: {args.student} student, LoRA r={config.lora_r}, {args.steps} steps x batch "
+        f"{config.batch_size}, lmbda {args.lmbda}, beta {args.beta}, {len(setup['eval'])} {args.heldout} prompts"
     )
-    report(rows, methods, args, title, started)
+    report(rows, methods, args, title, started, log=log)
 
 
-def report(rows, methods, args, title, started):
-    """The table (mean +- std over seeds), the plot and the final JSON line."""
+def report(rows, methods, args, title, started, log=print):
+    """The table (mean +- 95% t half-width over seeds), the paired differences, the plot and the final JSON line."""
+    from lab import lower_count, paired
+
     methods = [m for m in methods if any(r["method"] == m for r in rows)]
     table = summarize(rows, methods)
     seeds = sorted({r["seed"] for r in rows})
-    print(f"\n{title}; seeds {seeds}; mean +- std over seeds")
-    print(f"{'method':<18}{'exact match %':>16}{'answer NLL':>16}{'teacher acc.':>16}{'train acc.':>16}")
+    log(f"\n{title}; seeds {seeds}; mean +- 95% t-interval half-width over seeds")
+    header = ("method", "exact match %", "answer NLL", "teacher acc.", "train acc.", "n")
+    log("| " + " | ".join(header) + " |")
+    log("|" + "---|" * len(header))
     for method, metrics in table.items():
         cells = []
-        for metric, scale in zip(METRICS, (100, 1, 1, 1)):
+        for metric, scale, digits in zip(METRICS, (100, 1, 1, 1), (1, 3, 3, 3)):
             if metric in metrics:
-                mean, spread = metrics[metric]
-                cells.append(f"{mean * scale:8.3f} +-{spread * scale:6.3f}")
+                mean, half = metrics[metric]
+                cells.append(f"{mean * scale:.{digits}f} +- {half * scale:.{digits}f}")
             else:
-                cells.append(f"{'-':>15}")
-        print(f"{method:<18}" + "".join(f"{c:>16}" for c in cells))
+                cells.append("-")
+        log("| " + " | ".join([method, *cells, str(metrics["n"])]) + " |")
+    diffs = {}
+    baselines = [b for b in ("gkd", "speckd-none", "sft") if b in methods]
+    pairs = [(m, b) for b in baselines for m in methods if m != b and (m.startswith("speckd") or b == "sft")]
+    pairs = [(m, b) for m, b in pairs if not (b == "speckd-none" and m == "gkd")]
+    if pairs:
+        log("\npaired per seed (method - baseline), mean +- 95% t half-width; * : the interval excludes 0")
+        log("| method - baseline | exact match % | answer NLL | seeds higher exact |")
+        log("|---|---|---|---|")
+    for method, baseline in pairs:
+        cells = []
+        for metric, scale, digits in (("exact_match", 100, 1), ("answer_nll", 1, 3)):
+            d = paired(rows, method, baseline, metric)
+            diffs[f"{method} - {baseline}/{metric}"] = d
+            cells.append(
+                f"{d[0] * scale:+.{digits}f} +- {d[1] * scale:.{digits}f}" + ("*" if abs(d[0]) > d[1] > 0 else "")
+            )
+        lower, n = lower_count(rows, baseline, method, "exact_match")  # seeds where the method scores higher
+        log(f"| {method} - {baseline} | " + " | ".join(cells) + f" | {lower} of {n} |")
     plot(table, args.plot, title)
-    print(f"plot: {args.plot}   wall time {time.time() - started:.0f} s")
-    print(json.dumps({"title": title, "args": vars(args), "rows": rows, "table": table}))
+    log(f"plot: {args.plot}   wall time {time.time() - started:.0f} s")
+    log(json.dumps({"title": title, "args": vars(args), "rows": rows, "table": table, "paired": diffs}))
 
 
 if __name__ == "__main__":
