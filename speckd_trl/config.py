@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers.utils import is_torch_bf16_gpu_available
 from transformers.utils.import_utils import is_torch_bf16_available_on_device
+from trl import DistillationConfig
 from trl.experimental.gkd import GKDConfig
 
 from .gate import GATES
@@ -43,19 +46,19 @@ def on_policy_rows(lmbda: float, batch_size: int) -> int:
     return min(batch_size, int(lmbda * batch_size + 0.5))
 
 
-def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+def _check_choice(owner: str, name: str, value: object, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise ValueError(f"SpecKDConfig: {name}={value!r} is not valid; allowed values are {', '.join(allowed)}.")
+        raise ValueError(f"{owner}: {name}={value!r} is not valid; allowed values are {', '.join(allowed)}.")
 
 
-def _check_range(name: str, value: float, low: float, high: float) -> None:
+def _check_range(owner: str, name: str, value: float, low: float, high: float) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= high:
-        raise ValueError(f"SpecKDConfig: {name}={value!r} is out of range; it must be a number in [{low}, {high}].")
+        raise ValueError(f"{owner}: {name}={value!r} is out of range; it must be a number in [{low}, {high}].")
 
 
-def _check_int(name: str, value: object, low: int) -> None:
+def _check_int(owner: str, name: str, value: object, low: int, why: str = "") -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ValueError(f"SpecKDConfig: {name}={value!r} is not valid; it must be an integer >= {low}.")
+        raise ValueError(f"{owner}: {name}={value!r} is not valid; it must be an integer >= {low}{why}.")
 
 
 def _linear(start: float, end: float, step: int, max_steps: int) -> float:
@@ -65,42 +68,50 @@ def _linear(start: float, end: float, step: int, max_steps: int) -> float:
     return start + (end - start) * min(max(step, 0), max_steps - 1) / (max_steps - 1)
 
 
+def _resolve_bf16(args: Any) -> None:
+    """Refuse `bf16=True` where it cannot run; an unset `bf16` means bf16 where the GPU supports it, else float32
+    (TRL's configs default to `bf16=True`, which raises on a CPU)."""
+    reason = bf16_unsupported_reason(args.use_cpu) if args.bf16 else None
+    if reason is not None:
+        raise ValueError(
+            f"{type(args).__name__}: bf16=True is not supported here: {reason}. Set bf16=False (float32), fp16=True "
+            "on an older GPU, use_cpu=True for bf16 on the CPU, or leave bf16 unset to use bf16 only where it runs."
+        )
+    if args.bf16 is None:
+        args.bf16 = not args.fp16 and not args.use_cpu and is_torch_bf16_gpu_available()
+
+
+def _check_temperature(owner: str, temperature: object) -> None:
+    if not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise ValueError(f"{owner}: temperature={temperature!r} is not valid; the sampling temperature must be > 0.")
+
+
 @dataclass
-class SpecKDConfig(GKDConfig):
+class GateConfigMixin:
     """
-    Configuration class for [`SpecKDTrainer`].
+    The speculative gate's settings, shared by [`SpecKDConfig`] (on `GKDConfig`) and [`SpecKDDistillationConfig`]
+    (on `DistillationConfig`). A dataclass mixin: it comes first among a config's bases, so that the TRL config's own
+    fields keep their order (`output_dir` first).
 
-    Every [`~trl.experimental.gkd.GKDConfig`] field keeps its meaning (`lmbda`, `beta`, `temperature`,
-    `max_new_tokens`, `seq_kd`, ...); this class adds the speculative accept/reject gate. At each completion position
-    the student proposes a token (the token it sampled for on-policy sequences, its own prediction for dataset and
-    `seq_kd` sequences), the teacher verifies it, and the generalized JSD is kept at weight 1 on accepted positions and
-    `reject_weight` on rejected ones.
-
-    One default differs from TRL: an unset `bf16` means bf16 where the GPU supports it and float32 elsewhere (TRL's
-    `bf16=True` default raises on CPU).
+    At each completion position the student proposes a token, the teacher verifies it (`gate`), and the generalized
+    JSD is kept at weight 1 on accepted positions and `reject_weight` on rejected ones.
 
     Args:
         gate (`str`, *optional*, defaults to `"topk"`):
             `"topk"`: accept a proposal that is among the teacher's `gate_top_k` most likely tokens. `"spec"`: accept
             with probability `min(1, p_teacher / p_student)` (speculative sampling). `"none"`: accept everything
-            (plain GKD).
+            (the trainer's plain loss).
         gate_top_k (`int`, *optional*, defaults to `5`):
             `k` of the `"topk"` gate.
-        gate_on (`str`, *optional*, defaults to `"both"`):
-            Which sequences go through the gate: `"both"`, `"on_policy"` (student-generated) or `"off_policy"`
-            (dataset and `seq_kd`). Ungated sequences are fully accepted.
-        gate_proposal (`str`, *optional*, defaults to `"greedy"`):
-            The student's proposal on dataset and `seq_kd` sequences: `"greedy"` (argmax) or `"sample"` (drawn from
-            the temperature-1 student with the trainer's seeded generator).
         reject_weight (`float`, *optional*, defaults to `0.1`):
-            Loss weight of rejected positions in `[0, 1]`: `0` masks them, `1` recovers GKD. Masking them completely
-            collapsed the student in 5 of 6 runs of `benchmarks/quality.py` (nothing holds rejected positions in
-            place, the acceptance falls and the loss goes to 0 with it); a small weight keeps training stable, and
-            `0` warns.
+            Loss weight of rejected positions in `[0, 1]`: `0` masks them, `1` recovers the ungated loss. Masking them
+            completely collapsed the student in 5 of 6 runs of `benchmarks/quality.py` (nothing holds rejected
+            positions in place, the acceptance falls and the loss goes to 0 with it); a small weight keeps training
+            stable, and `0` warns.
         gate_normalize (`str`, *optional*, defaults to `"tokens"`):
-            Loss denominator: `"tokens"` divides by the number of completion tokens (as GKD; exact under gradient
-            accumulation, and the gate only removes terms), `"accepted"` by the sum of weights (each accepted token
-            counts like a GKD token; louder when few are accepted).
+            Loss denominator: `"tokens"` divides by the number of completion tokens (as GKD and
+            `DistillationTrainer`; exact under gradient accumulation, and the gate only removes terms), `"accepted"` by
+            the sum of weights (each accepted token counts like an ungated token; louder when few are accepted).
         gate_top_k_schedule (`str`, *optional*, defaults to `"constant"`):
             `"constant"`: k is `gate_top_k` throughout. `"linear"`: k goes from `gate_top_k_start` at step 0 to
             `gate_top_k_end` at the last step (rounded half up), e.g. a gate that starts lenient and tightens.
@@ -117,50 +128,19 @@ class SpecKDConfig(GKDConfig):
             `reject_weight` at the last step with the linear schedule.
         kd_coef (`float`, *optional*, defaults to `1.0`):
             Weight of the (gated) distillation loss. `0` with `reward_coef > 0` gives a pure binary-reward
-            policy-gradient step (which needs on-policy tokens that are gated: `lmbda > 0`, a gate other than
-            `"none"` and `gate_on` other than `"off_policy"`; else the loss would be zero and this raises).
+            policy-gradient step (which needs gated on-policy tokens; else the loss would be zero and this raises).
         reward_coef (`float`, *optional*, defaults to `0.0`):
             Weight of the REINFORCE term on the teacher's accept reward, on on-policy tokens:
             `-reward_coef * sum_t (r_t - b) log q(x_t) / N`, with `r_t` the accept bit, `b` the mean reward of the
             micro-batch's gated on-policy tokens, `q` the student at the sampling temperature and `N` the loss's
             token count (as `gate_normalize="tokens"`).
-        loss_path (`str`, *optional*, defaults to `"eager"`):
-            How the loss is computed: `"eager"` from both models' full `[B, T, V]` logits (as GKD), or `"chunked"`
-            from their final hidden states and output layers, `loss_chunk_size` completion tokens at a time, so that
-            neither model's full logits ever exist (same loss and gradients; far less memory at large vocabularies).
-            `"chunked"` needs a plain `nn.Linear` output layer on both models (no LoRA on `lm_head`).
-        loss_chunk_size (`int`, *optional*, defaults to `256`):
-            Tokens per chunk of the `"chunked"` loss path.
-        on_policy_generation (`str`, *optional*, defaults to `"student"`):
-            How on-policy sequences are generated: `"student"` (the student samples alone, as GKD) or
-            `"speculative"` (SKD-style gated generation: the student drafts `gate_draft_len` tokens, the teacher
-            verifies the draft in one forward pass with the `gate` rule and replaces the first rejected token by its
-            own; see `speckd_trl.generation.speculative_generate`). Logged as `gen/teacher_forwards_per_token`,
-            `gen/mean_accepted_run` and `gen/replaced_fraction`.
-        gate_draft_len (`int`, *optional*, defaults to `4`):
-            Tokens the student drafts per teacher forward pass with `on_policy_generation="speculative"`.
-        mixing (`str`, *optional*, defaults to `"batch"`):
-            How `lmbda` mixes on-policy and off-policy data. `"batch"` (as GKD): each micro-batch is on-policy with
-            probability `lmbda`, else `seq_kd` / dataset. `"sample"`: in every micro-batch of `B` rows,
-            `floor(lmbda * B + 0.5)` rows (rounded half up; lmbda 0.25 and B = 8 give 2) are generated on-policy and
-            the rest keep their `seq_kd` / dataset completions. Both draws come from a generator seeded with `seed`
-            that advances identically on every process.
-        teacher_load_in_4bit (`bool`, *optional*, defaults to `False`):
-            Load a teacher given as a name or path in 4-bit with bitsandbytes.
-        teacher_bnb_4bit_quant_type (`str`, *optional*, defaults to `"nf4"`):
-            4-bit data type of the teacher: `"nf4"` or `"fp4"`.
-        teacher_bnb_4bit_compute_dtype (`str`, *optional*, defaults to `"auto"`):
-            Compute dtype of the 4-bit teacher: `"auto"` (bfloat16 with `bf16=True`, float16 with `fp16=True`, else
-            float32), `"float32"`, `"bfloat16"` or `"float16"`.
-        teacher_bnb_4bit_use_double_quant (`bool`, *optional*, defaults to `True`):
-            Quantize the 4-bit teacher's quantization constants too (about 0.4 bits per parameter saved).
     """
 
     gate: str = field(
         default="topk",
         metadata={
             "help": "Teacher verification of the student's proposals: 'topk' (proposal among the teacher's top-k), "
-            "'spec' (accept with probability min(1, p_teacher/p_student)) or 'none' (plain GKD).",
+            "'spec' (accept with probability min(1, p_teacher/p_student)) or 'none' (the plain, ungated loss).",
             "choices": list(GATES),
         },
     )
@@ -168,27 +148,11 @@ class SpecKDConfig(GKDConfig):
         default=5,
         metadata={"help": "k of the 'topk' gate: a proposal is accepted if it is among the teacher's k best tokens."},
     )
-    gate_on: str = field(
-        default="both",
-        metadata={
-            "help": "Sequences that go through the gate: 'both', 'on_policy' (student-generated) or 'off_policy' "
-            "(dataset and seq_kd). Ungated sequences are fully accepted.",
-            "choices": list(GATE_ON),
-        },
-    )
-    gate_proposal: str = field(
-        default="greedy",
-        metadata={
-            "help": "Student proposal on dataset and seq_kd sequences: 'greedy' (argmax) or 'sample' (drawn from the "
-            "temperature-1 student).",
-            "choices": list(GATE_PROPOSALS),
-        },
-    )
     reject_weight: float = field(
         default=0.1,
         metadata={
             "help": "Loss weight in [0, 1] of rejected positions: 0 masks them (measured to collapse the student; it "
-            "warns), 1 recovers GKD."
+            "warns), 1 recovers the ungated loss."
         },
     )
     gate_normalize: str = field(
@@ -232,6 +196,178 @@ class SpecKDConfig(GKDConfig):
         metadata={
             "help": "Weight of the REINFORCE term on the teacher's accept reward (on-policy tokens): "
             "-reward_coef * sum_t (r_t - b) log q(x_t) / N, b the micro-batch's mean reward."
+        },
+    )
+
+    def _check_gate_settings(self) -> None:
+        """Validate the gate's fields; each error names the config, the field, its value and what is allowed."""
+        owner = type(self).__name__
+        _check_choice(owner, "gate", self.gate, GATES)
+        _check_choice(owner, "gate_normalize", self.gate_normalize, NORMALIZATIONS)
+        _check_int(owner, "gate_top_k", self.gate_top_k, 1)
+        _check_range(owner, "reject_weight", self.reject_weight, 0.0, 1.0)
+        self._check_schedule("gate_top_k", lambda name, v: _check_int(owner, name, v, 1))
+        self._check_schedule("reject_weight", lambda name, v: _check_range(owner, name, v, 0.0, 1.0))
+        self._warn_if_rejected_positions_are_masked()
+        _check_range(owner, "kd_coef", self.kd_coef, 0.0, float("inf"))
+        _check_range(owner, "reward_coef", self.reward_coef, 0.0, float("inf"))
+        if self.kd_coef == 0 and self.reward_coef == 0:
+            raise ValueError(
+                f"{owner}: kd_coef=0 and reward_coef=0 leave nothing to train on; set kd_coef > 0 (distillation), "
+                "reward_coef > 0 (binary-reward policy gradient) or both."
+            )
+
+    def _reward_term_is_dead(self) -> tuple[str, str] | None:
+        """Why the reward term is identically zero with these settings, and the fix; `None` when it is not."""
+        if self.gate == "none":
+            return "gate='none' accepts every token (every reward is 1, so every advantage is 0)", "gate='topk'"
+        return None
+
+    def _check_reward_term(self) -> None:
+        """`reward_coef > 0` where the reward term is identically zero: an error when it is the whole loss."""
+        dead = self._reward_term_is_dead() if self.reward_coef != 0 else None
+        if dead is None:
+            return
+        why, fix = dead
+        message = f"{type(self).__name__}: reward_coef={self.reward_coef!r} has no effect: {why}."
+        if self.kd_coef == 0:
+            raise ValueError(
+                f"{message} With kd_coef=0 the loss would be identically zero. Set {fix}, or kd_coef > 0 to distill."
+            )
+        # stack: here, __post_init__, the dataclass __init__, the caller
+        warnings.warn(f"{message} Set {fix} to train on the reward, or reward_coef=0.", UserWarning, stacklevel=4)
+
+    def _warn_if_rejected_positions_are_masked(self) -> None:
+        if self.gate == "none":
+            return
+        if self.reject_weight_schedule == "constant":
+            masked = self.reject_weight == 0
+        else:
+            masked = 0 in (self.reject_weight_start, self.reject_weight_end)
+        if masked:
+            warnings.warn(
+                f"{type(self).__name__}: a reject weight of 0 masks rejected positions completely. In "
+                "benchmarks/quality.py this collapsed the student in 5 of 6 runs (held-out answer NLL 1.1 -> 3.4-11): "
+                "nothing holds the rejected positions in place, so the acceptance rate falls and the training loss "
+                "goes to 0 with it. Watch gate/acceptance_rate, or set a small weight such as reject_weight=0.1 (the "
+                "default).",
+                UserWarning,
+                stacklevel=5,  # here, _check_gate_settings, __post_init__, the dataclass __init__, the caller
+            )
+
+    def _check_schedule(self, name: str, check: Callable[[str, Any], None]) -> None:
+        owner = type(self).__name__
+        schedule = getattr(self, f"{name}_schedule")
+        _check_choice(owner, f"{name}_schedule", schedule, SCHEDULES)
+        for end in ("start", "end"):
+            value = getattr(self, f"{name}_{end}")
+            if schedule == "linear" and value is None:
+                raise ValueError(
+                    f"{owner}: {name}_schedule='linear' needs {name}_start and {name}_end; {name}_{end} is not set."
+                )
+            if schedule == "constant" and value is not None:
+                raise ValueError(
+                    f"{owner}: {name}_{end}={value!r} is set but {name}_schedule='constant'; set "
+                    f"{name}_schedule='linear' to use it, or set {name} instead."
+                )
+            if value is not None:
+                check(f"{name}_{end}", value)
+
+    def gate_top_k_at(self, step: int, max_steps: int) -> int:
+        """The `topk` gate's k at optimizer step `step` of `max_steps` (see `gate_top_k_schedule`)."""
+        if self.gate_top_k_schedule == "constant":
+            return self.gate_top_k
+        return max(1, math.floor(_linear(self.gate_top_k_start, self.gate_top_k_end, step, max_steps) + 0.5))
+
+    def reject_weight_at(self, step: int, max_steps: int) -> float:
+        """The weight of rejected positions at optimizer step `step` of `max_steps` (see `reject_weight_schedule`)."""
+        if self.reject_weight_schedule == "constant":
+            return self.reject_weight
+        return _linear(self.reject_weight_start, self.reject_weight_end, step, max_steps)
+
+    @property
+    def gates_on_policy(self) -> bool:
+        """Whether student-generated sequences go through the gate."""
+        return True
+
+    @property
+    def gates_off_policy(self) -> bool:
+        """Whether dataset and `seq_kd` sequences go through the gate."""
+        return True
+
+
+@dataclass
+class SpecKDConfig(GateConfigMixin, GKDConfig):
+    """
+    Configuration class for [`SpecKDTrainer`].
+
+    Every [`~trl.experimental.gkd.GKDConfig`] field keeps its meaning (`lmbda`, `beta`, `temperature`,
+    `max_new_tokens`, `seq_kd`, ...); this class adds the speculative accept/reject gate. At each completion position
+    the student proposes a token (the token it sampled for on-policy sequences, its own prediction for dataset and
+    `seq_kd` sequences), the teacher verifies it, and the generalized JSD is kept at weight 1 on accepted positions and
+    `reject_weight` on rejected ones.
+
+    The gate's own fields (`gate`, `gate_top_k`, `reject_weight`, `gate_normalize`, their schedules, `kd_coef` and
+    `reward_coef`) are those of [`GateConfigMixin`], documented there and shared with [`SpecKDDistillationConfig`].
+    With `gate="none"` the loss is GKD's. `reward_coef > 0` needs gated on-policy tokens: `lmbda > 0`, a gate other
+    than `"none"` and `gate_on` other than `"off_policy"`.
+
+    One default differs from TRL: an unset `bf16` means bf16 where the GPU supports it and float32 elsewhere (TRL's
+    `bf16=True` default raises on CPU).
+
+    Args:
+        gate_on (`str`, *optional*, defaults to `"both"`):
+            Which sequences go through the gate: `"both"`, `"on_policy"` (student-generated) or `"off_policy"`
+            (dataset and `seq_kd`). Ungated sequences are fully accepted.
+        gate_proposal (`str`, *optional*, defaults to `"greedy"`):
+            The student's proposal on dataset and `seq_kd` sequences: `"greedy"` (argmax) or `"sample"` (drawn from
+            the temperature-1 student with the trainer's seeded generator).
+        loss_path (`str`, *optional*, defaults to `"eager"`):
+            How the loss is computed: `"eager"` from both models' full `[B, T, V]` logits (as GKD), or `"chunked"`
+            from their final hidden states and output layers, `loss_chunk_size` completion tokens at a time, so that
+            neither model's full logits ever exist (same loss and gradients; far less memory at large vocabularies).
+            `"chunked"` needs a plain `nn.Linear` output layer on both models (no LoRA on `lm_head`).
+        loss_chunk_size (`int`, *optional*, defaults to `256`):
+            Tokens per chunk of the `"chunked"` loss path.
+        on_policy_generation (`str`, *optional*, defaults to `"student"`):
+            How on-policy sequences are generated: `"student"` (the student samples alone, as GKD) or
+            `"speculative"` (SKD-style gated generation: the student drafts `gate_draft_len` tokens, the teacher
+            verifies the draft in one forward pass with the `gate` rule and replaces the first rejected token by its
+            own; see `speckd_trl.generation.speculative_generate`). Logged as `gen/teacher_forwards_per_token`,
+            `gen/mean_accepted_run` and `gen/replaced_fraction`.
+        gate_draft_len (`int`, *optional*, defaults to `4`):
+            Tokens the student drafts per teacher forward pass with `on_policy_generation="speculative"`.
+        mixing (`str`, *optional*, defaults to `"batch"`):
+            How `lmbda` mixes on-policy and off-policy data. `"batch"` (as GKD): each micro-batch is on-policy with
+            probability `lmbda`, else `seq_kd` / dataset. `"sample"`: in every micro-batch of `B` rows,
+            `floor(lmbda * B + 0.5)` rows (rounded half up; lmbda 0.25 and B = 8 give 2) are generated on-policy and
+            the rest keep their `seq_kd` / dataset completions. Both draws come from a generator seeded with `seed`
+            that advances identically on every process.
+        teacher_load_in_4bit (`bool`, *optional*, defaults to `False`):
+            Load a teacher given as a name or path in 4-bit with bitsandbytes.
+        teacher_bnb_4bit_quant_type (`str`, *optional*, defaults to `"nf4"`):
+            4-bit data type of the teacher: `"nf4"` or `"fp4"`.
+        teacher_bnb_4bit_compute_dtype (`str`, *optional*, defaults to `"auto"`):
+            Compute dtype of the 4-bit teacher: `"auto"` (bfloat16 with `bf16=True`, float16 with `fp16=True`, else
+            float32), `"float32"`, `"bfloat16"` or `"float16"`.
+        teacher_bnb_4bit_use_double_quant (`bool`, *optional*, defaults to `True`):
+            Quantize the 4-bit teacher's quantization constants too (about 0.4 bits per parameter saved).
+    """
+
+    gate_on: str = field(
+        default="both",
+        metadata={
+            "help": "Sequences that go through the gate: 'both', 'on_policy' (student-generated) or 'off_policy' "
+            "(dataset and seq_kd). Ungated sequences are fully accepted.",
+            "choices": list(GATE_ON),
+        },
+    )
+    gate_proposal: str = field(
+        default="greedy",
+        metadata={
+            "help": "Student proposal on dataset and seq_kd sequences: 'greedy' (argmax) or 'sample' (drawn from the "
+            "temperature-1 student).",
+            "choices": list(GATE_PROPOSALS),
         },
     )
     loss_path: str = field(
@@ -290,131 +426,37 @@ class SpecKDConfig(GKDConfig):
 
     def __post_init__(self):
         # Our checks run first so that a bad value is reported with its name, value and range.
-        _check_choice("gate", self.gate, GATES)
-        _check_choice("gate_on", self.gate_on, GATE_ON)
-        _check_choice("gate_proposal", self.gate_proposal, GATE_PROPOSALS)
-        _check_choice("gate_normalize", self.gate_normalize, NORMALIZATIONS)
-        _check_choice("loss_path", self.loss_path, LOSS_PATHS)
-        _check_choice("teacher_bnb_4bit_quant_type", self.teacher_bnb_4bit_quant_type, BNB_4BIT_QUANT_TYPES)
-        _check_choice("teacher_bnb_4bit_compute_dtype", self.teacher_bnb_4bit_compute_dtype, BNB_COMPUTE_DTYPES)
-        if not isinstance(self.gate_top_k, int) or isinstance(self.gate_top_k, bool) or self.gate_top_k < 1:
-            raise ValueError(f"SpecKDConfig: gate_top_k={self.gate_top_k!r} is not valid; it must be an integer >= 1.")
-        if (
-            not isinstance(self.loss_chunk_size, int)
-            or isinstance(self.loss_chunk_size, bool)
-            or self.loss_chunk_size < 1
-        ):
-            raise ValueError(
-                f"SpecKDConfig: loss_chunk_size={self.loss_chunk_size!r} is not valid; it must be an integer >= 1."
-            )
-        _check_choice("on_policy_generation", self.on_policy_generation, ON_POLICY_GENERATIONS)
-        if (
-            not isinstance(self.gate_draft_len, int)
-            or isinstance(self.gate_draft_len, bool)
-            or self.gate_draft_len < 1
-        ):
-            raise ValueError(
-                f"SpecKDConfig: gate_draft_len={self.gate_draft_len!r} is not valid; it must be an integer >= 1 "
-                "(tokens the student drafts per teacher forward pass)."
-            )
-        _check_range("reject_weight", self.reject_weight, 0.0, 1.0)
-        self._check_schedule("gate_top_k", lambda name, v: _check_int(name, v, 1))
-        self._check_schedule("reject_weight", lambda name, v: _check_range(name, v, 0.0, 1.0))
-        self._warn_if_rejected_positions_are_masked()
-        _check_range("kd_coef", self.kd_coef, 0.0, float("inf"))
-        _check_range("reward_coef", self.reward_coef, 0.0, float("inf"))
-        if self.kd_coef == 0 and self.reward_coef == 0:
-            raise ValueError(
-                "SpecKDConfig: kd_coef=0 and reward_coef=0 leave nothing to train on; set kd_coef > 0 (distillation), "
-                "reward_coef > 0 (binary-reward policy gradient) or both."
-            )
-        _check_range("lmbda", self.lmbda, 0.0, 1.0)
-        _check_range("beta", self.beta, 0.0, 1.0)
+        owner = type(self).__name__
+        self._check_gate_settings()
+        _check_choice(owner, "gate_on", self.gate_on, GATE_ON)
+        _check_choice(owner, "gate_proposal", self.gate_proposal, GATE_PROPOSALS)
+        _check_choice(owner, "loss_path", self.loss_path, LOSS_PATHS)
+        _check_choice(owner, "teacher_bnb_4bit_quant_type", self.teacher_bnb_4bit_quant_type, BNB_4BIT_QUANT_TYPES)
+        _check_choice(owner, "teacher_bnb_4bit_compute_dtype", self.teacher_bnb_4bit_compute_dtype, BNB_COMPUTE_DTYPES)
+        _check_int(owner, "loss_chunk_size", self.loss_chunk_size, 1)
+        _check_choice(owner, "on_policy_generation", self.on_policy_generation, ON_POLICY_GENERATIONS)
+        _check_int(
+            owner, "gate_draft_len", self.gate_draft_len, 1, " (tokens the student drafts per teacher forward pass)"
+        )
+        _check_range(owner, "lmbda", self.lmbda, 0.0, 1.0)
+        _check_range(owner, "beta", self.beta, 0.0, 1.0)
         self._check_reward_term()
-        if not isinstance(self.temperature, (int, float)) or not self.temperature > 0:
-            raise ValueError(
-                f"SpecKDConfig: temperature={self.temperature!r} is not valid; the sampling temperature must be > 0."
-            )
+        _check_temperature(owner, self.temperature)
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(
-                f"SpecKDConfig: max_new_tokens={self.max_new_tokens!r} is not valid; it must be an integer >= 1."
+                f"{owner}: max_new_tokens={self.max_new_tokens!r} is not valid; it must be an integer >= 1."
             )
-        _check_choice("mixing", self.mixing, MIXINGS)
-        reason = bf16_unsupported_reason(self.use_cpu) if self.bf16 else None
-        if reason is not None:
-            raise ValueError(
-                f"SpecKDConfig: bf16=True is not supported here: {reason}. Set bf16=False (float32), fp16=True on an "
-                "older GPU, use_cpu=True for bf16 on the CPU, or leave bf16 unset to use bf16 only where it runs."
-            )
-        if self.bf16 is None:  # TRL defaults to bf16=True, which fails on CPU: use it only where it runs
-            self.bf16 = not self.fp16 and not self.use_cpu and is_torch_bf16_gpu_available()
+        _check_choice(owner, "mixing", self.mixing, MIXINGS)
+        _resolve_bf16(self)
         super().__post_init__()
 
-    def _check_reward_term(self) -> None:
-        """`reward_coef > 0` where the reward term is identically zero: an error when it is the whole loss."""
-        if self.reward_coef == 0:
-            return
-        if self.gate == "none":
-            why, fix = "gate='none' accepts every token (every reward is 1, so every advantage is 0)", "gate='topk'"
-        elif not self.gates_on_policy:
-            why, fix = "gate_on='off_policy' gates no on-policy token, and only those get rewards", "gate_on='both'"
-        elif self.lmbda == 0:
-            why, fix = "lmbda=0 generates no on-policy token, and only those get rewards", "lmbda > 0"
-        else:
-            return
-        message = f"SpecKDConfig: reward_coef={self.reward_coef!r} has no effect: {why}."
-        if self.kd_coef == 0:
-            raise ValueError(
-                f"{message} With kd_coef=0 the loss would be identically zero. Set {fix}, or kd_coef > 0 to distill."
-            )
-        warnings.warn(f"{message} Set {fix} to train on the reward, or reward_coef=0.", UserWarning, stacklevel=3)
-
-    def _warn_if_rejected_positions_are_masked(self) -> None:
-        if self.gate == "none":
-            return
-        if self.reject_weight_schedule == "constant":
-            masked = self.reject_weight == 0
-        else:
-            masked = 0 in (self.reject_weight_start, self.reject_weight_end)
-        if masked:
-            warnings.warn(
-                "SpecKDConfig: a reject weight of 0 masks rejected positions completely. In benchmarks/quality.py "
-                "this collapsed the student in 5 of 6 runs (held-out answer NLL 1.1 -> 3.4-11): nothing holds the "
-                "rejected positions in place, so the acceptance rate falls and the training loss goes to 0 with it. "
-                "Watch gate/acceptance_rate, or set a small weight such as reject_weight=0.1 (the default).",
-                UserWarning,
-                stacklevel=3,
-            )
-
-    def _check_schedule(self, name: str, check) -> None:
-        schedule = getattr(self, f"{name}_schedule")
-        _check_choice(f"{name}_schedule", schedule, SCHEDULES)
-        for end in ("start", "end"):
-            value = getattr(self, f"{name}_{end}")
-            if schedule == "linear" and value is None:
-                raise ValueError(
-                    f"SpecKDConfig: {name}_schedule='linear' needs {name}_start and {name}_end; {name}_{end} is not "
-                    "set."
-                )
-            if schedule == "constant" and value is not None:
-                raise ValueError(
-                    f"SpecKDConfig: {name}_{end}={value!r} is set but {name}_schedule='constant'; set "
-                    f"{name}_schedule='linear' to use it, or set {name} instead."
-                )
-            if value is not None:
-                check(f"{name}_{end}", value)
-
-    def gate_top_k_at(self, step: int, max_steps: int) -> int:
-        """The `topk` gate's k at optimizer step `step` of `max_steps` (see `gate_top_k_schedule`)."""
-        if self.gate_top_k_schedule == "constant":
-            return self.gate_top_k
-        return max(1, math.floor(_linear(self.gate_top_k_start, self.gate_top_k_end, step, max_steps) + 0.5))
-
-    def reject_weight_at(self, step: int, max_steps: int) -> float:
-        """The weight of rejected positions at optimizer step `step` of `max_steps` (see `reject_weight_schedule`)."""
-        if self.reject_weight_schedule == "constant":
-            return self.reject_weight
-        return _linear(self.reject_weight_start, self.reject_weight_end, step, max_steps)
+    def _reward_term_is_dead(self) -> tuple[str, str] | None:
+        dead = super()._reward_term_is_dead()
+        if dead is None and not self.gates_on_policy:
+            dead = "gate_on='off_policy' gates no on-policy token, and only those get rewards", "gate_on='both'"
+        if dead is None and self.lmbda == 0:
+            dead = "lmbda=0 generates no on-policy token, and only those get rewards", "lmbda > 0"
+        return dead
 
     @property
     def gates_on_policy(self) -> bool:
@@ -425,3 +467,55 @@ class SpecKDConfig(GKDConfig):
     def gates_off_policy(self) -> bool:
         """Whether dataset and `seq_kd` sequences go through the gate."""
         return self.gate_on in ("both", "off_policy")
+
+
+@dataclass
+class SpecKDDistillationConfig(GateConfigMixin, DistillationConfig):
+    """
+    Configuration class for [`SpecKDDistillationTrainer`]: TRL's [`~trl.DistillationConfig`] plus the speculative
+    gate's fields of [`GateConfigMixin`] (`gate`, `gate_top_k`, `reject_weight`, `gate_normalize`, their schedules,
+    `kd_coef`, `reward_coef`), with the same meanings, defaults and checks as in [`SpecKDConfig`].
+
+    Every `DistillationConfig` field keeps its meaning (`beta`, `temperature`, `max_completion_length`, `use_vllm`,
+    ...). `DistillationTrainer` is on-policy only: every completion is sampled by the student, so every completion
+    token is gated and its proposal is the sampled token (`SpecKDConfig`'s `gate_on`, `gate_proposal`, `lmbda` and
+    `mixing` have no counterpart here). With `gate="none"` (and `kd_coef=1`, `reward_coef=0`) the loss is
+    `DistillationTrainer`'s.
+
+    The `"spec"` rule takes the student's proposal distribution to be `softmax(logits / temperature)`, which is what
+    the student samples from when `top_p=1`, `top_k=0`, `min_p=None` and `repetition_penalty=1` (the defaults); other
+    values (or sampling settings in `generation_kwargs`) change the sampling distribution and bias the acceptance rate,
+    and warn. The teacher verifies at temperature 1; the divergence itself uses `temperature`, as in
+    `DistillationTrainer`.
+
+    One default differs from TRL: an unset `bf16` means bf16 where the GPU supports it and float32 elsewhere.
+    """
+
+    def __post_init__(self):
+        owner = type(self).__name__
+        self._check_gate_settings()
+        _check_range(owner, "beta", self.beta, 0.0, 1.0)
+        _check_temperature(owner, self.temperature)
+        if self.max_completion_length is not None:
+            _check_int(owner, "max_completion_length", self.max_completion_length, 1)
+        self._check_reward_term()
+        self._warn_if_spec_reads_a_filtered_sampler()
+        _resolve_bf16(self)
+        super().__post_init__()
+
+    def _warn_if_spec_reads_a_filtered_sampler(self) -> None:
+        if self.gate != "spec":
+            return
+        neutral = (("top_p", self.top_p, 1.0), ("top_k", self.top_k, 0), ("min_p", self.min_p, None))
+        changed = [f"{name}={value!r}" for name, value, default in neutral if value != default]
+        if self.repetition_penalty != 1.0:
+            changed.append(f"repetition_penalty={self.repetition_penalty!r}")
+        if changed:
+            warnings.warn(
+                f"{type(self).__name__}: gate='spec' takes the student's proposal distribution q to be "
+                f"softmax(logits / temperature), but {', '.join(changed)} change the distribution the student samples "
+                "from, which biases the acceptance rate. Leave them at their defaults, or use gate='topk' (which "
+                "reads only the teacher's ranks).",
+                UserWarning,
+                stacklevel=4,  # here, __post_init__, the dataclass __init__, the caller
+            )

@@ -1,7 +1,15 @@
 """`SpecKDTrainer`: `GKDTrainer` whose distillation loss passes every sequence through the speculative gate.
 
-Wiring only: the maths is in `gate.py` (proposals, accept masks) and `losses.py` (weighted generalized JSD and its
-normalization); teacher loading and compatibility checks are in `models.py`.
+Wiring only. Where to look:
+
+- how a batch is made: `get_batch_samples` / `_make_completions` here (the on-policy / `seq_kd` / dataset draw and
+  the generation);
+- how a position is weighted: `gating.py` (`TokenGate`, `GatedBatch`: gated positions, proposals, verdicts, weights,
+  the reward term's inputs, the `gate/*` statistics), over the pure maths of `gate.py`;
+- how the loss is reduced: `GatedBatch.reduce` over `losses.py` (weighted generalized JSD, eager or chunked, and its
+  normalization).
+
+Teacher loading and compatibility checks are in `models.py`.
 
 Two things differ from TRL 1.16's `GKDTrainer` besides the gate:
 
@@ -17,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
 import os
 import random
 from collections.abc import Callable, Iterator
@@ -31,22 +38,23 @@ from transformers import AutoConfig, PreTrainedModel, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 from trl.experimental.gkd import GKDTrainer
 from trl.experimental.utils import empty_cache
-from trl.kernels.chunked_logprob import ChunkedLogProbFunction
 from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.sft_trainer import SFTTrainer
 
 from .config import SpecKDConfig, on_policy_rows
-from .gate import accept_mask, propose, sequence_rewards
-from .generation import GenerationStats, speculative_generate
-from .losses import (
-    OutputHead,
-    chunked_weighted_jsd,
-    jsd_log_probs,
-    loss_denominator,
-    normalize_loss,
-    policy_gradient_loss,
-    weighted_jsd_from_log_probs,
+from .gating import (
+    MIXED,
+    OFF_POLICY,
+    ON_POLICY,
+    SEQ_KD,
+    GatedBatch,
+    Kind,
+    TokenGate,
+    sampled_log_probs,
+    sampled_log_probs_from_hidden,
 )
+from .generation import speculative_generate
+from .losses import OutputHead, chunked_weighted_jsd, jsd_log_probs, weighted_jsd_from_log_probs
 from .models import (
     capture_last_hidden_state,
     check_pad_token,
@@ -66,10 +74,6 @@ from .validation import (
 )
 
 
-ON_POLICY = "on_policy"
-SEQ_KD = "seq_kd"
-OFF_POLICY = "off_policy"
-MIXED = "mixed"  # mixing="sample": some rows on-policy, the rest seq_kd or dataset
 KIND_KEY = "speckd_kind"  # batch key that records how the micro-batch's completions were made
 ROW_ON_POLICY_KEY = "speckd_on_policy"  # with KIND_KEY == MIXED: bool [B], True on the rows generated on-policy
 # With on_policy_generation="speculative": long [B, L] like input_ids, the student's own draft at each completion
@@ -77,7 +81,6 @@ ROW_ON_POLICY_KEY = "speckd_on_policy"  # with KIND_KEY == MIXED: bool [B], True
 # the on-policy tokens themselves are the student's samples.
 PROPOSALS_KEY = "speckd_proposals"
 RNG_STATE_FILE = "speckd_rng_state_{}.pth"  # per process: the batch-kind draw, the gate's and generation's generators
-VOCAB_TILE = 8192  # vocabulary columns per tile of the chunked log-probabilities (reward term)
 
 
 class SpecKDTrainer(GKDTrainer):
@@ -185,17 +188,31 @@ class SpecKDTrainer(GKDTrainer):
 
         # Same draw on every process: all of them generate (or not) together.
         self._kind_rng = random.Random(args.seed)
-        self._gate_generator = torch.Generator(device=self.accelerator.device)
-        self._gate_generator.manual_seed(args.seed + self.accelerator.process_index)
-        # Evaluation draws its gate uniforms from a stream of its own, re-seeded by every `evaluate`: it never moves
-        # the training draws, and the same model evaluates to the same loss every time.
-        self._eval_gate_generator = torch.Generator(device=self.accelerator.device)
-        self._gate_window = self._new_gate_window()
+        # The per-token gate: its draws (one training stream per process, one evaluation stream), its settings at a
+        # step and its logging window.
+        self._gate = TokenGate(
+            args,
+            temperature=self.temperature,
+            device=self.accelerator.device,
+            seed=args.seed,
+            process_index=self.accelerator.process_index,
+            proposal=args.gate_proposal,
+        )
         # Per-row seeds of speculative generation (`generation.row_seeds`); a stream of its own, so turning
         # `on_policy_generation` on leaves the gate's draws unchanged.
         self._generation_generator = torch.Generator()
         self._generation_generator.manual_seed(args.seed + 1_000_003 * (self.accelerator.process_index + 1))
         self._resume_checkpoint, self._rng_restored = None, False
+
+    @property
+    def _gate_generator(self) -> torch.Generator:
+        """The gate's training stream of random draws (this process's)."""
+        return self._gate.generator
+
+    @property
+    def _gate_window(self) -> dict[str, float]:
+        """The gate's counts in the current logging window."""
+        return self._gate.window
 
     # ------------------------------------------------------------------ batches
 
@@ -297,15 +314,14 @@ class SpecKDTrainer(GKDTrainer):
 
     def evaluate(self, *args, **kwargs) -> dict[str, float]:
         """`Trainer.evaluate`; the gate's evaluation draws restart from `args.seed` (per process) on every call."""
-        self._eval_gate_generator.manual_seed(self.args.seed + self.accelerator.process_index)
+        self._gate.reset_eval_generator()
         return super().evaluate(*args, **kwargs)
 
     def _speckd_rng_state(self) -> dict[str, Any]:
         return {
             "kind": self._kind_rng.getstate(),
-            "gate": self._gate_generator.get_state(),
+            **self._gate.state_dict(),  # "gate": its training generator, "gate_window": its logging window
             "generation": self._generation_generator.get_state(),
-            "gate_window": dict(self._gate_window),
         }
 
     def _save_rng_state(self, output_dir: str) -> None:
@@ -330,9 +346,8 @@ class SpecKDTrainer(GKDTrainer):
         state = torch.load(path, weights_only=True)
         kind_state = state["kind"]
         self._kind_rng.setstate((kind_state[0], tuple(kind_state[1]), kind_state[2]))
-        self._gate_generator.set_state(state["gate"].cpu())
+        self._gate.load_state_dict(state)
         self._generation_generator.set_state(state["generation"].cpu())
-        self._gate_window = {**self._new_gate_window(), **state["gate_window"]}
 
     def training_step(
         self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None = None
@@ -357,76 +372,59 @@ class SpecKDTrainer(GKDTrainer):
         states, `args.loss_chunk_size` completion tokens at a time (`losses.chunked_weighted_jsd`); both give the
         same loss, gradients and gate decisions (the gate's random draws are made once per micro-batch).
         """
-        kind = inputs.get(KIND_KEY, OFF_POLICY)
         # Causal shift: the model's output at position i predicts the token at i + 1.
-        labels = inputs["labels"][:, 1:]
-        completion = labels != -100
+        completion = inputs["labels"][:, 1:] != -100
         # What the student sampled at each position of an on-policy row: the gate's proposal and the reward's action
         sampled_ids = inputs.get(PROPOSALS_KEY, inputs["input_ids"])[:, 1:]
-        kind = self._row_kinds(inputs, kind)  # issue 7: mixing="sample" batches carry a kind per row
-        gated = completion & self._is_gated(kind)
-        generator = self._gate_generator if model.training else self._eval_gate_generator
-        uniforms = self._draw_uniforms(kind, gated, generator)
-
+        kind = self._row_kinds(inputs, inputs.get(KIND_KEY, OFF_POLICY))  # issue 7: mixed batches, a kind per row
+        gate = self._gate.batch(
+            kind, completion, training=model.training, step=self.state.global_step, max_steps=self.state.max_steps
+        )
         if self.args.loss_path == "chunked":
-            weighted, weights, accepted, student_outputs, sampled_logprobs = self._chunked_terms(
-                model, inputs, sampled_ids, completion, gated, kind, uniforms
+            weighted, weights, accepted, student_outputs, logprobs = self._chunked_terms(
+                model, inputs, sampled_ids, gate
             )
         else:
-            student_outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-            self.teacher_model.eval()
-            with torch.no_grad():
-                teacher_logits = self.teacher_model(
-                    input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
-                ).logits[:, :-1]
-            student_logits = self._shared_logits(student_outputs.logits[:, :-1])
-            teacher_logits = self._shared_logits(teacher_logits)
-            # GKD's divergence, split at its log-softmax so that the gate reads the same log-probabilities
-            student_log_probs, teacher_log_probs = jsd_log_probs(student_logits), jsd_log_probs(teacher_logits)
-            accepted = self._verify_rows(student_log_probs, teacher_log_probs, sampled_ids, gated, kind, uniforms) | (
-                completion & ~gated
+            weighted, weights, accepted, student_outputs, logprobs = self._eager_terms(
+                model, inputs, sampled_ids, gate
             )
-            weights = self._loss_weights(accepted) * completion
-            weighted = weighted_jsd_from_log_probs(student_log_probs, teacher_log_probs, weights, beta=self.beta)
-            if not bool(torch.isfinite(weighted).all()):  # [B, T]: cheap; a bad teacher shows here first
-                self._check_teacher(teacher_logits)
-
-            def sampled_logprobs() -> torch.Tensor:
-                logprobs = student_log_probs  # at the sampling temperature, differentiable
-                if self.temperature != 1.0:
-                    logprobs = jsd_log_probs(student_logits, self.temperature)
-                return logprobs.gather(-1, sampled_ids.unsqueeze(-1)).squeeze(-1)
-
-        loss = self.args.kd_coef * normalize_loss(
-            weighted,
-            weights,
-            completion,
-            normalize=self.args.gate_normalize,
-            num_items_in_batch=num_items_in_batch,
-        )
-        sampled = gated & self._on_policy_positions(kind, gated)  # issue 7: the on-policy rows of a mixed batch
-        if self.args.reward_coef > 0 and sampled.any():
-            # the accept bit is the teacher's reward for the sampled token: a REINFORCE step on it
-            loss = loss + self.args.reward_coef * policy_gradient_loss(
-                sampled_logprobs(),
-                accepted,
-                sampled,
-                denominator=loss_denominator(completion, num_items_in_batch),
-            )
-        if model.training:
-            self._record_gate(kind, accepted, gated)
+        loss = gate.reduce(weighted, weights, accepted, logprobs, num_items_in_batch)
+        gate.record(accepted)
         empty_cache()
         return (loss, student_outputs) if return_outputs else loss
 
+    def _eager_terms(
+        self, model: nn.Module, inputs: dict[str, Any], sampled_ids: torch.Tensor, gate: GatedBatch
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any, Callable[[], torch.Tensor]]:
+        """The loss terms from both models' full logits.
+
+        Returns:
+            ``w_t D_t`` `[B, T]`, the weights `[B, T]`, the accept mask `[B, T]`, the student's outputs, and a function
+            that gives the student's log-probabilities `[B, T]` of `sampled_ids` at the sampling temperature.
+        """
+        student_outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        self.teacher_model.eval()
+        with torch.no_grad():
+            teacher_logits = self.teacher_model(
+                input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
+            ).logits[:, :-1]
+        student_logits = self._shared_logits(student_outputs.logits[:, :-1])
+        teacher_logits = self._shared_logits(teacher_logits)
+        # GKD's divergence, split at its log-softmax so that the gate reads the same log-probabilities
+        student_log_probs, teacher_log_probs = jsd_log_probs(student_logits), jsd_log_probs(teacher_logits)
+        accepted = gate.accept(student_log_probs, teacher_log_probs, sampled_ids)
+        weights = gate.weights(accepted)
+        weighted = weighted_jsd_from_log_probs(student_log_probs, teacher_log_probs, weights, beta=self.beta)
+        if not bool(torch.isfinite(weighted).all()):  # [B, T]: cheap; a bad teacher shows here first
+            self._check_teacher(teacher_logits)
+
+        def logprobs() -> torch.Tensor:  # differentiable
+            return sampled_log_probs(student_log_probs, student_logits, sampled_ids, self.temperature)
+
+        return weighted, weights, accepted, student_outputs, logprobs
+
     def _chunked_terms(
-        self,
-        model: nn.Module,
-        inputs: dict[str, Any],
-        sampled_ids: torch.Tensor,
-        completion: torch.Tensor,
-        gated: torch.Tensor,
-        kind: str,
-        uniforms: dict[str, torch.Tensor],
+        self, model: nn.Module, inputs: dict[str, Any], sampled_ids: torch.Tensor, gate: GatedBatch
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any, Callable[[], torch.Tensor]]:
         """The loss terms of the chunked path, on the completion positions only.
 
@@ -446,49 +444,25 @@ class SpecKDTrainer(GKDTrainer):
         with torch.no_grad():
             teacher_hidden = last_hidden_state(self.teacher_model, inputs["input_ids"], inputs["attention_mask"])
         self._check_teacher(teacher_hidden)
-        rows = completion.flatten().nonzero().squeeze(-1)
-        student_hidden = captured["hidden"][:, :-1].flatten(0, 1)[rows]
-        teacher_hidden = teacher_hidden[:, :-1].flatten(0, 1)[rows]
-        row_sampled, row_gated = sampled_ids.flatten()[rows], gated.flatten()[rows]
-        row_uniforms = {name: u.flatten()[rows] for name, u in uniforms.items()}
-        row_accepted = torch.ones_like(row_gated)
-
-        def weight_fn(student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor, chunk: slice) -> torch.Tensor:
-            chunk_uniforms = {name: u[chunk] for name, u in row_uniforms.items()}
-            verdict = self._verify(
-                student_log_probs, teacher_log_probs, row_sampled[chunk], row_gated[chunk], kind, chunk_uniforms
-            )
-            row_accepted[chunk] = verdict | ~row_gated[chunk]
-            return self._loss_weights(row_accepted[chunk])
-
+        rows = gate.on_rows(sampled_ids)
+        student_hidden = captured["hidden"][:, :-1].flatten(0, 1)[rows.rows]
+        teacher_hidden = teacher_hidden[:, :-1].flatten(0, 1)[rows.rows]
         weighted, weights = chunked_weighted_jsd(
             student_hidden,
             student_head,
             teacher_hidden,
             teacher_head,
-            weight_fn,
+            rows.weight_fn,  # the gate's verdicts on each chunk's log-probabilities, then its weights
             beta=self.beta,
             chunk_size=self.args.loss_chunk_size,
         )
-        accepted = torch.zeros_like(completion).flatten()
-        accepted[rows] = row_accepted
 
-        def sampled_logprobs() -> torch.Tensor:
-            row_logprobs = ChunkedLogProbFunction.apply(
-                student_hidden,
-                student_head.weight,
-                student_head.bias,
-                row_sampled,
-                self.temperature,
-                VOCAB_TILE,
-                student_head.softcap,
-                student_head.logit_scale,
-                (),
-            )[0]
-            logprobs = torch.zeros(completion.numel(), device=row_logprobs.device, dtype=row_logprobs.dtype)
-            return logprobs.index_put((rows,), row_logprobs).view_as(completion)
+        def logprobs() -> torch.Tensor:  # differentiable
+            return rows.scatter(
+                sampled_log_probs_from_hidden(student_hidden, student_head, rows.sampled_ids, self.temperature)
+            )
 
-        return weighted, weights, accepted.view_as(completion), student_outputs, sampled_logprobs
+        return weighted, weights, rows.positions(), student_outputs, logprobs
 
     def _output_heads(self) -> tuple[OutputHead, OutputHead]:
         """The student's and the teacher's output layers, for the chunked loss (cut to the tokenizer's ids when the
@@ -525,221 +499,67 @@ class SpecKDTrainer(GKDTrainer):
             )
         return teacher_out
 
-    def _loss_weights(self, accepted: torch.Tensor) -> torch.Tensor:
-        """``w_t``: 1 where accepted (or not gated), `reject_weight` where rejected."""
-        return torch.where(accepted, 1.0, self._reject_weight())
-
     def _gate_top_k(self, step: int | None = None) -> int:
         """k of the `topk` gate at optimizer step `step` (default: the current one), per `gate_top_k_schedule`."""
         step = self.state.global_step if step is None else step
-        return self.args.gate_top_k_at(step, self.state.max_steps)
-
-    def _reject_weight(self, step: int | None = None) -> float:
-        """Weight of rejected positions at optimizer step `step` (default: the current one)."""
-        step = self.state.global_step if step is None else step
-        return self.args.reject_weight_at(step, self.state.max_steps)
+        return self._gate.top_k(step, self.state.max_steps)
 
     @staticmethod
-    def _row_kinds(inputs: dict[str, Any], kind: str) -> str | torch.Tensor:
+    def _row_kinds(inputs: dict[str, Any], kind: str) -> Kind:
         """The batch's kind, or for a `MIXED` batch (`mixing="sample"`) its on-policy rows as a bool `[B, 1]`."""
         if kind != MIXED:
             return kind
         return inputs[ROW_ON_POLICY_KEY].bool().unsqueeze(-1)
 
-    def _is_gated(self, kind: str | torch.Tensor) -> bool | torch.Tensor:
-        if isinstance(kind, torch.Tensor):  # per row, [B, 1]
-            return (kind & self.args.gates_on_policy) | (~kind & self.args.gates_off_policy)
-        return self.args.gates_on_policy if kind == ON_POLICY else self.args.gates_off_policy
-
-    @staticmethod
-    def _on_policy_positions(kind: str | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """Bool like `like` `[B, T]`: True at the positions of on-policy rows."""
-        if isinstance(kind, torch.Tensor):
-            return kind.to(like.device).expand_as(like)
-        return torch.full_like(like, kind == ON_POLICY, dtype=torch.bool)
-
-    def _draw_uniforms(
-        self, kind: str | torch.Tensor, gated: torch.Tensor, generator: torch.Generator
-    ) -> dict[str, torch.Tensor]:
-        """The gate's U(0, 1) draws for the micro-batch, `[B, T]` each, from `generator` (the training or the
-        evaluation stream), made once so every loss path uses them.
-
-        For a mixed batch the per-position kinds go along as ``"on_policy"`` (bool `[B, T]`), so that both loss
-        paths slice them with the draws and `_verify` treats each position by its row's kind.
-        """
-        uniforms = {}
-        if not gated.any() or self.args.gate == "none":
-            return uniforms
-        on_policy = self._on_policy_positions(kind, gated)
-        if self.args.gate_proposal == "sample" and bool((gated & ~on_policy).any()):
-            uniforms["proposal"] = self._uniform(gated.shape, generator)
-        if self.args.gate == "spec":
-            uniforms["accept"] = self._uniform(gated.shape, generator)
-        if isinstance(kind, torch.Tensor):
-            uniforms["on_policy"] = on_policy
-        return uniforms
-
-    def _uniform(self, shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
-        return torch.rand(shape, generator=generator, device=generator.device).to(self.accelerator.device)
-
-    @torch.no_grad()
     def _verify_rows(
         self,
         student_log_probs: torch.Tensor,
         teacher_log_probs: torch.Tensor,
         sampled_ids: torch.Tensor,
         gated: torch.Tensor,
-        kind: str,
+        kind: Kind,
         uniforms: dict[str, torch.Tensor],
     ) -> torch.Tensor:
-        """`_verify` on a `[B, T]` batch (`[B, T, V]` log-probabilities in, `[B, T]` accept bits out).
-
-        When at most half the positions are gated (an on-policy batch is mostly prompt and padding), only the gated
-        positions are copied out and verified; otherwise the whole batch goes through the gate's `[.., V]` passes
-        (cheaper than copying most of it) and the mask drops the rest. Both give the same verdicts.
-        """
-        if not gated.any() or self.args.gate == "none":
-            return gated.clone()
-        if 2 * int(gated.sum()) > gated.numel():
-            return self._verify(student_log_probs, teacher_log_probs, sampled_ids, gated, kind, uniforms)
-        rows = gated.nonzero(as_tuple=True)
-        verdict = self._verify(
-            student_log_probs[rows],
-            teacher_log_probs[rows],
-            sampled_ids[rows],
-            gated[rows],
-            kind,
-            {name: u[rows] for name, u in uniforms.items()},
+        """`TokenGate.verify_rows` at the current step's k (`[B, T, V]` log-probabilities in, `[B, T]` bits out)."""
+        return self._gate.verify_rows(
+            student_log_probs, teacher_log_probs, sampled_ids, gated, kind, uniforms, top_k=self._gate_top_k()
         )
-        accepted = torch.zeros_like(gated)
-        accepted[rows] = verdict
-        return accepted
 
-    @torch.no_grad()
     def _verify(
         self,
         student_log_probs: torch.Tensor,
         teacher_log_probs: torch.Tensor,
         sampled_ids: torch.Tensor,
         gated: torch.Tensor,
-        kind: str,
+        kind: Kind,
         uniforms: dict[str, torch.Tensor],
     ) -> torch.Tensor:
-        """The teacher's accept bits on the student's proposals at the gated positions.
-
-        The inputs are the divergence's log-probabilities (temperature 1), so the `spec` rule needs no `[.., V]`
-        pass of its own except for on-policy tokens sampled at a temperature other than 1.
-
-        `sampled_ids` are the tokens the student sampled (read at on-policy positions only: the proposals there).
-
-        Shapes: log-probabilities `[..., V]`, the rest `[...]` (a batch `[B, T]` or a chunk of rows `[n]`).
-        """
-        if not gated.any():
-            return torch.zeros_like(gated)
-        if self.args.gate == "none":
-            return gated.clone()
-        student_log_probs = student_log_probs.detach()
-        on_policy = uniforms.get("on_policy")
-        if on_policy is not None:  # mixed batch (mixing="sample"): each position by its row's kind
-            proposals = sampled_ids
-            # `_draw_uniforms` drew the "proposal" uniforms iff a dataset / seq_kd position is gated; without them
-            # none is, and `propose` would draw from torch's global generator (shifting every later draw of the run)
-            if self.args.gate_proposal == "greedy" or "proposal" in uniforms:
-                own = propose(student_log_probs, mode=self.args.gate_proposal, uniforms=uniforms.get("proposal"))
-                proposals = torch.where(on_policy, sampled_ids, own)
-            proposal_log_probs = torch.where(
-                on_policy[..., None], self._sampling_log_probs(student_log_probs), student_log_probs
-            )
-        elif kind == ON_POLICY:
-            # The proposal is the sampled token, drawn from the student at the generation temperature
-            # (GKD samples with top_k=0, top_p=1), so that is the q of the `spec` rule.
-            proposals = sampled_ids
-            proposal_log_probs = self._sampling_log_probs(student_log_probs)
-        else:
-            proposals = propose(student_log_probs, mode=self.args.gate_proposal, uniforms=uniforms.get("proposal"))
-            proposal_log_probs = student_log_probs
-        return accept_mask(
-            proposal_log_probs,
-            teacher_log_probs,
-            proposals,
-            gated,
-            gate=self.args.gate,
-            top_k=self._gate_top_k(),
-            uniforms=uniforms.get("accept"),
-            normalized=True,
+        """`TokenGate.verify` at the current step's k (any leading shape)."""
+        return self._gate.verify(
+            student_log_probs, teacher_log_probs, sampled_ids, gated, kind, uniforms, top_k=self._gate_top_k()
         )
 
-    def _sampling_log_probs(self, student_log_probs: torch.Tensor) -> torch.Tensor:
-        """The student's log-probabilities at the generation temperature, from those at temperature 1 (the `spec`
-        rule's ``q`` for sampled tokens; the `topk` rule does not read the student, so it is left as is)."""
-        if self.temperature == 1.0 or self.args.gate != "spec":
-            return student_log_probs
-        return jsd_log_probs(student_log_probs, self.temperature)
+    def _draw_uniforms(
+        self, kind: Kind, gated: torch.Tensor, generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
+        """`TokenGate.draw_uniforms` from `generator` (default: the training stream)."""
+        return self._gate.draw_uniforms(kind, gated, self._gate.generator if generator is None else generator)
 
     # ------------------------------------------------------------------ logging
-
-    @staticmethod
-    def _new_gate_window() -> dict[str, float]:
-        return dict.fromkeys(
-            ("accepted_on", "gated_on", "accepted_off", "gated_off", "reward_sum", "reward_sq_sum", "sequences")
-            + ("gen_row_blocks", "gen_tokens", "gen_runs", "gen_run_sum", "gen_replaced"),
-            0.0,
-        )
-
-    def _record_generation(self, stats: GenerationStats) -> None:
-        window = self._gate_window
-        window["gen_row_blocks"] += stats.row_blocks
-        window["gen_tokens"] += stats.generated_tokens
-        window["gen_runs"] += len(stats.accepted_runs)
-        window["gen_run_sum"] += sum(stats.accepted_runs)
-        window["gen_replaced"] += stats.replaced_tokens
-
-    def _record_gate(self, kind: str | torch.Tensor, accepted: torch.Tensor, gated: torch.Tensor) -> None:
-        window = self._gate_window
-        on_policy = self._on_policy_positions(kind, gated)
-        for suffix, rows in (("on", gated & on_policy), ("off", gated & ~on_policy)):
-            window[f"accepted_{suffix}"] += (accepted & rows).sum().item()
-            window[f"gated_{suffix}"] += rows.sum().item()
-        rewards = sequence_rewards(accepted, gated)
-        window["reward_sum"] += rewards.sum().item()
-        window["reward_sq_sum"] += rewards.square().sum().item()
-        window["sequences"] += rewards.numel()
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the gate's acceptance rates and the reward statistics of the logging window (all processes)."""
         if self.model.training and "loss" in logs:
-            keys = list(self._gate_window)
-            totals = torch.tensor([self._gate_window[k] for k in keys], dtype=torch.float64, device=self.args.device)
-            totals = dict(zip(keys, self.accelerator.reduce(totals, reduction="sum").tolist()))
-            self._gate_window = self._new_gate_window()
-            logs.update(gate_metrics(totals))
-            # the values of the step that just ran (global_step has already moved past it)
-            if self.args.gate == "topk":
-                logs["gate/top_k"] = self._gate_top_k(self.state.global_step - 1)
-            if self.args.gate != "none":
-                logs["gate/reject_weight"] = self._reject_weight(self.state.global_step - 1)
+            logs.update(
+                self._gate.pop_metrics(
+                    lambda totals: self.accelerator.reduce(totals, reduction="sum"),
+                    device=self.args.device,
+                    # the values of the step that just ran (global_step has already moved past it)
+                    step=self.state.global_step - 1,
+                    max_steps=self.state.max_steps,
+                )
+            )
         super().log(logs, start_time)
-
-
-def gate_metrics(totals: dict[str, float]) -> dict[str, float]:
-    """Acceptance rates and reward statistics from a window's summed counts; a kind with no gated token is omitted."""
-    metrics = {}
-    gated = totals["gated_on"] + totals["gated_off"]
-    if gated > 0:
-        metrics["gate/acceptance_rate"] = (totals["accepted_on"] + totals["accepted_off"]) / gated
-    if totals["gated_on"] > 0:
-        metrics["gate/acceptance_rate_on_policy"] = totals["accepted_on"] / totals["gated_on"]
-    if totals["gated_off"] > 0:
-        metrics["gate/acceptance_rate_off_policy"] = totals["accepted_off"] / totals["gated_off"]
-    if totals["sequences"] > 0:
-        mean = totals["reward_sum"] / totals["sequences"]
-        metrics["reward/mean"] = mean
-        metrics["reward/std"] = math.sqrt(max(totals["reward_sq_sum"] / totals["sequences"] - mean**2, 0.0))
-    if totals.get("gen_tokens", 0) > 0:  # speculative on-policy generation ran in this window
-        metrics["gen/teacher_forwards_per_token"] = totals["gen_row_blocks"] / totals["gen_tokens"]
-        metrics["gen/mean_accepted_run"] = totals["gen_run_sum"] / max(totals["gen_runs"], 1)
-        metrics["gen/replaced_fraction"] = totals["gen_replaced"] / totals["gen_tokens"]
-    return metrics
 
 
 def _config_vocab_size(model: Any, args: SpecKDConfig) -> int | None:
@@ -831,6 +651,6 @@ class _SpeculativeGenerator:
             generator=trainer._generation_generator,
             vocab_size=trainer._shared_vocab,
         )
-        trainer._record_generation(stats)
+        trainer._gate.record_generation(stats)
         self.proposals = stats.proposals
         return SimpleNamespace(sequences=sequences)
