@@ -391,6 +391,33 @@ class TokenGate:
         self.window = {**new_window(), **state["gate_window"]}
 
 
+class GatedTrainerMixin:
+    """What both SpecKD trainers add to their TRL trainer around their `TokenGate` (`self._gate`): the logging
+    window's `gate/*`, `reward/*` and `gen/*` metrics next to `loss`, and an evaluation stream of gate draws that
+    restarts with every `evaluate`. Put it first among the trainer's bases."""
+
+    _gate: TokenGate
+
+    def evaluate(self, *args, **kwargs) -> dict[str, float]:
+        """`Trainer.evaluate`; the gate's evaluation draws restart from `args.seed` (per process) on every call."""
+        self._gate.reset_eval_generator()
+        return super().evaluate(*args, **kwargs)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the gate's acceptance rates and the reward statistics of the logging window (all processes)."""
+        if self.model.training and "loss" in logs:
+            logs.update(
+                self._gate.pop_metrics(
+                    lambda totals: self.accelerator.reduce(totals, reduction="sum"),
+                    device=self.args.device,
+                    # the values of the step that just ran (global_step has already moved past it)
+                    step=self.state.global_step - 1,
+                    max_steps=self.state.max_steps,
+                )
+            )
+        super().log(logs, start_time)
+
+
 @dataclass
 class GatedBatch:
     """The gate on one micro-batch (made by `TokenGate.batch`): positions, verdicts, weights, loss and records.

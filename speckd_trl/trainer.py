@@ -5,7 +5,8 @@ Wiring only. Where to look:
 - how a batch is made: `get_batch_samples` / `_make_completions` here (the on-policy / `seq_kd` / dataset draw and
   the generation);
 - how a position is weighted: `gating.py` (`TokenGate`, `GatedBatch`: gated positions, proposals, verdicts, weights,
-  the reward term's inputs, the `gate/*` statistics), over the pure maths of `gate.py`;
+  the reward term's inputs, the `gate/*` statistics, logged by `GatedTrainerMixin.log`), over the pure maths of
+  `gate.py`;
 - how the loss is reduced: `GatedBatch.reduce` over `losses.py` (weighted generalized JSD, eager or chunked, and its
   normalization).
 
@@ -48,6 +49,7 @@ from .gating import (
     ON_POLICY,
     SEQ_KD,
     GatedBatch,
+    GatedTrainerMixin,
     Kind,
     TokenGate,
     sampled_log_probs,
@@ -83,7 +85,7 @@ PROPOSALS_KEY = "speckd_proposals"
 RNG_STATE_FILE = "speckd_rng_state_{}.pth"  # per process: the batch-kind draw, the gate's and generation's generators
 
 
-class SpecKDTrainer(GKDTrainer):
+class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
     """Trainer for Speculative Knowledge Distillation (SpecKD), a drop-in replacement for `GKDTrainer`.
 
     At every completion position the student proposes a token (the token it sampled, for on-policy sequences; its own
@@ -312,11 +314,6 @@ class SpecKDTrainer(GKDTrainer):
         self._resume_checkpoint, self._rng_restored = checkpoint, False
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
-    def evaluate(self, *args, **kwargs) -> dict[str, float]:
-        """`Trainer.evaluate`; the gate's evaluation draws restart from `args.seed` (per process) on every call."""
-        self._gate.reset_eval_generator()
-        return super().evaluate(*args, **kwargs)
-
     def _speckd_rng_state(self) -> dict[str, Any]:
         return {
             "kind": self._kind_rng.getstate(),
@@ -544,22 +541,6 @@ class SpecKDTrainer(GKDTrainer):
     ) -> dict[str, torch.Tensor]:
         """`TokenGate.draw_uniforms` from `generator` (default: the training stream)."""
         return self._gate.draw_uniforms(kind, gated, self._gate.generator if generator is None else generator)
-
-    # ------------------------------------------------------------------ logging
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Add the gate's acceptance rates and the reward statistics of the logging window (all processes)."""
-        if self.model.training and "loss" in logs:
-            logs.update(
-                self._gate.pop_metrics(
-                    lambda totals: self.accelerator.reduce(totals, reduction="sum"),
-                    device=self.args.device,
-                    # the values of the step that just ran (global_step has already moved past it)
-                    step=self.state.global_step - 1,
-                    max_steps=self.state.max_steps,
-                )
-            )
-        super().log(logs, start_time)
 
 
 def _config_vocab_size(model: Any, args: SpecKDConfig) -> int | None:
