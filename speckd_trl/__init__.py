@@ -1,7 +1,8 @@
 """speckd-trl: Speculative Knowledge Distillation for Hugging Face TRL.
 
-Swap `GKDConfig` / `GKDTrainer` for `SpecKDConfig` / `SpecKDTrainer`: the student proposes a token at every
-completion position, the teacher verifies it, and the generalized JSD is kept only where the teacher accepts.
+Swap `GKDConfig` / `GKDTrainer` for `SpecKDConfig` / `SpecKDTrainer` (or TRL's `DistillationConfig` /
+`DistillationTrainer` for `SpecKDDistillationConfig` / `SpecKDDistillationTrainer`): the student proposes a token at
+every completion position, the teacher verifies it, and the generalized JSD is kept only where the teacher accepts.
 """
 
 import logging
@@ -22,9 +23,11 @@ def _drop_missing_kernels_package(record: logging.LogRecord) -> bool:
 
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_drop_missing_kernels_package)
 
-from .config import SpecKDConfig  # noqa: E402
+from .config import GateConfigMixin, SpecKDConfig, SpecKDDistillationConfig  # noqa: E402
+from .distillation_trainer import SpecKDDistillationTrainer  # noqa: E402
 from .drafter import evaluate_drafter  # noqa: E402
 from .gate import accept_mask, propose, sequence_rewards, teacher_rank  # noqa: E402
+from .gating import GatedBatch, TokenGate  # noqa: E402
 from .generation import GenerationStats, speculative_generate, student_generate  # noqa: E402
 from .losses import normalize_loss, weighted_generalized_jsd  # noqa: E402
 from .plan import MemoryPlan, PlanConfig, estimate_memory, format_plan  # noqa: E402
@@ -36,6 +39,11 @@ __version__ = "0.1.0"
 __all__ = [
     "SpecKDConfig",
     "SpecKDTrainer",
+    "SpecKDDistillationConfig",
+    "SpecKDDistillationTrainer",
+    "GateConfigMixin",
+    "GatedBatch",
+    "TokenGate",
     "GenerationStats",
     "MemoryPlan",
     "PlanConfig",

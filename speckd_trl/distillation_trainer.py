@@ -1,0 +1,304 @@
+"""`SpecKDDistillationTrainer`: TRL's `DistillationTrainer` whose divergence passes every completion token through the
+speculative gate.
+
+Wiring only. Where to look:
+
+- how a batch is made: TRL's `DistillationTrainer`, unchanged: prompt-only data, on-policy completions from the
+  student (transformers or vLLM, tool calls, vision-language models), a generation batch per accumulation window, and
+  `num_items_in_batch` counted on the generated completions;
+- how a position is weighted: `gating.py` (`TokenGate`, `GatedBatch`, `GatedRows`), the same piece `SpecKDTrainer`
+  calls; every completion token is the student's sample, so it is the proposal the teacher verifies;
+- how the loss is reduced: `GatedBatch.reduce` over `losses.py`, from the per-token divergence of TRL's
+  `ChunkedDivergenceFunction` (hidden states and output layers, never `[N, V]` logits in full).
+
+The one override of the loss is `_compute_loss`. TRL's version ends in `_chunked_divergence_loss`, a module-level
+function that sums the per-token divergence before returning it, so the weights cannot be applied after it: this
+override repeats TRL's inputs (both models' hidden states through `_get_last_hidden_state` and `_forward_redirection`,
+their output layers with TRL's logit-scale rules) and calls `ChunkedDivergenceFunction` itself, as
+`_chunked_divergence_loss` does, keeping the per-token values. With `gate="none"` the result is TRL's loss.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from datasets import Dataset, IterableDataset
+from torch import nn
+from transformers import PreTrainedModel, TrainerCallback
+from trl import DistillationTrainer
+from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+from trl.kernels.chunked_logprob import _use_triton
+from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+from .config import SpecKDDistillationConfig
+from .gating import ON_POLICY, GatedTrainerMixin, TokenGate, sampled_log_probs_from_hidden
+from .losses import OutputHead
+
+
+GATE_STATE_FILE = "speckd_gate_state_{}.pth"  # per process: the gate's training generator and logging window
+# The multimodal fields `DistillationTrainer._compute_loss` forwards to both backbones (TRL 1.16)
+MULTIMODAL_KEYS = (
+    "pixel_values",
+    "image_grid_thw",
+    "pixel_attention_mask",
+    "spatial_shapes",
+    "image_sizes",
+    "token_type_ids",
+    "mm_token_type_ids",
+    "image_position_ids",
+)
+
+
+class SpecKDDistillationTrainer(GatedTrainerMixin, DistillationTrainer):
+    """TRL's [`~trl.DistillationTrainer`] with the speculative gate: SpecKD for on-policy-only distillation.
+
+    The student samples every completion (through transformers or vLLM, as `DistillationTrainer`); at every completion
+    token the teacher verifies the student's sample (`args.gate`), and the per-token generalized JSD (at
+    `args.temperature`, as `DistillationTrainer`) is kept with weight 1 on accepted tokens and `args.reject_weight` on
+    rejected ones. The accept bit is the teacher's binary reward for the sampled token: its rate is logged as
+    `gate/acceptance_rate` (and `gate/acceptance_rate_on_policy`), with `reward/mean` and `reward/std` (per-sequence
+    means), and `args.reward_coef > 0` adds a REINFORCE term on it. With `gate="none"` the loss is
+    `DistillationTrainer`'s.
+
+    The `spec` rule's ``q`` is the student at `args.temperature` (what it samples from with the default `top_p`,
+    `top_k`, `min_p` and `repetition_penalty`); ``p`` is the teacher at temperature 1. The verdicts cost one extra
+    projection of the completion tokens through the output layers (the teacher's; the student's too for `spec`),
+    without gradient, a chunk of tokens at a time.
+
+    Use it instead of [`SpecKDTrainer`] for purely on-policy distillation from prompt-only data, with what
+    `DistillationTrainer` brings (vLLM generation, tool calls, vision-language models; this package tests only the
+    transformers generation path); use `SpecKDTrainer` (on GKD) to mix on-policy with dataset or teacher-generated
+    completions (`lmbda`, `seq_kd`), for speculative (teacher-corrected) generation, the eager or chunked loss paths,
+    or `teacher_load_in_4bit`.
+
+    Args: the same as [`~trl.DistillationTrainer`]; `args` must be a [`SpecKDDistillationConfig`]. `teacher_model`
+    defaults to `args.teacher_model_name_or_path`. A `train_dataset` / `eval_dataset` of chat `messages` rows (the
+    format of [`SpecKDTrainer`]) is turned into `prompt` rows: every message before the last assistant message.
+    """
+
+    _tag_names = ["trl", "distillation", "speckd"]
+    _name = "SpecKD-Distillation"
+
+    def __init__(
+        self,
+        model: str | PreTrainedModel | nn.Module,
+        teacher_model: str | PreTrainedModel | nn.Module | None = None,
+        args: SpecKDDistillationConfig | None = None,
+        train_dataset: Dataset | IterableDataset | None = None,
+        eval_dataset: Dataset | IterableDataset | dict[str, Dataset | IterableDataset] | None = None,
+        processing_class: Any = None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple[torch.optim.Optimizer | None, torch.optim.lr_scheduler.LambdaLR | None] = (None, None),
+        quantization_config: Any = None,
+        peft_config: Any = None,
+        tools: list[Callable] | None = None,
+    ):
+        if not isinstance(args, SpecKDDistillationConfig):
+            raise TypeError(
+                "SpecKDDistillationTrainer needs `args=SpecKDDistillationConfig(...)`, got "
+                f"{type(args).__name__}. SpecKDDistillationConfig accepts every DistillationConfig field."
+            )
+        if teacher_model is None:
+            teacher_model = args.teacher_model_name_or_path
+        if teacher_model is None:
+            raise ValueError(
+                "SpecKDDistillationTrainer needs a teacher: pass `teacher_model=` (a model, a name or a local path) "
+                "or set `teacher_model_name_or_path` in SpecKDDistillationConfig."
+            )
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {name: prompts_from_messages(ds) for name, ds in eval_dataset.items()}
+        else:
+            eval_dataset = prompts_from_messages(eval_dataset)
+        super().__init__(
+            model,
+            teacher_model=teacher_model,
+            args=args,
+            train_dataset=prompts_from_messages(train_dataset),
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            quantization_config=quantization_config,
+            peft_config=peft_config,
+            tools=tools,
+        )
+        # The per-token gate: its draws (one training stream per process, one evaluation stream), its settings at a
+        # step and its logging window. The proposals are the sampled tokens, drawn at `args.temperature`.
+        self._gate = TokenGate(
+            args,
+            temperature=args.temperature,
+            device=self.accelerator.device,
+            seed=args.seed,
+            process_index=self.accelerator.process_index,
+        )
+
+    # ------------------------------------------------------------------ loss
+
+    def _compute_loss(
+        self, unwrapped_student: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The gated divergence of one micro-batch (runs inside the student wrapper's forward, as TRL's).
+
+        `inputs` holds `prompt_ids` / `prompt_mask` `[B, P]` and `completion_ids` / `completion_mask` `[B, K]` (and
+        `tool_mask` `[B, K]` in multi-turn tool use: tool outputs are neither trained on nor gated).
+
+        Returns:
+            The loss (scalar), the sum of the student's per-token entropy and the number of completion tokens (as
+            `DistillationTrainer._compute_loss`, for its `entropy` metric).
+        """
+        input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        loss_mask = inputs["completion_mask"]
+        if "tool_mask" in inputs:
+            loss_mask = loss_mask * inputs["tool_mask"]
+        logits_to_keep = inputs["completion_ids"].size(1)  # position k's hidden state predicts completion token k
+        multimodal_inputs = {key: inputs[key] for key in MULTIMODAL_KEYS if key in inputs}
+        student_hidden = self._get_last_hidden_state(
+            unwrapped_student, input_ids, attention_mask, logits_to_keep, **multimodal_inputs
+        )
+        # the teacher's backbone through its own wrapper, so FSDP / DeepSpeed materialize its sharded parameters
+        self.teacher_model.eval()
+        unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
+        with torch.no_grad():
+            teacher_hidden = self._forward_redirection(
+                self.teacher_model,
+                unwrapped_teacher,
+                self._get_last_hidden_state,
+                unwrapped_teacher,
+                input_ids,
+                attention_mask,
+                logits_to_keep,
+                **multimodal_inputs,
+            )
+        student_head = distillation_head(unwrapped_student, student_hidden.dtype)
+        teacher_head = distillation_head(unwrapped_teacher, teacher_hidden.dtype)
+        if student_head.weight.device != teacher_head.weight.device:
+            raise ValueError(
+                f"The student `lm_head` is on {student_head.weight.device} but the teacher `lm_head` is on "
+                f"{teacher_head.weight.device}. Place both on the same device in their `device_map`."
+            )
+        device = student_head.weight.device
+        student_hidden = student_hidden.to(device).flatten(0, 1)  # [B * K, H_s]
+        teacher_hidden = teacher_hidden.to(teacher_head.weight.device).flatten(0, 1)  # [B * K, H_t]
+        completion = loss_mask.to(device) != 0  # [B, K]
+
+        gate = self._gate.batch(
+            ON_POLICY,
+            completion,
+            training=unwrapped_student.training,
+            step=self.state.global_step,
+            max_steps=self.state.max_steps,
+        )
+        rows = gate.on_rows(inputs["completion_ids"].to(device))
+        with maybe_gather_lm_head_ctx(student_head.weight, student_head.bias, teacher_head.weight, teacher_head.bias):
+            rows.verify_hidden(student_hidden[rows.rows], student_head, teacher_hidden[rows.rows], teacher_head)
+        accepted = rows.positions()  # [B, K]
+        weights = gate.weights(accepted)  # [B, K]
+
+        # TRL's `_chunked_divergence_loss` without its sum: on Triton devices only the completion tokens are
+        # projected; elsewhere all of them (fixed tile shapes, no recompilation), the others masked after
+        valid = completion.flatten()
+        compact = _use_triton(device)
+        h_s, h_t = (student_hidden[valid], teacher_hidden[valid]) if compact else (student_hidden, teacher_hidden)
+        divergence, entropy = ChunkedDivergenceFunction.apply(
+            h_s,
+            student_head.weight,
+            student_head.bias,
+            h_t,
+            teacher_head.weight,
+            teacher_head.bias,
+            self.beta,
+            self.temperature,
+            student_head.logit_scale,
+            student_head.softcap,
+            teacher_head.logit_scale,
+            teacher_head.softcap,
+        )
+        flat_weights = weights.flatten()
+        if compact:
+            weighted = divergence * flat_weights[valid]
+        else:
+            weighted = divergence.masked_fill(~valid, 0) * flat_weights
+            entropy = entropy.masked_fill(~valid, 0)
+
+        def logprobs() -> torch.Tensor:  # the reward term's log q_tau(x_t), differentiable, [B, K]
+            row_logprobs = sampled_log_probs_from_hidden(
+                student_hidden[rows.rows], student_head, rows.sampled_ids, self.temperature
+            )
+            return rows.scatter(row_logprobs)
+
+        loss = gate.reduce(weighted.sum(), flat_weights, accepted, logprobs, num_items_in_batch)
+        gate.record(accepted)
+        return loss, entropy.sum().detach(), valid.sum()
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        """The Trainer's RNG states, plus the gate's training generator and logging window (one file per process)."""
+        super()._save_rng_state(output_dir)
+        os.makedirs(output_dir, exist_ok=True)
+        path = os.path.join(output_dir, GATE_STATE_FILE.format(self.accelerator.process_index))
+        torch.save(self._gate.state_dict(), path)
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        super()._load_rng_state(checkpoint)
+        path = (
+            None
+            if checkpoint is None
+            else os.path.join(checkpoint, GATE_STATE_FILE.format(self.accelerator.process_index))
+        )
+        if path is not None and os.path.isfile(path):  # else a checkpoint of another trainer or process count
+            self._gate.load_state_dict(torch.load(path, weights_only=True))
+
+
+def logit_scale(config: Any) -> float:
+    """The multiplier of a model's logits before any softcap, by TRL 1.16's rules
+    (`DistillationTrainer._compute_loss`): `logit_scale` (Cohere), else `output_multiplier`, else
+    `lm_head_multiplier` (Falcon-H1), else `1 / logits_scaling` (Granite, MiniCPM3; HyperCLOVA X multiplies), else 1.
+    A `None` reads as unscaled; a real 0.0 is kept."""
+    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
+        value = getattr(config, name, None)
+        if value is not None:
+            return value
+    logits_scaling = getattr(config, "logits_scaling", None)
+    if logits_scaling is not None:
+        return logits_scaling if config.model_type == "hyperclovax" else 1 / logits_scaling
+    return 1.0
+
+
+def distillation_head(model: nn.Module, dtype: torch.dtype) -> OutputHead:
+    """A model's output layer as `DistillationTrainer`'s loss reads it: `get_output_embeddings()`'s weight and bias,
+    the logit scale (`logit_scale`) and `final_logit_softcapping` of its text config. Under FSDP2 the sharded weight is
+    gathered once (`full_tensor`) and cast to the hidden states' `dtype`, as TRL does."""
+    head = model.get_output_embeddings()
+    weight, bias = head.weight, head.bias
+    if isinstance(weight, torch.distributed.tensor.DTensor):
+        weight = weight.full_tensor().to(dtype)
+        if bias is not None:
+            bias = bias.full_tensor()
+    config = model.config.get_text_config()
+    return OutputHead(
+        weight=weight,
+        bias=bias,
+        logit_scale=logit_scale(config),
+        softcap=getattr(config, "final_logit_softcapping", None),
+    )
+
+
+def prompts_from_messages(dataset: Any) -> Any:
+    """Chat `messages` rows as `prompt` rows for `DistillationTrainer`: every message before the last assistant
+    message (all of them when the last is not the assistant's). Datasets that have a `prompt` column, or no
+    `messages` column, are returned unchanged."""
+    columns = getattr(dataset, "column_names", None) or []
+    if "prompt" in columns or "messages" not in columns:
+        return dataset
+
+    def to_prompt(example: dict[str, Any]) -> dict[str, Any]:
+        messages = example["messages"]
+        last = len(messages) - 1 if messages and messages[-1]["role"] == "assistant" else len(messages)
+        return {"prompt": messages[:last]}
+
+    return dataset.map(to_prompt, remove_columns=["messages"])
