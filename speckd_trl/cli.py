@@ -9,6 +9,8 @@ speckd-trl \\
     --use_peft --lora_r 16 --lora_target_modules all-linear \\
     --output_dir out
 speckd-trl --config recipe.yaml            # YAML keys are the same flags; the command line overrides them
+speckd-trl --trainer distillation --model_name_or_path ... --teacher_model_name_or_path ... --dataset_name ... \\
+    --gate spec --max_completion_length 128 --use_vllm    # on trl.DistillationTrainer (on-policy only, vLLM)
 accelerate launch --config_file examples/accelerate/multi_gpu.yaml -m speckd_trl --config recipe.yaml   # DDP
 accelerate launch --config_file examples/accelerate/multi_cpu.yaml -m speckd_trl --use_cpu --config recipe.yaml
 speckd-trl demo                            # the offline SmolLM2 demo (see speckd_trl/demo.py)
@@ -16,7 +18,11 @@ speckd-trl plan --teacher t/config.json --student s/config.json --teacher-quant 
 ```
 
 Datasets: a name that `datasets.load_dataset` knows, a local directory (`save_to_disk` output or data files), or one
-local file (`.json`, `.jsonl`, `.parquet`, `.csv`). Rows are chat `messages` as for TRL's GKD.
+local file (`.json`, `.jsonl`, `.parquet`, `.csv`). Rows are chat `messages` as for TRL's GKD. `--trainer distillation`
+prompts with the messages before the last assistant turn (or reads a `prompt` column as `DistillationTrainer` does).
+
+`--trainer gkd` (the default) trains a `SpecKDTrainer` and takes `SpecKDConfig`'s flags; `--trainer distillation`
+trains a `SpecKDDistillationTrainer` and takes `SpecKDDistillationConfig`'s (the gate's flags are the same).
 """
 
 from __future__ import annotations
@@ -25,25 +31,62 @@ import os
 import sys
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+TRAINERS = ("gkd", "distillation")
+
+
+@dataclass
+class TrainerArguments:
+    """Which SpecKD trainer `speckd-trl` builds."""
+
+    trainer: str = field(
+        default="gkd",
+        metadata={
+            "help": "'gkd': SpecKDTrainer, on TRL's GKDTrainer (dataset, on-policy and seq_kd completions mixed by "
+            "lmbda). 'distillation': SpecKDDistillationTrainer, on trl.DistillationTrainer (on-policy only; vLLM "
+            "generation with --use_vllm). Each takes its own config's flags.",
+            "choices": list(TRAINERS),
+        },
+    )
 
 
 class CLIError(Exception):
     """A user error: printed as one line, exit status 2."""
 
 
-def make_parser():
-    """The `TrlParser` over `ScriptArguments`, `SpecKDConfig` and `ModelConfig` (every field is a flag)."""
+def make_parser(trainer: str = "gkd"):
+    """The `TrlParser` over `ScriptArguments`, the trainer's config (`SpecKDConfig` for ``"gkd"``,
+    `SpecKDDistillationConfig` for ``"distillation"``), `ModelConfig` and `TrainerArguments` (every field is a flag)."""
     from trl import ModelConfig, ScriptArguments, TrlParser
 
-    from .config import SpecKDConfig
+    from .config import SpecKDConfig, SpecKDDistillationConfig
 
-    return TrlParser((ScriptArguments, SpecKDConfig, ModelConfig), prog="speckd-trl")
+    config_class = SpecKDDistillationConfig if trainer == "distillation" else SpecKDConfig
+    return TrlParser((ScriptArguments, config_class, ModelConfig, TrainerArguments), prog="speckd-trl")
+
+
+def trainer_choice(argv: Sequence[str]) -> str:
+    """The `--trainer` of a command line (or of its `--config` YAML file), read before the full parse, which needs it
+    to pick the config class; ``"gkd"`` when unset. An unknown value is left to the parser to report."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg == "--trainer" and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith("--trainer="):
+            value = arg.split("=", 1)[1]
+    if value is None and "--config" in argv:
+        import yaml
+
+        with open(argv[argv.index("--config") + 1]) as recipe:
+            config = yaml.safe_load(recipe)
+        value = config.get("trainer") if isinstance(config, dict) else None
+    return value if isinstance(value, str) else "gkd"
 
 
 def load_train_dataset(name: str, config: str | None = None):
@@ -76,11 +119,13 @@ def _check_model_path(flag: str, value: str | None) -> None:
         raise CLIError(f"{flag} {value}: no such directory.")
 
 
-def train(script_args, training_args, model_args) -> None:
-    """Build a `SpecKDTrainer` from parsed arguments, train, and save the student."""
+def train(script_args, training_args, model_args, trainer_args: TrainerArguments | None = None) -> None:
+    """Build a `SpecKDTrainer` (or, with `--trainer distillation`, a `SpecKDDistillationTrainer`) from parsed
+    arguments, train, and save the student."""
     from transformers import AutoTokenizer
     from trl import get_peft_config, get_quantization_config
 
+    from .distillation_trainer import SpecKDDistillationTrainer
     from .trainer import SpecKDTrainer
 
     _check_model_path("--model_name_or_path", model_args.model_name_or_path)
@@ -119,7 +164,10 @@ def train(script_args, training_args, model_args) -> None:
     if training_args.eval_strategy != "no":
         eval_dataset = dataset.get(script_args.dataset_test_split)
 
-    trainer = SpecKDTrainer(
+    trainer_class = SpecKDTrainer
+    if trainer_args is not None and trainer_args.trainer == "distillation":
+        trainer_class = SpecKDDistillationTrainer
+    trainer = trainer_class(
         model=model_args.model_name_or_path,
         teacher_model=training_args.teacher_model_name_or_path,
         args=training_args,
@@ -232,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if is_demo:
             demo(command)
         else:
-            train(*make_parser().parse_args_and_config(command))
+            train(*make_parser(trainer_choice(command)).parse_args_and_config(command))
     except CLIError as err:
         print(f"speckd-trl: error: {err}", file=sys.stderr)
         return 2

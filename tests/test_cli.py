@@ -67,3 +67,50 @@ def test_cli_help_lists_the_speckd_fields(capsys):
     for flag in ("--gate ", "--gate_top_k", "--gate_on", "--gate_proposal", "--reject_weight", "--gate_normalize"):
         assert flag in text
     assert "--teacher_load_in_4bit" in text and "--lmbda" in text and "--use_peft" in text
+
+
+def test_cli_trains_with_the_distillation_trainer(workspace, tmp_path):
+    out = tmp_path / "out"
+    status = main(
+        [
+            "--trainer", "distillation",
+            "--model_name_or_path", str(workspace / "student"),
+            "--teacher_model_name_or_path", str(workspace / "teacher"),
+            "--dataset_name", str(workspace / "train.jsonl"),
+            "--output_dir", str(out),
+            "--use_cpu", "--report_to", "none", "--save_strategy", "no",
+            "--max_steps", "2", "--per_device_train_batch_size", "2", "--max_completion_length", "4",
+            "--gate", "spec", "--gate_top_k", "3", "--reject_weight", "0.2",
+            "--use_peft", "--lora_r", "4", "--lora_target_modules", "all-linear",
+        ]
+    )  # fmt: skip
+    assert status == 0
+    assert (out / "adapter_config.json").is_file()
+
+
+def test_cli_picks_the_trainer_from_the_flag_or_the_recipe(tmp_path):
+    from speckd_trl import SpecKDConfig, SpecKDDistillationConfig
+    from speckd_trl.cli import make_parser, trainer_choice
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("trainer: distillation\ngate: spec\n")
+    assert trainer_choice([]) == "gkd"
+    assert trainer_choice(["--gate", "spec", "--trainer", "distillation"]) == "distillation"
+    assert trainer_choice(["--trainer=distillation"]) == "distillation"
+    assert trainer_choice(["--config", str(recipe)]) == "distillation"
+    assert trainer_choice(["--config", str(recipe), "--trainer", "gkd"]) == "gkd"  # the command line wins
+    assert SpecKDConfig in make_parser("gkd").dataclass_types
+    assert SpecKDDistillationConfig in make_parser("distillation").dataclass_types
+
+
+def test_cli_distillation_flags_are_distillation_configs(capsys):
+    """`--trainer distillation --help` lists the gate's flags and DistillationConfig's, not GKD's."""
+    with pytest.raises(SystemExit):
+        main(["--trainer", "distillation", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--trainer", "--gate ", "--gate_top_k", "--reject_weight", "--max_completion_length", "--use_vllm"):
+        assert flag in text
+    assert "--lmbda" not in text and "--gate_on" not in text
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--trainer", "bogus"])
+    assert exit_info.value.code == 2
