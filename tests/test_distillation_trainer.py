@@ -7,8 +7,10 @@ import pytest
 import torch
 from datasets import Dataset
 from trl import DistillationConfig, DistillationTrainer
+from trl.trainer import distillation_trainer as trl_distillation
 
 from speckd_trl import SpecKDConfig, SpecKDDistillationConfig, SpecKDDistillationTrainer
+from speckd_trl import distillation_trainer as speckd_distillation
 from speckd_trl.gate import accept_mask
 from speckd_trl.losses import policy_gradient_loss, weighted_generalized_jsd
 from speckd_trl.testing import TINY_ARGS, make_dataset, make_model, make_tokenizer
@@ -63,7 +65,12 @@ def max_diffs(a, b) -> tuple[float, float]:
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
-def test_no_gate_reproduces_distillation_trainer(tmp_path, beta):
+@pytest.mark.parametrize("compact", [False, True])
+def test_no_gate_reproduces_distillation_trainer(tmp_path, monkeypatch, beta, compact):
+    """`compact`: project only the completion tokens, as TRL does on Triton devices (the torch tiles still run)."""
+    if compact:
+        monkeypatch.setattr(trl_distillation, "_use_triton", lambda device: True)
+        monkeypatch.setattr(speckd_distillation, "_use_triton", lambda device: True)
     reference = build(tmp_path / "trl", DistillationTrainer, DistillationConfig, beta=beta, temperature=0.8)
     ours = build(tmp_path / "ours", beta=beta, temperature=0.8, gate="none")
     batch = ragged_batch(reference)
