@@ -89,9 +89,9 @@ class DemoConfig:
     gate: str = field(default="topk", metadata={"help": "SpecKD gate: topk, spec or none (plain GKD)."})
     gate_top_k: int = field(default=5, metadata={"help": "k of the topk gate."})
     reject_weight: float = field(
-        default=0.1,
+        default=0.5,
         metadata={
-            "help": "Loss weight of rejected tokens (> 0 so that a weak student still learns where it is wrong)."
+            "help": "Loss weight of rejected tokens (SpecKDConfig's default, chosen on the lab's validation split)."
         },
     )
     max_new_tokens: int = field(default=8, metadata={"help": "Generation length for on-policy batches and eval."})

@@ -176,7 +176,7 @@ def test_training_logs_the_gate_and_moves_the_student(tmp_path):
     for log in logs:
         assert 0 <= log["gate/acceptance_rate"] <= 1
         assert log["gate/acceptance_rate_on_policy"] == log["gate/acceptance_rate"]
-        assert log["gate/top_k"] == 10 and log["gate/reject_weight"] == 0.1
+        assert log["gate/top_k"] == 10 and log["gate/reject_weight"] == trainer.args.reject_weight
         assert "reward/mean" in log and "entropy" in log  # TRL's own metrics are kept
     after = trainer.model.state_dict()
     assert any(not torch.equal(before[name], after[name]) for name in before)

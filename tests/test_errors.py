@@ -39,7 +39,7 @@ def test_invalid_config_value_names_field_value_and_range(field, value, fragment
 
 def test_defaults_are_valid():
     args = SpecKDConfig(**BASE)
-    assert (args.gate, args.gate_top_k, args.gate_on, args.reject_weight) == ("topk", 5, "both", 0.1)
+    assert (args.gate, args.gate_top_k, args.gate_on, args.reject_weight) == ("topk", 5, "both", 0.5)
     assert args.gate_normalize == "tokens" and not args.teacher_load_in_4bit
 
 
@@ -53,7 +53,7 @@ def test_defaults_are_valid():
 )
 def test_masking_rejected_positions_completely_warns(overrides):
     """reject_weight 0 collapsed the student in the quality benchmark: allowed, but it warns and names the fix."""
-    with pytest.warns(UserWarning, match=r"reject weight of 0 masks rejected positions.*reject_weight=0.1"):
+    with pytest.warns(UserWarning, match=r"reject weight of 0 masks rejected positions.*reject_weight=0.5"):
         SpecKDConfig(**BASE, **overrides)
 
 
