@@ -4,7 +4,13 @@ built from configs, and a chat dataset of small sums. Nothing is downloaded.
 
 from __future__ import annotations
 
+import os
 import random
+import socket
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from datasets import Dataset
@@ -178,6 +184,43 @@ def random_batch(batch_size: int, seq_len: int, prompt_len: int, vocab_size: int
         "prompts": input_ids[:, :prompt_len],
         "prompt_attention_mask": torch.ones_like(input_ids[:, :prompt_len]),
     }
+
+
+# ----------------------------------------------------------------------------- several processes (tests)
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now, for a launcher's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_env() -> dict[str, str]:
+    """The environment of launched test processes: this package importable (its source tree first on `PYTHONPATH`),
+    one thread per process, no hub, no experimental-API warning."""
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRL_EXPERIMENTAL_SILENCE="1")
+    return env
+
+
+def torchrun(script_args: Sequence[str], nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m torch.distributed.run --nproc_per_node nproc SCRIPT ARGS...` (`torchrun` without needing it on
+    PATH) on a free port, output captured."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
+    command += ["--master_port", str(free_port()), *map(str, script_args)]
+    return subprocess.run(command, env=launch_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def accelerate_launch(
+    config_file: str | os.PathLike, script_args: Sequence[str], timeout: float = 240, cwd=None
+) -> subprocess.CompletedProcess:
+    """`accelerate launch --config_file CONFIG SCRIPT ARGS...` (or `-m MODULE ARGS...`) on a free port, output
+    captured."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file)]
+    command += ["--main_process_port", str(free_port()), *map(str, script_args)]
+    return subprocess.run(command, cwd=cwd, env=launch_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def _status_kib(field: str) -> int:

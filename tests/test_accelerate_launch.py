@@ -2,14 +2,13 @@
 that train as one DDP job (gloo on the CPU), through the `speckd-trl` CLI on tiny models saved to disk."""
 
 import json
-import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from speckd_trl.testing import accelerate_launch
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -17,17 +16,10 @@ CONFIG = REPO / "examples" / "accelerate" / "multi_cpu.yaml"
 ROWS, PER_DEVICE_BATCH, PROCESSES = 8, 2, 2  # ROWS: the `workspace` fixture's (conftest.py)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(workspace, out, *flags) -> subprocess.CompletedProcess:
     """`accelerate launch --config_file multi_cpu.yaml -m speckd_trl ...` for one epoch on the tiny models."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIG)]
-    command += ["--main_process_port", str(free_port()), "-m", "speckd_trl"]
-    command += [
+    command = [
+        "-m", "speckd_trl",
         "--model_name_or_path", str(workspace / "student"),
         "--teacher_model_name_or_path", str(workspace / "teacher"),
         "--dataset_name", str(workspace / "train.jsonl"),
@@ -37,9 +29,7 @@ def launch(workspace, out, *flags) -> subprocess.CompletedProcess:
         "--logging_steps", "1", "--save_strategy", "epoch", "--save_only_model",
         "--max_new_tokens", "4", "--lmbda", "0.5", "--gate", "topk", "--gate_top_k", "10",
     ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRL_EXPERIMENTAL_SILENCE="1")
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    return accelerate_launch(CONFIG, command, timeout=240, cwd=REPO)
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch build has no torch.distributed")

@@ -3,14 +3,12 @@ and the loss of one process on the same global batch."""
 
 import importlib.util
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from speckd_trl.testing import torchrun
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -19,23 +17,13 @@ ddp_worker = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(ddp_worker)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # `python -m torch.distributed.run` is `torchrun` without needing the script on PATH (a venv that is not activated)
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch build has no torch.distributed")
 def test_two_processes_agree_and_match_one_process(tmp_path):
     multi, single = tmp_path / "multi", tmp_path / "single"
     multi.mkdir()
     single.mkdir()
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    env.update(TRL_EXPERIMENTAL_SILENCE="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
-    command += [str(free_port()), str(REPO / "tests" / "ddp_worker.py"), str(multi), "2"]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    result = torchrun([REPO / "tests" / "ddp_worker.py", multi, 2], nproc=2, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((multi / f"rank{i}.json").read_text()) for i in range(2)]
     assert [r["world"] for r in ranks] == [2, 2]
