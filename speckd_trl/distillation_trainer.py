@@ -36,6 +36,7 @@ from trl.trainer.utils import maybe_gather_lm_head_ctx
 from .config import SpecKDDistillationConfig
 from .gating import ON_POLICY, GatedTrainerMixin, TokenGate, sampled_log_probs_from_hidden
 from .losses import OutputHead
+from .models import prepare_teacher_for_fsdp
 
 
 GATE_STATE_FILE = "speckd_gate_state_{}.pth"  # per process: the gate's training generator and logging window
@@ -125,6 +126,10 @@ class SpecKDDistillationTrainer(GatedTrainerMixin, DistillationTrainer):
             peft_config=peft_config,
             tools=tools,
         )
+        # `DistillationTrainer`'s `prepare_model(teacher, evaluation_mode=True)` leaves the teacher unsharded and
+        # unplaced under FSDP (see `models.prepare_teacher_for_fsdp`)
+        if self.teacher_model is not None:
+            self.teacher_model = prepare_teacher_for_fsdp(self.teacher_model, self.accelerator)
         # The per-token gate: its draws (one training stream per process, one evaluation stream), its settings at a
         # step and its logging window. The proposals are the sampled tokens, drawn at `args.temperature`.
         self._gate = TokenGate(

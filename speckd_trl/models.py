@@ -13,6 +13,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from .config import SpecKDConfig
 from .losses import OutputHead
+from .validation import is_quantized
+
+
+try:
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch build without torch.distributed: nothing is ever sharded
+    FSDPModule = DTensor = ()
 
 
 def teacher_init_kwargs(args: SpecKDConfig) -> dict[str, Any]:
@@ -78,6 +86,40 @@ def load_teacher_tokenizer(name_or_path: str, args: SpecKDConfig) -> Any:
         return None
 
 
+def prepare_teacher_for_fsdp(teacher: nn.Module, accelerator: Any) -> nn.Module:
+    """Under FSDP, the teacher sharded across the processes as the student is; otherwise `teacher` unchanged.
+
+    TRL 1.16's `GKDTrainer` and `DistillationTrainer` prepare the teacher with
+    `accelerator.prepare_model(teacher, evaluation_mode=True)`, which under FSDP neither wraps nor moves it (accelerate
+    1.15 turns device placement off for FSDP, and wraps for FSDP only outside evaluation mode): every process keeps a
+    whole teacher where it was loaded, the CPU for a teacher loaded by name while the student's shards are on the GPU,
+    hence TRL issue #2580 ("Expected all tensors to be on the same device"). Here the teacher goes through accelerate's
+    own FSDP2 preparation (`fsdp2_prepare_model`: one unit per decoder layer, moved to this process's device, weights
+    broadcast from the first process with `fsdp_cpu_ram_efficient_loading`), with frozen parameters so that nothing is
+    upcast for an optimizer; FSDP1 through TRL's `prepare_fsdp` (as TRL's reference models; not tested here). A
+    quantized (4-bit) teacher is left as loaded (placed on each process's device, not sharded).
+    """
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if plugin is None or isinstance(teacher, FSDPModule) or is_quantized(teacher):
+        return teacher
+    teacher.requires_grad_(False)
+    if plugin.fsdp_version == 2:
+        from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+        # `fsdp2_prepare_model` resolves the plugin's wrap policy on the model it is given: keep it unresolved for the
+        # student, which accelerate prepares later and may have other layer classes
+        policy, names = plugin.auto_wrap_policy, plugin.transformer_cls_names_to_wrap
+        try:
+            teacher = fsdp2_prepare_model(accelerator, teacher)
+        finally:
+            plugin.auto_wrap_policy, plugin.transformer_cls_names_to_wrap = policy, names
+    else:
+        from trl.models.utils import prepare_fsdp
+
+        teacher = prepare_fsdp(teacher, accelerator)
+    return teacher.eval()
+
+
 def output_vocab_size(model: nn.Module) -> int:
     """Number of logits the model produces per position (the rows of its output embedding)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -88,24 +130,56 @@ def output_vocab_size(model: nn.Module) -> int:
     return int(model.config.get_text_config().vocab_size)
 
 
+def unsharded_class(module: nn.Module) -> type:
+    """The module's own class: FSDP2's `fully_shard` swaps a module's class for a subclass ``FSDP<Class>`` of
+    `FSDPModule` and the original; this is the original."""
+    cls = type(module)
+    if isinstance(module, FSDPModule):
+        cls = next(base for base in cls.__bases__ if base is not FSDPModule)
+    return cls
+
+
+def full_tensor(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """`tensor` whole: a sharded FSDP2 parameter (a `DTensor`) is all-gathered (`full_tensor`, as TRL's
+    `DistillationTrainer` gathers its output layers), anything else is returned as it is."""
+    if isinstance(tensor, DTensor):
+        return tensor.full_tensor()
+    return tensor
+
+
 def output_head(model: nn.Module, role: str = "model") -> OutputHead:
     """The model's output layer as an `OutputHead`, for the chunked loss, which reads its weight directly.
+
+    Under FSDP2 the layer is an `FSDPLinear`: read it after the model's forward, when FSDP2 has gathered it (accelerate
+    1.15 keeps `lm_head` gathered from the forward to the end of the backward) and its gradient goes through FSDP2's
+    own reduction across processes. A weight that is still sharded (a `DTensor`) is gathered whole
+    (`full_tensor`) when no gradient is taken (the teacher); a trainable one is refused: the gradient of `full_tensor`
+    reaches this process's shard without FSDP2's reduction, so the processes' heads would drift apart (measured on 2
+    CPU processes: the loss 12% off a single process's after 4 steps).
 
     Raises:
         ValueError: when the output layer is not a plain `nn.Linear` (LoRA or `modules_to_save` on `lm_head`, a
             quantized head, a custom module), whose logits the weight alone would not reproduce.
+        RuntimeError: when a trainable output layer is still sharded by FSDP2 (read before the forward).
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if type(head) is not nn.Linear:  # subclasses (bitsandbytes, PEFT wrappers) compute something else
+    # subclasses (bitsandbytes, PEFT wrappers) compute something else; FSDP2's FSDPLinear is a plain nn.Linear
+    if head is None or unsharded_class(head) is not nn.Linear:
         raise ValueError(
             f"loss_path='chunked' reads the {role}'s output layer directly, but it is a {type(head).__name__}, not a "
             "plain nn.Linear (e.g. LoRA or modules_to_save on lm_head, or a quantized head). Keep lm_head out of "
             "the adapter's target modules and out of quantization, or use loss_path='eager'."
         )
+    if isinstance(head.weight, DTensor) and head.weight.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(
+            f"The {role}'s output layer is still sharded by FSDP2 (a DTensor) where the chunked loss reads it: its "
+            "gradient would bypass FSDP2's reduction across processes. Read it after the model's forward, which "
+            "gathers it, or use loss_path='eager'."
+        )
     config = model.config.get_text_config()
     return OutputHead(
-        weight=head.weight,
-        bias=head.bias,
+        weight=full_tensor(head.weight),
+        bias=full_tensor(head.bias),
         logit_scale=float(getattr(config, "logit_scale", None) or 1.0),
         softcap=getattr(config, "final_logit_softcapping", None),
     )
@@ -124,11 +198,6 @@ def decoder_of(model: nn.Module) -> nn.Module:
             "its backbone through get_decoder(). Use loss_path='eager'."
         )
     return decoder
-
-
-def last_hidden_state(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The final hidden states `[B, T, H]` (after the last norm) of a causal LM, without projecting its logits."""
-    return decoder_of(model)(input_ids=input_ids, attention_mask=attention_mask)[0]
 
 
 @contextmanager

@@ -61,15 +61,16 @@ from .models import (
     capture_last_hidden_state,
     check_pad_token,
     check_vocab,
-    last_hidden_state,
     load_teacher,
     load_teacher_tokenizer,
     output_head,
     output_vocab_size,
+    prepare_teacher_for_fsdp,
 )
 from .validation import (
     check_4bit_teacher,
     check_dataset,
+    check_fsdp_generation,
     check_launch,
     check_quantized_student,
     prepare_prompt_completion,
@@ -182,6 +183,9 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
         finally:
             args.teacher_model_init_kwargs = init_kwargs
             teacher_config.vocab_size = teacher_vocab_size
+        # GKD's `prepare_model(teacher, evaluation_mode=True)` leaves the teacher unsharded and unplaced under FSDP
+        self.teacher_model = prepare_teacher_for_fsdp(self.teacher_model, self.accelerator)
+        check_fsdp_generation(args, self.accelerator)
         # Logits compared on the tokenizer's ids only when the two output sizes differ (padded embeddings), else None.
         self._shared_vocab = check_vocab(self.model, self.teacher_model, self.processing_class, teacher_tokenizer)
         if self._shared_vocab is not None:  # never sample an id past the tokenizer (padding rows of the embedding)
@@ -431,16 +435,20 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
             log-probabilities `[B, T]` of `sampled_ids` at the sampling temperature (chunked too; 0 off the
             completion).
         """
-        student_head, teacher_head = self._output_heads()
-        # logits_to_keep=1: the model projects one position; the loss projects the rest chunk by chunk
+        # logits_to_keep=1: each model projects one position; the loss projects the rest chunk by chunk. Both are
+        # called through their wrappers (DDP, FSDP2), which gather what they shard.
         with capture_last_hidden_state(self.accelerator.unwrap_model(model)) as captured:
             student_outputs = model(
                 input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], logits_to_keep=1
             )
         self.teacher_model.eval()
-        with torch.no_grad():
-            teacher_hidden = last_hidden_state(self.teacher_model, inputs["input_ids"], inputs["attention_mask"])
-        self._check_teacher(teacher_hidden)
+        with torch.no_grad(), capture_last_hidden_state(self.accelerator.unwrap_model(self.teacher_model)) as teacher:
+            self.teacher_model(
+                input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], logits_to_keep=1
+            )
+        teacher_hidden = self._check_teacher(teacher["hidden"])
+        # after the forwards: under FSDP2 the output layers are gathered then (`models.output_head`)
+        student_head, teacher_head = self._output_heads()
         rows = gate.on_rows(sampled_ids)
         student_hidden = captured["hidden"][:, :-1].flatten(0, 1)[rows.rows]
         teacher_hidden = teacher_hidden[:, :-1].flatten(0, 1)[rows.rows]

@@ -41,6 +41,26 @@ def check_launch(args: Any) -> None:
         )
 
 
+def check_fsdp_generation(args: Any, accelerator: Any) -> None:
+    """Raise if speculative generation would run under FSDP with several processes.
+
+    FSDP gathers every layer's weights with a collective at each forward, so all processes must run the same number
+    of forwards. transformers' `generate` keeps them in step (`synced_gpus`, on by default under FSDP2), but
+    `speculative_generate` stops each process when its own rows are done: the processes would wait on each other
+    forever.
+    """
+    if (
+        getattr(args, "on_policy_generation", None) == "speculative"
+        and getattr(accelerator.state, "fsdp_plugin", None) is not None
+        and accelerator.num_processes > 1
+    ):
+        raise ValueError(
+            "on_policy_generation='speculative' is not supported under FSDP with several processes: each process "
+            "would run its own number of forwards through the sharded models and wait on the others forever. Use "
+            "on_policy_generation='student' (transformers' generate, kept in step across processes), or DDP."
+        )
+
+
 def check_4bit_teacher(device: torch.device | str) -> None:
     """Raise if a 4-bit teacher cannot be loaded here: bitsandbytes missing, or a device it has no kernels for."""
     if not bitsandbytes_available():
