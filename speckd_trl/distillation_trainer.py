@@ -37,6 +37,7 @@ from .config import SpecKDDistillationConfig
 from .gating import ON_POLICY, GatedTrainerMixin, TokenGate, sampled_log_probs_from_hidden
 from .losses import OutputHead
 from .models import prepare_teacher_for_fsdp
+from .validation import check_fsdp_applied
 
 
 GATE_STATE_FILE = "speckd_gate_state_{}.pth"  # per process: the gate's training generator and logging window
@@ -128,6 +129,7 @@ class SpecKDDistillationTrainer(GatedTrainerMixin, DistillationTrainer):
         )
         # `DistillationTrainer`'s `prepare_model(teacher, evaluation_mode=True)` leaves the teacher unsharded and
         # unplaced under FSDP (see `models.prepare_teacher_for_fsdp`)
+        check_fsdp_applied(self.accelerator)
         if self.teacher_model is not None:
             self.teacher_model = prepare_teacher_for_fsdp(self.teacher_model, self.accelerator)
         # The per-token gate: its draws (one training stream per process, one evaluation stream), its settings at a

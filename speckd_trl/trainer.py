@@ -70,6 +70,7 @@ from .models import (
 from .validation import (
     check_4bit_teacher,
     check_dataset,
+    check_fsdp_applied,
     check_fsdp_generation,
     check_launch,
     check_quantized_student,
@@ -184,6 +185,7 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
             args.teacher_model_init_kwargs = init_kwargs
             teacher_config.vocab_size = teacher_vocab_size
         # GKD's `prepare_model(teacher, evaluation_mode=True)` leaves the teacher unsharded and unplaced under FSDP
+        check_fsdp_applied(self.accelerator)
         self.teacher_model = prepare_teacher_for_fsdp(self.teacher_model, self.accelerator)
         check_fsdp_generation(args, self.accelerator)
         # Logits compared on the tokenizer's ids only when the two output sizes differ (padded embeddings), else None.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -38,6 +39,25 @@ def check_launch(args: Any) -> None:
             f"{args.world_size}: each process would train alone on the whole dataset. On a machine without a GPU set "
             "use_cpu=True (`--use_cpu`), so that the processes join one gloo process group (see "
             "examples/accelerate/multi_cpu.yaml)."
+        )
+
+
+def check_fsdp_applied(accelerator: Any) -> None:
+    """Warn when the launcher asked for FSDP (`ACCELERATE_USE_FSDP`) but the job is not an FSDP job.
+
+    accelerate (checked with 1.15) applies its FSDP settings only to GPU-like jobs: a job of CPU processes
+    (`use_cpu=True`, `accelerate launch --config_file examples/accelerate/fsdp2.yaml ... --use_cpu`) silently trains
+    as DDP instead, every process holding whole models.
+    """
+    requested = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+    if requested and getattr(accelerator.state, "fsdp_plugin", None) is None:
+        warnings.warn(
+            f"FSDP was requested (ACCELERATE_USE_FSDP=true) but accelerate runs this job as "
+            f"{accelerator.distributed_type.value}, without FSDP: every process holds the whole student and teacher. "
+            "accelerate enables FSDP for GPU (and other accelerator) processes only, not for CPU processes "
+            "(use_cpu=True).",
+            UserWarning,
+            stacklevel=3,
         )
 
 

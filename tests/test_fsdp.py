@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from speckd_trl.testing import accelerate_launch, make_model, make_tokenizer
+from speckd_trl.testing import accelerate_launch, make_model, make_tokenizer, make_trainer
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,8 +92,8 @@ def test_two_fsdp2_processes_train_and_match_one_process(fsdp_run, teacher_dir, 
         assert got["gate/acceptance_rate"] == pytest.approx(expected["gate/acceptance_rate"], abs=1e-6)
 
     # and the same weights after the last step: the gradients were reduced across processes (lm_head included)
-    got = torch.load(fsdp_run / f"{case}.weights.pt")
-    expected = torch.load(tmp_path / f"{case}.weights.pt")
+    got = torch.load(fsdp_run / f"{case}.weights.pt", map_location="cpu")
+    expected = torch.load(tmp_path / f"{case}.weights.pt", map_location="cpu")
     initial = dict(make_model(0, make_tokenizer()).named_parameters())
     assert got.keys() == expected.keys()
     for name in expected:
@@ -121,3 +121,13 @@ def test_errors_under_fsdp2(fsdp_run):
         # a trainable output layer read while still sharded would get a gradient that bypasses FSDP2's reduction
         assert "still sharded by FSDP2" in record["sharded_head_error"]
         assert record["sharded_head_no_grad"] == [96, 64]  # without gradient it is gathered whole
+
+
+def test_fsdp_requested_but_not_applied_warns(tmp_path, monkeypatch):
+    """What `accelerate launch --config_file fsdp2.yaml ... --use_cpu` gives on CPU processes (measured with accelerate
+    1.15: a MULTI_CPU job, the student in DDP): FSDP is not applied; here the same with one process."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    with pytest.warns(UserWarning, match="FSDP was requested .* runs this job as NO, without FSDP"):
+        trainer = make_trainer(tmp_path)
+    assert getattr(trainer.accelerator.state, "fsdp_plugin", None) is None
