@@ -3,8 +3,9 @@
 teacher were prepared, and (process 0) the student's final full weights; then, without training, how TRL's own
 `GKDTrainer` prepares its teacher, and the error for speculative generation.
 
-Run under `accelerate launch --config_file examples/accelerate/fsdp2.yaml tests/fsdp_worker.py OUT TEACHER_DIR`
-(`TEACHER_DIR`: `make_model(1)` saved with its tokenizer; the eager run loads its teacher from there, by path), or
+Run under `accelerate launch --config_file examples/accelerate/fsdp2.yaml tests/fsdp_worker.py OUT TEACHER_DIR [--gpu]`
+(`TEACHER_DIR`: `make_model(1)` saved with its tokenizer; the eager run loads its teacher from there, by path; with
+`--gpu` the processes train on their GPUs through the plain launcher, and TRL's `GKDTrainer` also takes a step), or
 in-process (one process, no FSDP) through `run`.
 
 accelerate 1.15 never makes a CPU job an FSDP job: `AcceleratorState` turns `ACCELERATE_USE_FSDP` into
@@ -32,7 +33,6 @@ STEPS = 4
 GATE = dict(gate="topk", gate_top_k=40, reject_weight=0.5)
 COMMON = dict(
     bf16=False,
-    use_cpu=True,
     report_to="none",
     save_strategy="no",
     seed=0,
@@ -55,11 +55,25 @@ def cpu_fsdp_state() -> None:
     state.distributed_type = DistributedType.MULTI_GPU
 
 
-def build(out_dir: str, case: str, per_device_batch: int, configured_state: bool, teacher_dir: str | None = None):
+def settings(use_cpu: bool, configured_state: bool) -> dict:
+    """`COMMON` with the device, and the pre-configured accelerate state of `cpu_fsdp_state` when it was set up."""
+    extra = {"accelerator_config": {"use_configured_state": True}} if configured_state else {}
+    return {**COMMON, "use_cpu": use_cpu, **extra}
+
+
+def build(
+    out_dir: str,
+    case: str,
+    per_device_batch: int,
+    configured_state: bool,
+    teacher_dir: str | None = None,
+    use_cpu: bool = True,
+):
     """The trainer of `case`; the eager `SpecKDTrainer` loads its teacher from `teacher_dir` (by path) when given."""
     tokenizer = make_tokenizer()
-    extra = {"accelerator_config": {"use_configured_state": True}} if configured_state else {}
-    common = dict(output_dir=out_dir, per_device_train_batch_size=per_device_batch, **COMMON, **GATE, **extra)
+    common = dict(
+        output_dir=out_dir, per_device_train_batch_size=per_device_batch, **settings(use_cpu, configured_state), **GATE
+    )
     if case == "distillation":
         args = SpecKDDistillationConfig(max_completion_length=6, top_k=1, **common)  # top_k=1: greedy completions
         prompts = [{"prompt": row["messages"][:1]} for row in make_dataset(16)]
@@ -108,9 +122,14 @@ def describe(module: torch.nn.Module) -> dict:
 
 
 def run(
-    out_dir: str, case: str, per_device_batch: int, configured_state: bool = False, teacher_dir: str | None = None
+    out_dir: str,
+    case: str,
+    per_device_batch: int,
+    configured_state: bool = False,
+    teacher_dir: str | None = None,
+    use_cpu: bool = True,
 ) -> dict:
-    trainer = build(os.path.join(out_dir, case), case, per_device_batch, configured_state, teacher_dir)
+    trainer = build(os.path.join(out_dir, case), case, per_device_batch, configured_state, teacher_dir, use_cpu)
     accelerator = trainer.accelerator
     record = {
         "case": case,
@@ -132,16 +151,21 @@ def run(
     return record
 
 
-def untrained_checks(out_dir: str) -> dict:
-    """How TRL's `GKDTrainer` prepares its teacher here, and `SpecKDTrainer`'s error for speculative generation."""
+def untrained_checks(
+    out_dir: str, use_cpu: bool = True, configured_state: bool = True, gkd_step: bool = False
+) -> dict:
+    """How TRL's `GKDTrainer` prepares its teacher here (with `gkd_step`, whether it survives a training step: TRL
+    issue #2580 on GPUs), and `SpecKDTrainer`'s errors for speculative generation and a sharded trainable head."""
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
     tokenizer = make_tokenizer()
-    configured = {"accelerator_config": {"use_configured_state": True}}
+    configured = settings(use_cpu, configured_state)
     gkd = GKDTrainer(
         model=make_model(0, tokenizer),
-        teacher_model=make_model(1, tokenizer),
-        args=GKDConfig(output_dir=os.path.join(out_dir, "gkd"), **{**COMMON, **configured}),
+        teacher_model=make_model(1, tokenizer),  # on the CPU, as a model object or a teacher loaded by name is
+        args=GKDConfig(
+            output_dir=os.path.join(out_dir, "gkd"), **{**configured, "max_steps": 1}, max_new_tokens=6, lmbda=0.0
+        ),
         train_dataset=make_dataset(16),
         processing_class=tokenizer,
     )
@@ -153,7 +177,7 @@ def untrained_checks(out_dir: str) -> dict:
             args=SpecKDConfig(
                 output_dir=os.path.join(out_dir, "speculative"),
                 on_policy_generation="speculative",
-                **{**COMMON, **configured},
+                **configured,
             ),
             train_dataset=make_dataset(16),
             processing_class=tokenizer,
@@ -174,14 +198,21 @@ def untrained_checks(out_dir: str) -> dict:
         record["sharded_head_error"] = str(err)
     with torch.no_grad():  # no gradient: gathered whole
         record["sharded_head_no_grad"] = list(output_head(student, "student").weight.shape)
+    if gkd_step:  # last: a failed step may leave the FSDP state behind
+        try:
+            gkd.train()
+            record["gkd_step_error"] = None
+        except RuntimeError as err:
+            record["gkd_step_error"] = str(err)[:500]
     with open(os.path.join(out_dir, f"untrained.rank{record['rank']}.json"), "w") as f:
         json.dump(record, f)
     return record
 
 
 if __name__ == "__main__":
-    out, teacher_dir = sys.argv[1], sys.argv[2]
-    cpu_fsdp_state()
+    out, teacher_dir, gpu = sys.argv[1], sys.argv[2], "--gpu" in sys.argv[3:]
+    if not gpu:
+        cpu_fsdp_state()
     for case in CASES:
-        run(out, case, per_device_batch=2, configured_state=True, teacher_dir=teacher_dir)
-    untrained_checks(out)
+        run(out, case, per_device_batch=2, configured_state=not gpu, teacher_dir=teacher_dir, use_cpu=not gpu)
+    untrained_checks(out, use_cpu=not gpu, configured_state=not gpu, gkd_step=gpu)

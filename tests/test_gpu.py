@@ -1,13 +1,24 @@
-"""GPU paths: bf16 student, NF4 teacher on CUDA, CUDA generators. Skipped where no CUDA device is present (CI)."""
+"""GPU paths: bf16 student, NF4 teacher on CUDA, CUDA generators, FSDP2 through `accelerate launch`. Skipped where no
+CUDA device is present (CI)."""
 
+import importlib.util
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from peft import LoraConfig
 
 from speckd_trl import SpecKDConfig, SpecKDTrainer, accept_mask
-from speckd_trl.testing import make_dataset, make_model, make_tokenizer
+from speckd_trl.testing import accelerate_launch, make_dataset, make_model, make_tokenizer
+
+
+REPO = Path(__file__).resolve().parents[1]
+FSDP_CONFIG = REPO / "examples" / "accelerate" / "fsdp2.yaml"
+_spec = importlib.util.spec_from_file_location("fsdp_worker", REPO / "tests" / "fsdp_worker.py")
+fsdp_worker = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(fsdp_worker)
 
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -61,3 +72,51 @@ def test_bf16_lora_student_with_nf4_teacher_on_cuda(tmp_path):
     assert logs and all(math.isfinite(entry["loss"]) and "gate/acceptance_rate" in entry for entry in logs)
     changed = [n for n, p in trainer.model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
     assert changed
+
+
+def test_fsdp2_on_gpus_trains_shards_the_teacher_and_matches_one_process(tmp_path):
+    """`tests/test_fsdp.py` on GPUs, through the plain `accelerate launch --config_file examples/accelerate/fsdp2.yaml`
+    (NCCL): 2 processes where 2 GPUs are visible, else 1 (one-process FSDP2 still shards into DTensors and still
+    leaves TRL's GKD teacher on the CPU while the student is on the GPU, TRL issue #2580). `SpecKDTrainer` eager (its
+    teacher loaded by path) and chunked and `SpecKDDistillationTrainer`, each gated with `topk`, against one process
+    without FSDP on the same global batch."""
+    n = 2 if torch.cuda.device_count() >= 2 else 1
+    tokenizer = make_tokenizer()
+    teacher_dir, out = tmp_path / "teacher", tmp_path / "fsdp"
+    make_model(1, tokenizer).save_pretrained(teacher_dir)
+    tokenizer.save_pretrained(teacher_dir)
+    out.mkdir()
+    args = ["--num_processes", str(n), REPO / "tests" / "fsdp_worker.py", out, teacher_dir, "--gpu"]
+    result = accelerate_launch(FSDP_CONFIG, args, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-5000:]
+
+    initial = {name: p.detach() for name, p in make_model(0, tokenizer).named_parameters()}
+    for case in fsdp_worker.CASES:
+        ranks = [json.loads((out / f"{case}.rank{i}.json").read_text()) for i in range(n)]
+        for record in ranks:
+            assert record["world"] == n and record["distributed_type"] == "DistributedType.FSDP"
+            assert record["fsdp_version"] == 2
+            student, teacher = record["student"], record["teacher"]
+            assert student["fsdp2"] and student["dtensor_params"] == student["params"], (case, student)
+            # #2580: the teacher sharded and on the student's GPU
+            assert teacher["fsdp2"] and teacher["dtensor_params"] == teacher["params"], (case, teacher)
+            assert teacher["device"] == student["device"] and student["device"].startswith("cuda"), (case, record)
+        reference = fsdp_worker.run(
+            str(tmp_path / "single"), case, per_device_batch=2 * n, teacher_dir=str(teacher_dir), use_cpu=False
+        )
+        assert len(ranks[0]["logs"]) == len(reference["logs"]) == fsdp_worker.STEPS
+        for got, expected in zip(ranks[0]["logs"], reference["logs"]):
+            assert got["loss"] == pytest.approx(expected["loss"], rel=1e-4), case
+        got = torch.load(out / f"{case}.weights.pt", map_location="cpu")
+        expected = torch.load(tmp_path / "single" / f"{case}.weights.pt", map_location="cpu")
+        assert max((got[key] - expected[key]).abs().max().item() for key in expected) <= 1e-4, case
+        assert max((expected[key] - initial[key]).abs().max().item() for key in expected) >= 1e-3, case
+
+    for i in range(n):
+        record = json.loads((out / f"untrained.rank{i}.json").read_text())
+        # TRL 1.16's own GKD under FSDP: its teacher stays unwrapped on the CPU, and its first step fails (#2580)
+        assert not record["gkd_teacher"]["fsdp2"] and record["gkd_teacher"]["device"] == "cpu"
+        assert record["gkd_step_error"] and "device" in record["gkd_step_error"], record["gkd_step_error"]
+        assert "still sharded by FSDP2" in record["sharded_head_error"]
+        if n > 1:
+            assert "not supported under FSDP with several processes" in record["speculative_error"]
