@@ -15,6 +15,18 @@ tensors leave the resident set at once. On a GPU the child measures `torch.cuda.
 
 Prints planner estimate vs measured and their ratio per configuration, a final JSON line, and saves a plot
 (`plan_check.png` next to this script; gitignored: its figures are in the README tables).
+
+    python benchmarks/plan_check.py --sharded --log benchmarks/results/plan_check-sharded.log   # ~2-3 minutes
+
+`--sharded`: per-process peaks of `shard-full` / `shard-lora` (a 57M teacher and a 38M student, vocabulary 8000,
+1 x 128 tokens, chunked loss: weights, gradients and optimizer states dominate) on one process, on 2 CPU processes
+under DDP (`torchrun`, accelerate's CPU job over gloo) and under FSDP2 (`accelerate launch` with
+`examples/accelerate/fsdp2.yaml`; each process applies the plugin itself as `tests/fsdp_worker.py` does, then it is
+accelerate's own FSDP2 path), against the planner's per-process estimate (`num_processes`, `engine`). The student
+and its optimizer go through `accelerator.prepare` as `Trainer.train` does. Each process's peak is taken from the
+level before its models are built, but its peak is reset once they are built and sharded and the whole copies
+freed: a GPU never holds a whole copy (models are loaded on the CPU, then sharded onto the GPUs). The table shows the
+process with the highest peak; the plot is `plan_check_sharded.png`.
 """
 
 from __future__ import annotations
@@ -26,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -53,8 +66,20 @@ CONFIGS = {
     "test-lora-chunked-off": ("lora", "chunked", False, False, 2, 256, VOCAB),
     "test-lora-eager-on": ("lora", "eager", True, False, 2, 256, VOCAB),
     "test-full-chunked-on": ("full", "chunked", True, False, 2, 256, VOCAB),
+    # --sharded: parameters, gradients and optimizer states dominate (short sequences, chunked loss)
+    "shard-full": ("full", "chunked", False, False, 1, 128, 8000),
+    "shard-lora": ("lora", "chunked", False, False, 1, 128, 8000),
 }
-DEFAULT = [name for name in CONFIGS if not name.startswith("test-")]
+# --sharded: larger decoder layers, a smaller vocabulary (57M and 38M parameters): the weights, gradients and
+# optimizer states (what sharding splits) dominate the peak
+SHARD_TEACHER = dict(hidden_size=640, intermediate_size=2560, num_hidden_layers=8, num_attention_heads=10,
+                     num_key_value_heads=2)  # fmt: skip
+SHARD_STUDENT = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=8,
+                     num_key_value_heads=2)  # fmt: skip
+DEFAULT = [name for name in CONFIGS if not name.startswith(("test-", "shard-"))]
+SHARDED = ["shard-full", "shard-lora"]
+# (engine, processes) measured per configuration by --sharded; engine None: one plain process
+SHARDED_RUNS = [(None, 1), ("ddp", 2), ("fsdp2", 2)]
 NEW_TOKENS = 32
 
 
@@ -63,10 +88,13 @@ def qwen2_config(shape: dict, vocab: int, max_positions: int) -> dict:
                 tie_word_embeddings=False, **shape)  # fmt: skip
 
 
-def plan_config(name: str, teacher: dict = TEACHER, student: dict = STUDENT):
+def plan_config(name: str, teacher: dict | None = None, student: dict | None = None):
     """The `PlanConfig` of configuration `name` (see `CONFIGS`)."""
     from speckd_trl.plan import PlanConfig
 
+    sharded = name.startswith("shard-")
+    teacher = teacher or (SHARD_TEACHER if sharded else TEACHER)
+    student = student or (SHARD_STUDENT if sharded else STUDENT)
     mode, loss_path, on_policy, ckpt, batch, seq, vocab = CONFIGS[name]
     return PlanConfig(
         teacher=qwen2_config(teacher, vocab, 2 * seq),
@@ -89,8 +117,12 @@ def plan_config(name: str, teacher: dict = TEACHER, student: dict = STUDENT):
 # ----------------------------------------------------------------------------- one measurement (child process)
 
 
-def run_steps(cfg, steps: int, on_measure_start=None) -> float:
-    """Build the models of `cfg` (a `PlanConfig`), a `SpecKDTrainer`, and run `steps` optimizer steps."""
+def run_steps(cfg, steps: int, on_measure_start=None, engine: str | None = None, on_built=None) -> float:
+    """Build the models of `cfg` (a `PlanConfig`), a `SpecKDTrainer`, and run `steps` optimizer steps.
+
+    `engine` ("ddp" / "fsdp2"): this is one process of a distributed job; the student and its optimizer go through
+    `accelerator.prepare` as `Trainer.train` does (the teacher is prepared by `SpecKDTrainer` itself). `on_built` is
+    called once the models are built, prepared and the originals dropped, before the first step."""
     import torch
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM
@@ -134,6 +166,7 @@ def run_steps(cfg, steps: int, on_measure_start=None) -> float:
         beta=0.5,
         learning_rate=1e-4,
         teacher_load_in_4bit=cfg.teacher_quant == "nf4",
+        **({"accelerator_config": {"use_configured_state": True}} if engine == "fsdp2" else {}),
     )
     peft_config = None
     if cfg.student_mode == "lora":
@@ -153,6 +186,14 @@ def run_steps(cfg, steps: int, on_measure_start=None) -> float:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     optimizer = trainer.create_optimizer()
+    if engine is not None:  # as `Trainer.train`: FSDP2 needs model and optimizer prepared together
+        model, optimizer = trainer.accelerator.prepare(trainer.model, optimizer)
+        trainer.model_wrapped = model
+        if engine == "fsdp2":
+            trainer.model = model
+        del student
+    if on_built is not None:
+        on_built()
     vocab = load_model_config(cfg.student).vocab_size
     batch = random_batch(cfg.batch_size, cfg.seq_len, cfg.prompt_tokens, vocab)
     if not on_policy:
@@ -165,7 +206,24 @@ def run_steps(cfg, steps: int, on_measure_start=None) -> float:
     return float("nan") if loss is None else float(loss)
 
 
-def measure(name: str, steps: int, overrides: dict | None = None) -> dict:
+def cpu_fsdp_state() -> None:
+    """Form this process's gloo group as accelerate's CPU job, then mark it GPU-like so that the launcher's FSDP plugin
+    applies (accelerate 1.15 turns no CPU job into an FSDP job; the same as `tests/fsdp_worker.py`, see there)."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    state = PartialState(cpu=True)
+    assert state.distributed_type == DistributedType.MULTI_CPU and state.backend == "gloo", state
+    state.distributed_type = DistributedType.MULTI_GPU
+
+
+def _reset_peak() -> None:
+    """Reset the peak resident set (`VmHWM`) to the current one (Linux)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def measure(name: str, steps: int, overrides: dict | None = None, engine: str | None = None) -> dict:
     import gc
 
     import torch
@@ -191,7 +249,9 @@ def measure(name: str, steps: int, overrides: dict | None = None) -> dict:
             "max_new_tokens": 4,
         }  # fmt: skip
     )
-    run_steps(warm, 1)  # imports, thread pools, kernels: resident before the baseline
+    if engine == "fsdp2":
+        cpu_fsdp_state()
+    run_steps(warm, 1, engine=engine)  # imports, thread pools, kernels, process group: resident before the baseline
     gc.collect()
     memory = PeakMemory("cuda" if torch.cuda.is_available() else "cpu")  # where the trainer puts the models
 
@@ -200,9 +260,38 @@ def measure(name: str, steps: int, overrides: dict | None = None) -> dict:
         memory.start()
 
     started = time.perf_counter()
-    loss = run_steps(cfg, steps, on_measure_start=start)
-    measured = memory.peak_mib() * 2**20
-    plan = estimate_memory(cfg)
+    if engine is None:
+        loss = run_steps(cfg, steps, on_measure_start=start)
+        measured = memory.peak_mib() * 2**20
+        plan = estimate_memory(cfg)
+    else:  # one process of a distributed job: the peak from the first step on, over the level before building
+        built = {}
+
+        def after_build():
+            import ctypes
+
+            gc.collect()
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+            built["peak_mib"] = memory.peak_mib()
+            _reset_peak()  # the whole models built before sharding (a GPU never holds them: loaded on the CPU) out
+
+        loss = run_steps(cfg, steps, on_measure_start=start, engine=engine, on_built=after_build)
+        measured = max(memory.peak_mib(), 0.0) * 2**20
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        plan = estimate_memory(replace(cfg, num_processes=world, engine=engine))
+        return {
+            "name": name,
+            "engine": engine,
+            "processes": world,
+            "rank": rank,
+            "measured_mib": measured / 2**20,
+            "peak_while_building_mib": built.get("peak_mib"),
+            "estimate_mib": plan.total / 2**20,
+            "ratio": plan.total / measured,
+            "terms_mib": {k: v / 2**20 for k, v in plan.terms.items()},
+            "seconds": time.perf_counter() - started,
+            "loss": loss,
+        }
     return {
         "name": name,
         "measured_mib": measured / 2**20,
@@ -231,6 +320,32 @@ def run_child(name: str, steps: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def run_sharded(name: str, steps: int, engine: str | None, processes: int) -> dict:
+    """Measure configuration `name` under `engine` with `processes` CPU processes (gloo): DDP through `torchrun`
+    (accelerate's CPU job), FSDP2 through `accelerate launch` with `examples/accelerate/fsdp2.yaml` (the processes
+    apply it themselves, `cpu_fsdp_state`). Returns the row of the process with the highest peak, with every rank's."""
+    if engine is None:
+        row = run_child(name, steps)
+        return {**row, "engine": "single", "processes": 1, "ranks_mib": [row["measured_mib"]]}
+    from speckd_trl.testing import accelerate_launch, torchrun
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(2**20)  # the launchers pass the environment on
+    out_dir = tempfile.mkdtemp(prefix=f"plan-check-{engine}-")
+    script = [os.path.abspath(__file__), "--child", name, "--steps", str(steps), "--engine", engine, "--out", out_dir]
+    if engine == "ddp":
+        out = torchrun(script, nproc=processes, timeout=600)
+    else:
+        config = os.path.join(repo, "examples", "accelerate", f"{engine}.yaml")
+        out = accelerate_launch(config, ["--num_processes", str(processes), *script], timeout=600, cwd=repo)
+    if out.returncode != 0:
+        raise RuntimeError(f"{name} {engine} x{processes} failed:\n{out.stderr[-3000:]}")
+    rows = [json.load(open(os.path.join(out_dir, f))) for f in sorted(os.listdir(out_dir)) if f.endswith(".json")]
+    assert len(rows) == processes, rows
+    worst = max(rows, key=lambda r: r["measured_mib"])
+    return {**worst, "engine": engine, "ranks_mib": [r["measured_mib"] for r in rows]}
+
+
 def plot(rows, path):
     import matplotlib
 
@@ -255,11 +370,25 @@ def main():
     parser.add_argument("--only", default=",".join(DEFAULT), help="Comma-separated subset of: " + ", ".join(CONFIGS))
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--plot", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "plan_check.png"))
+    parser.add_argument("--sharded", action="store_true",
+                        help="Per-process peaks of " + ", ".join(SHARDED) + " on 1 process and on 2 CPU processes "
+                        "under DDP and FSDP2, against the planner's per-process estimate.")  # fmt: skip
+    parser.add_argument("--log", default=None, help="Also write the output to this file.")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--engine", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--override", default="{}", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure(args.child, args.steps, json.loads(args.override))))
+        row = measure(args.child, args.steps, json.loads(args.override), engine=args.engine)
+        if args.out:
+            with open(os.path.join(args.out, f"rank{row['rank']}.json"), "w") as f:
+                json.dump(row, f)
+        else:
+            print(json.dumps(row))
+        return
+    if args.sharded:
+        main_sharded(args)
         return
     names = [n.strip() for n in args.only.split(",")]
     unknown = [n for n in names if n not in CONFIGS]
@@ -282,6 +411,45 @@ def main():
     plot(rows, args.plot)
     print(f"plot: {args.plot}   wall time {time.time() - started:.0f} s")
     print(json.dumps({"teacher": TEACHER, "student": STUDENT, "steps": args.steps, "rows": rows}))
+
+
+def main_sharded(args) -> None:
+    """`--sharded`: the table engine / processes / measured / planned / ratio, a plot, a JSON line, `--log`."""
+    lines: list[str] = []
+
+    def say(text: str = "") -> None:
+        print(text, flush=True)
+        lines.append(text)
+
+    started = time.time()
+    say("$ OMP_NUM_THREADS=1 python benchmarks/plan_check.py " + " ".join(sys.argv[1:]))
+    names = [n.strip() for n in args.only.split(",")] if args.only != ",".join(DEFAULT) else SHARDED
+    rows = []
+    for name in names:
+        for engine, processes in SHARDED_RUNS:
+            row = run_sharded(name, args.steps, engine, processes)
+            rows.append(row)
+            say(f"  {name:<12} {row['engine']:<7} x{processes}  planned {row['estimate_mib']:7.0f} MiB  measured "
+                f"{row['measured_mib']:7.0f} MiB (ranks {', '.join(f'{m:.0f}' for m in row['ranks_mib'])})  "
+                f"ratio {row['ratio']:.2f}  ({row['seconds']:.0f} s)")  # fmt: skip
+    say(f"\n{'configuration':<13} {'engine':<7} {'processes':>9} {'measured MiB':>12} {'planned MiB':>11} "
+        f"{'planned/measured':>16}")  # fmt: skip
+    for row in rows:
+        say(f"{row['name']:<13} {row['engine']:<7} {row['processes']:>9} {row['measured_mib']:>12.0f} "
+            f"{row['estimate_mib']:>11.0f} {row['ratio']:>16.2f}")  # fmt: skip
+    say("\nplanned terms (MiB) per process:")
+    for row in rows:
+        terms = ", ".join(f"{k} {v:.0f}" for k, v in row["terms_mib"].items() if v)
+        say(f"  {row['name']} {row['engine']} x{row['processes']}: {terms}")
+    path = args.plot.replace("plan_check.png", "plan_check_sharded.png")
+    for row in rows:
+        row["label"] = f"{row['name'].removeprefix('shard-')} {row['engine']} x{row['processes']}"
+    plot([{**r, "name": r["label"]} for r in rows], path)
+    say(f"plot: {path}   wall time {time.time() - started:.0f} s")
+    say(json.dumps({"teacher": SHARD_TEACHER, "student": SHARD_STUDENT, "steps": args.steps, "rows": rows}))
+    if args.log:
+        with open(args.log, "w") as f:
+            f.write("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

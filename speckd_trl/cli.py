@@ -195,7 +195,7 @@ def make_plan_parser():
     """The `argparse` parser of `speckd-trl plan`."""
     import argparse
 
-    from .plan import DEFAULT_RESERVE_GIB, LOSS_PATHS, OPTIMIZERS, STUDENT_MODES, TEACHER_QUANTS
+    from .plan import DEFAULT_RESERVE_GIB, ENGINES, LOSS_PATHS, OPTIMIZERS, STUDENT_MODES, TEACHER_QUANTS
 
     parser = argparse.ArgumentParser(
         prog="speckd-trl plan",
@@ -228,6 +228,14 @@ def make_plan_parser():
     )
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
                         help="Compute dtype of both models (default: bfloat16).")  # fmt: skip
+    parser.add_argument("--num-processes", "--num_processes", type=int, default=1,
+                        help="GPUs, one process each (default: 1); the plan is per process.")  # fmt: skip
+    parser.add_argument("--engine", choices=ENGINES, default="ddp",
+                        help="Multi-GPU engine: ddp replicates everything; fsdp2 (measured on CPU processes) and zero3 "
+                        "(estimate, untested) shard weights, gradients and optimizer states of student and "
+                        "unquantized teacher over the processes (default: ddp).")  # fmt: skip
+    parser.add_argument("--teacher-offload", "--teacher_offload", action="store_true",
+                        help="Teacher weights kept in host memory, streamed to the GPU on each forward pass.")  # fmt: skip
     parser.add_argument("--budget-gib", type=float, default=24.0, help="GPU memory in GiB (default: 24).")
     parser.add_argument("--reserve-gib", type=float, default=DEFAULT_RESERVE_GIB,
                         help=f"GiB kept free for the CUDA context and fragmentation (default: {DEFAULT_RESERVE_GIB:g}).")  # fmt: skip
@@ -258,6 +266,9 @@ def plan(argv: list[str]) -> None:
         loss_path=args.loss_path,
         loss_chunk_size=args.loss_chunk_size,
         dtype=args.dtype,
+        num_processes=args.num_processes,
+        engine=args.engine,
+        teacher_offload=args.teacher_offload,
     )
     print(format_plan(estimate_memory(config), budget_gib=args.budget_gib, reserve_gib=args.reserve_gib))
 

@@ -50,6 +50,31 @@ step of an off-policy batch (``T = seq_len``, ``N = seq_len - prompt_len`` per r
 (``T = prompt_len + max_new_tokens``, ``N = max_new_tokens``), or on-policy generation. Gradients are counted in the
 training phase (conservative: some are produced only after activations are freed).
 
+**Several processes** (``num_processes`` GPUs, one process each; the plan is per process, i.e. per GPU). ``engine``:
+
+- ``"ddp"``: every process holds everything (both models, gradients, optimizer states), plus DDP's gradient
+  buckets: a flat copy of the trainable gradients (``gradient_as_bucket_view`` is off in accelerate's defaults).
+- ``"fsdp2"``: the student's parameters (the frozen LoRA / QLoRA base too), gradients and optimizer states, and the
+  unquantized teacher's parameters (`models.prepare_teacher_for_fsdp` shards it like the student; a quantized teacher
+  is left whole on every process) are split ``num_processes`` ways. On top ("all-gathered units", ``(1 - 1/n)`` of
+  each unit gathered): accelerate's FSDP2 wraps each decoder layer and the model itself; the root units (embedding,
+  output layer, norms) of both models stay gathered after their forward (FSDP2 does not reshard the root), two
+  decoder layers are gathered at once (the running one and the prefetched next), and with full fine-tuning the root's
+  whole gradient exists before its reduce-scatter.
+- ``"zero3"``: modelled as FSDP2 (DeepSpeed ZeRO-3 partitions parameters, gradients and optimizer states; TRL's
+  ``prepare_deepspeed`` partitions the teacher); an estimate, not measured (DeepSpeed is not installed here).
+
+Activations, logits and the KV cache are per process (each process runs its own ``batch_size`` rows): unchanged.
+``teacher_offload``: the teacher's weights stay in host memory and are streamed to the GPU for each forward pass
+(its root unit and two decoder layers on the GPU at a time, "teacher streamed from host"); the plan's notes say the
+host memory and the host-to-device traffic it costs (the whole teacher per forward pass). Not measured.
+
+Measured (``python benchmarks/plan_check.py --sharded``, CPU processes over gloo, FSDP2 through accelerate's own
+FSDP2 path as `tests/fsdp_worker.py` does it): 57M-parameter teacher, 38M student, full fine-tuning and LoRA, 1, 2
+DDP and 2 FSDP2 processes: estimate / measured per process 0.85-1.11 (README, "Will it fit?"). Nothing was fitted for
+the sharded terms: the DDP bucket term came from PyTorch's documentation and the measurement confirmed it (2 DDP
+processes held 146 MiB more each than one process; the gradients are 147 MiB).
+
 **Calibration.** ``c_act = 0.7``, ``k_eager = 13`` (float32) and ``m_chunk = 15`` were measured, not guessed:
 `benchmarks/plan_check.py` runs SpecKD optimizer steps of small Qwen2 models (tens of millions of parameters,
 vocabulary 32000, float32) on a CPU in a fresh process each and measures the peak resident memory above the level
@@ -81,6 +106,7 @@ STUDENT_MODES = ("full", "lora", "qlora")
 OPTIMIZERS = ("adamw", "adamw_8bit", "sgd")
 LOSS_PATHS = ("eager", "chunked")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+ENGINES = ("ddp", "fsdp2", "zero3")
 
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes, 8-bit absmax per 64, fp32 per 256 absmax
 INT8_BYTES_PER_PARAM = 1.0
@@ -213,9 +239,13 @@ class PlanConfig:
     loss_chunk_size: int = 256
     dtype: str = "bfloat16"
     speculative_generation: bool = False
+    num_processes: int = 1
+    engine: str = "ddp"
+    teacher_offload: bool = False
 
     def __post_init__(self):
         for name, allowed in (
+            ("engine", ENGINES),
             ("teacher_quant", TEACHER_QUANTS),
             ("student_mode", STUDENT_MODES),
             ("optimizer", OPTIMIZERS),
@@ -224,7 +254,7 @@ class PlanConfig:
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"PlanConfig: {name}={getattr(self, name)!r} is not valid; use one of {allowed}.")
-        for name in ("lora_r", "batch_size", "seq_len", "max_new_tokens", "loss_chunk_size"):
+        for name in ("lora_r", "batch_size", "seq_len", "max_new_tokens", "loss_chunk_size", "num_processes"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"PlanConfig: {name}={value!r} must be an integer >= 1.")
@@ -236,6 +266,17 @@ class PlanConfig:
     @property
     def prompt_tokens(self) -> int:
         return self.prompt_len if self.prompt_len is not None else max(1, self.seq_len // 4)
+
+    @property
+    def shards(self) -> int:
+        """Processes that parameters, gradients and optimizer states are split over: `num_processes` under FSDP2 /
+        ZeRO-3, 1 under DDP (every process holds everything)."""
+        return self.num_processes if self.engine in ("fsdp2", "zero3") else 1
+
+    @property
+    def is_default_layout(self) -> bool:
+        """One process, no teacher offload: the single-GPU plan (printed as before the sharding options)."""
+        return self.num_processes == 1 and self.engine == "ddp" and not self.teacher_offload
 
 
 @dataclass
@@ -324,6 +365,8 @@ def _changes(cfg: PlanConfig, base_batch: int | None = None) -> list[tuple[str, 
             changes.append(("--optimizer adamw_8bit", {"optimizer": "adamw_8bit"}))
     elif cfg.student_mode == "lora":
         changes.append(("--student-mode qlora", {"student_mode": "qlora"}))
+    if cfg.num_processes > 1 and cfg.engine == "ddp":
+        changes.append(("--engine fsdp2", {"engine": "fsdp2"}))
     if cfg.batch_size > 1:
         half = cfg.batch_size // 2
         changes.append(
@@ -376,6 +419,81 @@ def _logits(
     if cfg.student_mode == "full":  # the output layer's float32 gradient, made in the forward pass (see losses.py)
         total += 4 * vocab * student.hidden_size
     return total
+
+
+LAYOUT_TERMS = ("all-gathered units", "DDP gradient buckets", "teacher streamed from host")
+
+
+def unsharded_unit_bytes(shape: ModelShape, b: int, shards: int) -> tuple[float, float]:
+    """FSDP2's extra bytes, beyond a process's shards, of (the root unit, one decoder layer) when gathered whole.
+
+    accelerate's FSDP2 wraps every decoder layer as a unit and the model itself as the root unit (embedding, output
+    layer, final norm): ``(1 - 1 / shards) * params * b`` each."""
+    root = shape.num_parameters - shape.linear_parameters
+    layer = shape.linear_parameters / shape.num_layers
+    keep = 1.0 - 1.0 / shards
+    return keep * root * b, keep * layer * b
+
+
+def _apply_layout(
+    cfg: PlanConfig,
+    terms: dict[str, float],
+    phases: dict[str, dict[str, float]],
+    teacher: ModelShape,
+    student: ModelShape,
+    b: int,
+    trainable_bytes: float,
+    teacher_sharded: bool,
+    notes: list[str],
+) -> None:
+    """Per-process terms of a multi-process layout (in place): sharding under FSDP2 / ZeRO-3, DDP's gradient buckets,
+    the teacher's offload. See the module docstring, "Several processes"."""
+    n = cfg.shards
+    if n > 1:
+        for name in ("student weights", "LoRA weights", "optimizer states"):
+            terms[name] /= n
+        if teacher_sharded:
+            terms["teacher weights"] /= n
+        for values in phases.values():
+            if "gradients" in values:
+                values["gradients"] /= n
+        root_s, layer_s = unsharded_unit_bytes(student, b, n)
+        sharded_on_device = teacher_sharded and not cfg.teacher_offload  # offloaded: counted as streamed below
+        root_t, layer_t = unsharded_unit_bytes(teacher, b, n) if sharded_on_device else (0.0, 0.0)
+        gathered = root_s + root_t + 2 * max(layer_s, layer_t)  # the root units stay gathered; a layer + prefetch
+        if cfg.student_mode == "full":
+            gathered += root_s  # the root's whole gradient (parameter dtype) before its reduce-scatter
+        for values in phases.values():
+            values["all-gathered units"] = gathered
+        if cfg.engine == "zero3":
+            notes.append("ZeRO-3: sharding modelled as FSDP2's (parameters, gradients, optimizer states split over the "
+                         "processes); not measured (DeepSpeed is not installed here).")  # fmt: skip
+        if not teacher_sharded:
+            notes.append(f"The {cfg.teacher_quant} teacher is not sharded: every process holds all of it.")
+    elif cfg.num_processes > 1 and trainable_bytes:  # DDP: a flat copy of every gradient in its buckets
+        for values in phases.values():
+            if "gradients" in values:
+                values["DDP gradient buckets"] = trainable_bytes
+    if cfg.teacher_offload:
+        host = terms["teacher weights"]
+        terms["teacher weights"] = 0.0
+        streamed = _teacher_streamed_bytes(teacher, cfg.teacher_quant, b)
+        for values in phases.values():
+            if "gradients" in values:  # the training steps run the teacher's forward pass
+                values["teacher streamed from host"] = streamed
+        whole = _weight_bytes(teacher, cfg.teacher_quant, b)
+        notes.append(f"Teacher offloaded: {host / GIB:.2f} GiB of its weights per process in host memory; every "
+                     f"teacher forward pass copies all {whole / GIB:.2f} GiB of them to the GPU (about "
+                     f"{whole / (25 * GIB):.2f} s at 25 GB/s PCIe, per step; more with speculative generation), "
+                     "with its input/output layers and two decoder layers on the GPU at a time (not measured here).")  # fmt: skip
+
+
+def _teacher_streamed_bytes(teacher: ModelShape, quant: str, b: int) -> float:
+    """An offloaded teacher's weights on the GPU at once: its root unit (embedding, output layer, norms: held through
+    the forward pass) and two decoder layers (the running one and the next, prefetched)."""
+    root = (teacher.num_parameters - teacher.linear_parameters) * b
+    layer = (_weight_bytes(teacher, quant, b) - root) / teacher.num_layers
+    return root + 2 * layer
 
 
 def kv_cache_bytes(shape: ModelShape, rows: int, tokens: int, b: int) -> float:
@@ -435,8 +553,12 @@ def estimate_memory(
             kv += kv_cache_bytes(teacher, rows, t, b)
         prefill = rows * prompt * (2 * student.intermediate_size + 4 * student.hidden_size) * b
         phases["generation"] = {"generation KV cache": kv, "activations": float(prefill)}
+    teacher_sharded = config.teacher_quant == "none"  # prepare_teacher_for_fsdp leaves a quantized teacher whole
+    _apply_layout(config, terms, phases, teacher, student, b, trainable * param_bytes, teacher_sharded, notes)
     phase = max(phases, key=lambda name: sum(phases[name].values()))
-    for name in ("gradients", "activations", "logits (both models)", "generation KV cache"):
+    for name in ("gradients", "activations", "logits (both models)", "generation KV cache", *LAYOUT_TERMS):
+        if name in LAYOUT_TERMS and all(name not in values for values in phases.values()):
+            continue
         terms[name] = phases[phase].get(name, 0.0)
     persistent = sum(v for k, v in terms.items() if k not in phases[phase])
     phase_totals = {name: persistent + sum(values.values()) for name, values in phases.items()}
@@ -470,9 +592,12 @@ def format_plan(plan: MemoryPlan, budget_gib: float = 24.0, reserve_gib: float =
         f"{cfg.max_new_tokens}, lmbda {cfg.lmbda}, {cfg.dtype}, loss path {cfg.loss_path}"
         + (f" (chunk {cfg.loss_chunk_size})" if cfg.loss_path == "chunked" else "")
         + f", gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}",
-        "",
-        f"{'term':<26}{'GiB':>8}",
     ]
+    if not cfg.is_default_layout:
+        sharded = "" if cfg.shards == 1 else f", weights / gradients / optimizer states split {cfg.shards} ways"
+        lines.append(f"{cfg.num_processes} process(es), {cfg.engine}{sharded}, teacher offload "
+                     f"{'on' if cfg.teacher_offload else 'off'}: memory PER PROCESS (GPU)")  # fmt: skip
+    lines += ["", f"{'term':<26}{'GiB':>8}"]
     for name, value in plan.terms.items():
         if name == "generation KV cache" and plan.phase != "generation":
             continue
@@ -484,6 +609,7 @@ def format_plan(plan: MemoryPlan, budget_gib: float = 24.0, reserve_gib: float =
     for name in others:
         extra = f"   (KV cache {plan.kv_cache / GIB:.2f})" if name == "generation" else ""
         lines.append(f"{'  ' + name:<26}{_gib(plan.phases[name])}{extra}")
+    lines += [f"note: {note}" for note in plan.notes]
     usable = budget_gib - reserve_gib
     if plan.fits(budget_gib, reserve_gib):
         lines.append(f"\nFITS a {budget_gib:g} GiB GPU ({plan.total / GIB:.2f} <= {usable:g} GiB: {reserve_gib:g} "

@@ -180,3 +180,89 @@ def test_estimate_is_within_25_percent_of_the_measured_peak(name):
     row = _plan_check().run_child(name, steps=2)
     assert row["measured_mib"] > 100  # something real was measured
     assert 0.75 <= row["ratio"] <= 1.25, row
+
+
+# ----------------------------------------------------------------------------- several processes (per-process plans)
+
+SHARDED_TERMS = ("teacher weights", "student weights", "LoRA weights", "optimizer states", "gradients")
+PER_PROCESS_TERMS = ("activations", "logits (both models)", "generation KV cache")
+
+
+@pytest.mark.parametrize("student_mode", ["full", "lora"])
+def test_fsdp2_splits_the_sharded_terms_and_ddp_does_not(shapes, student_mode):
+    single = estimate_memory(PlanConfig(teacher=shapes["8b"], student=shapes["1b"], student_mode=student_mode))
+    ddp = estimate_memory(replace(single.config, num_processes=4, engine="ddp"))
+    fsdp = estimate_memory(replace(single.config, num_processes=4, engine="fsdp2"))
+    for name in SHARDED_TERMS:
+        assert ddp.terms[name] == single.terms[name], name  # DDP: every process holds everything
+        assert fsdp.terms[name] == pytest.approx(single.terms[name] / 4), name  # the frozen LoRA base too
+    for name in PER_PROCESS_TERMS:
+        assert fsdp.terms[name] == ddp.terms[name] == single.terms[name], name
+    assert "all-gathered units" not in single.terms and "all-gathered units" not in ddp.terms
+    layer_t = shapes["8b"].linear_parameters / shapes["8b"].num_layers * 2 * 3 / 4  # bf16, 3/4 of a layer gathered
+    assert fsdp.terms["all-gathered units"] > 2 * layer_t
+    assert fsdp.total < single.total
+    two = estimate_memory(replace(fsdp.config, num_processes=2))
+    assert two.terms["optimizer states"] == pytest.approx(2 * fsdp.terms["optimizer states"])
+    one = estimate_memory(replace(fsdp.config, num_processes=1))  # FSDP2 on one process shards nothing
+    assert one.total == pytest.approx(single.total)
+
+
+def test_quantized_teacher_is_not_sharded(shapes):
+    base = PlanConfig(teacher=shapes["8b"], student=shapes["1b"], teacher_quant="nf4")
+    single, fsdp = estimate_memory(base), estimate_memory(replace(base, num_processes=2, engine="fsdp2"))
+    assert fsdp.terms["teacher weights"] == single.terms["teacher weights"]
+    assert fsdp.terms["student weights"] == pytest.approx(single.terms["student weights"] / 2)
+    assert any("not sharded" in note for note in fsdp.notes)
+
+
+def test_teacher_offload_removes_the_teacher_and_says_what_it_costs(shapes):
+    base = PlanConfig(teacher=shapes["8b"], student=shapes["1b"])
+    plan, offloaded = estimate_memory(base), estimate_memory(replace(base, teacher_offload=True))
+    assert offloaded.terms["teacher weights"] == 0
+    t = shapes["8b"]
+    root, layer = (t.num_parameters - t.linear_parameters) * 2, t.linear_parameters * 2 / t.num_layers
+    assert offloaded.terms["teacher streamed from host"] == pytest.approx(root + 2 * layer)
+    assert plan.total - offloaded.total == pytest.approx(2 * 8_030_261_248 - root - 2 * layer)
+    (note,) = offloaded.notes
+    assert "14.96 GiB of its weights per process in host memory" in note and "s at 25 GB/s" in note
+    sharded = estimate_memory(replace(base, teacher_offload=True, num_processes=2, engine="fsdp2"))
+    assert sharded.terms["teacher weights"] == 0 and "7.48 GiB" in sharded.notes[0]
+    assert "teacher streamed from host" not in plan.terms
+
+
+def test_zero3_is_marked_as_an_untested_estimate(shapes):
+    base = PlanConfig(teacher=shapes["8b"], student=shapes["1b"], num_processes=2)
+    zero3, fsdp = estimate_memory(replace(base, engine="zero3")), estimate_memory(replace(base, engine="fsdp2"))
+    assert zero3.total == pytest.approx(fsdp.total)
+    assert any("ZeRO-3" in note and "not measured" in note for note in zero3.notes)
+    assert not fsdp.notes
+
+
+@pytest.mark.parametrize("change", [dict(engine="fsdp"), dict(num_processes=0), dict(num_processes=1.5)])
+def test_bad_layout_values_are_refused(shapes, change):
+    with pytest.raises(ValueError, match="engine|num_processes"):
+        PlanConfig(teacher=shapes["8b"], student=shapes["1b"], **change)
+
+
+def test_plan_cli_per_process(capsys):
+    with pytest.raises(SystemExit):
+        main(["plan", "--help"])
+    text = capsys.readouterr().out
+    assert all(flag in text for flag in ("--num-processes", "--engine", "--teacher-offload"))
+    argv = ["plan", "--teacher", LLAMA_8B, "--student", LLAMA_1B, "--seq-len", "1024"]
+    assert main(argv) == 0
+    single = capsys.readouterr().out
+    assert "PER PROCESS" not in single and "all-gathered" not in single
+    assert main([*argv, "--num-processes", "4", "--engine", "fsdp2", "--teacher-offload"]) == 0
+    out = capsys.readouterr().out
+    assert "4 process(es), fsdp2, weights / gradients / optimizer states split 4 ways, teacher offload on" in out
+    assert "all-gathered units" in out and "note: Teacher offloaded" in out
+    assert main([*argv, "--num_processes", "2", "--loss-path", "chunked", "--budget-gib", "20"]) == 0
+    assert "--engine fsdp2" in capsys.readouterr().out  # DDP: sharding is one of the changes that fit
+    assert main([*argv, "--num-processes", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "num_processes" in err[0]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--engine", "fsdp"])
+    assert exit_info.value.code == 2 and "invalid choice" in capsys.readouterr().err
