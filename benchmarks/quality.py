@@ -413,7 +413,8 @@ def report(rows, methods, args, title, started, log=print):
         for metric, scale, digits in zip(METRICS, (100, 1, 1, 1), (1, 3, 3, 3)):
             if metric in metrics:
                 mean, half = metrics[metric]
-                cells.append(f"{mean * scale:.{digits}f} +- {half * scale:.{digits}f}")
+                spread = f" +- {half * scale:.{digits}f}" if metrics["n"] > 1 else " (1 seed: no interval)"
+                cells.append(f"{mean * scale:.{digits}f}{spread}")
             else:
                 cells.append("-")
         log("| " + " | ".join([method, *cells, str(metrics["n"])]) + " |")
@@ -430,9 +431,12 @@ def report(rows, methods, args, title, started, log=print):
         for metric, scale, digits in (("exact_match", 100, 1), ("answer_nll", 1, 3)):
             d = paired(rows, method, baseline, metric)
             diffs[f"{method} - {baseline}/{metric}"] = d
-            cells.append(
-                f"{d[0] * scale:+.{digits}f} +- {d[1] * scale:.{digits}f}" + ("*" if abs(d[0]) > d[1] > 0 else "")
-            )
+            if d[2] < 2:
+                cells.append(f"{d[0] * scale:+.{digits}f} (1 seed: no interval)")
+            else:
+                cells.append(
+                    f"{d[0] * scale:+.{digits}f} +- {d[1] * scale:.{digits}f}" + ("*" if abs(d[0]) > d[1] else "")
+                )
         lower, n = lower_count(rows, baseline, method, "exact_match")  # seeds where the method scores higher
         log(f"| {method} - {baseline} | " + " | ".join(cells) + f" | {lower} of {n} |")
     plot(table, args.plot, title)
