@@ -295,7 +295,7 @@ def main():
         help="'subset': the demo's 10-of-30-layer cut of the tuned teacher (compress); 'base': the untuned "
         "SmolLM2-135M-Instruct, the teacher before its task tune (transfer: a competent model without the skill).",
     )
-    parser.add_argument("--lora-r", type=int, default=None, help="LoRA rank (default: the demo's).")
+    parser.add_argument("--lora-r", type=int, default=None, help="LoRA rank (default: 32 for subset, 16 for base).")
     parser.add_argument("--batch-size", type=int, default=None, help="batch size (default: the demo's).")
     parser.add_argument(
         "--heldout", default="demo", choices=tuple(HELDOUT_OFFSETS), help="held-out split to measure on."
@@ -355,13 +355,18 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.time()
-    config = DemoConfig(distill_steps=args.steps, learning_rate=args.learning_rate, lmbda=args.lmbda, beta=args.beta)
+    config = DemoConfig(
+        distill_steps=args.steps,
+        learning_rate=args.learning_rate,
+        lmbda=args.lmbda,
+        beta=args.beta,
+        student_init={"subset": "layers", "base": "base"}[args.student],
+        lora_r=32 if args.student == "subset" else 16,  # each regime's rank as measured; --lora-r overrides
+    )
     overrides = {"lora_r": args.lora_r, "batch_size": args.batch_size}
     config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
     cache = Path(args.cache_dir).expanduser() if args.cache_dir else hub.cache_dir()
     teacher_dir, student_dir, data, _ = prepare(config, cache)
-    if args.student == "base":
-        student_dir = hub.smollm2_checkpoint(cache)
     cuda = torch.cuda.is_available()
     load_args = SpecKDConfig(output_dir=args.output_dir, use_cpu=not cuda, teacher_load_in_4bit=True, report_to="none")
     heldout = data["eval"] if args.heldout == "demo" else heldout_rows(config, args.heldout, args.items)

@@ -64,7 +64,8 @@ class DemoConfig:
         default="base",
         metadata={
             "help": "Where the student starts: 'base' (the teacher's base model before its task tune: a competent "
-            "model without the skill) or 'layers' (the tuned teacher's `student_layers`: a smaller student)."
+            "model without the skill) or 'layers' (the tuned teacher's `student_layers`: a smaller student).",
+            "choices": ["base", "layers"],
         },
     )
     student_layers: str = field(
