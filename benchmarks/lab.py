@@ -24,7 +24,7 @@ positions could filter the teacher's noise. A computable teacher is exact, costs
 mechanism readable (KL(true || teacher) is known); its price is that it has no architecture, so
 "teacher size" is modelled by its error, not its width.
 
-**The student**: a from-scratch Qwen2 of hidden 64 x 2 layers (`speckd_trl.testing.make_model`, 82k parameters),
+**The student**: a from-scratch Qwen2 of hidden 64 x 2 layers (`speckd_trl.tools.testing.make_model`, 82k parameters),
 initialized from the seed; every method of a seed starts from the same weights and sees the same data order.
 
 **Methods** (same steps, batch, learning rate and schedule): `sft` (TRL `SFTTrainer` on sampled answers),
@@ -142,7 +142,7 @@ def eval_set(prompts, seed) -> dict:
 
 
 def make_student(seed: int, tokenizer):
-    from speckd_trl.testing import make_model
+    from speckd_trl.tools.testing import make_model
 
     return make_model(seed, tokenizer, vocab_size=lp.VOCAB_SIZE, layers=2)
 

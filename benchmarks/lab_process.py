@@ -4,7 +4,7 @@ Vocabulary (64 ids): 0 `<pad>`, 1 `<unk>`, 2 `<|im_start|>`, 3 `<|im_end|>`, 4 `
 6-21 digits `d0`-`d15`, 22-37 fillers `f0`-`f15`, 38-63 unused words `u0`-`u25`.
 
 A conversation is ``<|im_start|> user a1 a2 a3 a4 <|im_end|> <|im_start|> assistant y1 h1 y2 h2 y3 h3 y4 h4
-<|im_end|>`` (the chat template of `speckd_trl.testing`):
+<|im_end|>`` (the chat template of `speckd_trl.tools.testing`):
 
 - the prompt `a1..a4`: four digits drawn uniformly (16^4 = 65536 prompts; train, validation and test prompts are
   disjoint);
@@ -36,7 +36,7 @@ import torch
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from speckd_trl.testing import word_level_tokenizer
+from speckd_trl.tools.testing import word_level_tokenizer
 
 
 PAD, UNK, IM_START, IM_END, USER, ASSISTANT = range(6)

@@ -35,7 +35,7 @@ from trl.experimental.gkd import GKDConfig, GKDTrainer  # noqa: E402
 
 from speckd_trl import SpecKDConfig, SpecKDTrainer  # noqa: E402
 from speckd_trl.models import load_teacher  # noqa: E402
-from speckd_trl.testing import CHAT_TEMPLATE  # noqa: E402
+from speckd_trl.tools.testing import CHAT_TEMPLATE  # noqa: E402
 
 
 VOCAB = 128256

@@ -90,7 +90,7 @@ def qwen2_config(shape: dict, vocab: int, max_positions: int) -> dict:
 
 def plan_config(name: str, teacher: dict | None = None, student: dict | None = None):
     """The `PlanConfig` of configuration `name` (see `CONFIGS`)."""
-    from speckd_trl.plan import PlanConfig
+    from speckd_trl.tools.plan import PlanConfig
 
     sharded = name.startswith("shard-")
     teacher = teacher or (SHARD_TEACHER if sharded else TEACHER)
@@ -128,8 +128,8 @@ def run_steps(cfg, steps: int, on_measure_start=None, engine: str | None = None,
     from transformers import AutoModelForCausalLM
 
     from speckd_trl import SpecKDConfig, SpecKDTrainer
-    from speckd_trl.plan import load_model_config
-    from speckd_trl.testing import make_dataset, make_tokenizer, random_batch
+    from speckd_trl.tools.plan import load_model_config
+    from speckd_trl.tools.testing import make_dataset, make_tokenizer, random_batch
     from speckd_trl.trainer import KIND_KEY, OFF_POLICY
 
     tokenizer = make_tokenizer()
@@ -230,8 +230,8 @@ def measure(name: str, steps: int, overrides: dict | None = None, engine: str | 
     import transformers  # noqa: F401
     import trl  # noqa: F401
 
-    from speckd_trl.plan import PlanConfig, estimate_memory
-    from speckd_trl.testing import PeakMemory
+    from speckd_trl.tools.plan import PlanConfig, estimate_memory
+    from speckd_trl.tools.testing import PeakMemory
 
     cfg = plan_config(name)
     if overrides:
@@ -327,7 +327,7 @@ def run_sharded(name: str, steps: int, engine: str | None, processes: int) -> di
     if engine is None:
         row = run_child(name, steps)
         return {**row, "engine": "single", "processes": 1, "ranks_mib": [row["measured_mib"]]}
-    from speckd_trl.testing import accelerate_launch, torchrun
+    from speckd_trl.tools.testing import accelerate_launch, torchrun
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     os.environ["MALLOC_MMAP_THRESHOLD_"] = str(2**20)  # the launchers pass the environment on
@@ -358,7 +358,7 @@ def plot(rows, path):
     ax.bar([x + 0.2 for x in xs], [r["measured_mib"] for r in rows], 0.4, label="measured peak RSS growth")
     ax.set_xticks(list(xs), [r["name"] for r in rows], fontsize=8, rotation=20)
     ax.set_ylabel("MiB")
-    ax.set_title("speckd_trl.plan vs measured peak memory (CPU, float32, SpecKD optimizer steps)")
+    ax.set_title("speckd_trl.tools.plan vs measured peak memory (CPU, float32, SpecKD optimizer steps)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)

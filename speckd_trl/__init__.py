@@ -25,12 +25,12 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_drop_missing_kerne
 
 from .config import GateConfigMixin, SpecKDConfig, SpecKDDistillationConfig  # noqa: E402
 from .distillation_trainer import SpecKDDistillationTrainer  # noqa: E402
-from .drafter import evaluate_drafter  # noqa: E402
 from .gate import accept_mask, propose, sequence_rewards, teacher_rank  # noqa: E402
 from .gating import GatedBatch, TokenGate  # noqa: E402
 from .generation import GenerationStats, speculative_generate, student_generate  # noqa: E402
 from .losses import normalize_loss, weighted_generalized_jsd  # noqa: E402
-from .plan import MemoryPlan, PlanConfig, estimate_memory, format_plan  # noqa: E402
+from .tools.drafter import evaluate_drafter  # noqa: E402
+from .tools.plan import MemoryPlan, PlanConfig, estimate_memory, format_plan  # noqa: E402
 from .trainer import SpecKDTrainer  # noqa: E402
 
 

@@ -13,8 +13,8 @@ speckd-trl --trainer distillation --model_name_or_path ... --teacher_model_name_
     --gate spec --max_completion_length 128 --use_vllm    # on trl.DistillationTrainer (on-policy only, vLLM)
 accelerate launch --config_file examples/accelerate/multi_gpu.yaml -m speckd_trl --config recipe.yaml   # DDP
 accelerate launch --config_file examples/accelerate/multi_cpu.yaml -m speckd_trl --use_cpu --config recipe.yaml
-speckd-trl demo                            # the offline SmolLM2 demo (see speckd_trl/demo.py)
-speckd-trl plan --teacher t/config.json --student s/config.json --teacher-quant nf4   # will it fit? (speckd_trl/plan.py)
+speckd-trl demo                            # the offline SmolLM2 demo (see speckd_trl/demo/app.py)
+speckd-trl plan --teacher t/config.json --student s/config.json --teacher-quant nf4   # will it fit? (speckd_trl/tools/plan.py)
 ```
 
 Datasets: a name that `datasets.load_dataset` knows, a local directory (`save_to_disk` output or data files), or one
@@ -195,7 +195,7 @@ def make_plan_parser():
     """The `argparse` parser of `speckd-trl plan`."""
     import argparse
 
-    from .plan import DEFAULT_RESERVE_GIB, ENGINES, LOSS_PATHS, OPTIMIZERS, STUDENT_MODES, TEACHER_QUANTS
+    from .tools.plan import DEFAULT_RESERVE_GIB, ENGINES, LOSS_PATHS, OPTIMIZERS, STUDENT_MODES, TEACHER_QUANTS
 
     parser = argparse.ArgumentParser(
         prog="speckd-trl plan",
@@ -243,8 +243,8 @@ def make_plan_parser():
 
 
 def plan(argv: list[str]) -> None:
-    """`speckd-trl plan ...`: print the memory plan (see `speckd_trl.plan`)."""
-    from .plan import PlanConfig, estimate_memory, format_plan
+    """`speckd-trl plan ...`: print the memory plan (see `speckd_trl.tools.plan`)."""
+    from .tools.plan import PlanConfig, estimate_memory, format_plan
 
     args = make_plan_parser().parse_args(argv)
     for flag, value in (("--teacher", args.teacher), ("--student", args.student)):

@@ -1,4 +1,4 @@
-"""Test-suite environment: no hub, no experimental-API warning. The tiny builders live in `speckd_trl.testing`."""
+"""Test-suite environment: no hub, no experimental-API warning. The tiny builders live in `speckd_trl.tools.testing`."""
 
 import json
 import os
@@ -18,7 +18,7 @@ WORKSPACE_ROWS = 8
 def workspace(tmp_path):
     """Tiny student and teacher saved under `tmp_path / "student"` and `"teacher"` (each with the tokenizer), and
     `WORKSPACE_ROWS` chat rows in `tmp_path / "train.jsonl"`: what the CLI reads from disk."""
-    from speckd_trl.testing import make_dataset, make_model, make_tokenizer
+    from speckd_trl.tools.testing import make_dataset, make_model, make_tokenizer
 
     tokenizer = make_tokenizer()
     for name, seed in (("student", 0), ("teacher", 1)):

@@ -10,7 +10,7 @@ import os
 import sys
 
 from speckd_trl import SpecKDConfig, SpecKDTrainer
-from speckd_trl.testing import make_dataset, make_model, make_tokenizer
+from speckd_trl.tools.testing import make_dataset, make_model, make_tokenizer
 
 
 def run(out_dir: str, per_device_batch: int, steps: int = 4) -> dict:

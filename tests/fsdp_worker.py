@@ -25,7 +25,7 @@ import torch
 from datasets import Dataset
 
 from speckd_trl import SpecKDConfig, SpecKDDistillationConfig, SpecKDDistillationTrainer, SpecKDTrainer
-from speckd_trl.testing import make_dataset, make_model, make_tokenizer
+from speckd_trl.tools.testing import make_dataset, make_model, make_tokenizer
 
 
 CASES = ("eager", "chunked", "distillation")

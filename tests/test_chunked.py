@@ -6,7 +6,7 @@ from peft import LoraConfig
 
 from speckd_trl import SpecKDConfig
 from speckd_trl.losses import OutputHead, chunked_weighted_jsd, weighted_generalized_jsd
-from speckd_trl.testing import make_dataset, make_model, make_tokenizer
+from speckd_trl.tools.testing import make_dataset, make_model, make_tokenizer
 from speckd_trl.trainer import KIND_KEY, OFF_POLICY, ON_POLICY, SpecKDTrainer
 
 

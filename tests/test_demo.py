@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from speckd_trl.cli import main
 from speckd_trl.demo import DemoConfig, layer_subset, run_demo
-from speckd_trl.testing import make_model, make_tokenizer
+from speckd_trl.tools.testing import make_model, make_tokenizer
 
 
 @pytest.fixture

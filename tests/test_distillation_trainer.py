@@ -13,7 +13,7 @@ from speckd_trl import SpecKDConfig, SpecKDDistillationConfig, SpecKDDistillatio
 from speckd_trl import distillation_trainer as speckd_distillation
 from speckd_trl.gate import accept_mask
 from speckd_trl.losses import policy_gradient_loss, weighted_generalized_jsd
-from speckd_trl.testing import TINY_ARGS, make_dataset, make_model, make_tokenizer
+from speckd_trl.tools.testing import TINY_ARGS, make_dataset, make_model, make_tokenizer
 
 
 TINY = dict(**TINY_ARGS, per_device_train_batch_size=4, max_completion_length=6, learning_rate=1e-3)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from speckd_trl.testing import torchrun
+from speckd_trl.tools.testing import torchrun
 
 
 REPO = Path(__file__).resolve().parents[1]

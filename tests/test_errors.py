@@ -5,7 +5,7 @@ import torch
 from datasets import Dataset
 
 from speckd_trl import SpecKDConfig, SpecKDTrainer, config, validation
-from speckd_trl.testing import make_dataset, make_model, make_tokenizer
+from speckd_trl.tools.testing import make_dataset, make_model, make_tokenizer
 
 
 BASE = dict(output_dir="unused", bf16=False, use_cpu=True, report_to="none")

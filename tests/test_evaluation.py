@@ -9,7 +9,7 @@ import torch
 from trl.experimental.gkd import GKDTrainer
 
 from speckd_trl import SpecKDConfig, SpecKDTrainer
-from speckd_trl.testing import make_dataset, make_model, make_tokenizer
+from speckd_trl.tools.testing import make_dataset, make_model, make_tokenizer
 
 
 EVAL_ROWS = 4  # one evaluation batch: `eval_loss` is that batch's loss

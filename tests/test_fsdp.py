@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from speckd_trl.testing import accelerate_launch, make_model, make_tokenizer, make_trainer
+from speckd_trl.tools.testing import accelerate_launch, make_model, make_tokenizer, make_trainer
 
 
 REPO = Path(__file__).resolve().parents[1]

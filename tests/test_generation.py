@@ -8,7 +8,7 @@ from transformers import DynamicCache
 
 from speckd_trl import SpecKDConfig
 from speckd_trl.generation import row_seeds, speculative_generate, student_generate
-from speckd_trl.testing import make_model, make_tokenizer, perturbed_copy
+from speckd_trl.tools.testing import make_model, make_tokenizer, perturbed_copy
 
 
 PAD, EOS = 0, 3
@@ -265,7 +265,7 @@ def test_bad_arguments(teacher, far_student):
 
 
 def test_evaluate_drafter_on_tiny_models(tokenizer, teacher, close_student, far_student):
-    from speckd_trl.drafter import evaluate_drafter
+    from speckd_trl.tools.drafter import evaluate_drafter
 
     prompts = [
         tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)

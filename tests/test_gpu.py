@@ -11,7 +11,7 @@ import torch
 from peft import LoraConfig
 
 from speckd_trl import SpecKDConfig, SpecKDTrainer, accept_mask
-from speckd_trl.testing import accelerate_launch, make_dataset, make_model, make_tokenizer
+from speckd_trl.tools.testing import accelerate_launch, make_dataset, make_model, make_tokenizer
 
 
 REPO = Path(__file__).resolve().parents[1]

@@ -22,7 +22,7 @@ from transformers import (  # noqa: E402
     PreTrainedTokenizerFast,
 )
 
-from speckd_trl import hub  # noqa: E402
+from speckd_trl.demo import hub  # noqa: E402
 
 
 def saved_dtypes(checkpoint: Path) -> set[torch.dtype]:

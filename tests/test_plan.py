@@ -11,7 +11,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from speckd_trl.cli import main
-from speckd_trl.plan import GIB, PlanConfig, estimate_memory, format_plan, load_model_config, model_shape
+from speckd_trl.tools.plan import GIB, PlanConfig, estimate_memory, format_plan, load_model_config, model_shape
 
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,8 +7,8 @@ from trl.experimental.gkd import GKDTrainer
 from speckd_trl import SpecKDConfig, SpecKDTrainer
 from speckd_trl.gate import accept_mask
 from speckd_trl.losses import policy_gradient_loss
-from speckd_trl.testing import TINY_ARGS
-from speckd_trl.testing import make_trainer as tiny_trainer
+from speckd_trl.tools.testing import TINY_ARGS
+from speckd_trl.tools.testing import make_trainer as tiny_trainer
 from speckd_trl.trainer import KIND_KEY, OFF_POLICY, ON_POLICY
 
 

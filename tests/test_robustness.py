@@ -9,7 +9,7 @@ from transformers import TrainerCallback
 from speckd_trl import SpecKDTrainer
 from speckd_trl.config import on_policy_rows
 from speckd_trl.losses import weighted_generalized_jsd
-from speckd_trl.testing import make_model, make_tokenizer, make_trainer
+from speckd_trl.tools.testing import make_model, make_tokenizer, make_trainer
 from speckd_trl.trainer import KIND_KEY, MIXED, OFF_POLICY, ON_POLICY, ROW_ON_POLICY_KEY
 
 

@@ -10,7 +10,7 @@ import torch
 
 from speckd_trl import SpecKDTrainer, speculative_generate
 from speckd_trl.gate import accept_mask
-from speckd_trl.testing import make_model, make_tokenizer, make_trainer
+from speckd_trl.tools.testing import make_model, make_tokenizer, make_trainer
 from speckd_trl.trainer import KIND_KEY, ON_POLICY, PROPOSALS_KEY
 
 

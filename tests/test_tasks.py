@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from speckd_trl.tasks import DEFAULT_TASK, build_task_dataset, exact_match, extract_answer
+from speckd_trl.demo.tasks import DEFAULT_TASK, build_task_dataset, exact_match, extract_answer
 
 
 @pytest.fixture(scope="module")

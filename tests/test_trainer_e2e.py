@@ -7,7 +7,7 @@ import torch
 from peft import LoraConfig
 
 from speckd_trl import SpecKDTrainer
-from speckd_trl.testing import (
+from speckd_trl.tools.testing import (
     drop_cache_under_gradient_checkpointing,
     make_model,
     make_tokenizer,

@@ -7,8 +7,8 @@ from transformers import TrainerCallback
 from trl.experimental.gkd import GKDTrainer
 
 from speckd_trl import SpecKDConfig, SpecKDTrainer
-from speckd_trl.testing import TINY_ARGS, make_model
-from speckd_trl.testing import make_trainer as tiny_trainer
+from speckd_trl.tools.testing import TINY_ARGS, make_model
+from speckd_trl.tools.testing import make_trainer as tiny_trainer
 from speckd_trl.trainer import KIND_KEY, OFF_POLICY, ON_POLICY
 
 

@@ -137,8 +137,8 @@ def make_trainer(
 ):
     """A `SpecKDTrainer` on the tiny models: student `make_model(0)`, teacher `make_model(1)` and `make_dataset()`
     unless given, with `TINY_ARGS`; `overrides` are further `SpecKDConfig` fields."""
-    from .config import SpecKDConfig
-    from .trainer import SpecKDTrainer
+    from ..config import SpecKDConfig
+    from ..trainer import SpecKDTrainer
 
     tokenizer = make_tokenizer()
     return SpecKDTrainer(

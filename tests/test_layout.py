@@ -1,0 +1,61 @@
+"""The package's layout is a contract: the library never imports the demo application or the tools around it."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+
+PACKAGE = Path(__file__).resolve().parent.parent / "speckd_trl"
+# The package root re-exports a few tools (`evaluate_drafter`, the planner) for a stable public API, and the console
+# script runs the demo and the planner: both are entry points, not library code.
+ENTRY_POINTS = {"__init__.py", "__main__.py", "cli.py"}
+LIBRARY = sorted(p.name for p in PACKAGE.glob("*.py") if p.name not in ENTRY_POINTS)
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Absolute names of the `speckd_trl` modules that `path` imports (relative imports resolved)."""
+    package = ["speckd_trl", *path.relative_to(PACKAGE).parent.parts]
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            module = ".".join([*base, *([node.module] if node.module else [])])
+            names.add(module)
+            names.update(f"{module}.{alias.name}" for alias in node.names)
+    return {name for name in names if name.startswith("speckd_trl")}
+
+
+def test_library_modules_are_the_expected_ones():
+    assert LIBRARY == [
+        "config.py",
+        "distillation_trainer.py",
+        "gate.py",
+        "gating.py",
+        "generation.py",
+        "losses.py",
+        "models.py",
+        "trainer.py",
+        "validation.py",
+    ]
+
+
+@pytest.mark.parametrize("name", LIBRARY)
+def test_library_does_not_import_demo_or_tools(name):
+    imported = imported_modules(PACKAGE / name)
+    outside = sorted(m for m in imported if m.startswith(("speckd_trl.demo", "speckd_trl.tools")))
+    assert not outside, f"library module {name} imports {outside}"
+
+
+def test_tools_do_not_import_the_demo():
+    for path in (PACKAGE / "tools").glob("*.py"):
+        imported = imported_modules(path)
+        assert not [m for m in imported if m.startswith("speckd_trl.demo")], path.name
+
+
+def test_import_resolution_sees_relative_imports():
+    """The checker itself: a relative import from the demo resolves to its absolute module name."""
+    assert "speckd_trl.tools.drafter" in imported_modules(PACKAGE / "demo" / "app.py")
+    assert "speckd_trl.config" in imported_modules(PACKAGE / "tools" / "testing.py")
