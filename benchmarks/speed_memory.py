@@ -25,9 +25,10 @@ Per method and measurement it also times the gate alone (`gate_ms`: the trainer'
 log-probabilities, median of 5), which a difference of noisy step times cannot isolate, and reports the spread of
 the step times (`ms_min`, `ms_max`).
 
-Methods: `GKD` (TRL's `GKDTrainer` as shipped), SpecKD with `gate` none / topk / spec on the eager path (the same
-`[B, T, V]` logits as GKD), and topk / spec on the chunked path (`loss_path="chunked"`). Prints a table with the
-ratios to GKD and a final JSON line, and saves a plot.
+Methods: `GKD` (TRL's `GKDTrainer` as shipped), `SpecKD defaults` (`SpecKDConfig()` as shipped: gate topk on the
+chunked path), SpecKD with `gate` none / topk / spec on the eager path (`loss_path="eager"`: the same `[B, T, V]`
+logits as GKD), and spec on the chunked path. Prints a table with the ratios to GKD and a final JSON line, and saves
+a plot.
 """
 
 from __future__ import annotations
@@ -47,10 +48,10 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 METHODS = {
     "GKD": None,
-    "SpecKD none (eager)": dict(gate="none"),
-    "SpecKD topk (eager)": dict(gate="topk"),
-    "SpecKD spec (eager)": dict(gate="spec"),
-    "SpecKD topk (chunked)": dict(gate="topk", loss_path="chunked"),
+    "SpecKD defaults": {},  # SpecKDConfig() as shipped: gate topk (k=5), loss_path chunked
+    "SpecKD none (eager)": dict(gate="none", loss_path="eager"),
+    "SpecKD topk (eager)": dict(gate="topk", loss_path="eager"),
+    "SpecKD spec (eager)": dict(gate="spec", loss_path="eager"),
     "SpecKD spec (chunked)": dict(gate="spec", loss_path="chunked"),
 }
 MEASUREMENTS = ("off-policy step", "on-policy step", "loss stage")

@@ -222,7 +222,12 @@ def make_plan_parser():
     parser.add_argument("--lmbda", type=float, default=0.5, help="Share of on-policy batches, as GKD (default: 0.5).")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="Student gradient checkpointing.")
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw", help="Optimizer (default: adamw).")
-    parser.add_argument("--loss-path", choices=LOSS_PATHS, default="eager", help="SpecKD loss path (default: eager).")
+    parser.add_argument(
+        "--loss-path",
+        choices=LOSS_PATHS,
+        default="chunked",
+        help="SpecKD loss path (default: chunked, as SpecKDConfig).",
+    )
     parser.add_argument(
         "--loss-chunk-size", type=int, default=256, help="Tokens per chunk of the chunked loss (default: 256)."
     )
@@ -232,8 +237,8 @@ def make_plan_parser():
                         help="GPUs, one process each (default: 1); the plan is per process.")  # fmt: skip
     parser.add_argument("--engine", choices=ENGINES, default="ddp",
                         help="Multi-GPU engine: ddp replicates everything; fsdp2 (measured on CPU processes) and zero3 "
-                        "(estimate, untested) shard weights, gradients and optimizer states of student and "
-                        "unquantized teacher over the processes (default: ddp).")  # fmt: skip
+                        "(modelled as fsdp2, its memory not measured; no quantized teacher) shard weights, gradients and "
+                        "optimizer states of student and unquantized teacher over the processes (default: ddp).")  # fmt: skip
     parser.add_argument("--teacher-offload", "--teacher_offload", action="store_true",
                         help="Teacher weights kept in host memory, streamed to the GPU on each forward pass.")  # fmt: skip
     parser.add_argument("--budget-gib", type=float, default=24.0, help="GPU memory in GiB (default: 24).")

@@ -323,11 +323,14 @@ class SpecKDConfig(GateConfigMixin, GKDConfig):
         gate_proposal (`str`, *optional*, defaults to `"greedy"`):
             The student's proposal on dataset and `seq_kd` sequences: `"greedy"` (argmax) or `"sample"` (drawn from
             the temperature-1 student with the trainer's seeded generator).
-        loss_path (`str`, *optional*, defaults to `"eager"`):
-            How the loss is computed: `"eager"` from both models' full `[B, T, V]` logits (as GKD), or `"chunked"`
-            from their final hidden states and output layers, `loss_chunk_size` completion tokens at a time, so that
-            neither model's full logits ever exist (same loss and gradients; far less memory at large vocabularies).
-            `"chunked"` needs a plain `nn.Linear` output layer on both models (no LoRA on `lm_head`).
+        loss_path (`str`, *optional*, defaults to `"chunked"`):
+            How the loss is computed: `"chunked"` from both models' final hidden states and output layers,
+            `loss_chunk_size` completion tokens at a time, so that neither model's full logits ever exist (the same
+            loss and gradients as `"eager"` to float round-off; far less time and memory at large vocabularies), or
+            `"eager"` from both models' full `[B, T, V]` logits, as GKD does (bit-for-bit GKD's numbers with
+            `gate="none"`). `"chunked"` needs a plain `nn.Linear` output layer on both models (no LoRA or
+            `modules_to_save` on `lm_head`, no quantized head) and, under DeepSpeed ZeRO-3, a frozen student
+            `lm_head` (LoRA); pick `"eager"` otherwise.
         loss_chunk_size (`int`, *optional*, defaults to `256`):
             Tokens per chunk of the `"chunked"` loss path.
         on_policy_generation (`str`, *optional*, defaults to `"student"`):
@@ -372,10 +375,10 @@ class SpecKDConfig(GateConfigMixin, GKDConfig):
         },
     )
     loss_path: str = field(
-        default="eager",
+        default="chunked",
         metadata={
-            "help": "'eager' (both models' full logits, as GKD) or 'chunked' (from hidden states, loss_chunk_size "
-            "tokens at a time: same loss and gradients, far less memory).",
+            "help": "'chunked' (from hidden states, loss_chunk_size tokens at a time: the same loss and gradients as "
+            "'eager', far less time and memory) or 'eager' (both models' full logits, as GKD: bit-for-bit GKD).",
             "choices": list(LOSS_PATHS),
         },
     )

@@ -37,7 +37,7 @@ from .config import SpecKDDistillationConfig
 from .gating import ON_POLICY, GatedTrainerMixin, TokenGate, sampled_log_probs_from_hidden
 from .losses import OutputHead
 from .models import prepare_teacher_for_fsdp
-from .validation import check_fsdp_applied
+from .validation import check_fsdp_applied, check_zero3_quantized_teacher, is_quantized
 
 
 GATE_STATE_FILE = "speckd_gate_state_{}.pth"  # per process: the gate's training generator and logging window
@@ -110,6 +110,11 @@ class SpecKDDistillationTrainer(GatedTrainerMixin, DistillationTrainer):
                 "SpecKDDistillationTrainer needs a teacher: pass `teacher_model=` (a model, a name or a local path) "
                 "or set `teacher_model_name_or_path` in SpecKDDistillationConfig."
             )
+        check_zero3_quantized_teacher(
+            "quantization_config" in (args.teacher_model_init_kwargs or {})
+            if isinstance(teacher_model, str)
+            else is_quantized(teacher_model)
+        )
         if isinstance(eval_dataset, dict):
             eval_dataset = {name: prompts_from_messages(ds) for name, ds in eval_dataset.items()}
         else:

@@ -61,6 +61,7 @@ from .models import (
     capture_last_hidden_state,
     check_pad_token,
     check_vocab,
+    check_zero3_chunked,
     load_teacher,
     load_teacher_tokenizer,
     output_head,
@@ -74,6 +75,8 @@ from .validation import (
     check_fsdp_generation,
     check_launch,
     check_quantized_student,
+    check_zero3_quantized_teacher,
+    is_quantized,
     prepare_prompt_completion,
 )
 
@@ -148,6 +151,9 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
                 "`teacher_model_name_or_path` in SpecKDConfig."
             )
         teacher_tokenizer = None
+        check_zero3_quantized_teacher(
+            args.teacher_load_in_4bit if isinstance(teacher_model, str) else is_quantized(teacher_model)
+        )
         if isinstance(teacher_model, str):
             if args.teacher_load_in_4bit:
                 check_4bit_teacher(args.device)
@@ -189,9 +195,12 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
         self.teacher_model = prepare_teacher_for_fsdp(self.teacher_model, self.accelerator)
         check_fsdp_generation(args, self.accelerator)
         # Logits compared on the tokenizer's ids only when the two output sizes differ (padded embeddings), else None.
-        self._shared_vocab = check_vocab(self.model, self.teacher_model, self.processing_class, teacher_tokenizer)
+        # (read through the wrappers: under DeepSpeed the teacher is an engine, whose `config` is DeepSpeed's dict)
+        student, teacher = (self.accelerator.unwrap_model(m) for m in (self.model, self.teacher_model))
+        check_zero3_chunked(student, args.loss_path, self.accelerator)
+        self._shared_vocab = check_vocab(student, teacher, self.processing_class, teacher_tokenizer)
         if self._shared_vocab is not None:  # never sample an id past the tokenizer (padding rows of the embedding)
-            n_out = max(output_vocab_size(self.model), output_vocab_size(self.teacher_model))
+            n_out = max(output_vocab_size(student), output_vocab_size(teacher))
             self.generation_config.suppress_tokens = list(range(self._shared_vocab, n_out))
 
         # Same draw on every process: all of them generate (or not) together.
@@ -476,7 +485,7 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
         two output sizes differ, as `_shared_logits` cuts the eager path's logits)."""
         heads = (
             output_head(self.accelerator.unwrap_model(self.model), "student"),
-            output_head(self.accelerator.unwrap_model(self.teacher_model), "teacher"),
+            self._teacher_head(),
         )
         n = self._shared_vocab
         if n is None:
@@ -484,6 +493,11 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
         return tuple(
             dataclasses.replace(h, weight=h.weight[:n], bias=None if h.bias is None else h.bias[:n]) for h in heads
         )
+
+    def _teacher_head(self) -> OutputHead:
+        """The teacher's output layer, read without a gradient (gathered whole where it is sharded)."""
+        with torch.no_grad():
+            return output_head(self.accelerator.unwrap_model(self.teacher_model), "teacher")
 
     # ------------------------------------------------------------------ guard rails
 

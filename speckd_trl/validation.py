@@ -96,6 +96,24 @@ def check_4bit_teacher(device: torch.device | str) -> None:
         )
 
 
+def check_zero3_quantized_teacher(quantized: bool) -> None:
+    """Refuse a 4-bit (or 8-bit) teacher under DeepSpeed ZeRO-3, before it is loaded or partitioned.
+
+    ZeRO-3 partitions the teacher too (TRL's `prepare_deepspeed`), and bitsandbytes' packed weights do not come back
+    whole from its gather: measured on 2 CPU processes, the first step matches one process and the later ones do not
+    (under ZeRO-2 the teacher stays whole on each process and every step matches).
+    """
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    if quantized and is_deepspeed_zero3_enabled():
+        raise ValueError(
+            "A quantized (bitsandbytes 4-bit / 8-bit) teacher is not supported under DeepSpeed ZeRO-3: ZeRO-3 "
+            "partitions the teacher, and the quantized weights do not survive its gather (the teacher's outputs "
+            "change after the first step). Use ZeRO-2 or FSDP2 (the 4-bit teacher then stays whole on each "
+            "process), or an unquantized teacher (teacher_load_in_4bit=False) that ZeRO-3 shards."
+        )
+
+
 def is_quantized(model: Any) -> bool:
     """Whether a loaded model holds quantized (bitsandbytes, GPTQ, AWQ, ...) weights."""
     return bool(

@@ -1,5 +1,6 @@
-"""One process of the multi-process test (`test_distributed.py`): a few steps with lmbda=0.5, recording per step the
-batch kind this process drew and the logged metrics, written to `<out>/rank<i>.json`.
+"""One process of the multi-process test (`test_distributed.py`): a few steps with lmbda=0.5, with each loss path,
+recording per step the batch kind this process drew and the logged metrics, written to
+`<out>/<loss_path>.rank<i>.json`.
 
 Run under `python -m torch.distributed.run --nproc_per_node 2 tests/ddp_worker.py OUT BATCH` (`torchrun`; gloo on CPU),
 or in-process via `run`.
@@ -13,7 +14,10 @@ from speckd_trl import SpecKDConfig, SpecKDTrainer
 from speckd_trl.tools.testing import make_dataset, make_model, make_tokenizer
 
 
-def run(out_dir: str, per_device_batch: int, steps: int = 4) -> dict:
+LOSS_PATHS = ("eager", "chunked")
+
+
+def run(out_dir: str, per_device_batch: int, loss_path: str, steps: int = 4) -> dict:
     tokenizer = make_tokenizer()
     args = SpecKDConfig(
         output_dir=out_dir,
@@ -31,6 +35,7 @@ def run(out_dir: str, per_device_batch: int, steps: int = 4) -> dict:
         gate="topk",
         gate_top_k=40,
         reject_weight=0.5,
+        loss_path=loss_path,
         temperature=1e-4,  # near-greedy sampling: the same completions however the batch is split
         dataloader_drop_last=True,
     )
@@ -53,10 +58,11 @@ def run(out_dir: str, per_device_batch: int, steps: int = 4) -> dict:
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     record = {"rank": trainer.accelerator.process_index, "world": trainer.accelerator.num_processes}
     record.update(kinds=kinds, logs=logs)
-    with open(os.path.join(out_dir, f"rank{record['rank']}.json"), "w") as f:
+    with open(os.path.join(out_dir, f"{loss_path}.rank{record['rank']}.json"), "w") as f:
         json.dump(record, f)
     return record
 
 
 if __name__ == "__main__":
-    run(sys.argv[1], int(sys.argv[2]))
+    for loss_path in LOSS_PATHS:
+        run(sys.argv[1], int(sys.argv[2]), loss_path)

@@ -1,10 +1,16 @@
 """The chunked loss path against the eager one: same loss, same gradients, same gate decisions."""
 
+import contextlib
+import dataclasses
+import io
+import pathlib
+
 import pytest
 import torch
 from peft import LoraConfig
 
-from speckd_trl import SpecKDConfig
+from speckd_trl import PlanConfig, SpecKDConfig
+from speckd_trl.cli import main
 from speckd_trl.losses import OutputHead, chunked_weighted_jsd, weighted_generalized_jsd
 from speckd_trl.tools.testing import make_dataset, make_model, make_tokenizer
 from speckd_trl.trainer import KIND_KEY, OFF_POLICY, ON_POLICY, SpecKDTrainer
@@ -214,3 +220,14 @@ def test_bad_chunk_size(tmp_path, value):
 def test_bad_loss_path(tmp_path):
     with pytest.raises(ValueError, match="loss_path='fused'.*eager, chunked"):
         SpecKDConfig(output_dir=str(tmp_path), use_cpu=True, loss_path="fused")
+
+
+def test_chunked_is_the_default_of_the_config_the_planner_and_the_cli(tmp_path):
+    """Issue 16: the fast path by default, the same in `SpecKDConfig`, `PlanConfig` and `speckd-trl plan`."""
+    assert SpecKDConfig(output_dir=str(tmp_path)).loss_path == "chunked"
+    assert {f.name: f.default for f in dataclasses.fields(PlanConfig)}["loss_path"] == "chunked"
+    config = str(pathlib.Path(__file__).resolve().parents[1] / "examples" / "configs" / "llama3.2-1b.json")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["plan", "--teacher", config, "--student", config]) == 0
+    assert "loss path chunked" in out.getvalue()

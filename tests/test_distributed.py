@@ -1,5 +1,5 @@
-"""Two CPU processes (`python -m torch.distributed.run`, gloo): the same batch kind on every process at every step,
-and the loss of one process on the same global batch."""
+"""Two CPU processes (`python -m torch.distributed.run`, gloo; DDP): the same batch kind on every process at every
+step, and the loss of one process on the same global batch, with the eager and the chunked loss."""
 
 import importlib.util
 import json
@@ -18,14 +18,19 @@ _spec.loader.exec_module(ddp_worker)
 
 
 # `python -m torch.distributed.run` is `torchrun` without needing the script on PATH (a venv that is not activated)
-@pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch build has no torch.distributed")
-def test_two_processes_agree_and_match_one_process(tmp_path):
-    multi, single = tmp_path / "multi", tmp_path / "single"
-    multi.mkdir()
-    single.mkdir()
-    result = torchrun([REPO / "tests" / "ddp_worker.py", multi, 2], nproc=2, timeout=300)
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory) -> Path:
+    """One launch of 2 processes for both loss paths."""
+    out = tmp_path_factory.mktemp("ddp")
+    result = torchrun([REPO / "tests" / "ddp_worker.py", out, 2], nproc=2, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [json.loads((multi / f"rank{i}.json").read_text()) for i in range(2)]
+    return out
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch build has no torch.distributed")
+@pytest.mark.parametrize("loss_path", ddp_worker.LOSS_PATHS)
+def test_two_processes_agree_and_match_one_process(ddp_run, tmp_path, loss_path):
+    ranks = [json.loads((ddp_run / f"{loss_path}.rank{i}.json").read_text()) for i in range(2)]
     assert [r["world"] for r in ranks] == [2, 2]
 
     # every process drew the same kind at every step; lmbda=0.5 gave both kinds
@@ -33,7 +38,7 @@ def test_two_processes_agree_and_match_one_process(tmp_path):
     assert {"on_policy", "off_policy"} <= set(ranks[0]["kinds"])
 
     # 2 processes x batch 2 == 1 process x batch 4: same loss and gate metrics at every step
-    reference = ddp_worker.run(str(single), 4)
+    reference = ddp_worker.run(str(tmp_path), 4, loss_path)
     assert reference["kinds"] == ranks[0]["kinds"]
     assert len(reference["logs"]) == len(ranks[0]["logs"]) == 4
     for got, expected in zip(ranks[0]["logs"], reference["logs"]):

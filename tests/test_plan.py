@@ -79,7 +79,7 @@ def test_nf4_teacher_matches_the_h100_measurement(shapes):
 
 
 def test_monotone_in_every_size(shapes):
-    base = PlanConfig(teacher=shapes["8b"], student=shapes["1b"], teacher_quant="nf4", lmbda=0.5)
+    base = PlanConfig(teacher=shapes["8b"], student=shapes["1b"], teacher_quant="nf4", lmbda=0.5, loss_path="eager")
     total = estimate_memory(base).total
     for change in (dict(batch_size=4), dict(seq_len=1024), dict(max_new_tokens=512), dict(lora_r=64),
                    dict(student_mode="full"), dict(teacher_quant="none"), dict(dtype="float32")):  # fmt: skip
@@ -92,7 +92,9 @@ def test_monotone_in_every_size(shapes):
 
 
 def test_chunked_is_far_smaller_at_a_large_vocabulary(shapes):
-    eager = estimate_memory(PlanConfig(teacher=shapes["8b"], student=shapes["1b"], teacher_quant="nf4", seq_len=1024))
+    eager = estimate_memory(
+        PlanConfig(teacher=shapes["8b"], student=shapes["1b"], teacher_quant="nf4", seq_len=1024, loss_path="eager")
+    )
     chunked = estimate_memory(replace(eager.config, loss_path="chunked"))
     assert chunked.terms["logits (both models)"] < eager.terms["logits (both models)"] / 5
     assert chunked.total < eager.total
@@ -148,6 +150,7 @@ def test_plan_help(capsys):
 
 def test_plan_prints_a_table_and_a_verdict(capsys):
     argv = ["plan", "--teacher", LLAMA_8B, "--student", LLAMA_1B, "--teacher-quant", "nf4", "--seq-len", "1024"]
+    argv += ["--loss-path", "eager"]  # the default, chunked, fits: the eager loss shows the suggestions
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "teacher weights" in out and "logits (both models)" in out and "DOES NOT FIT a 24 GiB GPU" in out
@@ -239,7 +242,15 @@ def test_zero3_is_marked_as_an_untested_estimate(shapes):
     assert not fsdp.notes
 
 
-@pytest.mark.parametrize("change", [dict(engine="fsdp"), dict(num_processes=0), dict(num_processes=1.5)])
+@pytest.mark.parametrize(
+    "change",
+    [
+        dict(engine="fsdp"),
+        dict(num_processes=0),
+        dict(num_processes=1.5),
+        dict(engine="zero3", teacher_quant="nf4"),  # the trainers refuse a quantized teacher under ZeRO-3
+    ],
+)
 def test_bad_layout_values_are_refused(shapes, change):
     with pytest.raises(ValueError, match="engine|num_processes"):
         PlanConfig(teacher=shapes["8b"], student=shapes["1b"], **change)

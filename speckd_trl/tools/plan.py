@@ -62,7 +62,9 @@ training phase (conservative: some are produced only after activations are freed
   decoder layers are gathered at once (the running one and the prefetched next), and with full fine-tuning the root's
   whole gradient exists before its reduce-scatter.
 - ``"zero3"``: modelled as FSDP2 (DeepSpeed ZeRO-3 partitions parameters, gradients and optimizer states; TRL's
-  ``prepare_deepspeed`` partitions the teacher); an estimate, not measured (DeepSpeed is not installed here).
+  ``prepare_deepspeed`` partitions the teacher); an estimate, its memory not measured (the trainers are tested under
+  ZeRO-3 in ``tests/test_zero3.py``; ``benchmarks/plan_check.py --sharded`` measures DDP and FSDP2). A quantized
+  teacher is refused under ZeRO-3, as the trainers refuse it (``validation.check_zero3_quantized_teacher``).
 
 Activations, logits and the KV cache are per process (each process runs its own ``batch_size`` rows): unchanged.
 ``teacher_offload``: the teacher's weights stay in host memory and are streamed to the GPU for each forward pass
@@ -235,7 +237,7 @@ class PlanConfig:
     lmbda: float = 0.5
     gradient_checkpointing: bool = False
     optimizer: str = "adamw"
-    loss_path: str = "eager"
+    loss_path: str = "chunked"
     loss_chunk_size: int = 256
     dtype: str = "bfloat16"
     speculative_generation: bool = False
@@ -254,6 +256,12 @@ class PlanConfig:
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"PlanConfig: {name}={getattr(self, name)!r} is not valid; use one of {allowed}.")
+        if self.engine == "zero3" and self.teacher_quant != "none":
+            raise ValueError(
+                f"PlanConfig: teacher_quant={self.teacher_quant!r} with engine='zero3': the trainers refuse a quantized "
+                "teacher under DeepSpeed ZeRO-3 (it does not survive ZeRO-3's partitioning); plan engine 'fsdp2' or "
+                "'ddp' (ZeRO-2 keeps the teacher whole, as DDP), or teacher_quant='none'."
+            )
         for name in ("lora_r", "batch_size", "seq_len", "max_new_tokens", "loss_chunk_size", "num_processes"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -467,7 +475,7 @@ def _apply_layout(
             values["all-gathered units"] = gathered
         if cfg.engine == "zero3":
             notes.append("ZeRO-3: sharding modelled as FSDP2's (parameters, gradients, optimizer states split over the "
-                         "processes); not measured (DeepSpeed is not installed here).")  # fmt: skip
+                         "processes); its memory not measured.")  # fmt: skip
         if not teacher_sharded:
             notes.append(f"The {cfg.teacher_quant} teacher is not sharded: every process holds all of it.")
     elif cfg.num_processes > 1 and trainable_bytes:  # DDP: a flat copy of every gradient in its buckets
