@@ -21,7 +21,7 @@ Measurements, each for every method:
 - `loss stage`: the off-policy step on models with no decoder layers (embedding, final norm, output layer), which
   leaves what the methods do differently: the output layer, the gate and the divergence with their backward.
 
-Per method and measurement it also times the gate alone (`gate_ms`: the trainer's `_verify_rows` on the step's
+Per method and measurement it also times the gate alone (`gate_ms`: the trainer's gate, draws and verdicts, on the step's
 log-probabilities, median of 5), which a difference of noisy step times cannot isolate, and reports the spread of
 the step times (`ms_min`, `ms_max`).
 
@@ -178,8 +178,8 @@ def child_time(args) -> list[dict]:
 
 
 def gate_ms(trainer, inputs, device, *, on_policy: bool, repeats: int = 5) -> float:
-    """Milliseconds of the gate alone on this batch (median of `repeats`): the trainer's `_verify_rows` on the
-    models' log-probabilities, with the random draws; 0 for GKD and `gate="none"`. A step-time difference between
+    """Milliseconds of the gate alone on this batch (median of `repeats`): the trainer's gate (`TokenGate.batch`, its
+    random draws, then `GatedBatch.accept`) on the models' log-probabilities; 0 for GKD and `gate="none"`. A step-time difference between
     methods mixes the gate with the machine's noise; this isolates it. On-policy: the last `new_tokens` positions
     stand for the generated ones."""
     import torch
@@ -194,15 +194,15 @@ def gate_ms(trainer, inputs, device, *, on_policy: bool, repeats: int = 5) -> fl
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
         student = jsd_log_probs(trainer.model(input_ids=ids, attention_mask=mask).logits[:, :-1])
         teacher = jsd_log_probs(trainer.teacher_model(input_ids=ids, attention_mask=mask).logits[:, :-1])
-    labels = inputs["labels"][:, 1:]
+    completion, sampled_ids = inputs["labels"][:, 1:] != -100, inputs["input_ids"][:, 1:]
     kind = ON_POLICY if on_policy else OFF_POLICY
-    gated = (labels != -100) & trainer._is_gated(kind)
     times = []
     for _ in range(repeats):
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        trainer._verify_rows(student, teacher, labels, gated, kind, trainer._draw_uniforms(kind, gated))
+        gate = trainer._gate.batch(kind, completion, training=True, step=0, max_steps=1)
+        gate.accept(student, teacher, sampled_ids)
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
@@ -336,7 +336,9 @@ def main():
             r = next(r for r in rows if r["method"] == method and r["measure"] == measure_name)
             line += f"| {r['ms']:7.0f} ({r['ms_ratio']:4.2f}) {r['peak_mib']:7.0f} ({r['mem_ratio']:4.2f})    "
         print(line)
-    print("\nthe gate alone (`_verify_rows` on the step's log-probabilities): ms (share of the method's step time);")
+    print(
+        "\nthe gate alone (draws and verdicts on the step's log-probabilities): ms (share of the method's step time);"
+    )
     print("step times' spread over the timed rounds: min-max ms")
     for method in methods:
         line = f"{method:<23}"

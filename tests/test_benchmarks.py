@@ -1,0 +1,25 @@
+"""Smoke test of `benchmarks/speed_memory.py` (a refactor of the trainer once broke it unnoticed): a tiny run of
+GKD and the default SpecKD, one measurement, prints its table and a final JSON line with the ratios to GKD."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_speed_memory_runs_and_reports_ratios(tmp_path):
+    command = [sys.executable, str(REPO / "benchmarks" / "speed_memory.py"), "--vocab", "128", "--hidden", "64"]
+    command += ["--layers", "1", "--seq", "32", "--new-tokens", "4", "--steps", "1", "--warmup", "0", "--threads", "1"]
+    command += ["--methods", "GKD,SpecKD defaults", "--measures", "off-policy step", "--plot", str(tmp_path / "p.png")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    rows = {row["method"]: row for row in report["rows"]}
+    assert set(rows) == {"GKD", "SpecKD defaults"}
+    assert rows["GKD"]["ms_ratio"] == 1.0 and rows["GKD"]["mem_ratio"] == 1.0
+    default = rows["SpecKD defaults"]
+    assert default["ms"] > 0 and default["peak_mib"] > 0 and default["gate_ms"] > 0  # the gate (topk) ran
+    assert (tmp_path / "p.png").stat().st_size > 0
