@@ -348,8 +348,8 @@ def main():
     import torch
     from transformers import AutoTokenizer
 
-    from speckd_trl import SpecKDConfig, hub
-    from speckd_trl.demo import DemoConfig, prepare
+    from speckd_trl import SpecKDConfig
+    from speckd_trl.demo import DemoConfig, hub, prepare
     from speckd_trl.models import load_teacher
 
     if args.threads:

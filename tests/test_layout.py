@@ -1,12 +1,16 @@
-"""The package's layout is a contract: the library never imports the demo application or the tools around it."""
+"""The package's layout is a contract: the library never imports the demo application or the tools around it, and
+every `speckd_trl` name that the benchmarks, examples and tests import exists (a module moved under them once broke
+a benchmark, whose imports sit inside functions that no test runs)."""
 
 import ast
+import importlib
 from pathlib import Path
 
 import pytest
 
 
-PACKAGE = Path(__file__).resolve().parent.parent / "speckd_trl"
+REPO = Path(__file__).resolve().parent.parent
+PACKAGE = REPO / "speckd_trl"
 # The package root re-exports a few tools (`evaluate_drafter`, the planner) for a stable public API, and the console
 # script runs the demo and the planner: both are entry points, not library code.
 ENTRY_POINTS = {"__init__.py", "__main__.py", "cli.py"}
@@ -59,3 +63,25 @@ def test_import_resolution_sees_relative_imports():
     """The checker itself: a relative import from the demo resolves to its absolute module name."""
     assert "speckd_trl.tools.drafter" in imported_modules(PACKAGE / "demo" / "app.py")
     assert "speckd_trl.config" in imported_modules(PACKAGE / "tools" / "testing.py")
+
+
+def _absolute_imports(path: Path) -> list[tuple[str, str | None]]:
+    """(module, name) of every `from speckd_trl... import name` and `import speckd_trl...` in `path`."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").startswith("speckd_trl"):
+            found += [(node.module, alias.name) for alias in node.names]
+        elif isinstance(node, ast.Import):
+            found += [(alias.name, None) for alias in node.names if alias.name.startswith("speckd_trl")]
+    return found
+
+
+SCRIPTS = sorted(p for folder in ("benchmarks", "examples", "tests") for p in (REPO / folder).rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_speckd_trl_import_resolves(path):
+    for module, name in _absolute_imports(path):
+        imported = importlib.import_module(module)
+        if name is not None and not hasattr(imported, name):
+            importlib.import_module(f"{module}.{name}")  # a submodule, or ModuleNotFoundError names it
