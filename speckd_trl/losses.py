@@ -21,6 +21,7 @@ Shapes: ``B`` batch, ``T`` positions, ``V`` vocabulary, ``N`` flattened position
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -87,6 +88,55 @@ def generalized_jsd_from_log_probs(
     kl_teacher = F.kl_div(mixture_log_probs, teacher_log_probs, reduction="none", log_target=True)
     kl_student = F.kl_div(mixture_log_probs, student_log_probs, reduction="none", log_target=True)
     return beta * kl_teacher + (1 - beta) * kl_student
+
+
+def generalized_jsd_and_logit_grad(
+    student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor, *, beta: float, grad: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``D_beta(p, q)`` per position and its gradient with respect to the student's logits, in closed form.
+
+    The same values as `generalized_jsd_from_log_probs` summed over the vocabulary (to float round-off: the mixture
+    is ``max(a, b) + log1p(exp(-|a - b|))`` instead of ``logsumexp(stack([a, b]))``, which costs a copy and several
+    passes more), and the gradient autograd would give through it and ``log_softmax``, in a few element-wise passes
+    instead of the backward of every operation: for the chunked loss these passes are most of the step.
+
+    With ``s = log q``, ``t = log p``, ``q = exp(s)``, ``p = exp(t)``:
+
+    - beta=0, forward KL(p||q): ``D = sum p (t - s)``, gradient ``q - p``;
+    - beta=1, reverse KL(q||p): ``D = sum q (s - t)``, gradient ``q * ((s - t) - D)``;
+    - otherwise, with the mixture ``m = log((1 - beta) q + beta p)``: ``D = beta sum p (t - m) + (1 - beta) sum q
+      (s - m)``, gradient ``(1 - beta) q * ((s - m) - KL(q||m))`` (``dD/dq = (1 - beta)(s - m)``, through the
+      softmax).
+
+    Args:
+        student_log_probs (`torch.Tensor` of shape `[..., V]`): ``log q``, from `jsd_log_probs` (finite).
+        teacher_log_probs (`torch.Tensor` of shape `[..., V]`): ``log p``, from `jsd_log_probs` (finite).
+        beta (`float`): generalized JSD interpolation in ``[0, 1]``.
+        grad (`bool`): also compute the gradient.
+
+    Returns:
+        ``D`` of shape `[...]`, and ``dD/dz`` of shape `[..., V]` for student logits ``z`` at temperature 1 (divide
+        it by the temperature for logits that were divided by it), or None without `grad`.
+    """
+    q, p = student_log_probs.exp(), teacher_log_probs.exp()
+    if beta == 0:
+        divergence = (p * (teacher_log_probs - student_log_probs)).sum(dim=-1)
+        return divergence, (q - p) if grad else None
+    if beta == 1:
+        log_ratio = student_log_probs - teacher_log_probs
+        divergence = (q * log_ratio).sum(dim=-1)
+        return divergence, (q * (log_ratio - divergence.unsqueeze(-1))) if grad else None
+    a = student_log_probs + math.log1p(-beta)
+    b = teacher_log_probs + math.log(beta)
+    mixture_log_probs = torch.maximum(a, b) + torch.log1p(torch.exp(-(a - b).abs()))
+    del a, b
+    log_ratio = student_log_probs - mixture_log_probs  # s - m
+    kl_student = (q * log_ratio).sum(dim=-1)
+    divergence = beta * (p * (teacher_log_probs - mixture_log_probs)).sum(dim=-1) + (1 - beta) * kl_student
+    if not grad:
+        return divergence, None
+    log_ratio -= kl_student.unsqueeze(-1)
+    return divergence, log_ratio.mul_(q).mul_(1 - beta)
 
 
 def weighted_jsd_from_log_probs(
@@ -239,6 +289,11 @@ class OutputHead:
             logits = (hidden.to(self.weight.dtype) @ self.weight.t()).float()
         return logits if self.bias is None else logits + self.bias.float()
 
+    @property
+    def transforms(self) -> bool:
+        """Whether `transform` changes the logits (a logit scale other than 1, or a softcap)."""
+        return self.logit_scale != 1.0 or self.softcap is not None
+
     def transform(self, logits: torch.Tensor) -> torch.Tensor:
         """The logit scale and softcap, applied to projected logits (differentiable)."""
         if self.logit_scale != 1.0:
@@ -285,25 +340,31 @@ class _ChunkedWeightedJSD(torch.autograd.Function):
             teacher_log_probs = jsd_log_probs(
                 teacher_head.transform(teacher_head.project(teacher_hidden[rows])), temperature
             )
-            raw = student_head.project(hidden).requires_grad_(needs_grad)
-            with torch.set_grad_enabled(needs_grad):
-                student_log_probs = jsd_log_probs(student_head.transform(raw), temperature)
-                chunk_weights = weight_fn(student_log_probs.detach(), teacher_log_probs, rows).to(torch.float32)
-                chunk_loss = weighted_jsd_from_log_probs(
-                    student_log_probs, teacher_log_probs, chunk_weights, beta=beta
-                ).sum()
+            raw = student_head.project(hidden)
+            transforms = needs_grad and student_head.transforms
+            with torch.set_grad_enabled(transforms):  # autograd only through the logit scale / softcap
+                logits = student_head.transform(raw.requires_grad_(transforms))
+            student_log_probs = jsd_log_probs(logits.detach(), temperature)
+            chunk_weights = weight_fn(student_log_probs, teacher_log_probs, rows).to(torch.float32)
+            # D_t and dD_t/d logits in closed form (autograd through the divergence's operations was most of the time)
+            divergence, grad_logits = generalized_jsd_and_logit_grad(
+                student_log_probs, teacher_log_probs, beta=beta, grad=needs_grad
+            )
+            chunk_loss = divergence * chunk_weights.to(divergence.dtype)
             weights[rows] = chunk_weights
-            total += chunk_loss.detach()
+            total += chunk_loss.sum()
             if not needs_grad:
                 continue
-            (grad_logits,) = torch.autograd.grad(chunk_loss, raw)
+            grad_logits *= (chunk_weights / temperature).to(grad_logits.dtype).unsqueeze(-1)
+            if transforms:
+                (grad_logits,) = torch.autograd.grad(logits, raw, grad_logits)
             if grad_hidden is not None:
                 grad_hidden[rows] = grad_logits.to(student_weight.dtype) @ student_weight
             if grad_weight is not None:
                 grad_weight.addmm_(grad_logits.t(), hidden.float())
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(dim=0)
-            del teacher_log_probs, raw, student_log_probs, grad_logits, chunk_loss
+            del teacher_log_probs, raw, logits, student_log_probs, grad_logits, chunk_loss
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.dtypes = (student_hidden.dtype, student_weight.dtype, None if student_bias is None else student_bias.dtype)
         ctx.mark_non_differentiable(weights)

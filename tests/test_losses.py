@@ -91,3 +91,24 @@ def test_divergence_is_gkd_bit_for_bit(dtype, beta, temperature):
     (grad_ours,) = torch.autograd.grad(ours, student, upstream)
     (grad_trl,) = torch.autograd.grad(trl, student, upstream)
     assert torch.equal(grad_ours, grad_trl)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.1, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("scale", [3.0, 40.0])  # 40: log-probabilities down to about -300, where exp underflows
+def test_closed_form_divergence_and_gradient_equal_trl_operations(beta, temperature, scale):
+    """`generalized_jsd_and_logit_grad` (the chunked loss's divergence and backward) against TRL's operations
+    (`generalized_jsd_from_log_probs`) and autograd through them and the `log_softmax`."""
+    from speckd_trl.losses import generalized_jsd_and_logit_grad, generalized_jsd_from_log_probs, jsd_log_probs
+
+    generator = torch.Generator().manual_seed(0)
+    student = (scale * torch.randn(4, 5, 50, generator=generator, dtype=torch.float64)).requires_grad_()
+    teacher = scale * torch.randn(4, 5, 50, generator=generator, dtype=torch.float64)
+    log_q, log_p = jsd_log_probs(student, temperature), jsd_log_probs(teacher, temperature)
+    reference = generalized_jsd_from_log_probs(log_q, log_p, beta=beta).sum(dim=-1)
+    reference.sum().backward()
+    divergence, grad = generalized_jsd_and_logit_grad(log_q.detach(), log_p, beta=beta)
+    torch.testing.assert_close(divergence, reference.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad / temperature, student.grad, rtol=1e-10, atol=1e-12)
+    value_only, none = generalized_jsd_and_logit_grad(log_q.detach(), log_p, beta=beta, grad=False)
+    assert none is None and torch.equal(value_only, divergence)
