@@ -13,8 +13,9 @@ Two paths compute the same loss:
 - eager (`weighted_generalized_jsd`): from both models' full ``[B, T, V]`` logits, exactly as GKD;
 - chunked (`chunked_weighted_jsd`): from both models' final hidden states and output layers, ``chunk_size`` tokens
   at a time, so that only ``[chunk_size, V]`` logits ever exist. The gate runs on each chunk's log-probs, and each
-  chunk's gradient is taken in the forward pass (as fused linear-cross-entropy kernels do), so neither model's logits
-  are kept for the backward pass.
+  chunk's divergence and gradient are computed in closed form in the forward pass (`generalized_jsd_and_logit_grad`;
+  as fused linear-cross-entropy kernels do), so neither model's logits are kept for the backward pass. Its values
+  equal the eager path's to float round-off (tested), not bit for bit.
 
 Shapes: ``B`` batch, ``T`` positions, ``V`` vocabulary, ``N`` flattened positions, ``H`` hidden size.
 """
@@ -392,8 +393,9 @@ def chunked_weighted_jsd(
     """``sum_t w_t D_beta(p_t, q_t)`` from hidden states, never holding more than ``chunk_size`` rows of logits.
 
     For each chunk of rows, both models' logits are projected through their output layers and normalized
-    (`jsd_log_probs`), ``weight_fn`` turns the log-probabilities into the gate's weights, and the divergence of
-    `weighted_jsd_from_log_probs` (the same code as the eager path) is summed and differentiated right away. The
+    (`jsd_log_probs`), ``weight_fn`` turns the log-probabilities into the gate's weights, and the divergence and its
+    gradient with respect to the logits come in closed form (`generalized_jsd_and_logit_grad`: the values of the
+    eager path's `weighted_jsd_from_log_probs` to float round-off, without autograd through its operations). The
     gradients with respect to the student's hidden states, output weight and bias are accumulated in float32 and
     returned by the backward pass, so the chunk's logits are freed before the next chunk starts. Peak extra memory:
     a few ``[chunk_size, V]`` float32 tensors plus the ``[N, H]`` gradient (and a ``[V, H]`` one when the student's
