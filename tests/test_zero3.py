@@ -105,8 +105,10 @@ def test_two_zero3_processes_train_and_match_one_process(zero3_run, model_dirs, 
     _check_against_one_process(zero3_run, model_dirs, tmp_path, case, stage=3)
 
 
-def test_nf4_teacher_under_zero2_matches_one_process(zero2_run, model_dirs, tmp_path):
-    _check_against_one_process(zero2_run, model_dirs, tmp_path, zero3_worker.NF4_CASE, stage=2)
+@pytest.mark.parametrize("case", zero3_worker.ZERO2_CASES)
+def test_two_zero2_processes_train_and_match_one_process(zero2_run, model_dirs, tmp_path, case):
+    """ZeRO-2, whose teacher stays whole on each process: with an NF4 teacher too."""
+    _check_against_one_process(zero2_run, model_dirs, tmp_path, case, stage=2)
 
 
 def test_on_policy_generation_trains_under_zero3(zero3_run):

@@ -4,7 +4,7 @@ losses, how the teacher was prepared, and (process 0) the student's final traina
 errors for the chunked loss on a trainable output layer and for a 4-bit teacher. Under ZeRO-2: an NF4 teacher.
 
 Run under `accelerate launch --config_file <zero3.yaml with use_cpu: true> tests/zero3_worker.py OUT STUDENT TEACHER 3`
-(DeepSpeed's CPU accelerator, gloo; with `zero2.yaml` and `2`: the NF4 teacher case only), or in-process (one process,
+(DeepSpeed's CPU accelerator, gloo; with `zero2.yaml` and `2`: `ZERO2_CASES`), or in-process (one process,
 no DeepSpeed) through `run`. Both models are loaded
 by path, so that ZeRO-3 partitions them as they load (`zero3_init_flag`) with the same weights as one process.
 """
@@ -35,6 +35,7 @@ CASES = (
 )
 ON_POLICY_CASE = "speckd-chunked-lora-on_policy"
 NF4_CASE = "speckd-chunked-lora-nf4"  # under ZeRO-2: the 4-bit teacher stays whole on each process
+ZERO2_CASES = (NF4_CASE, "speckd-eager-lora", "distillation-chunked-lora")
 STEPS = 4
 GATE = dict(gate="topk", gate_top_k=40, reject_weight=0.5)
 COMMON = dict(
@@ -146,4 +147,5 @@ if __name__ == "__main__":
         with open(os.path.join(out, f"errors.rank{os.environ['RANK']}.json"), "w") as f:
             json.dump(errors, f)
     else:
-        run(out, NF4_CASE, per_device_batch=2, student=student, teacher=teacher)
+        for case in ZERO2_CASES:
+            run(out, case, per_device_batch=2, student=student, teacher=teacher)
