@@ -1,6 +1,6 @@
-"""One process of the multi-process test (`test_distributed.py`): a few steps with lmbda=0.5, with each loss path,
-recording per step the batch kind this process drew and the logged metrics, written to
-`<out>/<loss_path>.rank<i>.json`.
+"""One process of the multi-process test (`test_distributed.py`): a few steps of `SpecKDTrainer` with lmbda=0.5, with
+each loss path, recording per step the batch kind this process drew and the logged metrics, written to
+`<out>/<loss_path>.rank<i>.json`; then a few steps of `SpecKDDistillationTrainer` (`<out>/distillation.rank<i>.json`).
 
 Run under `python -m torch.distributed.run --nproc_per_node 2 tests/ddp_worker.py OUT BATCH` (`torchrun`; gloo on CPU),
 or in-process via `run`.
@@ -10,7 +10,9 @@ import json
 import os
 import sys
 
-from speckd_trl import SpecKDConfig, SpecKDTrainer
+from datasets import Dataset
+
+from speckd_trl import SpecKDConfig, SpecKDDistillationConfig, SpecKDDistillationTrainer, SpecKDTrainer
 from speckd_trl.tools.testing import make_dataset, make_model, make_tokenizer
 
 
@@ -63,6 +65,43 @@ def run(out_dir: str, per_device_batch: int, loss_path: str, steps: int = 4) -> 
     return record
 
 
+def run_distillation(out_dir: str, per_device_batch: int, steps: int = 4) -> dict:
+    """`SpecKDDistillationTrainer` (greedy completions, `top_k=1`), gated with `topk`: the logged metrics."""
+    tokenizer = make_tokenizer()
+    args = SpecKDDistillationConfig(
+        output_dir=out_dir,
+        bf16=False,
+        use_cpu=True,
+        report_to="none",
+        per_device_train_batch_size=per_device_batch,
+        max_completion_length=6,
+        top_k=1,
+        max_steps=steps,
+        logging_steps=1,
+        learning_rate=5e-3,
+        save_strategy="no",
+        seed=0,
+        gate="topk",
+        gate_top_k=40,
+        reject_weight=0.5,
+        dataloader_drop_last=True,
+    )
+    trainer = SpecKDDistillationTrainer(
+        model=make_model(0, tokenizer),
+        teacher_model=make_model(1, tokenizer),
+        args=args,
+        train_dataset=Dataset.from_list([{"prompt": row["messages"][:1]} for row in make_dataset(16)]),
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    record = {"rank": trainer.accelerator.process_index, "world": trainer.accelerator.num_processes, "logs": logs}
+    with open(os.path.join(out_dir, f"distillation.rank{record['rank']}.json"), "w") as f:
+        json.dump(record, f)
+    return record
+
+
 if __name__ == "__main__":
     for loss_path in LOSS_PATHS:
         run(sys.argv[1], int(sys.argv[2]), loss_path)
+    run_distillation(sys.argv[1], int(sys.argv[2]))
