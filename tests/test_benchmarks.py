@@ -2,6 +2,7 @@
 GKD and the default SpecKD, one measurement, prints its table and a final JSON line with the ratios to GKD."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,9 @@ def test_speed_memory_runs_and_reports_ratios(tmp_path):
     report = json.loads(result.stdout.strip().splitlines()[-1])
     rows = {row["method"]: row for row in report["rows"]}
     assert set(rows) == {"GKD", "SpecKD defaults"}
-    assert rows["GKD"]["ms_ratio"] == 1.0 and rows["GKD"]["mem_ratio"] == 1.0
-    default = rows["SpecKD defaults"]
-    assert default["ms"] > 0 and default["peak_mib"] > 0 and default["gate_ms"] > 0  # the gate (topk) ran
+    gkd, default = rows["GKD"], rows["SpecKD defaults"]
+    assert gkd["ms_ratio"] == 1.0
+    # at this size a step may fit in memory the process already holds (a peak of 0 above the start: no ratio)
+    assert gkd["mem_ratio"] == 1.0 if gkd["peak_mib"] > 0 else math.isnan(gkd["mem_ratio"])
+    assert default["ms"] > 0 and default["peak_mib"] >= 0 and default["gate_ms"] > 0  # the gate (topk) ran
     assert (tmp_path / "p.png").stat().st_size > 0
