@@ -10,36 +10,31 @@ import json
 import os
 import sys
 
-from datasets import Dataset
-
 from speckd_trl import SpecKDConfig, SpecKDDistillationConfig, SpecKDDistillationTrainer, SpecKDTrainer
-from speckd_trl.tools.testing import make_dataset, make_model, make_tokenizer
+from speckd_trl.tools.testing import (
+    DISTRIBUTED_ARGS,
+    DISTRIBUTED_GATE,
+    make_dataset,
+    make_model,
+    make_prompt_dataset,
+    make_tokenizer,
+)
 
 
 LOSS_PATHS = ("eager", "chunked")
 
 
-def run(out_dir: str, per_device_batch: int, loss_path: str, steps: int = 4) -> dict:
+def run(out_dir: str, per_device_batch: int, loss_path: str) -> dict:
     tokenizer = make_tokenizer()
     args = SpecKDConfig(
         output_dir=out_dir,
-        bf16=False,
-        use_cpu=True,
-        report_to="none",
         per_device_train_batch_size=per_device_batch,
         max_new_tokens=6,
-        max_steps=steps,
-        logging_steps=1,
-        learning_rate=5e-3,
-        save_strategy="no",
-        seed=0,
         lmbda=0.5,
-        gate="topk",
-        gate_top_k=40,
-        reject_weight=0.5,
         loss_path=loss_path,
         temperature=1e-4,  # near-greedy sampling: the same completions however the batch is split
-        dataloader_drop_last=True,
+        **DISTRIBUTED_ARGS,
+        **DISTRIBUTED_GATE,
     )
     trainer = SpecKDTrainer(
         model=make_model(0, tokenizer),
@@ -65,32 +60,22 @@ def run(out_dir: str, per_device_batch: int, loss_path: str, steps: int = 4) -> 
     return record
 
 
-def run_distillation(out_dir: str, per_device_batch: int, steps: int = 4) -> dict:
+def run_distillation(out_dir: str, per_device_batch: int) -> dict:
     """`SpecKDDistillationTrainer` (greedy completions, `top_k=1`), gated with `topk`: the logged metrics."""
     tokenizer = make_tokenizer()
     args = SpecKDDistillationConfig(
         output_dir=out_dir,
-        bf16=False,
-        use_cpu=True,
-        report_to="none",
         per_device_train_batch_size=per_device_batch,
         max_completion_length=6,
         top_k=1,
-        max_steps=steps,
-        logging_steps=1,
-        learning_rate=5e-3,
-        save_strategy="no",
-        seed=0,
-        gate="topk",
-        gate_top_k=40,
-        reject_weight=0.5,
-        dataloader_drop_last=True,
+        **DISTRIBUTED_ARGS,
+        **DISTRIBUTED_GATE,
     )
     trainer = SpecKDDistillationTrainer(
         model=make_model(0, tokenizer),
         teacher_model=make_model(1, tokenizer),
         args=args,
-        train_dataset=Dataset.from_list([{"prompt": row["messages"][:1]} for row in make_dataset(16)]),
+        train_dataset=make_prompt_dataset(16),
         processing_class=tokenizer,
     )
     trainer.train()

@@ -22,25 +22,20 @@ import os
 import sys
 
 import torch
-from datasets import Dataset
 
 from speckd_trl import SpecKDConfig, SpecKDDistillationConfig, SpecKDDistillationTrainer, SpecKDTrainer
-from speckd_trl.tools.testing import make_dataset, make_model, make_tokenizer
+from speckd_trl.tools.testing import (
+    DISTRIBUTED_ARGS,
+    DISTRIBUTED_GATE,
+    make_dataset,
+    make_model,
+    make_prompt_dataset,
+    make_tokenizer,
+)
 
 
 CASES = ("eager", "chunked", "distillation")
-STEPS = 4
-GATE = dict(gate="topk", gate_top_k=40, reject_weight=0.5)
-COMMON = dict(
-    bf16=False,
-    report_to="none",
-    save_strategy="no",
-    seed=0,
-    max_steps=STEPS,
-    logging_steps=1,
-    learning_rate=5e-3,  # large enough that a wrong gradient reduction shows in the later steps' losses
-    dataloader_drop_last=True,
-)
+STEPS = DISTRIBUTED_ARGS["max_steps"]
 
 
 def cpu_fsdp_state() -> None:
@@ -56,9 +51,10 @@ def cpu_fsdp_state() -> None:
 
 
 def settings(use_cpu: bool, configured_state: bool) -> dict:
-    """`COMMON` with the device, and the pre-configured accelerate state of `cpu_fsdp_state` when it was set up."""
+    """`DISTRIBUTED_ARGS` with the device, and the pre-configured accelerate state of `cpu_fsdp_state` when it was
+    set up."""
     extra = {"accelerator_config": {"use_configured_state": True}} if configured_state else {}
-    return {**COMMON, "use_cpu": use_cpu, **extra}
+    return {**DISTRIBUTED_ARGS, "use_cpu": use_cpu, **extra}
 
 
 def build(
@@ -72,16 +68,18 @@ def build(
     """The trainer of `case`; the eager `SpecKDTrainer` loads its teacher from `teacher_dir` (by path) when given."""
     tokenizer = make_tokenizer()
     common = dict(
-        output_dir=out_dir, per_device_train_batch_size=per_device_batch, **settings(use_cpu, configured_state), **GATE
+        output_dir=out_dir,
+        per_device_train_batch_size=per_device_batch,
+        **settings(use_cpu, configured_state),
+        **DISTRIBUTED_GATE,
     )
     if case == "distillation":
         args = SpecKDDistillationConfig(max_completion_length=6, top_k=1, **common)  # top_k=1: greedy completions
-        prompts = [{"prompt": row["messages"][:1]} for row in make_dataset(16)]
         return SpecKDDistillationTrainer(
             model=make_model(0, tokenizer),
             teacher_model=make_model(1, tokenizer),
             args=args,
-            train_dataset=Dataset.from_list(prompts),
+            train_dataset=make_prompt_dataset(16),
             processing_class=tokenizer,
         )
     # lmbda=0.5: on-policy and dataset batches both occur (generation under FSDP2 included); temperature=1e-4:

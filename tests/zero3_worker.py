@@ -15,11 +15,16 @@ import os
 import sys
 
 import torch
-from datasets import Dataset
 from peft import LoraConfig
 
 from speckd_trl import SpecKDConfig, SpecKDDistillationConfig, SpecKDDistillationTrainer, SpecKDTrainer
-from speckd_trl.tools.testing import make_dataset, make_tokenizer
+from speckd_trl.tools.testing import (
+    DISTRIBUTED_ARGS,
+    DISTRIBUTED_GATE,
+    make_dataset,
+    make_prompt_dataset,
+    make_tokenizer,
+)
 
 
 # (trainer, loss_path, student): `lmbda=0`, dataset batches only: on-policy sampling draws from each process's own
@@ -36,19 +41,7 @@ CASES = (
 ON_POLICY_CASE = "speckd-chunked-lora-on_policy"
 NF4_CASE = "speckd-chunked-lora-nf4"  # under ZeRO-2: the 4-bit teacher stays whole on each process
 ZERO2_CASES = (NF4_CASE, "speckd-eager-lora", "distillation-chunked-lora")
-STEPS = 4
-GATE = dict(gate="topk", gate_top_k=40, reject_weight=0.5)
-COMMON = dict(
-    bf16=False,
-    use_cpu=True,
-    report_to="none",
-    save_strategy="no",
-    seed=0,
-    max_steps=STEPS,
-    logging_steps=1,
-    learning_rate=5e-3,  # large enough that a wrong gradient reduction shows in the later steps' losses
-    dataloader_drop_last=True,
-)
+STEPS = DISTRIBUTED_ARGS["max_steps"]
 
 
 def lora() -> LoraConfig:
@@ -58,16 +51,17 @@ def lora() -> LoraConfig:
 def build(out_dir: str, case: str, per_device_batch: int, student: str, teacher: str):
     trainer_kind, loss_path, student_kind = case.split("-")[:3]
     tokenizer = make_tokenizer()
-    common = dict(output_dir=out_dir, per_device_train_batch_size=per_device_batch, **COMMON, **GATE)
+    common = dict(
+        output_dir=out_dir, per_device_train_batch_size=per_device_batch, **DISTRIBUTED_ARGS, **DISTRIBUTED_GATE
+    )
     peft_config = lora() if student_kind == "lora" else None
     if trainer_kind == "distillation":
         args = SpecKDDistillationConfig(max_completion_length=6, top_k=1, **common)  # top_k=1: greedy completions
-        prompts = [{"prompt": row["messages"][:1]} for row in make_dataset(16)]
         return SpecKDDistillationTrainer(
             model=student,
             teacher_model=teacher,
             args=args,
-            train_dataset=Dataset.from_list(prompts),
+            train_dataset=make_prompt_dataset(16),
             processing_class=tokenizer,
             peft_config=peft_config,
         )

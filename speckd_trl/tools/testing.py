@@ -123,6 +123,16 @@ def make_dataset(n: int = 16, seed: int = 0) -> Dataset:
 
 # `SpecKDConfig` settings of every tiny test run: CPU, float32, no reporting, no checkpoints, seed 0
 TINY_ARGS = dict(bf16=False, use_cpu=True, report_to="none", save_strategy="no", seed=0)
+# The multi-process tests (DDP, FSDP2, DeepSpeed workers under `tests/`), which compare N processes with one: 4 logged
+# steps at a learning rate large enough that a wrong gradient reduction shows in the later steps' losses, the same
+# number of batches on every process; and the gate they all train with (any trainer config, GKD's too, takes the first)
+DISTRIBUTED_ARGS = dict(**TINY_ARGS, max_steps=4, logging_steps=1, learning_rate=5e-3, dataloader_drop_last=True)
+DISTRIBUTED_GATE = dict(gate="topk", gate_top_k=40, reject_weight=0.5)
+
+
+def make_prompt_dataset(n: int = 16) -> Dataset:
+    """The prompts of `make_dataset(n)` alone (`{"prompt": [user message]}`), for on-policy-only trainers."""
+    return Dataset.from_list([{"prompt": row["messages"][:1]} for row in make_dataset(n)])
 
 
 def make_trainer(
