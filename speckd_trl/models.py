@@ -10,10 +10,11 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
+from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from .config import SpecKDConfig
 from .losses import OutputHead
-from .validation import is_quantized
+from .validation import ZERO3_TRAINABLE_HEAD, is_quantized
 
 
 try:
@@ -158,21 +159,6 @@ def zero3_partitioned(param: torch.Tensor | None) -> bool:
     return param.ds_status != ZeroParamStatus.AVAILABLE
 
 
-def gathered_copies(*params: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-    """Whole, detached copies of ZeRO-3 partitioned parameters (`None` stays `None`); others are returned as they are.
-
-    Collective: every process must call it with the same parameters. The copies take no gradient, so this is for
-    frozen parameters only (the teacher's output layer, or a LoRA student's).
-    """
-    partitioned = {id(p): p for p in params if zero3_partitioned(p)}
-    if not partitioned:
-        return params
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(list(partitioned.values())):
-        return tuple(p.detach().clone() if p is not None and id(p) in partitioned else p for p in params)
-
-
 def output_head(model: nn.Module, role: str = "model") -> OutputHead:
     """The model's output layer as an `OutputHead`, for the chunked loss, which reads its weight directly.
 
@@ -184,9 +170,9 @@ def output_head(model: nn.Module, role: str = "model") -> OutputHead:
     CPU processes: the loss 12% off a single process's after 4 steps).
 
     Under DeepSpeed ZeRO-3 the layer's weight is partitioned outside its own forward (an empty local tensor): a frozen
-    one (the teacher's, a LoRA student's) is gathered whole into a detached copy (`gathered_copies`, collective); a
-    trainable one is refused, since its gradient would not reach ZeRO-3's partitioned gradient
-    (`check_zero3_chunked` says so at the trainer's start).
+    one (the teacher's, a LoRA student's) is gathered whole (TRL's `maybe_gather_lm_head_ctx`, collective) into a
+    detached copy; a trainable one is refused, since its gradient would not reach ZeRO-3's partitioned gradient
+    (`validation.check_zero3_chunked` says so at the trainer's start).
 
     Raises:
         ValueError: when the output layer is not a plain `nn.Linear` (LoRA or `modules_to_save` on `lm_head`, a
@@ -210,8 +196,9 @@ def output_head(model: nn.Module, role: str = "model") -> OutputHead:
     weight, bias = head.weight, head.bias
     if zero3_partitioned(weight):
         if weight.requires_grad and torch.is_grad_enabled():
-            raise RuntimeError(_ZERO3_TRAINABLE_HEAD.format(role=role))
-        weight, bias = gathered_copies(weight, bias)
+            raise RuntimeError(ZERO3_TRAINABLE_HEAD.format(role=role))
+        with maybe_gather_lm_head_ctx(weight, bias):  # the copies outlive the gather
+            weight, bias = (None if p is None else p.detach().clone() for p in (weight, bias))
     config = model.config.get_text_config()
     return OutputHead(
         weight=full_tensor(weight),
@@ -219,30 +206,6 @@ def output_head(model: nn.Module, role: str = "model") -> OutputHead:
         logit_scale=float(getattr(config, "logit_scale", None) or 1.0),
         softcap=getattr(config, "final_logit_softcapping", None),
     )
-
-
-_ZERO3_TRAINABLE_HEAD = (
-    "loss_path='chunked' reads the {role}'s output layer directly, and under DeepSpeed ZeRO-3 a trainable output "
-    "layer's gradient would not reach ZeRO-3's partitioned gradient. Freeze lm_head (train the student with LoRA, "
-    "peft_config=LoraConfig(...), whose lm_head stays frozen) or use loss_path='eager'."
-)
-
-
-def zero3_enabled(accelerator: Any) -> bool:
-    """Whether `accelerator` runs DeepSpeed ZeRO stage 3."""
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    return plugin is not None and plugin.zero_stage == 3
-
-
-def check_zero3_chunked(student: nn.Module, loss_path: str, accelerator: Any) -> None:
-    """Refuse, before any training, the chunked loss on a ZeRO-3 student whose output layer is trainable (see
-    `output_head`)."""
-    if loss_path != "chunked" or not zero3_enabled(accelerator):
-        return
-    head = student.get_output_embeddings() if hasattr(student, "get_output_embeddings") else None
-    weight = getattr(head, "weight", None)
-    if weight is not None and weight.requires_grad:
-        raise ValueError(_ZERO3_TRAINABLE_HEAD.format(role="student"))
 
 
 def decoder_of(model: nn.Module) -> nn.Module:

@@ -61,7 +61,6 @@ from .models import (
     capture_last_hidden_state,
     check_pad_token,
     check_vocab,
-    check_zero3_chunked,
     load_teacher,
     load_teacher_tokenizer,
     output_head,
@@ -75,6 +74,7 @@ from .validation import (
     check_fsdp_generation,
     check_launch,
     check_quantized_student,
+    check_zero3_chunked,
     check_zero3_quantized_teacher,
     is_quantized,
     prepare_prompt_completion,
@@ -197,7 +197,7 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
         # Logits compared on the tokenizer's ids only when the two output sizes differ (padded embeddings), else None.
         # (read through the wrappers: under DeepSpeed the teacher is an engine, whose `config` is DeepSpeed's dict)
         student, teacher = (self.accelerator.unwrap_model(m) for m in (self.model, self.teacher_model))
-        check_zero3_chunked(student, args.loss_path, self.accelerator)
+        check_zero3_chunked(student, args.loss_path)
         self._shared_vocab = check_vocab(student, teacher, self.processing_class, teacher_tokenizer)
         if self._shared_vocab is not None:  # never sample an id past the tokenizer (padding rows of the embedding)
             n_out = max(output_vocab_size(student), output_vocab_size(teacher))

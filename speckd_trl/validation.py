@@ -96,6 +96,26 @@ def check_4bit_teacher(device: torch.device | str) -> None:
         )
 
 
+ZERO3_TRAINABLE_HEAD = (
+    "loss_path='chunked' reads the {role}'s output layer directly, and under DeepSpeed ZeRO-3 a trainable output "
+    "layer's gradient would not reach ZeRO-3's partitioned gradient. Freeze lm_head (train the student with LoRA, "
+    "peft_config=LoraConfig(...), whose lm_head stays frozen) or use loss_path='eager'."
+)
+
+
+def check_zero3_chunked(student: Any, loss_path: str) -> None:
+    """Refuse, before any training, the chunked loss on a DeepSpeed ZeRO-3 student whose output layer is trainable
+    (`models.output_head` reads the layer outside its forward, where ZeRO-3 cannot reduce its gradient)."""
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    if loss_path != "chunked" or not is_deepspeed_zero3_enabled():
+        return
+    head = student.get_output_embeddings() if hasattr(student, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    if weight is not None and weight.requires_grad:
+        raise ValueError(ZERO3_TRAINABLE_HEAD.format(role="student"))
+
+
 def check_zero3_quantized_teacher(quantized: bool) -> None:
     """Refuse a 4-bit (or 8-bit) teacher under DeepSpeed ZeRO-3, before it is loaded or partitioned.
 
