@@ -179,6 +179,9 @@ def train(script_args, training_args, model_args, trainer_args: TrainerArguments
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
     trainer.accelerator.print(f"Saved the student to {training_args.output_dir}.")
+    # Leave the process group before the interpreter exits: a gloo group torn down at exit can abort a process
+    # ("terminate called without an active exception", SIGABRT) after its work was saved.
+    trainer.accelerator.end_training()
 
 
 def demo(argv: list[str]) -> None:

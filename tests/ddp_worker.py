@@ -10,6 +10,8 @@ import json
 import os
 import sys
 
+from accelerate import PartialState
+
 from speckd_trl import SpecKDConfig, SpecKDDistillationConfig, SpecKDDistillationTrainer, SpecKDTrainer
 from speckd_trl.tools.testing import (
     DISTRIBUTED_ARGS,
@@ -90,3 +92,4 @@ if __name__ == "__main__":
     for loss_path in LOSS_PATHS:
         run(sys.argv[1], int(sys.argv[2]), loss_path)
     run_distillation(sys.argv[1], int(sys.argv[2]))
+    PartialState().destroy_process_group()  # as the CLI does: a gloo group left to the exit can abort the process

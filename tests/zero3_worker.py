@@ -15,6 +15,7 @@ import os
 import sys
 
 import torch
+from accelerate import PartialState
 from peft import LoraConfig
 
 from speckd_trl import SpecKDConfig, SpecKDDistillationConfig, SpecKDDistillationTrainer, SpecKDTrainer
@@ -143,3 +144,4 @@ if __name__ == "__main__":
     else:
         for case in ZERO2_CASES:
             run(out, case, per_device_batch=2, student=student, teacher=teacher)
+    PartialState().destroy_process_group()  # as the CLI does: a gloo group left to the exit can abort the process
