@@ -2,6 +2,7 @@
 
     python benchmarks/plan_check.py                 # the default configurations (a few minutes on 2 cores)
     python benchmarks/plan_check.py --only full-eager-off,lora-chunked-on
+    python benchmarks/plan_check.py --only full-chunked-off,lora-chunked-off --chunk-sizes 64,128,256,512  # m_chunk
 
 Random-init Qwen2 teacher and student built from configs (no download), tens of millions of parameters, vocabulary
 32000, float32 (CPU). Each configuration runs in a fresh subprocess: it imports torch / transformers / trl / peft,
@@ -304,8 +305,8 @@ def measure(name: str, steps: int, overrides: dict | None = None, engine: str | 
     }
 
 
-def run_child(name: str, steps: int) -> dict:
-    """Measure one configuration in a fresh process (what the tests call too)."""
+def run_child(name: str, steps: int, overrides: dict | None = None) -> dict:
+    """Measure one configuration in a fresh process (what the tests call too); `overrides`: `PlanConfig` fields."""
     env = {
         **os.environ,
         "MALLOC_MMAP_THRESHOLD_": str(2**20),
@@ -314,6 +315,7 @@ def run_child(name: str, steps: int) -> dict:
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--steps", str(steps)]
+    cmd += ["--override", json.dumps(overrides or {})]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=repo)
     if out.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{out.stderr[-3000:]}")
@@ -365,6 +367,22 @@ def plot(rows, path):
     plt.close(fig)
 
 
+class Log:
+    """`say(text)` prints a line and keeps it; `save(path)` writes the kept lines (`--log`), nothing without a path."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def __call__(self, text: str = "") -> None:
+        print(text, flush=True)
+        self.lines.append(text)
+
+    def save(self, path: str | None) -> None:
+        if path:
+            with open(path, "w") as f:
+                f.write("\n".join(self.lines) + "\n")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default=",".join(DEFAULT), help="Comma-separated subset of: " + ", ".join(CONFIGS))
@@ -373,6 +391,10 @@ def main():
     parser.add_argument("--sharded", action="store_true",
                         help="Per-process peaks of " + ", ".join(SHARDED) + " on 1 process and on 2 CPU processes "
                         "under DDP and FSDP2, against the planner's per-process estimate.")  # fmt: skip
+    parser.add_argument("--chunk-sizes", default=None,
+                        help="Comma-separated loss_chunk_size values (e.g. 64,128,256,512): measure each --only "
+                        "configuration (chunked ones) at each size and fit the planner's m_chunk, the float32 "
+                        "[chunk, V] tiles alive at once, as the slope of the measured peak.")  # fmt: skip
     parser.add_argument("--log", default=None, help="Also write the output to this file.")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--engine", default=None, help=argparse.SUPPRESS)
@@ -390,37 +412,75 @@ def main():
     if args.sharded:
         main_sharded(args)
         return
+    if args.chunk_sizes:
+        main_chunk_sizes(args)
+        return
     names = [n.strip() for n in args.only.split(",")]
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
         parser.error(f"unknown configurations {unknown}; known: {', '.join(CONFIGS)}")
+    say = Log()
+    say("$ python benchmarks/plan_check.py " + " ".join(sys.argv[1:]))
     started = time.time()
     rows = []
     for name in names:
         row = run_child(name, args.steps)
         rows.append(row)
-        print(f"  {name:<22} estimate {row['estimate_mib']:8.0f} MiB  measured {row['measured_mib']:8.0f} MiB  "
-              f"ratio {row['ratio']:.2f}  ({row['seconds']:.0f} s)", flush=True)  # fmt: skip
-    print(f"\n{'configuration':<22} {'mode':<5} {'loss':<8} {'batch':<7} {'B x T':<8} {'estimate MiB':>12} "
-          f"{'measured MiB':>12} {'est/meas':>8}")  # fmt: skip
+        say(f"  {name:<22} estimate {row['estimate_mib']:8.0f} MiB  measured {row['measured_mib']:8.0f} MiB  "
+            f"ratio {row['ratio']:.2f}  ({row['seconds']:.0f} s)")  # fmt: skip
+    say(f"\n{'configuration':<22} {'mode':<5} {'loss':<8} {'batch':<7} {'B x T':<8} {'estimate MiB':>12} "
+        f"{'measured MiB':>12} {'est/meas':>8}")  # fmt: skip
     for row in rows:
         mode, loss_path, on_policy, ckpt, batch, seq, _ = CONFIGS[row["name"]]
         kind = ("on" if on_policy else "off") + ("+ckpt" if ckpt else "")
-        print(f"{row['name']:<22} {mode:<5} {loss_path:<8} {kind:<7} {batch}x{seq:<6} {row['estimate_mib']:>12.0f} "
-              f"{row['measured_mib']:>12.0f} {row['ratio']:>8.2f}")  # fmt: skip
+        say(f"{row['name']:<22} {mode:<5} {loss_path:<8} {kind:<7} {batch}x{seq:<6} {row['estimate_mib']:>12.0f} "
+            f"{row['measured_mib']:>12.0f} {row['ratio']:>8.2f}")  # fmt: skip
     plot(rows, args.plot)
-    print(f"plot: {args.plot}   wall time {time.time() - started:.0f} s")
-    print(json.dumps({"teacher": TEACHER, "student": STUDENT, "steps": args.steps, "rows": rows}))
+    say(f"plot: {args.plot}   wall time {time.time() - started:.0f} s")
+    say(json.dumps({"teacher": TEACHER, "student": STUDENT, "steps": args.steps, "rows": rows}))
+    say.save(args.log)
+
+
+def fit_m_chunk(sizes: list[int], measured_mib: list[float], vocab: int) -> tuple[float, float]:
+    """Least-squares slope of the measured peak (MiB) over `loss_chunk_size`, and that slope in float32 `[V]` rows:
+    the planner's `m_chunk` (tiles of `[chunk, V]` alive at once). Returns `(MiB per chunk row, m_chunk)`."""
+    mean_x, mean_y = sum(sizes) / len(sizes), sum(measured_mib) / len(measured_mib)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(sizes, measured_mib)) / sum(
+        (x - mean_x) ** 2 for x in sizes
+    )
+    return slope, slope * 2**20 / (4 * vocab)
+
+
+def main_chunk_sizes(args) -> None:
+    """`--chunk-sizes`: measured peak per `loss_chunk_size`, its least-squares slope in float32 vocabulary rows per
+    chunk row (what the planner calls `m_chunk`), the planner's estimate beside it, a JSON line, `--log`."""
+    from speckd_trl.tools.plan import M_CHUNK
+
+    say = Log()
+    say("$ python benchmarks/plan_check.py " + " ".join(sys.argv[1:]))
+    sizes = [int(c) for c in args.chunk_sizes.split(",")]
+    fits = {}
+    for name in [n.strip() for n in args.only.split(",")]:
+        if CONFIGS[name][1] != "chunked":
+            raise SystemExit(f"--chunk-sizes: {name} uses the eager loss; give chunked configurations in --only.")
+        vocab = CONFIGS[name][6]
+        measured = []
+        for size in sizes:
+            row = run_child(name, args.steps, {"loss_chunk_size": size})
+            measured.append(row["measured_mib"])
+            say(f"  {name:<22} loss_chunk_size {size:>4}  estimate {row['estimate_mib']:7.0f} MiB  measured "
+                f"{row['measured_mib']:7.0f} MiB  ratio {row['ratio']:.2f}")  # fmt: skip
+        slope, m_chunk = fit_m_chunk(sizes, measured, vocab)
+        fits[name] = {"sizes": sizes, "measured_mib": measured, "mib_per_chunk_row": slope, "m_chunk": m_chunk}
+        say(f"  {name}: slope {slope:.3f} MiB per chunk row = {fits[name]['m_chunk']:.1f} float32 rows of the "
+            f"vocabulary ({vocab}); the planner's m_chunk is {M_CHUNK:g}")  # fmt: skip
+    say(json.dumps({"teacher": TEACHER, "student": STUDENT, "steps": args.steps, "m_chunk": M_CHUNK, "fits": fits}))
+    say.save(args.log)
 
 
 def main_sharded(args) -> None:
     """`--sharded`: the table engine / processes / measured / planned / ratio, a plot, a JSON line, `--log`."""
-    lines: list[str] = []
-
-    def say(text: str = "") -> None:
-        print(text, flush=True)
-        lines.append(text)
-
+    say = Log()
     started = time.time()
     say("$ OMP_NUM_THREADS=1 python benchmarks/plan_check.py " + " ".join(sys.argv[1:]))
     names = [n.strip() for n in args.only.split(",")] if args.only != ",".join(DEFAULT) else SHARDED
@@ -431,7 +491,7 @@ def main_sharded(args) -> None:
             rows.append(row)
             say(f"  {name:<12} {row['engine']:<7} x{processes}  planned {row['estimate_mib']:7.0f} MiB  measured "
                 f"{row['measured_mib']:7.0f} MiB (ranks {', '.join(f'{m:.0f}' for m in row['ranks_mib'])})  "
-                f"ratio {row['ratio']:.2f}  ({row['seconds']:.0f} s)")  # fmt: skip
+              f"ratio {row['ratio']:.2f}  ({row['seconds']:.0f} s)")  # fmt: skip
     say(f"\n{'configuration':<13} {'engine':<7} {'processes':>9} {'measured MiB':>12} {'planned MiB':>11} "
         f"{'planned/measured':>16}")  # fmt: skip
     for row in rows:
@@ -447,9 +507,7 @@ def main_sharded(args) -> None:
     plot([{**r, "name": r["label"]} for r in rows], path)
     say(f"plot: {path}   wall time {time.time() - started:.0f} s")
     say(json.dumps({"teacher": SHARD_TEACHER, "student": SHARD_STUDENT, "steps": args.steps, "rows": rows}))
-    if args.log:
-        with open(args.log, "w") as f:
-            f.write("\n".join(lines) + "\n")
+    say.save(args.log)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,15 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from speckd_trl.cli import main
-from speckd_trl.tools.plan import GIB, PlanConfig, estimate_memory, format_plan, load_model_config, model_shape
+from speckd_trl.tools.plan import (
+    GIB,
+    M_CHUNK,
+    PlanConfig,
+    estimate_memory,
+    format_plan,
+    load_model_config,
+    model_shape,
+)
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,6 +191,18 @@ def test_estimate_is_within_25_percent_of_the_measured_peak(name):
     row = _plan_check().run_child(name, steps=2)
     assert row["measured_mib"] > 100  # something real was measured
     assert 0.75 <= row["ratio"] <= 1.25, row
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to reset the peak RSS")
+def test_m_chunk_is_the_measured_growth_per_chunk_row():
+    """The chunked loss's tile constant against what it models: the peak's growth with `loss_chunk_size` (2 x 256
+    tokens, 384 completion tokens, so every size is a full chunk). A loss change that keeps more `[chunk, V]` tiles
+    alive, or fewer, fails here before the planner's figures drift."""
+    plan_check = _plan_check()
+    sizes = [64, 256]
+    rows = [plan_check.run_child("test-lora-chunked-off", 2, {"loss_chunk_size": size}) for size in sizes]
+    _, m_chunk = plan_check.fit_m_chunk(sizes, [row["measured_mib"] for row in rows], plan_check.VOCAB)
+    assert 0.75 * M_CHUNK <= m_chunk <= 1.25 * M_CHUNK, (m_chunk, rows)
 
 
 # ----------------------------------------------------------------------------- several processes (per-process plans)

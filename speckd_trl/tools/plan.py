@@ -73,15 +73,18 @@ host memory and the host-to-device traffic it costs (the whole teacher per forwa
 
 Measured (``python benchmarks/plan_check.py --sharded``, CPU processes over gloo, FSDP2 through accelerate's own
 FSDP2 path as `tests/fsdp_worker.py` does it): 57M-parameter teacher, 38M student, full fine-tuning and LoRA, 1, 2
-DDP and 2 FSDP2 processes: estimate / measured per process 0.85-1.11 (README, "Will it fit?"). Nothing was fitted for
+DDP and 2 FSDP2 processes: estimate / measured per process 0.82-1.07 (README, "Will it fit?"). Nothing was fitted for
 the sharded terms: the DDP bucket term came from PyTorch's documentation and the measurement confirmed it (2 DDP
 processes held 146 MiB more each than one process; the gradients are 147 MiB).
 
-**Calibration.** ``c_act = 0.7``, ``k_eager = 13`` (float32) and ``m_chunk = 15`` were measured, not guessed:
+**Calibration.** ``c_act = 0.7``, ``k_eager = 13`` (float32) and ``m_chunk = 10`` were measured, not guessed:
 `benchmarks/plan_check.py` runs SpecKD optimizer steps of small Qwen2 models (tens of millions of parameters,
 vocabulary 32000, float32) on a CPU in a fresh process each and measures the peak resident memory above the level
 after the imports (with glibc mapping every allocation above 1 MiB separately, so that freed tensors leave the
-resident set). ``m_chunk`` came from the difference between ``loss_chunk_size`` 64 and 256, ``c_act`` from the
+resident set). ``m_chunk`` is the slope of the measured peak over ``loss_chunk_size`` (64, 128, 256 and 512:
+1.219 MiB per chunk row in ``full-chunked-off`` and ``lora-chunked-off`` alike, 10.0 float32 rows of the
+vocabulary; refitted 2026-11-29 after the chunked loss moved to a closed-form divergence and gradient, from 15;
+before that it came from the difference between 64 and 256), ``c_act`` from the
 growth with the batch (1, 2, 4 rows of 512 tokens), ``k_eager`` from the eager steps' remainder once weights,
 optimizer states and activations are taken out: about 15 float32 ``[rows, V]`` tensors on both paths, the two
 models' logits included (17 before the gate shared the divergence's log-probabilities and the temperature-1
@@ -90,7 +93,7 @@ bfloat16 / float16 was fitted to the earlier H100 measurements of `benchmarks/on
 1B LoRA student, dataset steps at batch 2 and 4 x 512; bf16 logits, most temporaries float32 under autocast), before
 the divergence cast half-precision logits to float32 and before that change; it has not been measured since (no
 GPU), nor have the chunked path and ``c_act`` been checked on a GPU. The
-README's "One GPU" section has the measured tables (CPU: estimate / measured 0.93-1.11 over 13 configurations).
+README's "One GPU" section has the measured tables (CPU: estimate / measured 0.86-1.09 over 13 configurations).
 """
 
 from __future__ import annotations
@@ -116,7 +119,7 @@ INT8_BYTES_PER_PARAM = 1.0
 # Calibrated constants (see the module docstring).
 C_ACT = 0.7  # multiplier of the counted per-layer activations (CPU, Qwen2, sdpa)
 K_EAGER = {4: 13.0, 2: 16.0}  # float32 [B, T, V] temporaries of the eager loss, by compute-dtype bytes
-M_CHUNK = 15.0  # float32 [chunk, V] tiles alive at once in the chunked loss (both logits + temporaries)
+M_CHUNK = 10.0  # float32 [chunk, V] tiles alive at once in the chunked loss (both logits + temporaries)
 
 
 @dataclass(frozen=True)
