@@ -5,7 +5,6 @@ import copy
 
 import pytest
 import torch
-from datasets import Dataset
 from trl import DistillationConfig, DistillationTrainer
 from trl.trainer import distillation_trainer as trl_distillation
 
@@ -13,15 +12,11 @@ from speckd_trl import SpecKDConfig, SpecKDDistillationConfig, SpecKDDistillatio
 from speckd_trl import distillation_trainer as speckd_distillation
 from speckd_trl.gate import accept_mask
 from speckd_trl.losses import policy_gradient_loss, weighted_generalized_jsd
-from speckd_trl.tools.testing import TINY_ARGS, make_dataset, make_model, make_tokenizer
+from speckd_trl.tools.testing import TINY_ARGS, make_dataset, make_model, make_prompt_dataset, make_tokenizer
 
 
 TINY = dict(**TINY_ARGS, per_device_train_batch_size=4, max_completion_length=6, learning_rate=1e-3)
 EXTRA_WINDOW_TOKENS = 7  # the batch is one micro-batch of a larger accumulation window
-
-
-def prompt_rows(n: int = 8) -> list[dict]:
-    return [{"prompt": row["messages"][:1]} for row in make_dataset(n)]
 
 
 def build(tmp_path, trainer_class=SpecKDDistillationTrainer, config_class=SpecKDDistillationConfig, **overrides):
@@ -30,7 +25,7 @@ def build(tmp_path, trainer_class=SpecKDDistillationTrainer, config_class=SpecKD
         model=make_model(0, tokenizer),
         teacher_model=make_model(1, tokenizer),
         args=config_class(output_dir=str(tmp_path), **{**TINY, **overrides}),
-        train_dataset=Dataset.from_list(prompt_rows()),
+        train_dataset=make_prompt_dataset(8),
         processing_class=tokenizer,
     )
 
@@ -38,7 +33,7 @@ def build(tmp_path, trainer_class=SpecKDDistillationTrainer, config_class=SpecKD
 def ragged_batch(trainer) -> dict:
     """Four on-policy completions, two of them ended early (right padding, as at an EOS), in a larger window."""
     torch.manual_seed(0)
-    batch = trainer._generate_and_score_completions(prompt_rows(4))
+    batch = trainer._generate_and_score_completions(make_prompt_dataset(4).to_list())
     mask = batch["completion_mask"].clone()
     mask[1, 4:] = 0
     mask[3, 2:] = 0
@@ -165,7 +160,7 @@ def test_training_logs_the_gate_and_moves_the_student(tmp_path):
             output_dir=str(tmp_path), **{**TINY, "max_steps": 3, "logging_steps": 1}, gate="topk", gate_top_k=10
         ),
         train_dataset=make_dataset(12),  # chat rows: the prompt is every message before the assistant's
-        eval_dataset=Dataset.from_list(prompt_rows(4)),
+        eval_dataset=make_prompt_dataset(4),
         processing_class=tokenizer,
     )
     trainer.train()
@@ -231,13 +226,13 @@ def test_warnings_and_wrong_arguments(tmp_path):
             model=make_model(0, tokenizer),
             teacher_model=make_model(1, tokenizer),
             args=DistillationConfig(output_dir=str(tmp_path), **TINY),
-            train_dataset=Dataset.from_list(prompt_rows()),
+            train_dataset=make_prompt_dataset(8),
             processing_class=tokenizer,
         )
     with pytest.raises(ValueError, match="needs a teacher"):
         SpecKDDistillationTrainer(
             model=make_model(0, tokenizer),
             args=SpecKDDistillationConfig(output_dir=str(tmp_path), **TINY),
-            train_dataset=Dataset.from_list(prompt_rows()),
+            train_dataset=make_prompt_dataset(8),
             processing_class=tokenizer,
         )
