@@ -406,6 +406,9 @@ def main():
         if args.out:
             with open(os.path.join(args.out, f"rank{row['rank']}.json"), "w") as f:
                 json.dump(row, f)
+            from accelerate import PartialState
+
+            PartialState().destroy_process_group()  # a gloo group left to the exit can abort the process
         else:
             print(json.dumps(row))
         return
