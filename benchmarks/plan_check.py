@@ -475,7 +475,7 @@ def main_chunk_sizes(args) -> None:
                 f"{row['measured_mib']:7.0f} MiB  ratio {row['ratio']:.2f}")  # fmt: skip
         slope, m_chunk = fit_m_chunk(sizes, measured, vocab)
         fits[name] = {"sizes": sizes, "measured_mib": measured, "mib_per_chunk_row": slope, "m_chunk": m_chunk}
-        say(f"  {name}: slope {slope:.3f} MiB per chunk row = {fits[name]['m_chunk']:.1f} float32 rows of the "
+        say(f"  {name}: slope {slope:.3f} MiB per chunk row = {m_chunk:.1f} float32 rows of the "
             f"vocabulary ({vocab}); the planner's m_chunk is {M_CHUNK:g}")  # fmt: skip
     say(json.dumps({"teacher": TEACHER, "student": STUDENT, "steps": args.steps, "m_chunk": M_CHUNK, "fits": fits}))
     say.save(args.log)
@@ -494,7 +494,7 @@ def main_sharded(args) -> None:
             rows.append(row)
             say(f"  {name:<12} {row['engine']:<7} x{processes}  planned {row['estimate_mib']:7.0f} MiB  measured "
                 f"{row['measured_mib']:7.0f} MiB (ranks {', '.join(f'{m:.0f}' for m in row['ranks_mib'])})  "
-              f"ratio {row['ratio']:.2f}  ({row['seconds']:.0f} s)")  # fmt: skip
+                f"ratio {row['ratio']:.2f}  ({row['seconds']:.0f} s)")  # fmt: skip
     say(f"\n{'configuration':<13} {'engine':<7} {'processes':>9} {'measured MiB':>12} {'planned MiB':>11} "
         f"{'planned/measured':>16}")  # fmt: skip
     for row in rows:
