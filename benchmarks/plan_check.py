@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -447,10 +448,7 @@ def main():
 def fit_m_chunk(sizes: list[int], measured_mib: list[float], vocab: int) -> tuple[float, float]:
     """Least-squares slope of the measured peak (MiB) over `loss_chunk_size`, and that slope in float32 `[V]` rows:
     the planner's `m_chunk` (tiles of `[chunk, V]` alive at once). Returns `(MiB per chunk row, m_chunk)`."""
-    mean_x, mean_y = sum(sizes) / len(sizes), sum(measured_mib) / len(measured_mib)
-    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(sizes, measured_mib)) / sum(
-        (x - mean_x) ** 2 for x in sizes
-    )
+    slope = statistics.linear_regression(sizes, measured_mib).slope
     return slope, slope * 2**20 / (4 * vocab)
 
 
