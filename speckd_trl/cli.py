@@ -179,8 +179,10 @@ def train(script_args, training_args, model_args, trainer_args: TrainerArguments
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
     trainer.accelerator.print(f"Saved the student to {training_args.output_dir}.")
-    # Leave the process group before the interpreter exits: a gloo group torn down at exit can abort a process
-    # ("terminate called without an active exception", SIGABRT) after its work was saved.
+    # Every process leaves together (none exits while the main one still writes), and leaves the process group
+    # before the interpreter exits: a 2-process CPU job has aborted at exit after its work was saved ("terminate called
+    # without an active exception", SIGABRT; rare, cause not found).
+    trainer.accelerator.wait_for_everyone()
     trainer.accelerator.end_training()
 
 
