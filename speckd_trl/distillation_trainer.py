@@ -14,12 +14,15 @@ Wiring only. Where to look:
 The one override of the loss is `_compute_loss`. TRL's version ends in `_chunked_divergence_loss`, a module-level
 function that sums the per-token divergence before returning it, so the weights cannot be applied after it: this
 override repeats TRL's inputs (both models' hidden states through `_get_last_hidden_state` and `_forward_redirection`,
-their output layers with TRL's logit-scale rules) and calls `ChunkedDivergenceFunction` itself, as
-`_chunked_divergence_loss` does, keeping the per-token values. With `gate="none"` the result is TRL's loss.
+their output layers through `models.output_head`, the reader `SpecKDTrainer` uses too, with TRL's logit-scale and
+softcap rules) and calls `ChunkedDivergenceFunction` itself, as `_chunked_divergence_loss` does, keeping the per-token
+values. With `gate="none"` the result is TRL's loss. On the first micro-batch both output layers are checked against
+the models' own logits (`models.check_output_head`).
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable
 from typing import Any
@@ -36,10 +39,12 @@ from trl.trainer.utils import maybe_gather_lm_head_ctx
 from .config import SpecKDDistillationConfig
 from .gating import ON_POLICY, GatedTrainerMixin, TokenGate, sampled_log_probs_from_hidden
 from .losses import OutputHead
-from .models import prepare_teacher_for_fsdp
+from .models import capture_last_hidden_state, check_output_head, output_head, prepare_teacher_for_fsdp
 from .validation import check_fsdp_applied, check_zero3_quantized_teacher, is_quantized
 
 
+# What a model whose output layer the chunked divergence cannot read should do instead
+EAGER_REMEDY = "use SpecKDTrainer with loss_path='eager' (lmbda=1 distills on-policy only, as here)"
 GATE_STATE_FILE = "speckd_gate_state_{}.pth"  # per process: the gate's training generator and logging window
 # The multimodal fields `DistillationTrainer._compute_loss` forwards to both backbones (TRL 1.16)
 MULTIMODAL_KEYS = (
@@ -146,6 +151,7 @@ class SpecKDDistillationTrainer(GatedTrainerMixin, DistillationTrainer):
             seed=args.seed,
             process_index=self.accelerator.process_index,
         )
+        self._heads_checked = False  # `_check_output_heads` runs on the first micro-batch
 
     # ------------------------------------------------------------------ loss
 
@@ -185,8 +191,12 @@ class SpecKDDistillationTrainer(GatedTrainerMixin, DistillationTrainer):
                 logits_to_keep,
                 **multimodal_inputs,
             )
-        student_head = distillation_head(unwrapped_student, student_hidden.dtype)
-        teacher_head = distillation_head(unwrapped_teacher, teacher_hidden.dtype)
+        student_head = output_head(unwrapped_student, "student", gathered=False, dtype=student_hidden.dtype)
+        teacher_head = output_head(unwrapped_teacher, "teacher", gathered=False, dtype=teacher_hidden.dtype)
+        if not self._heads_checked:
+            self._check_output_heads(
+                (unwrapped_student, unwrapped_teacher), (student_head, teacher_head), input_ids, attention_mask
+            )
         if student_head.weight.device != teacher_head.weight.device:
             raise ValueError(
                 f"The student `lm_head` is on {student_head.weight.device} but the teacher `lm_head` is on "
@@ -246,6 +256,27 @@ class SpecKDDistillationTrainer(GatedTrainerMixin, DistillationTrainer):
         gate.record(accepted)
         return loss, entropy.sum().detach(), valid.sum()
 
+    @torch.no_grad()
+    def _check_output_heads(
+        self,
+        models: tuple[nn.Module, nn.Module],
+        heads: tuple[OutputHead, OutputHead],
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+    ) -> None:
+        """Once, on the first micro-batch: both models' own logits at the last position (one forward each, no
+        gradient) against what their `OutputHead`s compute from the same forward's final hidden states
+        (`models.check_output_head`). Every process runs it, so sharded models gather together."""
+        for role, model, head in zip(("student", "teacher"), models, heads):
+            base = model.get_base_model() if hasattr(model, "get_base_model") else model
+            # as TRL's `_get_last_hidden_state`: some models (SmolVLM / Idefics3) take no `logits_to_keep`
+            keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
+            with capture_last_hidden_state(model) as captured:
+                logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **keep).logits
+            with maybe_gather_lm_head_ctx(head.weight, head.bias):
+                check_output_head(model, role, head, captured["hidden"][:, -1], logits[:, -1], remedy=EAGER_REMEDY)
+        self._heads_checked = True
+
     # ------------------------------------------------------------------ checkpoints
 
     def _save_rng_state(self, output_dir: str) -> None:
@@ -264,40 +295,6 @@ class SpecKDDistillationTrainer(GatedTrainerMixin, DistillationTrainer):
         )
         if path is not None and os.path.isfile(path):  # else a checkpoint of another trainer or process count
             self._gate.load_state_dict(torch.load(path, weights_only=True))
-
-
-def logit_scale(config: Any) -> float:
-    """The multiplier of a model's logits before any softcap, by TRL 1.16's rules
-    (`DistillationTrainer._compute_loss`): `logit_scale` (Cohere), else `output_multiplier`, else
-    `lm_head_multiplier` (Falcon-H1), else `1 / logits_scaling` (Granite, MiniCPM3; HyperCLOVA X multiplies), else 1.
-    A `None` reads as unscaled; a real 0.0 is kept."""
-    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
-        value = getattr(config, name, None)
-        if value is not None:
-            return value
-    logits_scaling = getattr(config, "logits_scaling", None)
-    if logits_scaling is not None:
-        return logits_scaling if config.model_type == "hyperclovax" else 1 / logits_scaling
-    return 1.0
-
-
-def distillation_head(model: nn.Module, dtype: torch.dtype) -> OutputHead:
-    """A model's output layer as `DistillationTrainer`'s loss reads it: `get_output_embeddings()`'s weight and bias,
-    the logit scale (`logit_scale`) and `final_logit_softcapping` of its text config. Under FSDP2 the sharded weight is
-    gathered once (`full_tensor`) and cast to the hidden states' `dtype`, as TRL does."""
-    head = model.get_output_embeddings()
-    weight, bias = head.weight, head.bias
-    if isinstance(weight, torch.distributed.tensor.DTensor):
-        weight = weight.full_tensor().to(dtype)
-        if bias is not None:
-            bias = bias.full_tensor()
-    config = model.config.get_text_config()
-    return OutputHead(
-        weight=weight,
-        bias=bias,
-        logit_scale=logit_scale(config),
-        softcap=getattr(config, "final_logit_softcapping", None),
-    )
 
 
 def prompts_from_messages(dataset: Any) -> Any:

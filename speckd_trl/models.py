@@ -159,53 +159,133 @@ def zero3_partitioned(param: torch.Tensor | None) -> bool:
     return param.ds_status != ZeroParamStatus.AVAILABLE
 
 
-def output_head(model: nn.Module, role: str = "model") -> OutputHead:
-    """The model's output layer as an `OutputHead`, for the chunked loss, which reads its weight directly.
+def logit_scale(config: Any) -> float:
+    """The multiplier of a model's logits before any softcap, by TRL 1.16's rules
+    (`DistillationTrainer._compute_loss`): `logit_scale` (Cohere), else `output_multiplier`, else
+    `lm_head_multiplier` (Falcon-H1), else `1 / logits_scaling` (Granite, MiniCPM3; HyperCLOVA X multiplies), else 1.
+    A `None` reads as unscaled; a real 0.0 is kept."""
+    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
+        value = getattr(config, name, None)
+        if value is not None:
+            return float(value)
+    logits_scaling = getattr(config, "logits_scaling", None)
+    if logits_scaling is not None:
+        return float(logits_scaling) if config.model_type == "hyperclovax" else 1 / logits_scaling
+    return 1.0
 
-    Under FSDP2 the layer is an `FSDPLinear`: read it after the model's forward, when FSDP2 has gathered it (accelerate
-    1.15 keeps `lm_head` gathered from the forward to the end of the backward) and its gradient goes through FSDP2's
-    own reduction across processes. A weight that is still sharded (a `DTensor`) is gathered whole
-    (`full_tensor`) when no gradient is taken (the teacher); a trainable one is refused: the gradient of `full_tensor`
-    reaches this process's shard without FSDP2's reduction, so the processes' heads would drift apart (measured on 2
-    CPU processes: the loss 12% off a single process's after 4 steps).
 
-    Under DeepSpeed ZeRO-3 the layer's weight is partitioned outside its own forward (an empty local tensor): a frozen
-    one (the teacher's, a LoRA student's) is gathered whole (TRL's `maybe_gather_lm_head_ctx`, collective) into a
-    detached copy; a trainable one is refused, since its gradient would not reach ZeRO-3's partitioned gradient
-    (`validation.check_zero3_chunked` says so at the trainer's start).
+def output_head(
+    model: nn.Module,
+    role: str = "model",
+    *,
+    gathered: bool = True,
+    dtype: torch.dtype | None = None,
+    remedy: str = "use loss_path='eager'",
+) -> OutputHead:
+    """The model's output layer as an `OutputHead`: its weight and bias, and the logit scale (`logit_scale`, TRL's
+    rules) and `final_logit_softcapping` of its text config. The one reader of output layers for every path that
+    projects hidden states itself (both trainers' chunked losses, the gate's verdicts, the reward term's
+    log-probabilities); `check_output_head` compares what it computes with the model's own logits once per run.
+
+    Two ways to read a sharded layer:
+
+    - `gathered=True` (`SpecKDTrainer`, which reads the layer after the model's own forward): under FSDP2 the layer is
+      an `FSDPLinear` that the forward has gathered (accelerate 1.15 keeps `lm_head` gathered from the forward to the
+      end of the backward) and whose gradient goes through FSDP2's own reduction. A weight that is still sharded (a
+      `DTensor`) is gathered whole (`full_tensor`) when no gradient is taken (the teacher); a trainable one is refused:
+      the gradient of `full_tensor` reaches this process's shard without FSDP2's reduction, so the processes' heads
+      would drift apart (measured on 2 CPU processes: the loss 12% off a single process's after 4 steps). Under
+      DeepSpeed ZeRO-3 the weight is partitioned outside its own forward (an empty local tensor): a frozen one (the
+      teacher's, a LoRA student's) is gathered whole (TRL's `maybe_gather_lm_head_ctx`, collective) into a detached
+      copy; a trainable one is refused (`validation.check_zero3_chunked` says so at the trainer's start).
+    - `gathered=False` (`SpecKDDistillationTrainer`, which runs the backbones only, as TRL's `DistillationTrainer`):
+      a sharded FSDP2 weight is gathered with a differentiable `full_tensor()` and cast to `dtype`, and a ZeRO-3
+      weight is returned partitioned, for the caller to use inside `maybe_gather_lm_head_ctx`, both as TRL does.
 
     Raises:
         ValueError: when the output layer is not a plain `nn.Linear` (LoRA or `modules_to_save` on `lm_head`, a
             quantized head, a custom module), whose logits the weight alone would not reproduce.
-        RuntimeError: when a trainable output layer is still sharded by FSDP2 (read before the forward).
+        RuntimeError: with `gathered=True`, when a trainable output layer is still sharded (FSDP2, read before the
+            forward; ZeRO-3).
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     # subclasses (bitsandbytes, PEFT wrappers) compute something else; FSDP2's FSDPLinear is a plain nn.Linear
     if head is None or unsharded_class(head) is not nn.Linear:
         raise ValueError(
-            f"loss_path='chunked' reads the {role}'s output layer directly, but it is a {type(head).__name__}, not a "
-            "plain nn.Linear (e.g. LoRA or modules_to_save on lm_head, or a quantized head). Keep lm_head out of "
-            "the adapter's target modules and out of quantization, or use loss_path='eager'."
-        )
-    if isinstance(head.weight, DTensor) and head.weight.requires_grad and torch.is_grad_enabled():
-        raise RuntimeError(
-            f"The {role}'s output layer is still sharded by FSDP2 (a DTensor) where the chunked loss reads it: its "
-            "gradient would bypass FSDP2's reduction across processes. Read it after the model's forward, which "
-            "gathers it, or use loss_path='eager'."
+            f"The chunked loss reads the {role}'s output layer directly, but it is a {type(head).__name__}, not a "
+            "plain nn.Linear (e.g. LoRA or modules_to_save on lm_head, or a quantized head), whose logits its weight "
+            f"alone would not reproduce. Keep lm_head out of the adapter's target modules and out of quantization, or "
+            f"{remedy}."
         )
     weight, bias = head.weight, head.bias
-    if zero3_partitioned(weight):
-        if weight.requires_grad and torch.is_grad_enabled():
-            raise RuntimeError(ZERO3_TRAINABLE_HEAD.format(role=role))
-        with maybe_gather_lm_head_ctx(weight, bias):  # the copies outlive the gather
-            weight, bias = (None if p is None else p.detach().clone() for p in (weight, bias))
+    if not gathered:
+        if isinstance(weight, DTensor):
+            weight, bias = weight.full_tensor().to(dtype or weight.dtype), full_tensor(bias)
+    else:
+        if isinstance(weight, DTensor) and weight.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError(
+                f"The {role}'s output layer is still sharded by FSDP2 (a DTensor) where the chunked loss reads it: its "
+                f"gradient would bypass FSDP2's reduction across processes. Read it after the model's forward, which "
+                f"gathers it, or {remedy}."
+            )
+        if zero3_partitioned(weight):
+            if weight.requires_grad and torch.is_grad_enabled():
+                raise RuntimeError(ZERO3_TRAINABLE_HEAD.format(role=role))
+            with maybe_gather_lm_head_ctx(weight, bias):  # the copies outlive the gather
+                weight, bias = (None if p is None else p.detach().clone() for p in (weight, bias))
+        weight, bias = full_tensor(weight), full_tensor(bias)
     config = model.config.get_text_config()
     return OutputHead(
-        weight=full_tensor(weight),
-        bias=full_tensor(bias),
-        logit_scale=float(getattr(config, "logit_scale", None) or 1.0),
+        weight=weight,
+        bias=bias,
+        logit_scale=logit_scale(config),
         softcap=getattr(config, "final_logit_softcapping", None),
     )
+
+
+# Largest difference allowed between the logits an `OutputHead` computes and the model's own, relative to the largest
+# of the model's logits: float32 logits agree to round-off (measured below 1e-6 on the tiny test models); half-precision
+# models round their logits to 8 (bf16) or 11 (fp16) mantissa bits, about 0.4% at most
+HEAD_CHECK_RTOL = {torch.float32: 1e-3, torch.float64: 1e-6}
+HEAD_CHECK_RTOL_HALF = 3e-2
+
+
+def check_output_head(
+    model: nn.Module, role: str, head: OutputHead, hidden: torch.Tensor, logits: torch.Tensor, remedy: str
+) -> None:
+    """Stop when the logits `head` computes from the final hidden states differ from the model's own.
+
+    The chunked paths never call the model's output layer: they project the final hidden states through the weight
+    `output_head` reads and apply the logit scale and softcap of the model's config by TRL's rules. A model family
+    whose forward does something else (a scale under a name no rule knows, a custom head) would train on a wrong
+    loss without any error; this compares both at a few positions, once, before the first step trains on them.
+
+    Args:
+        model (`nn.Module`): the model (named in the error).
+        role (`str`): ``"student"`` or ``"teacher"``.
+        head (`OutputHead`): what `output_head` read from it.
+        hidden (`torch.Tensor` of shape `[n, H]`): final hidden states from one of the model's forwards.
+        logits (`torch.Tensor` of shape `[n, V]`): the logits the same forward returned at those positions.
+        remedy (`str`): what the user can do instead (the error ends with it).
+
+    Raises:
+        ValueError: naming the model class, the largest difference and the remedy.
+    """
+    with torch.no_grad():
+        computed = head.transform(head.project(hidden.detach())).float()
+        expected = logits.detach().float()
+        scale = expected.abs().max().clamp(min=1e-6)
+        error = ((computed - expected).abs().max() / scale).item()
+    rtol = HEAD_CHECK_RTOL.get(logits.dtype, HEAD_CHECK_RTOL_HALF)
+    if not error <= rtol:  # NaN fails too
+        name = type(getattr(model, "get_base_model", lambda: model)()).__name__
+        raise ValueError(
+            f"The {role} {name} computes its logits in a way the chunked loss does not reproduce: projecting its "
+            f"final hidden states through its output layer (logit scale {head.logit_scale:g}, softcap "
+            f"{head.softcap}) gives logits {error:.3g} (relative) away from the model's own forward, above the "
+            f"{rtol:g} allowed. Training on them would give a wrong loss. {remedy[0].upper()}{remedy[1:]}, which "
+            "reads the model's own logits."
+        )
 
 
 def decoder_of(model: nn.Module) -> nn.Module:

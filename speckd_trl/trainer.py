@@ -59,6 +59,7 @@ from .generation import speculative_generate
 from .losses import OutputHead, chunked_weighted_jsd, jsd_log_probs, weighted_jsd_from_log_probs
 from .models import (
     capture_last_hidden_state,
+    check_output_head,
     check_pad_token,
     check_vocab,
     load_teacher,
@@ -87,6 +88,7 @@ ROW_ON_POLICY_KEY = "speckd_on_policy"  # with KIND_KEY == MIXED: bool [B], True
 # position of an on-policy row (it differs from input_ids where the teacher replaced a rejected draft). Without it
 # the on-policy tokens themselves are the student's samples.
 PROPOSALS_KEY = "speckd_proposals"
+EAGER_REMEDY = "use loss_path='eager'"  # what a model whose head the chunked path cannot read should do
 RNG_STATE_FILE = "speckd_rng_state_{}.pth"  # per process: the batch-kind draw, the gate's and generation's generators
 
 
@@ -220,6 +222,7 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
         self._generation_generator = torch.Generator()
         self._generation_generator.manual_seed(args.seed + 1_000_003 * (self.accelerator.process_index + 1))
         self._resume_checkpoint, self._rng_restored = None, False
+        self._heads_checked = False  # `check_output_head` runs on the first batch of the chunked path
 
     @property
     def _gate_generator(self) -> torch.Generator:
@@ -454,12 +457,26 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
             )
         self.teacher_model.eval()
         with torch.no_grad(), capture_last_hidden_state(self.accelerator.unwrap_model(self.teacher_model)) as teacher:
-            self.teacher_model(
+            teacher_outputs = self.teacher_model(
                 input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], logits_to_keep=1
             )
         teacher_hidden = self._check_teacher(teacher["hidden"])
         # after the forwards: under FSDP2 the output layers are gathered then (`models.output_head`)
         student_head, teacher_head = self._output_heads()
+        if not self._heads_checked:  # once: the heads against the logits both forwards returned (last position)
+            for role, wrapped, head, hidden, outputs in (
+                ("student", model, student_head, captured["hidden"], student_outputs),
+                ("teacher", self.teacher_model, teacher_head, teacher_hidden, teacher_outputs),
+            ):
+                check_output_head(
+                    self.accelerator.unwrap_model(wrapped),
+                    role,
+                    head,
+                    hidden[:, -1],
+                    self._shared_logits(outputs.logits[:, -1]),
+                    remedy=EAGER_REMEDY,
+                )
+            self._heads_checked = True
         rows = gate.on_rows(sampled_ids)
         student_hidden = captured["hidden"][:, :-1].flatten(0, 1)[rows.rows]
         teacher_hidden = teacher_hidden[:, :-1].flatten(0, 1)[rows.rows]

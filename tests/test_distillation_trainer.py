@@ -12,18 +12,33 @@ from speckd_trl import SpecKDConfig, SpecKDDistillationConfig, SpecKDDistillatio
 from speckd_trl import distillation_trainer as speckd_distillation
 from speckd_trl.gate import accept_mask
 from speckd_trl.losses import policy_gradient_loss, weighted_generalized_jsd
-from speckd_trl.tools.testing import TINY_ARGS, make_dataset, make_model, make_prompt_dataset, make_tokenizer
+from speckd_trl.tools.testing import (
+    HEAD_FAMILIES,
+    TINY_ARGS,
+    make_dataset,
+    make_family_model,
+    make_model,
+    make_prompt_dataset,
+    make_tokenizer,
+)
 
 
 TINY = dict(**TINY_ARGS, per_device_train_batch_size=4, max_completion_length=6, learning_rate=1e-3)
 EXTRA_WINDOW_TOKENS = 7  # the batch is one micro-batch of a larger accumulation window
 
 
-def build(tmp_path, trainer_class=SpecKDDistillationTrainer, config_class=SpecKDDistillationConfig, **overrides):
+def build(
+    tmp_path, trainer_class=SpecKDDistillationTrainer, config_class=SpecKDDistillationConfig, family=None, **overrides
+):
+    """A trainer on the tiny models (Qwen2, or a `HEAD_FAMILIES` family)."""
     tokenizer = make_tokenizer()
+
+    def model(seed):
+        return make_family_model(seed, tokenizer, family) if family else make_model(seed, tokenizer)
+
     return trainer_class(
-        model=make_model(0, tokenizer),
-        teacher_model=make_model(1, tokenizer),
+        model=model(0),
+        teacher_model=model(1),
         args=config_class(output_dir=str(tmp_path), **{**TINY, **overrides}),
         train_dataset=make_prompt_dataset(8),
         processing_class=tokenizer,
@@ -119,11 +134,15 @@ def loop_reference(trainer, batch, uniforms):
 
 
 @pytest.mark.parametrize(
-    "gate, reward_coef, beta", [("topk", 0.0, 0.5), ("spec", 0.0, 0.5), ("spec", 0.5, 1.0), ("topk", 0.3, 0.0)]
+    "gate, reward_coef, beta, family",
+    [("topk", 0.0, 0.5, None), ("spec", 0.0, 0.5, None), ("spec", 0.5, 1.0, None), ("topk", 0.3, 0.0, None)]
+    # the models' own logits against the chunked divergence on scaled and soft-capped heads
+    + [("topk", 0.0, 0.5, family) for family in sorted(HEAD_FAMILIES)],
 )
-def test_gated_loss_matches_a_loop_reference(tmp_path, gate, reward_coef, beta):
+def test_gated_loss_matches_a_loop_reference(tmp_path, gate, reward_coef, beta, family):
     trainer = build(
         tmp_path,
+        family=family,
         gate=gate,
         gate_top_k=30,
         reject_weight=0.2,
@@ -144,6 +163,8 @@ def test_gated_loss_matches_a_loop_reference(tmp_path, gate, reward_coef, beta):
     torch.testing.assert_close(ours[0], reference[0], rtol=1e-5, atol=1e-7)
     for name, grad in ours[1].items():
         torch.testing.assert_close(grad, reference[1][name], rtol=1e-4, atol=1e-6)
+        # and within 1e-5 of each gradient's scale (its largest entry)
+        assert (grad - reference[1][name]).abs().max() <= 1e-5 * reference[1][name].abs().max(), name
 
 
 # ----------------------------------------------------------------------------- end to end

@@ -17,6 +17,10 @@ from datasets import Dataset
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
+    CohereConfig,
+    Gemma2Config,
+    GraniteConfig,
+    LlamaConfig,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
@@ -58,6 +62,16 @@ def word_level_tokenizer(words: list[str], with_pad: bool = True) -> PreTrainedT
     return tokenizer
 
 
+# Families whose logits are not plain `hidden @ W.T` (`make_family_model`): Granite divides them by `logits_scaling`,
+# Cohere multiplies them by `logit_scale`, Gemma 2 soft-caps them; Llama is the plain head beside them
+HEAD_FAMILIES: dict[str, tuple[type[PretrainedConfig], dict]] = {
+    "llama": (LlamaConfig, {}),
+    "granite": (GraniteConfig, {"logits_scaling": 8.0}),
+    "cohere": (CohereConfig, {"logit_scale": 0.3}),
+    "gemma2": (Gemma2Config, {"final_logit_softcapping": 2.0, "head_dim": 16}),
+}
+
+
 def make_model(
     seed: int,
     tokenizer: PreTrainedTokenizerFast,
@@ -85,6 +99,16 @@ def make_model(
     model = AutoModelForCausalLM.from_config(config_class(**{**config_kwargs, **config_overrides}))
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def make_family_model(seed: int, tokenizer: PreTrainedTokenizerFast, family: str) -> PreTrainedModel:
+    """`make_model` of a `HEAD_FAMILIES` family, its output weights times 10: logits large enough (a few units) for
+    the scale and the softcap to matter, and for a gate between two such models to both accept and reject."""
+    config_class, overrides = HEAD_FAMILIES[family]
+    model = make_model(seed, tokenizer, config_class=config_class, **overrides)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(10)
     return model
 
 
