@@ -488,9 +488,10 @@ class SpecKDDistillationConfig(GateConfigMixin, DistillationConfig):
 
     The `"spec"` rule takes the student's proposal distribution to be `softmax(logits / temperature)`, which is what
     the student samples from when `top_p=1`, `top_k=0`, `min_p=None` and `repetition_penalty=1` (the defaults); other
-    values (or sampling settings in `generation_kwargs`) change the sampling distribution and bias the acceptance rate,
-    and warn. The teacher verifies at temperature 1; the divergence itself uses `temperature`, as in
-    `DistillationTrainer`.
+    values (or sampling settings in `generation_kwargs`, see `NEUTRAL_SAMPLING`) change the sampling distribution and
+    bias the acceptance rate, and warn. Settings in the student's own `generation_config` (from its checkpoint) are
+    never applied: the trainer samples with its own settings only (`generation.sampling_only_from`). The teacher
+    verifies at temperature 1; the divergence itself uses `temperature`, as in `DistillationTrainer`.
 
     One default differs from TRL: an unset `bf16` means bf16 where the GPU supports it and float32 elsewhere.
     """
@@ -510,10 +511,18 @@ class SpecKDDistillationConfig(GateConfigMixin, DistillationConfig):
     def _warn_if_spec_reads_a_filtered_sampler(self) -> None:
         if self.gate != "spec":
             return
-        neutral = (("top_p", self.top_p, 1.0), ("top_k", self.top_k, 0), ("min_p", self.min_p, None))
-        changed = [f"{name}={value!r}" for name, value, default in neutral if value != default]
-        if self.repetition_penalty != 1.0:
-            changed.append(f"repetition_penalty={self.repetition_penalty!r}")
+        settings = {
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "min_p": self.min_p,
+            "repetition_penalty": self.repetition_penalty,
+            **(self.generation_kwargs or {}),
+        }
+        changed = [f"{name}={value!r}" for name, value in settings.items() if not _leaves_sampling_alone(name, value)]
+        if settings.get("temperature", self.temperature) != self.temperature:
+            changed.append(
+                f"temperature={settings['temperature']!r} (generation_kwargs; temperature={self.temperature!r})"
+            )
         if changed:
             warnings.warn(
                 f"{type(self).__name__}: gate='spec' takes the student's proposal distribution q to be "
@@ -523,3 +532,36 @@ class SpecKDDistillationConfig(GateConfigMixin, DistillationConfig):
                 UserWarning,
                 stacklevel=4,  # here, __post_init__, the dataclass __init__, the caller
             )
+
+
+# `GenerationConfig` settings that change the distribution tokens are sampled from, and the values at which they leave
+# ``softmax(logits / temperature)`` as it is. (`None` is unset: transformers then uses its global default, which is
+# neutral for all of these except `top_k`, whose default is 50.)
+NEUTRAL_SAMPLING: dict[str, tuple[Any, ...]] = {
+    "do_sample": (True,),
+    "top_k": (0,),
+    "top_p": (None, 1.0),
+    "min_p": (None, 0, 0.0),
+    "typical_p": (None, 1.0),
+    "epsilon_cutoff": (None, 0.0),
+    "eta_cutoff": (None, 0.0),
+    "top_h": (None,),
+    "repetition_penalty": (None, 1.0),
+    "no_repeat_ngram_size": (None, 0),
+    "min_length": (None, 0),
+    "min_new_tokens": (None, 0),
+    "bad_words_ids": (None,),
+    "sequence_bias": (None,),
+    "guidance_scale": (None, 1.0),
+    "exponential_decay_length_penalty": (None,),
+    "forced_bos_token_id": (None,),
+    "forced_eos_token_id": (None,),
+    "begin_suppress_tokens": (None,),
+    "watermarking_config": (None,),
+}
+
+
+def _leaves_sampling_alone(name: str, value: Any) -> bool:
+    """Whether the generation setting `name=value` leaves the sampling distribution as it is (any setting that is not
+    a sampling option, e.g. `max_new_tokens`, does)."""
+    return name not in NEUTRAL_SAMPLING or value in NEUTRAL_SAMPLING[name]

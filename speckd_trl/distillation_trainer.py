@@ -38,6 +38,7 @@ from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from .config import SpecKDDistillationConfig
 from .gating import ON_POLICY, GatedTrainerMixin, TokenGate, sampled_log_probs_from_hidden
+from .generation import sampling_only_from
 from .losses import OutputHead
 from .models import capture_last_hidden_state, check_output_head, output_head, prepare_teacher_for_fsdp
 from .validation import check_fsdp_applied, check_zero3_quantized_teacher, is_quantized
@@ -152,6 +153,14 @@ class SpecKDDistillationTrainer(GatedTrainerMixin, DistillationTrainer):
             process_index=self.accelerator.process_index,
         )
         self._heads_checked = False  # `_check_output_heads` runs on the first micro-batch
+
+    # ------------------------------------------------------------------ generation
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, has_tool_images=False):
+        """TRL's generation, sampling with the trainer's settings only (`generation.sampling_only_from`): none is
+        inherited from the student's own generation config, so the `spec` rule's ``q`` is what was sampled from."""
+        with sampling_only_from(self.accelerator.unwrap_model(self.model), self.generation_config):
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, has_tool_images)
 
     # ------------------------------------------------------------------ loss
 

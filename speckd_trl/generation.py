@@ -18,12 +18,38 @@ Shapes: ``B`` batch, ``P`` (left-padded) prompt length, ``N`` generated length, 
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, GenerationConfig
 
 from .gate import GATES, accept_mask
+
+
+@contextmanager
+def sampling_only_from(model: torch.nn.Module, generation_config: GenerationConfig) -> Iterator[None]:
+    """While the context runs, `model.generate(..., generation_config=generation_config)` samples with the settings of
+    `generation_config` and nothing else.
+
+    transformers 5 fills every setting a `generation_config` leaves unset (``None``) from the model's own
+    `generation_config` (from its checkpoint): a `repetition_penalty`, `min_p`, `typical_p`, `top_h`, `sequence_bias`
+    or `bad_words_ids` that the trainer never asked for would then change the distribution on-policy tokens are drawn
+    from, and the `spec` gate, which takes it to be ``softmax(logits / temperature)``, would score them against the
+    wrong ``q`` without any error (measured: mass on the prompt's tokens 0.021 sampled vs 0.094 assumed with a
+    checkpoint's `repetition_penalty=3.0`). Here the model's own config is replaced by a copy of `generation_config`
+    (on the base model of a PEFT model, as TRL's `_override_model_generation_config` does for transformers 4), so the
+    only settings besides the trainer's are transformers' global defaults. The model's config is restored after.
+    """
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    original = target.generation_config
+    target.generation_config = copy.deepcopy(generation_config)
+    try:
+        yield
+    finally:
+        target.generation_config = original
 
 
 @dataclass

@@ -55,7 +55,7 @@ from .gating import (
     sampled_log_probs,
     sampled_log_probs_from_hidden,
 )
-from .generation import speculative_generate
+from .generation import sampling_only_from, speculative_generate
 from .losses import OutputHead, chunked_weighted_jsd, jsd_log_probs, weighted_jsd_from_log_probs
 from .models import (
     capture_last_hidden_state,
@@ -290,14 +290,15 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
             gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs if kind == ON_POLICY else None,
         ) as unwrapped_model:
             speculative = kind == ON_POLICY and self.args.on_policy_generation == "speculative"
-            if speculative:
-                unwrapped_model = _SpeculativeGenerator(self, unwrapped_model)
-            input_ids, attention_mask, labels = self.generate_on_policy_outputs(
-                unwrapped_model, inputs, self.generation_config
-            )
+            sampler = _SpeculativeGenerator(self, unwrapped_model) if speculative else unwrapped_model
+            # exactly the trainer's sampling settings, none inherited from the model's own generation config
+            with sampling_only_from(unwrapped_model, self.generation_config):
+                input_ids, attention_mask, labels = self.generate_on_policy_outputs(
+                    sampler, inputs, self.generation_config
+                )
         generated = {**inputs, "input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
         if speculative:  # the gate and the reward score the student's drafts, not the teacher's replacements
-            generated[PROPOSALS_KEY] = unwrapped_model.proposals.to(input_ids.device)
+            generated[PROPOSALS_KEY] = sampler.proposals.to(input_ids.device)
         return generated
 
     def get_batch_samples(
