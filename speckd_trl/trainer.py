@@ -223,6 +223,7 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
         self._generation_generator.manual_seed(args.seed + 1_000_003 * (self.accelerator.process_index + 1))
         self._resume_checkpoint, self._rng_restored = None, False
         self._heads_checked = False  # `check_output_head` runs on the first batch of the chunked path
+        self._predicting = False  # in a `prediction_step` that returns the logits (see there)
 
     @property
     def _gate_generator(self) -> torch.Generator:
@@ -373,6 +374,21 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
             inputs, num_items_in_batch = self._make_completions(inputs), None
         return SFTTrainer.training_step(self, model, inputs, num_items_in_batch)
 
+    def prediction_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """`Trainer.prediction_step`; when predictions are returned (`predict`, or `evaluate` with `compute_metrics`),
+        the chunked path returns the student's logits `[B, T, V]` at every position, as GKD and the eager path do."""
+        self._predicting = not prediction_loss_only
+        try:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+        finally:
+            self._predicting = False
+
     # ------------------------------------------------------------------ loss
 
     def compute_loss(
@@ -446,15 +462,18 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
 
         Returns:
             ``sum_t w_t D_t`` (scalar), the weights `[N]` of the `N` completion positions, the accept mask `[B, T]`,
-            the student's outputs (logits of the last position only), and a function that gives the student's
-            log-probabilities `[B, T]` of `sampled_ids` at the sampling temperature (chunked too; 0 off the
-            completion).
+            the student's outputs (logits of the last position only, of every position in a `prediction_step` that
+            returns them), and a function that gives the student's log-probabilities `[B, T]` of `sampled_ids` at the
+            sampling temperature (chunked too; 0 off the completion).
         """
         # logits_to_keep=1: each model projects one position; the loss projects the rest chunk by chunk. Both are
-        # called through their wrappers (DDP, FSDP2), which gather what they shard.
+        # called through their wrappers (DDP, FSDP2), which gather what they shard. Predictions for `compute_metrics`
+        # or `predict` need the student's logits at every position, as GKD returns them (logits_to_keep=0: all).
         with capture_last_hidden_state(self.accelerator.unwrap_model(model)) as captured:
             student_outputs = model(
-                input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], logits_to_keep=1
+                input_ids=inputs["input_ids"],
+                attention_mask=inputs["attention_mask"],
+                logits_to_keep=0 if self._predicting else 1,
             )
         self.teacher_model.eval()
         with torch.no_grad(), capture_last_hidden_state(self.accelerator.unwrap_model(self.teacher_model)) as teacher:

@@ -138,3 +138,29 @@ def test_evaluate_draws_from_its_own_stream(tmp_path, gate, proposal):
     other_seed.model.load_state_dict(trainer.model.state_dict())
     other_seed.teacher_model.load_state_dict(trainer.teacher_model.state_dict())
     assert other_seed.evaluate()["eval_loss"] != first
+
+
+# ----------------------------------------------------------------------------- predictions
+
+
+@pytest.mark.parametrize("loss_path", ["eager", "chunked"])
+def test_predictions_are_the_students_logits_at_every_position(tmp_path, loss_path):
+    """`compute_metrics` and `predict` get `[B, T, V]` logits, as from GKD, on both loss paths (the chunked path
+    projects one position per model otherwise)."""
+    seen = []
+
+    def compute_metrics(prediction):
+        seen.append((prediction.predictions.shape, prediction.label_ids.shape))
+        return {"positions": float(prediction.predictions.shape[1])}
+
+    trainer = make_trainer(tmp_path, loss_path=loss_path, prediction_loss_only=False, gate="topk")
+    trainer.compute_metrics = compute_metrics
+    batch = eval_batch(trainer)
+    with torch.no_grad():
+        expected = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    metrics = trainer.evaluate()
+    assert seen == [(tuple(expected.shape), tuple(batch["labels"].shape))]
+    assert metrics["eval_positions"] == expected.shape[1]
+    output = trainer.predict(trainer.eval_dataset)
+    torch.testing.assert_close(torch.as_tensor(output.predictions), expected, rtol=1e-5, atol=1e-6)
+    assert output.metrics["test_loss"] == pytest.approx(metrics["eval_loss"])

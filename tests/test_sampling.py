@@ -93,7 +93,9 @@ def test_distillation_trainer_samples_from_the_gates_q(tmp_path, settings):
         train_dataset=make_prompt_dataset(4),
         processing_class=tokenizer,
     )
-    text = tokenizer.apply_chat_template(make_prompt_dataset(1)[0]["prompt"], add_generation_prompt=True, tokenize=False)
+    text = tokenizer.apply_chat_template(
+        make_prompt_dataset(1)[0]["prompt"], add_generation_prompt=True, tokenize=False
+    )
     prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
     torch.manual_seed(0)
     completions = trainer._generate_single_turn([prompt] * SAMPLES, None, {})
