@@ -137,11 +137,13 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
         # Bad input fails here, before any model is prepared or any step runs.
         for name, dataset in [("train_dataset", train_dataset)] + _named(eval_dataset, "eval_dataset"):
             check_dataset(dataset, processing_class, args.max_length, name=name)
-        train_dataset = prepare_prompt_completion(train_dataset, processing_class)
+        train_dataset = prepare_prompt_completion(train_dataset, processing_class, args.max_length)
         if isinstance(eval_dataset, dict):
-            eval_dataset = {k: prepare_prompt_completion(v, processing_class) for k, v in eval_dataset.items()}
+            eval_dataset = {
+                k: prepare_prompt_completion(v, processing_class, args.max_length) for k, v in eval_dataset.items()
+            }
         else:
-            eval_dataset = prepare_prompt_completion(eval_dataset, processing_class)
+            eval_dataset = prepare_prompt_completion(eval_dataset, processing_class, args.max_length)
         if not isinstance(model, str):
             check_quantized_student(model, peft_config)
 

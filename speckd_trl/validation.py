@@ -154,11 +154,16 @@ def check_quantized_student(model: Any, peft_config: Any) -> None:
         )
 
 
-def dataset_format(dataset: Any) -> str | None:
-    """``"messages"``, ``"prompt_completion"``, ``"tokenized"`` or None, from the dataset's columns."""
+def _columns(dataset: Any) -> list[str] | None:
     columns = getattr(dataset, "column_names", None)
     if columns is None and isinstance(dataset, IterableDataset) and dataset.features is not None:
         columns = list(dataset.features)
+    return columns
+
+
+def dataset_format(dataset: Any) -> str | None:
+    """``"messages"``, ``"prompt_completion"``, ``"tokenized"`` or None, from the dataset's columns."""
+    columns = _columns(dataset)
     if columns is None:
         return None
     if "messages" in columns:
@@ -191,6 +196,12 @@ def check_dataset(dataset: Any, tokenizer: Any, max_length: int | None, name: st
             f"{name} has columns {dataset.column_names}, but SpecKD needs chat rows `messages` (a list of "
             "{'role', 'content'} dicts ending with the assistant turn) or `prompt` and `completion` columns. Rename "
             "or map the columns, e.g. `dataset.rename_column('conversations', 'messages')`."
+        )
+    if kind == "tokenized" and "prompt" not in _columns(dataset):
+        raise ValueError(
+            f"{name} has tokenized rows (`input_ids`) but no `prompt` column: TRL's GKD collator reads the prompt's "
+            "text from it (for on-policy generation it needs the prompt). Add the prompt text as a `prompt` column, "
+            "or pass `prompt` and `completion` text columns and let the trainer tokenize them."
         )
     tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
     chat = kind == "messages" or (kind == "prompt_completion" and _is_conversational(dataset[0]["prompt"]))
@@ -234,14 +245,49 @@ def to_messages(example: dict[str, Any]) -> dict[str, Any]:
     return {"messages": list(example["prompt"]) + list(example["completion"])}
 
 
-def prepare_prompt_completion(dataset: Any, tokenizer: Any) -> Any:
-    """`prompt`/`completion` rows in the form TRL's GKD collator reads (it reads `messages` or `input_ids`).
+def collator_max_length(max_length: int | None, tokenizer: Any) -> int:
+    """The length `DataCollatorForChatML` cuts chat rows to: `max_length`, or when it is None
+    ``min(tokenizer.model_max_length, 1024)``."""
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+    return max_length if max_length is not None else min(tokenizer.model_max_length, 1024)
 
-    Conversational rows (lists of messages) become ``messages = prompt + completion``; plain-text rows are tokenized
-    to ``input_ids`` with a ``completion_mask`` (prompt and completion tokenized separately, so the boundary is exact).
-    Other datasets are returned unchanged.
+
+def keep_last(example: dict[str, Any], max_length: int) -> dict[str, Any]:
+    """A tokenized row cut to its last `max_length` tokens (`input_ids` and its per-token `attention_mask` /
+    `completion_mask`), as `DataCollatorForChatML` cuts chat rows: the oldest prompt tokens go first."""
+    return {
+        key: example[key][-max_length:] for key in ("input_ids", "attention_mask", "completion_mask") if key in example
+    }
+
+
+def prepare_prompt_completion(dataset: Any, tokenizer: Any, max_length: int | None = None) -> Any:
+    """`prompt`/`completion` and tokenized rows in the form TRL's GKD collator reads, cut to `max_length` as it cuts
+    chat rows.
+
+    TRL's `DataCollatorForChatML` reads `messages` or `input_ids`, and cuts only the `messages` rows (to their last
+    `max_length` tokens, the oldest prompt tokens first; `collator_max_length`). Here conversational rows (lists of
+    messages) become ``messages = prompt + completion`` (the collator cuts them); plain-text rows are tokenized to
+    ``input_ids`` with a ``completion_mask`` (prompt and completion tokenized separately, so the boundary is exact) and
+    cut the same way; already tokenized rows are cut the same way when they carry a ``completion_mask``.
+
+    Raises:
+        ValueError: for tokenized rows longer than `max_length` without a ``completion_mask`` (the collator then finds
+            the prompt by tokenizing it again, which a cut would misalign).
     """
-    if dataset_format(dataset) != "prompt_completion" or not isinstance(dataset, Dataset):
+    kind = dataset_format(dataset)
+    if kind not in ("prompt_completion", "tokenized") or not isinstance(dataset, Dataset):
+        return dataset
+    limit = collator_max_length(max_length, tokenizer)
+    if kind == "tokenized":
+        if "completion_mask" in dataset.column_names:
+            return dataset.map(keep_last, fn_kwargs={"max_length": limit})
+        longest = max((len(ids) for ids in dataset["input_ids"]), default=0)
+        if longest > limit:
+            raise ValueError(
+                f"The dataset's tokenized rows have up to {longest} tokens, more than max_length={limit}, and no "
+                "`completion_mask` column to cut them by. Add a `completion_mask` (1 on completion tokens), cut the "
+                f"rows to {limit} tokens yourself, or raise max_length."
+            )
         return dataset
     if _is_conversational(dataset[0]["prompt"]):
         return dataset.map(to_messages, remove_columns=["prompt", "completion"])
@@ -250,6 +296,7 @@ def prepare_prompt_completion(dataset: Any, tokenizer: Any) -> Any:
     def tokenize(example: dict[str, Any]) -> dict[str, Any]:
         prompt = tokenizer(example["prompt"], add_special_tokens=False)["input_ids"]
         completion = tokenizer(example["completion"], add_special_tokens=False)["input_ids"]
-        return {"input_ids": prompt + completion, "completion_mask": [0] * len(prompt) + [1] * len(completion)}
+        row = {"input_ids": prompt + completion, "completion_mask": [0] * len(prompt) + [1] * len(completion)}
+        return keep_last(row, limit)
 
     return dataset.map(tokenize, remove_columns=["completion"])

@@ -234,6 +234,53 @@ def test_prompt_completion_rows_are_accepted(tmp_path):
         assert trainer.processing_class.decode(completion).split()[:2] == ["answer", "3"]
 
 
+LONG_ANSWER = "answer " + " ".join(str(i) for i in range(12))  # with the prompt, 25 tokens
+
+
+@pytest.mark.parametrize("form", ["messages", "chat_prompt_completion", "text_prompt_completion", "tokenized"])
+def test_max_length_cuts_every_dataset_format(tmp_path, form):
+    """Every format is cut to `max_length` tokens as TRL's collator cuts chat rows: the oldest prompt tokens first."""
+    tokenizer = make_tokenizer()
+    user, assistant = {"role": "user", "content": "what is 1 + 2 ="}, {"role": "assistant", "content": LONG_ANSWER}
+    prompt_text = tokenizer.apply_chat_template([user], add_generation_prompt=True, tokenize=False)
+    full_text = tokenizer.apply_chat_template([user, assistant], tokenize=False)
+    rows = {
+        "messages": [{"messages": [user, assistant]}],
+        "chat_prompt_completion": [{"prompt": [user], "completion": [assistant]}],
+        "text_prompt_completion": [{"prompt": prompt_text, "completion": full_text[len(prompt_text) :]}],
+        "tokenized": [
+            {
+                "prompt": prompt_text,
+                "input_ids": tokenizer(full_text, add_special_tokens=False)["input_ids"],
+                "completion_mask": [0] * len(tokenizer(prompt_text, add_special_tokens=False)["input_ids"])
+                + [1] * (len(tokenizer(full_text, add_special_tokens=False)["input_ids"]) - 11),
+            }
+        ],
+    }[form]
+    if form == "tokenized":  # the prompt is 11 tokens here
+        assert len(tokenizer(prompt_text, add_special_tokens=False)["input_ids"]) == 11
+    full = tokenizer(full_text, add_special_tokens=False)["input_ids"]
+    assert len(full) > 19
+    trainer = make_with_dataset(tmp_path, Dataset.from_list(rows * 2), max_length=19)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    assert batch["input_ids"].shape == (2, 19)
+    assert batch["input_ids"][0].tolist() == full[-19:]  # the same tokens for every format
+    completion = batch["labels"][0][batch["labels"][0] != -100]
+    assert tokenizer.decode(completion).split()[:2] == ["answer", "0"]
+
+
+def test_long_tokenized_rows_without_a_completion_mask(tmp_path):
+    rows = [{"input_ids": list(range(4, 30)), "prompt": "what is 1 + 2 ="}] * 2
+    with pytest.raises(ValueError, match=r"up to 26 tokens, more than max_length=19, and no `completion_mask`"):
+        make_with_dataset(tmp_path, Dataset.from_list(rows), max_length=19)
+
+
+def test_tokenized_rows_without_a_prompt(tmp_path):
+    rows = [{"input_ids": list(range(4, 10)), "completion_mask": [0, 0, 0, 1, 1, 1]}] * 2
+    with pytest.raises(ValueError, match=r"tokenized rows .* `prompt` column"):
+        make_with_dataset(tmp_path, Dataset.from_list(rows))
+
+
 def test_4bit_teacher_without_bitsandbytes(tmp_path, monkeypatch):
     monkeypatch.setattr(validation, "bitsandbytes_available", lambda: False)
     tokenizer = make_tokenizer()
