@@ -77,7 +77,10 @@ def main():
     for name, r in results.items():
         rate = "-" if r["acceptance_rate"] is None else f"{r['acceptance_rate']:.3f}"
         print(f"{name:<8} {r['final_loss']:>11.4f} {rate:>11} {r['agreement_with_teacher']:>10.3f}")
-    print("* each trainer's own objective: SpecKD's loss leaves out rejected tokens, so the two are not comparable.")
+    print(
+        "* each trainer's own objective, not comparable: SpecKD weights rejected tokens by reject_weight (0.5 by "
+        "default) and divides on-policy batches by their generated tokens (GKD by the dataset's)."
+    )
     print(json.dumps(results))
 
 

@@ -28,6 +28,7 @@ trains a `SpecKDDistillationTrainer` and takes `SpecKDDistillationConfig`'s (the
 from __future__ import annotations
 
 import os
+import re
 import sys
 import warnings
 from collections.abc import Sequence
@@ -89,6 +90,22 @@ def trainer_choice(argv: Sequence[str]) -> str:
     return value if isinstance(value, str) else "gkd"
 
 
+def parse(parser, argv: list[str], trainer: str) -> tuple:
+    """`parser.parse_args_and_config(argv)`, with TRL's message for unknown keys of a `--config` file (which tells
+    the reader to change a parser setting) replaced by one that says what to change in the file."""
+    try:
+        return parser.parse_args_and_config(argv)
+    except ValueError as err:
+        if not str(err).startswith("Unknown arguments from config file"):
+            raise
+        unknown = ", ".join(re.findall(r"'--([^']+)'", str(err))) or str(err)
+        config = argv[argv.index("--config") + 1]
+        raise CLIError(
+            f"--config {config}: unknown keys: {unknown}. Every key of the recipe must be a flag of "
+            f"`speckd-trl --trainer {trainer} --help` (without the leading dashes); remove or correct them."
+        ) from None
+
+
 def load_train_dataset(name: str, config: str | None = None):
     """A `DatasetDict` from a hub-style name, a local directory or a single local file."""
     from datasets import DatasetDict, load_dataset, load_from_disk
@@ -100,6 +117,8 @@ def load_train_dataset(name: str, config: str | None = None):
             raise CLIError(
                 f"--dataset_name {name}: unsupported file type {path.suffix!r}; use {sorted(LOCAL_FORMATS)}."
             )
+        if fmt == "json" and not path.read_bytes().strip():  # `datasets` raises a bare StopIteration on it
+            raise CLIError(f"--dataset_name {name}: the file is empty (no rows); there is nothing to distill on.")
         return load_dataset(fmt, data_files=str(path))
     if path.is_dir():
         if (path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists():
@@ -301,7 +320,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if is_demo:
             demo(command)
         else:
-            train(*make_parser(trainer_choice(command)).parse_args_and_config(command))
+            trainer = trainer_choice(command)
+            train(*parse(make_parser(trainer), command, trainer))
     except CLIError as err:
         print(f"speckd-trl: error: {err}", file=sys.stderr)
         return 2

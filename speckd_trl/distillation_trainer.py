@@ -40,8 +40,24 @@ from .config import SpecKDDistillationConfig
 from .gating import ON_POLICY, GatedTrainerMixin, TokenGate, sampled_log_probs_from_hidden
 from .generation import sampling_only_from
 from .losses import OutputHead
-from .models import capture_last_hidden_state, check_output_head, output_head, prepare_teacher_for_fsdp
-from .validation import check_fsdp_applied, check_zero3_quantized_teacher, is_quantized
+from .models import (
+    capture_last_hidden_state,
+    check_output_head,
+    check_same_tokens,
+    load_teacher_tokenizer,
+    output_head,
+    output_vocab_size,
+    prepare_teacher_for_fsdp,
+)
+from .validation import (
+    check_fsdp_applied,
+    check_gate_top_k,
+    check_launch,
+    check_prompt_dataset,
+    check_zero3_quantized_teacher,
+    is_quantized,
+    named_datasets,
+)
 
 
 # What a model whose output layer the chunked divergence cannot read should do instead
@@ -116,11 +132,23 @@ class SpecKDDistillationTrainer(GatedTrainerMixin, DistillationTrainer):
                 "SpecKDDistillationTrainer needs a teacher: pass `teacher_model=` (a model, a name or a local path) "
                 "or set `teacher_model_name_or_path` in SpecKDDistillationConfig."
             )
+        # Bad input fails here, before any model is loaded or any step runs (as in `SpecKDTrainer`).
+        check_launch(args)
+        for name, dataset in [("train_dataset", train_dataset)] + named_datasets(eval_dataset, "eval_dataset"):
+            check_prompt_dataset(dataset, processing_class, name=name)
         check_zero3_quantized_teacher(
             "quantization_config" in (args.teacher_model_init_kwargs or {})
             if isinstance(teacher_model, str)
             else is_quantized(teacher_model)
         )
+        # TRL compares only the vocabulary sizes: the two tokenizers id by id here, from where the teacher is (or was
+        # loaded) from, before anything is loaded
+        teacher_tokenizer = load_teacher_tokenizer(teacher_model, args)
+        if teacher_tokenizer is not None and processing_class is not None:
+            check_same_tokens(
+                getattr(processing_class, "tokenizer", processing_class),
+                getattr(teacher_tokenizer, "tokenizer", teacher_tokenizer),
+            )
         if isinstance(eval_dataset, dict):
             eval_dataset = {name: prompts_from_messages(ds) for name, ds in eval_dataset.items()}
         else:
@@ -143,6 +171,7 @@ class SpecKDDistillationTrainer(GatedTrainerMixin, DistillationTrainer):
         check_fsdp_applied(self.accelerator)
         if self.teacher_model is not None:
             self.teacher_model = prepare_teacher_for_fsdp(self.teacher_model, self.accelerator)
+        check_gate_top_k(args, output_vocab_size(self.accelerator.unwrap_model(self.model)))
         # The per-token gate: its draws (one training stream per process, one evaluation stream), its settings at a
         # step and its logging window. The proposals are the sampled tokens, drawn at `args.temperature`.
         self._gate = TokenGate(

@@ -75,8 +75,16 @@ def load_teacher(name_or_path: str, args: SpecKDConfig) -> PreTrainedModel:
         raise ValueError(f"Could not load the teacher model from {name_or_path!r}: {err}") from err
 
 
-def load_teacher_tokenizer(name_or_path: str, args: SpecKDConfig) -> Any:
-    """The tokenizer saved with the teacher, or None when its directory has none (then only the sizes are checked)."""
+def load_teacher_tokenizer(teacher: str | nn.Module, args: Any) -> Any:
+    """The tokenizer saved with the teacher, to compare with the student's id by id (`check_vocab`).
+
+    `teacher` is a name or path, or a loaded model, whose tokenizer is read from where it was loaded from (its
+    `name_or_path`). None when there is none to read: a model built from a config (no `name_or_path`), or a directory
+    without tokenizer files; then only the vocabulary sizes can be checked.
+    """
+    name_or_path = teacher if isinstance(teacher, str) else getattr(teacher, "name_or_path", None)
+    if not name_or_path:
+        return None
     if os.path.isdir(name_or_path) and not any(
         os.path.isfile(os.path.join(name_or_path, f)) for f in ("tokenizer.json", "tokenizer_config.json")
     ):
@@ -356,8 +364,11 @@ def check_vocab(student: nn.Module, teacher: nn.Module, tokenizer: Any, teacher_
         if n_tokenizer > n:
             raise ValueError(
                 f"Vocabulary mismatch: the tokenizer has {n_tokenizer} tokens but the {role} produces only {n} "
-                f"logits; token ids >= {n} would index past its embedding. Use the models' own tokenizer or resize "
-                f"the model with `model.resize_token_embeddings({n_tokenizer})`."
+                f"logits, so it was not trained with this tokenizer (token ids >= {n} have no logit). SpecKD "
+                "compares the two next-token distributions id by id: pass the tokenizer both models were trained "
+                "with (a teacher and student of the same family share one), or distill across tokenizers with a "
+                "method that aligns them (e.g. TRL's GOLD / ULD). Resizing the embeddings would only silence this "
+                "error: the new rows are untrained."
             )
     if n_student != n_teacher:
         # both cover the tokenizer (checked above): the extra rows are padding that no token id reaches

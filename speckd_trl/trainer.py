@@ -73,11 +73,14 @@ from .validation import (
     check_dataset,
     check_fsdp_applied,
     check_fsdp_generation,
+    check_gate_top_k,
     check_launch,
+    check_loaded_teacher,
     check_quantized_student,
     check_zero3_chunked,
     check_zero3_quantized_teacher,
     is_quantized,
+    named_datasets,
     prepare_prompt_completion,
 )
 
@@ -135,7 +138,7 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
         check_launch(args)
         check_pad_token(processing_class)
         # Bad input fails here, before any model is prepared or any step runs.
-        for name, dataset in [("train_dataset", train_dataset)] + _named(eval_dataset, "eval_dataset"):
+        for name, dataset in [("train_dataset", train_dataset)] + named_datasets(eval_dataset, "eval_dataset"):
             check_dataset(dataset, processing_class, args.max_length, name=name)
         train_dataset = prepare_prompt_completion(train_dataset, processing_class, args.max_length)
         if isinstance(eval_dataset, dict):
@@ -154,19 +157,17 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
                 "SpecKDTrainer needs a teacher: pass `teacher_model=` (a model, a name or a local path) or set "
                 "`teacher_model_name_or_path` in SpecKDConfig."
             )
-        teacher_tokenizer = None
         check_zero3_quantized_teacher(
             args.teacher_load_in_4bit if isinstance(teacher_model, str) else is_quantized(teacher_model)
         )
+        # the teacher's own tokenizer, read from where it is (or was) loaded from, for the id-by-id comparison
+        teacher_tokenizer = load_teacher_tokenizer(teacher_model, args)
         if isinstance(teacher_model, str):
             if args.teacher_load_in_4bit:
                 check_4bit_teacher(args.device)
-            teacher_tokenizer = load_teacher_tokenizer(teacher_model, args)
             teacher_model = load_teacher(teacher_model, args)
-        elif args.teacher_model_init_kwargs is not None:
-            raise ValueError(
-                "You passed teacher_model_init_kwargs to SpecKDConfig, but your teacher_model is already instantiated."
-            )
+        else:
+            check_loaded_teacher(teacher_model, args)
 
         # The teacher is already loaded with our kwargs; GKD would try to apply them to an instance and raise.
         init_kwargs, args.teacher_model_init_kwargs = args.teacher_model_init_kwargs, None
@@ -203,6 +204,7 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
         student, teacher = (self.accelerator.unwrap_model(m) for m in (self.model, self.teacher_model))
         check_zero3_chunked(student, args.loss_path)
         self._shared_vocab = check_vocab(student, teacher, self.processing_class, teacher_tokenizer)
+        check_gate_top_k(args, self._shared_vocab or output_vocab_size(student))
         if self._shared_vocab is not None:  # never sample an id past the tokenizer (padding rows of the embedding)
             n_out = max(output_vocab_size(student), output_vocab_size(teacher))
             self.generation_config.suppress_tokens = list(range(self._shared_vocab, n_out))
@@ -616,12 +618,6 @@ def _config_vocab_size(model: Any, args: SpecKDConfig) -> int | None:
         return config.get_text_config().vocab_size
     config = getattr(model, "config", None)
     return config.get_text_config().vocab_size if config is not None else None
-
-
-def _named(dataset: Any, name: str) -> list[tuple[str, Any]]:
-    if isinstance(dataset, dict):
-        return [(f"{name}[{key!r}]", value) for key, value in dataset.items()]
-    return [(name, dataset)]
 
 
 def _select_rows(inputs: dict[str, Any], rows: torch.Tensor) -> dict[str, Any]:

@@ -96,6 +96,47 @@ def check_4bit_teacher(device: torch.device | str) -> None:
         )
 
 
+def check_loaded_teacher(teacher: Any, args: Any) -> None:
+    """Raise for settings that apply only to a teacher given as a name or path when the teacher is a loaded model.
+
+    - `teacher_load_in_4bit=True` on a teacher that is not quantized: it cannot be applied to a loaded model, and the
+      teacher would stay in full precision (an out-of-memory on the GPU it was meant to fit, or silently more memory).
+    - `teacher_model_init_kwargs`: loading arguments for a model that is already loaded.
+    """
+    if args.teacher_load_in_4bit and not is_quantized(teacher):
+        path = getattr(teacher, "name_or_path", None) or "path/to/teacher"
+        raise ValueError(
+            f"teacher_load_in_4bit=True loads a teacher given as a name or path in 4-bit, but the teacher passed is an "
+            f"already loaded {type(teacher).__name__} in {getattr(teacher, 'dtype', 'full precision')}, which it "
+            f"cannot quantize: it would train in full precision. Pass its name or path instead "
+            f"(teacher_model={path!r}), or load it in 4-bit yourself: AutoModelForCausalLM.from_pretrained({path!r}, "
+            "quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4'))."
+        )
+    if args.teacher_model_init_kwargs is not None:
+        raise ValueError(
+            "You passed teacher_model_init_kwargs to the config, but your teacher_model is already loaded: those "
+            "arguments apply to a teacher given as a name or path. Remove them, or pass the teacher's name or path."
+        )
+
+
+def check_gate_top_k(args: Any, vocab_size: int) -> None:
+    """Raise when the `topk` gate's k (any k of its schedule) is not below the vocabulary size: every token is then
+    among the teacher's top k, and the gate would accept everything, the ungated loss under another name."""
+    if args.gate != "topk":
+        return
+    if args.gate_top_k_schedule == "constant":
+        ks = {"gate_top_k": args.gate_top_k}
+    else:
+        ks = {"gate_top_k_start": args.gate_top_k_start, "gate_top_k_end": args.gate_top_k_end}
+    for name, k in ks.items():
+        if k >= vocab_size:
+            raise ValueError(
+                f"{name}={k} is not below the vocabulary size {vocab_size}: every token is among the teacher's top "
+                f"{k}, so gate='topk' would accept every proposal (the loss of gate='none'). Use a k below "
+                f"{vocab_size} (the default is 5), or gate='none' for the ungated loss."
+            )
+
+
 ZERO3_TRAINABLE_HEAD = (
     "loss_path='chunked' reads the {role}'s output layer directly, and under DeepSpeed ZeRO-3 a trainable output "
     "layer's gradient would not reach ZeRO-3's partitioned gradient. Freeze lm_head (train the student with LoRA, "
@@ -184,18 +225,13 @@ def check_dataset(dataset: Any, tokenizer: Any, max_length: int | None, name: st
     """
     if dataset is None:
         return
-    if isinstance(dataset, Dataset) or hasattr(dataset, "__len__"):
-        if len(dataset) == 0:
-            raise ValueError(
-                f"{name} is empty (0 rows): there is nothing to distill on. Check the dataset path, split and any "
-                "filtering applied before building the trainer."
-            )
+    _check_not_empty(dataset, name)
     kind = dataset_format(dataset)
     if kind == "unknown":
         raise ValueError(
-            f"{name} has columns {dataset.column_names}, but SpecKD needs chat rows `messages` (a list of "
-            "{'role', 'content'} dicts ending with the assistant turn) or `prompt` and `completion` columns. Rename "
-            "or map the columns, e.g. `dataset.rename_column('conversations', 'messages')`."
+            f"{name} has columns {dataset.column_names}, but SpecKDTrainer needs chat rows `messages` (a list of "
+            "{'role', 'content'} dicts ending with the assistant turn) or `prompt` and `completion` columns. "
+            f"{_column_advice(_columns(dataset))}"
         )
     if kind == "tokenized" and "prompt" not in _columns(dataset):
         raise ValueError(
@@ -204,13 +240,9 @@ def check_dataset(dataset: Any, tokenizer: Any, max_length: int | None, name: st
             "or pass `prompt` and `completion` text columns and let the trainer tokenize them."
         )
     tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
-    chat = kind == "messages" or (kind == "prompt_completion" and _is_conversational(dataset[0]["prompt"]))
-    if chat and getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError(
-            f"{name} holds chat messages, but the tokenizer {type(tokenizer).__name__} has no chat template "
-            "(tokenizer.chat_template is None), so the conversations cannot be turned into text. Use the chat/instruct "
-            "model's tokenizer or set `tokenizer.chat_template = '...'` (a Jinja template)."
-        )
+    chat = kind == "messages" or (kind == "prompt_completion" and _is_conversational(_first(dataset)["prompt"]))
+    if chat:
+        _check_chat_template(tokenizer, name)
     if max_length is not None and isinstance(dataset, Dataset) and kind in ("messages", "prompt_completion"):
         longest, row = 0, -1
         for i, example in enumerate(dataset.select(range(min(len(dataset), MAX_LENGTH_CHECK_ROWS)))):
@@ -223,6 +255,79 @@ def check_dataset(dataset: Any, tokenizer: Any, max_length: int | None, name: st
                 f"{longest} tokens, which leaves no room for a completion (sequences are cut to max_length tokens). "
                 f"Raise max_length above {longest} (prompt plus completion), or shorten or filter the long prompts."
             )
+
+
+def named_datasets(dataset: Any, name: str) -> list[tuple[str, Any]]:
+    """`[(name, dataset)]`, or for a dict of datasets (several evaluation sets) one `name[key]` per entry."""
+    if isinstance(dataset, dict):
+        return [(f"{name}[{key!r}]", value) for key, value in dataset.items()]
+    return [(name, dataset)]
+
+
+def check_prompt_dataset(dataset: Any, tokenizer: Any, name: str = "train_dataset") -> None:
+    """`check_dataset` for `SpecKDDistillationTrainer`, which reads prompts only: raise for an empty dataset, rows
+    without a `prompt` column (text or chat messages) or chat `messages`, or chat rows with a tokenizer that has no
+    chat template. Runs before any model is loaded."""
+    if dataset is None:
+        return
+    _check_not_empty(dataset, name)
+    columns = _columns(dataset)
+    if columns is not None and "prompt" not in columns and "messages" not in columns:
+        advice = (
+            "Rename the column that holds them, e.g. `dataset.rename_column('question', 'prompt')`."
+            if "completion" not in columns
+            else "Rename or map the columns."
+        )
+        raise ValueError(
+            f"{name} has columns {columns}, but SpecKDDistillationTrainer needs prompts: a `prompt` column (text, or "
+            "a list of {'role', 'content'} messages), or chat `messages` rows (every message before the last "
+            f"assistant turn is the prompt). {advice}"
+        )
+    if columns is not None and isinstance(dataset, Dataset):
+        first = _first(dataset)
+        if "messages" in first or _is_conversational(first["prompt"]):
+            _check_chat_template(getattr(tokenizer, "tokenizer", tokenizer), name)
+
+
+def _check_not_empty(dataset: Any, name: str) -> None:
+    if (isinstance(dataset, Dataset) or hasattr(dataset, "__len__")) and len(dataset) == 0:
+        raise ValueError(
+            f"{name} is empty (0 rows): there is nothing to distill on. Check the dataset path, split and any "
+            "filtering applied before building the trainer."
+        )
+
+
+def _check_chat_template(tokenizer: Any, name: str) -> None:
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(
+            f"{name} holds chat messages, but the tokenizer {type(tokenizer).__name__} has no chat template "
+            "(tokenizer.chat_template is None), so the conversations cannot be turned into text. Use the chat/instruct "
+            "model's tokenizer or set `tokenizer.chat_template = '...'` (a Jinja template)."
+        )
+
+
+def _column_advice(columns: list[str]) -> str:
+    """What to do with a dataset of other columns than `SpecKDTrainer` reads, by what those columns hold."""
+    if "conversations" in columns:
+        return (
+            "Rename the chat column: `dataset.rename_column('conversations', 'messages')` (ShareGPT rows also need "
+            "their {'from', 'value'} keys mapped to {'role', 'content'})."
+        )
+    if "prompt" in columns:
+        return (
+            "Prompt-only rows have no completion for the dataset batches: for on-policy distillation from prompts "
+            "alone use SpecKDDistillationTrainer (`speckd-trl --trainer distillation`), or add a `completion` column."
+        )
+    if "text" in columns:
+        return (
+            "Plain `text` rows have no prompt/completion boundary: split them into `prompt` and `completion` columns, "
+            "or put the prompts alone in a `prompt` column for SpecKDDistillationTrainer (on-policy only)."
+        )
+    return "Rename or map the columns to `messages`, or to `prompt` and `completion`."
+
+
+def _first(dataset: Any) -> dict[str, Any]:
+    return dataset[0] if isinstance(dataset, Dataset) else next(iter(dataset))
 
 
 def _is_conversational(value: Any) -> bool:

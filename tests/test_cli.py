@@ -114,3 +114,27 @@ def test_cli_distillation_flags_are_distillation_configs(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--trainer", "bogus"])
     assert exit_info.value.code == 2
+
+
+def test_cli_unknown_recipe_keys_say_what_to_change(tmp_path, capsys):
+    """TRL's own message asked the user to set a parser option (`fail_with_unknown_args=False`)."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("gate: topk\ngate_topk: 5\n")
+    assert main(["--config", str(recipe)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown keys: gate_topk" in err[0] and "speckd-trl --trainer gkd --help" in err[0]
+    assert "fail_with_unknown_args" not in err[0]
+
+
+def test_cli_empty_dataset_file(workspace, tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    status = main(
+        [
+            "--model_name_or_path", str(workspace / "student"),
+            "--teacher_model_name_or_path", str(workspace / "teacher"),
+            "--dataset_name", str(empty), "--output_dir", str(tmp_path / "out"), "--use_cpu",
+        ]
+    )  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1 and "the file is empty (no rows)" in err[0]

@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+from datasets import Dataset
 from trl import DistillationConfig, DistillationTrainer
 from trl.trainer import distillation_trainer as trl_distillation
 
@@ -20,6 +21,7 @@ from speckd_trl.tools.testing import (
     make_model,
     make_prompt_dataset,
     make_tokenizer,
+    save_teacher_with_another_tokenizer,
 )
 
 
@@ -257,3 +259,70 @@ def test_warnings_and_wrong_arguments(tmp_path):
             train_dataset=make_prompt_dataset(8),
             processing_class=tokenizer,
         )
+
+
+# ----------------------------------------------------------------------------- input checks, before any model loads
+
+
+def build_with(tmp_path, train_dataset, model="no/such/student", teacher="no/such/teacher", tokenizer=None, **args):
+    """`SpecKDDistillationTrainer` with models given by paths that do not exist: an input check that runs before any
+    model is loaded raises its own error, any later one a loading error."""
+    return SpecKDDistillationTrainer(
+        model=model,
+        teacher_model=teacher,
+        args=SpecKDDistillationConfig(output_dir=str(tmp_path), **{**TINY, **args}),
+        train_dataset=train_dataset,
+        processing_class=tokenizer or make_tokenizer(),
+    )
+
+
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        (
+            [{"question": "what is 1 + 2 ="}],
+            r"has columns \['question'\], but SpecKDDistillationTrainer needs prompts",
+        ),
+        ([{"text": "what is 1 + 2 = answer 3"}], r"has columns \['text'\], .* a `prompt` column"),
+        ([], r"train_dataset is empty \(0 rows\)"),
+    ],
+)
+def test_bad_datasets_fail_before_the_models_load(tmp_path, rows, message):
+    dataset = Dataset.from_list(rows) if rows else make_prompt_dataset(4).select([])
+    with pytest.raises(ValueError, match=message):
+        build_with(tmp_path, dataset)
+
+
+def test_chat_prompts_need_a_chat_template(tmp_path):
+    tokenizer = make_tokenizer()
+    tokenizer.chat_template = None
+    with pytest.raises(ValueError, match="holds chat messages, but the tokenizer .* has no chat template"):
+        build_with(tmp_path, make_prompt_dataset(4), tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="eval_dataset\\['a'\\] holds chat messages"):
+        SpecKDDistillationTrainer(
+            model=make_model(0, make_tokenizer()),
+            teacher_model=make_model(1, make_tokenizer()),
+            args=SpecKDDistillationConfig(output_dir=str(tmp_path), **TINY),
+            train_dataset=Dataset.from_list([{"prompt": "what is 1 + 2 ="}] * 4),
+            eval_dataset={"a": make_dataset(4)},
+            processing_class=tokenizer,
+        )
+
+
+@pytest.mark.parametrize("passed_as", ["path", "model"])
+def test_teacher_tokenizer_that_differs_token_by_token(tmp_path, passed_as):
+    """TRL compares only the vocabulary sizes; the tokenizers are compared id by id too, for a teacher given by path
+    or as a model loaded from one."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = make_tokenizer()
+    teacher = str(save_teacher_with_another_tokenizer(tmp_path / "teacher", tokenizer))
+    if passed_as == "model":
+        teacher = AutoModelForCausalLM.from_pretrained(teacher)
+    with pytest.raises(ValueError, match="teacher.s tokenizer differ on 2 of their 96 shared token ids"):
+        build_with(tmp_path, make_prompt_dataset(4), model=make_model(0, tokenizer), teacher=teacher)
+
+
+def test_gate_top_k_at_or_above_the_vocabulary(tmp_path):
+    with pytest.raises(ValueError, match="gate_top_k=96 is not below the vocabulary size 96"):
+        build(tmp_path, gate="topk", gate_top_k=96)

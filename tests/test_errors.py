@@ -1,11 +1,13 @@
 """Bad input fails before training starts, with a message that names the value and the fix."""
 
+import re
+
 import pytest
 import torch
 from datasets import Dataset
 
 from speckd_trl import SpecKDConfig, SpecKDTrainer, config, validation
-from speckd_trl.tools.testing import make_dataset, make_model, make_tokenizer
+from speckd_trl.tools.testing import make_dataset, make_model, make_tokenizer, save_teacher_with_another_tokenizer
 
 
 BASE = dict(output_dir="unused", bf16=False, use_cpu=True, report_to="none")
@@ -118,29 +120,75 @@ def make(tokenizer, student, teacher, **overrides):
     )
 
 
-def test_teacher_tokenizer_that_differs_token_by_token(tmp_path):
-    """Same size, different tokens: the teacher's saved tokenizer is compared id by id, not only by its length."""
-    tokenizer = make_tokenizer()
-    teacher_dir = tmp_path / "teacher"
-    make_model(1, tokenizer).save_pretrained(teacher_dir)
-    other = make_tokenizer()
-    vocab = other.backend_tokenizer.get_vocab()
-    swapped = {**vocab, "user": vocab["assistant"], "assistant": vocab["user"]}  # two ids exchanged
-    from tokenizers import Tokenizer, models, pre_tokenizers
+@pytest.mark.parametrize("passed_as", ["path", "model"])
+def test_teacher_tokenizer_that_differs_token_by_token(tmp_path, passed_as):
+    """Same size, different tokens: the teacher's saved tokenizer is compared id by id, not only by its length,
+    whether the teacher is given by path or as a model loaded from that path (most GKD users pass a model)."""
+    from transformers import AutoModelForCausalLM
 
-    backend = Tokenizer(models.WordLevel(vocab=swapped, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    other._tokenizer = backend
-    other.save_pretrained(teacher_dir)
+    tokenizer = make_tokenizer()
+    teacher = str(save_teacher_with_another_tokenizer(tmp_path / "teacher", tokenizer))
+    if passed_as == "model":
+        teacher = AutoModelForCausalLM.from_pretrained(teacher)
     with pytest.raises(ValueError, match="teacher.s tokenizer differ on 2 of their 96 shared token ids") as err:
-        make(tokenizer, make_model(0, tokenizer), str(teacher_dir), output_dir=str(tmp_path / "out"))
+        make(tokenizer, make_model(0, tokenizer), teacher, output_dir=str(tmp_path / "out"))
     assert "'user' vs 'assistant'" in str(err.value)
+
+
+def test_4bit_flag_with_a_loaded_teacher(tmp_path):
+    """`teacher_load_in_4bit` cannot quantize a loaded model: an error, not a full-precision teacher."""
+    tokenizer = make_tokenizer()
+    with pytest.raises(ValueError, match=r"teacher_load_in_4bit=True loads a teacher given as a name or path") as err:
+        make(tokenizer, make_model(0, tokenizer), make_model(1, tokenizer), teacher_load_in_4bit=True, output_dir="x")
+    assert "quantization_config=BitsAndBytesConfig(load_in_4bit=True" in str(err.value)
+
+
+def test_4bit_flag_with_a_teacher_loaded_in_4bit(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    tokenizer = make_tokenizer()
+    make_model(1, tokenizer).save_pretrained(tmp_path / "teacher")
+    teacher = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "teacher", quantization_config=BitsAndBytesConfig(load_in_4bit=True), device_map={"": "cpu"}
+    )
+    trainer = make(tokenizer, make_model(0, tokenizer), teacher, teacher_load_in_4bit=True, output_dir=str(tmp_path))
+    assert trainer.teacher_model.is_loaded_in_4bit
+
+
+def test_teacher_init_kwargs_with_a_loaded_teacher(tmp_path):
+    tokenizer = make_tokenizer()
+    with pytest.raises(ValueError, match="teacher_model_init_kwargs .* already loaded"):
+        make(
+            tokenizer,
+            make_model(0, tokenizer),
+            make_model(1, tokenizer),
+            teacher_model_init_kwargs={"dtype": "float32"},
+            output_dir=str(tmp_path),
+        )
 
 
 def test_teacher_output_smaller_than_the_tokenizer(tmp_path):
     tokenizer = make_tokenizer()
-    with pytest.raises(ValueError, match="the tokenizer has 96 tokens but the teacher produces only 64 logits"):
+    with pytest.raises(ValueError, match="the tokenizer has 96 tokens but the teacher produces only 64 logits") as err:
         make(tokenizer, make_model(0, tokenizer), make_model(1, tokenizer, vocab_size=64), output_dir=str(tmp_path))
+    # the advice fixes the cause (another tokenizer), it does not silence the check
+    assert "resize_token_embeddings" not in str(err.value) and "GOLD / ULD" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "overrides, name",
+    [
+        ({"gate_top_k": 96}, "gate_top_k=96"),
+        ({"gate_top_k": 500}, "gate_top_k=500"),
+        ({"gate_top_k_schedule": "linear", "gate_top_k_start": 200, "gate_top_k_end": 2}, "gate_top_k_start=200"),
+    ],
+)
+def test_gate_top_k_at_or_above_the_vocabulary(tmp_path, overrides, name):
+    tokenizer = make_tokenizer()
+    with pytest.raises(ValueError, match=f"{name} is not below the vocabulary size 96: .*gate='none'"):
+        make(tokenizer, make_model(0, tokenizer), make_model(1, tokenizer), output_dir=str(tmp_path), **overrides)
+    make(tokenizer, make_model(0, tokenizer), make_model(1, tokenizer), output_dir=str(tmp_path), gate_top_k=95)
 
 
 def test_tokenizer_larger_than_the_models(tmp_path):
@@ -202,10 +250,25 @@ def make_with_dataset(tmp_path, dataset, **overrides):
     )
 
 
-def test_dataset_rows_without_messages_or_prompt_completion(tmp_path):
-    dataset = Dataset.from_list([{"text": "what is 1 + 2 = answer 3"}])
-    with pytest.raises(ValueError, match=r"train_dataset has columns \['text'\], but SpecKD needs chat rows"):
-        make_with_dataset(tmp_path, dataset)
+@pytest.mark.parametrize(
+    "row, advice",
+    [
+        ({"text": "what is 1 + 2 = answer 3"}, "Plain `text` rows have no prompt/completion boundary"),
+        ({"prompt": "what is 1 + 2 ="}, "Prompt-only rows .* use SpecKDDistillationTrainer"),
+        (
+            {"conversations": [{"from": "human", "value": "hi"}]},
+            r"dataset.rename_column\('conversations', 'messages'\)",
+        ),
+        ({"question": "what is 1 + 2 =", "answer": "3"}, "Rename or map the columns to `messages`"),
+    ],
+)
+def test_dataset_rows_without_messages_or_prompt_completion(tmp_path, row, advice):
+    """The advice depends on what the columns hold (it suggested renaming `conversations` for every dataset)."""
+    columns = str(list(row)).replace("[", r"\[").replace("]", r"\]")
+    with pytest.raises(ValueError, match=f"train_dataset has columns {columns}, but SpecKDTrainer needs") as err:
+        make_with_dataset(tmp_path, Dataset.from_list([row]))
+    assert re.search(advice, str(err.value)), str(err.value)
+    assert ("conversations" in str(err.value)) == ("conversations" in row)
 
 
 def test_empty_dataset(tmp_path):

@@ -112,6 +112,20 @@ def make_family_model(seed: int, tokenizer: PreTrainedTokenizerFast, family: str
     return model
 
 
+def save_teacher_with_another_tokenizer(path: str | os.PathLike, tokenizer: PreTrainedTokenizerFast) -> Path:
+    """Save `make_model(1, tokenizer)` to `path` with a tokenizer of the same size that gives `user` and `assistant`
+    each other's ids: a teacher that only an id-by-id comparison of the tokenizers tells apart. Returns `path`."""
+    make_model(1, tokenizer).save_pretrained(path)
+    other = make_tokenizer()
+    vocab = other.backend_tokenizer.get_vocab()
+    swapped = {**vocab, "user": vocab["assistant"], "assistant": vocab["user"]}
+    backend = Tokenizer(models.WordLevel(vocab=swapped, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    other._tokenizer = backend
+    other.save_pretrained(path)
+    return Path(path)
+
+
 def drop_cache_under_gradient_checkpointing(model: PreTrainedModel) -> PreTrainedModel:
     """Make `model` ignore its KV cache (``use_cache=False``, no ``past_key_values``) whenever gradient checkpointing
     is on and it is in training mode, whatever the installed transformers does there (older versions turned the
