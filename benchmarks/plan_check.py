@@ -409,7 +409,10 @@ def main():
                 json.dump(row, f)
             from accelerate import PartialState
 
-            PartialState().destroy_process_group()  # a gloo group left to the exit can abort the process
+            from speckd_trl.cli import exit_distributed_job
+
+            PartialState().destroy_process_group()
+            exit_distributed_job(0)  # as the CLI: a gloo job's teardown can abort a process that finished its work
         else:
             print(json.dumps(row))
         return

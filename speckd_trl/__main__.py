@@ -1,8 +1,6 @@
 """`python -m speckd_trl` (also under `accelerate launch --config_file examples/accelerate/... -m speckd_trl`)."""
 
-import sys
-
-from .cli import main
+from .cli import run
 
 
-sys.exit(main())
+run()

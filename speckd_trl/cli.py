@@ -27,6 +27,7 @@ trains a `SpecKDDistillationTrainer` and takes `SpecKDDistillationConfig`'s (the
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import sys
@@ -34,6 +35,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -198,9 +200,8 @@ def train(script_args, training_args, model_args, trainer_args: TrainerArguments
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
     trainer.accelerator.print(f"Saved the student to {training_args.output_dir}.")
-    # Every process leaves together (none exits while the main one still writes), and leaves the process group
-    # before the interpreter exits: a 2-process CPU job has aborted at exit after its work was saved ("terminate called
-    # without an active exception", SIGABRT; rare, cause not found).
+    # Every process leaves together (none exits while the main one still writes) and leaves the process group; a
+    # multi-process job then exits through `exit_distributed_job` (see there).
     trainer.accelerator.wait_for_everyone()
     trainer.accelerator.end_training()
 
@@ -332,5 +333,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def exit_distributed_job(status: int) -> NoReturn:
+    """End this process of a multi-process job with `status`, without the interpreter's teardown.
+
+    A 2-process CPU (gloo) job could exit 134 after it had trained and saved everything: SIGABRT, "terminate called
+    without an active exception", in the interpreter's teardown, when gloo's work objects, which hold tensors, are
+    destroyed while the interpreter is being torn down (pytorch/pytorch#190489; the upstream fix, an exit handler
+    that destroys the process groups, was abandoned: pytorch/pytorch#179291). Leaving the process group first
+    (`destroy_process_group`) and collecting garbage does not prevent it from our side: measured in the CLI's job,
+    the world group's object is still alive after both, held from outside any Python object (a weak reference to it
+    stays valid, `gc.get_referrers` finds nothing). So once every output is written, each process runs the exit
+    handlers the interpreter would run (`atexit`: logging's flush and close, experiment trackers), flushes its
+    standard streams and leaves with `os._exit(status)`, skipping only the teardown where the abort happens.
+    """
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(status)
+
+
+def run() -> None:
+    """The `speckd-trl` console script and `python -m speckd_trl`: `main()`, then exit with its status; a process of
+    a multi-process job (`WORLD_SIZE > 1`, as set by `accelerate launch` and `torchrun`) exits through
+    `exit_distributed_job`."""
+    status = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        exit_distributed_job(status)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -13,6 +13,7 @@ import sys
 from accelerate import PartialState
 
 from speckd_trl import SpecKDConfig, SpecKDDistillationConfig, SpecKDDistillationTrainer, SpecKDTrainer
+from speckd_trl.cli import exit_distributed_job
 from speckd_trl.tools.testing import (
     DISTRIBUTED_ARGS,
     DISTRIBUTED_GATE,
@@ -92,4 +93,5 @@ if __name__ == "__main__":
     for loss_path in LOSS_PATHS:
         run(sys.argv[1], int(sys.argv[2]), loss_path)
     run_distillation(sys.argv[1], int(sys.argv[2]))
-    PartialState().destroy_process_group()  # as the CLI does: a gloo group left to the exit can abort the process
+    PartialState().destroy_process_group()
+    exit_distributed_job(0)  # as the CLI: a gloo job's teardown can abort a process that finished its work

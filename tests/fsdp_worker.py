@@ -25,6 +25,7 @@ import torch
 from accelerate import PartialState
 
 from speckd_trl import SpecKDConfig, SpecKDDistillationConfig, SpecKDDistillationTrainer, SpecKDTrainer
+from speckd_trl.cli import exit_distributed_job
 from speckd_trl.tools.testing import (
     DISTRIBUTED_ARGS,
     DISTRIBUTED_GATE,
@@ -215,4 +216,5 @@ if __name__ == "__main__":
     for case in CASES:
         run(out, case, per_device_batch=2, configured_state=not gpu, teacher_dir=teacher_dir, use_cpu=not gpu)
     untrained_checks(out, use_cpu=not gpu, configured_state=not gpu, gkd_step=gpu)
-    PartialState().destroy_process_group()  # as the CLI does: a gloo group left to the exit can abort the process
+    PartialState().destroy_process_group()
+    exit_distributed_job(0)  # as the CLI: a gloo job's teardown can abort a process that finished its work

@@ -19,6 +19,7 @@ from accelerate import PartialState
 from peft import LoraConfig
 
 from speckd_trl import SpecKDConfig, SpecKDDistillationConfig, SpecKDDistillationTrainer, SpecKDTrainer
+from speckd_trl.cli import exit_distributed_job
 from speckd_trl.tools.testing import (
     DISTRIBUTED_ARGS,
     DISTRIBUTED_GATE,
@@ -144,4 +145,5 @@ if __name__ == "__main__":
     else:
         for case in ZERO2_CASES:
             run(out, case, per_device_batch=2, student=student, teacher=teacher)
-    PartialState().destroy_process_group()  # as the CLI does: a gloo group left to the exit can abort the process
+    PartialState().destroy_process_group()
+    exit_distributed_job(0)  # as the CLI: a gloo job's teardown can abort a process that finished its work

@@ -247,7 +247,7 @@ def free_port() -> int:
 def launch_env() -> dict[str, str]:
     """The environment of launched test processes: this package importable (its source tree first on `PYTHONPATH`),
     one thread per process, no hub, no experimental-API warning, and Python's stack of every thread printed if a
-    process dies of a signal (`PYTHONFAULTHANDLER`: a rare SIGABRT at exit is not explained yet)."""
+    process dies of a signal (`PYTHONFAULTHANDLER`)."""
     root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRL_EXPERIMENTAL_SILENCE="1", PYTHONFAULTHANDLER="1")
