@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -39,7 +40,6 @@ from trl.trainer.utils import maybe_gather_lm_head_ctx
 from .config import SpecKDDistillationConfig
 from .gating import ON_POLICY, GatedTrainerMixin, TokenGate, sampled_log_probs_from_hidden
 from .generation import sampling_only_from
-from .losses import OutputHead
 from .models import (
     capture_last_hidden_state,
     check_output_head,
@@ -212,6 +212,10 @@ class SpecKDDistillationTrainer(GatedTrainerMixin, DistillationTrainer):
             loss_mask = loss_mask * inputs["tool_mask"]
         logits_to_keep = inputs["completion_ids"].size(1)  # position k's hidden state predicts completion token k
         multimodal_inputs = {key: inputs[key] for key in MULTIMODAL_KEYS if key in inputs}
+        if not self._heads_checked:  # before this micro-batch's own forwards, which it leaves as they are
+            self._check_output_heads(
+                unwrapped_student, self.accelerator.unwrap_model(self.teacher_model), input_ids, attention_mask
+            )
         student_hidden = self._get_last_hidden_state(
             unwrapped_student, input_ids, attention_mask, logits_to_keep, **multimodal_inputs
         )
@@ -231,10 +235,6 @@ class SpecKDDistillationTrainer(GatedTrainerMixin, DistillationTrainer):
             )
         student_head = output_head(unwrapped_student, "student", gathered=False, dtype=student_hidden.dtype)
         teacher_head = output_head(unwrapped_teacher, "teacher", gathered=False, dtype=teacher_hidden.dtype)
-        if not self._heads_checked:
-            self._check_output_heads(
-                (unwrapped_student, unwrapped_teacher), (student_head, teacher_head), input_ids, attention_mask
-            )
         if student_head.weight.device != teacher_head.weight.device:
             raise ValueError(
                 f"The student `lm_head` is on {student_head.weight.device} but the teacher `lm_head` is on "
@@ -296,24 +296,37 @@ class SpecKDDistillationTrainer(GatedTrainerMixin, DistillationTrainer):
 
     @torch.no_grad()
     def _check_output_heads(
-        self,
-        models: tuple[nn.Module, nn.Module],
-        heads: tuple[OutputHead, OutputHead],
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        self, student: nn.Module, teacher: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> None:
-        """Once, on the first micro-batch: both models' own logits at the last position (one forward each, no
-        gradient) against what their `OutputHead`s compute from the same forward's final hidden states
-        (`models.check_output_head`). Every process runs it, so sharded models gather together."""
-        for role, model, head in zip(("student", "teacher"), models, heads):
+        """Once, on the first micro-batch, before its own forwards: both models' own logits at the last position (one
+        forward each, no gradient) against what `output_head` computes from the same forward's final hidden states
+        (`models.check_output_head`). Every process runs it, so sharded models gather together.
+
+        Not under DeepSpeed ZeRO-3, where a forward of the whole model besides the backbone's breaks ZeRO-3's parameter
+        prefetching for the steps after it (measured: "Cannot partition a param in flight"): there it warns instead.
+        """
+        self._heads_checked = True
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+        if is_deepspeed_zero3_enabled():
+            warnings.warn(
+                "SpecKDDistillationTrainer: under DeepSpeed ZeRO-3 the output layers are read by TRL's logit-scale and "
+                "softcap rules without the start-up comparison with the models' own logits (an extra forward would "
+                "disturb ZeRO-3's prefetching). For a model family not tried before, run one step without ZeRO-3 "
+                "first: a head the rules do not describe stops there with an error.",
+                UserWarning,
+                stacklevel=2,
+            )
+            return
+        for role, model in (("student", student), ("teacher", teacher)):
             base = model.get_base_model() if hasattr(model, "get_base_model") else model
             # as TRL's `_get_last_hidden_state`: some models (SmolVLM / Idefics3) take no `logits_to_keep`
             keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
             with capture_last_hidden_state(model) as captured:
                 logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **keep).logits
+            head = output_head(model, role, gathered=False, dtype=captured["hidden"].dtype)
             with maybe_gather_lm_head_ctx(head.weight, head.bias):
                 check_output_head(model, role, head, captured["hidden"][:, -1], logits[:, -1], remedy=EAGER_REMEDY)
-        self._heads_checked = True
 
     # ------------------------------------------------------------------ checkpoints
 

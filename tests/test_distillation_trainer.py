@@ -139,7 +139,8 @@ def loop_reference(trainer, batch, uniforms):
     "gate, reward_coef, beta, family",
     [("topk", 0.0, 0.5, None), ("spec", 0.0, 0.5, None), ("spec", 0.5, 1.0, None), ("topk", 0.3, 0.0, None)]
     # the models' own logits against the chunked divergence on scaled and soft-capped heads
-    + [("topk", 0.0, 0.5, family) for family in sorted(HEAD_FAMILIES)],
+    + [("topk", 0.0, 0.5, family) for family in sorted(HEAD_FAMILIES)]
+    + [("spec", 0.5, 0.5, "gemma2"), ("topk", 0.3, 1.0, "granite")],  # the reward term's log q on those heads
 )
 def test_gated_loss_matches_a_loop_reference(tmp_path, gate, reward_coef, beta, family):
     trainer = build(

@@ -101,6 +101,7 @@ def test_speckd_trainer_chunked_equals_eager_on_every_head(tmp_path, family, kin
             loss_path=loss_path,
             loss_chunk_size=5,
             gate="spec" if kind == ON_POLICY else "topk",
+            reward_coef=0.3 if kind == ON_POLICY else 0.0,  # the reward term's log q through the same head
             gate_top_k=48,
             reject_weight=0.2,
             temperature=0.7,
