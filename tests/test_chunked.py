@@ -12,8 +12,14 @@ from peft import LoraConfig
 from speckd_trl import PlanConfig, SpecKDConfig
 from speckd_trl.cli import main
 from speckd_trl.losses import OutputHead, chunked_weighted_jsd, weighted_generalized_jsd
-from speckd_trl.tools.testing import make_dataset, make_model, make_tokenizer
-from speckd_trl.trainer import KIND_KEY, OFF_POLICY, ON_POLICY, SpecKDTrainer
+from speckd_trl.tools.testing import (
+    collated_batch,
+    loss_gradients_and_window,
+    make_dataset,
+    make_model,
+    make_tokenizer,
+)
+from speckd_trl.trainer import OFF_POLICY, ON_POLICY, SpecKDTrainer
 
 
 def make_args(tmp_path, **overrides) -> SpecKDConfig:
@@ -136,23 +142,6 @@ def _trainer(tmp_path, loss_path, peft=False, **overrides):
     )
 
 
-def _batch(trainer, kind):
-    ds = trainer.train_dataset
-    batch = trainer.data_collator([ds[i] for i in range(4)])
-    if kind == ON_POLICY:  # a fixed "sampled" completion: the dataset's, so both paths see the same tokens
-        return {**batch, KIND_KEY: ON_POLICY}
-    return {**batch, KIND_KEY: OFF_POLICY}
-
-
-def _loss_and_grads(trainer, batch):
-    trainer.model.train()
-    trainer.model.zero_grad()
-    loss = trainer.compute_loss(trainer.model, batch, num_items_in_batch=torch.tensor(13))
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
-    return loss.detach(), grads, dict(trainer._gate_window)
-
-
 @pytest.mark.parametrize(
     "gate",
     [
@@ -170,7 +159,7 @@ def test_trainer_chunked_equals_eager(tmp_path, gate, beta, kind):
     results = {}
     for loss_path in ("eager", "chunked"):
         trainer = _trainer(tmp_path, loss_path, beta=beta, temperature=0.7, **gate)
-        results[loss_path] = _loss_and_grads(trainer, _batch(trainer, kind))
+        results[loss_path] = loss_gradients_and_window(trainer, collated_batch(trainer, kind))
     (loss_e, grads_e, window_e), (loss_c, grads_c, window_c) = results["eager"], results["chunked"]
     assert loss_c.item() == pytest.approx(loss_e.item(), rel=1e-5, abs=1e-7)
     assert window_c == window_e  # same accept decisions, counted the same way
@@ -183,7 +172,7 @@ def test_trainer_chunked_equals_eager_with_lora(tmp_path):
     results = {}
     for loss_path in ("eager", "chunked"):
         trainer = _trainer(tmp_path, loss_path, peft=True, gate="topk", gate_top_k=3, beta=0.5)
-        results[loss_path] = _loss_and_grads(trainer, _batch(trainer, OFF_POLICY))
+        results[loss_path] = loss_gradients_and_window(trainer, collated_batch(trainer, OFF_POLICY))
     assert results["chunked"][0].item() == pytest.approx(results["eager"][0].item(), rel=1e-5)
     for name, grad in results["eager"][1].items():
         torch.testing.assert_close(results["chunked"][1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
@@ -208,7 +197,7 @@ def test_chunked_refuses_a_lora_head(tmp_path):
         peft_config=LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]),
     )
     with pytest.raises(ValueError, match="not a plain nn.Linear.*loss_path='eager'"):
-        trainer.compute_loss(trainer.model, _batch(trainer, OFF_POLICY))
+        trainer.compute_loss(trainer.model, collated_batch(trainer, OFF_POLICY))
 
 
 @pytest.mark.parametrize("value", [0, -3, 2.5, True])

@@ -12,13 +12,15 @@ from speckd_trl.models import check_output_head, logit_scale, output_head
 from speckd_trl.tools.testing import (
     HEAD_FAMILIES,
     TINY_ARGS,
+    collated_batch,
+    loss_gradients_and_window,
     make_family_model,
     make_model,
     make_prompt_dataset,
     make_tokenizer,
     make_trainer,
 )
-from speckd_trl.trainer import KIND_KEY, OFF_POLICY, ON_POLICY
+from speckd_trl.trainer import OFF_POLICY, ON_POLICY
 
 
 class ScaledLogitsLlama(LlamaForCausalLM):
@@ -74,20 +76,6 @@ def test_check_output_head_names_the_class_and_the_remedy():
 # ----------------------------------------------------------------------------- SpecKDTrainer: eager == chunked
 
 
-def _batch(trainer, kind):
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
-    return {**batch, KIND_KEY: kind}  # on-policy: the dataset's completion stands for the sampled one
-
-
-def _loss_and_grads(trainer, batch):
-    trainer.model.train()
-    trainer.model.zero_grad()
-    loss = trainer.compute_loss(trainer.model, batch, num_items_in_batch=torch.tensor(13))
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
-    return loss.detach(), grads, dict(trainer._gate_window)
-
-
 @pytest.mark.parametrize("kind", [OFF_POLICY, ON_POLICY])
 @pytest.mark.parametrize("family", sorted(HEAD_FAMILIES))
 def test_speckd_trainer_chunked_equals_eager_on_every_head(tmp_path, family, kind):
@@ -107,7 +95,7 @@ def test_speckd_trainer_chunked_equals_eager_on_every_head(tmp_path, family, kin
             temperature=0.7,
             per_device_train_batch_size=4,
         )
-        results[loss_path] = _loss_and_grads(trainer, _batch(trainer, kind))
+        results[loss_path] = loss_gradients_and_window(trainer, collated_batch(trainer, kind))
     (loss_e, grads_e, window_e), (loss_c, grads_c, window_c) = results["eager"], results["chunked"]
     assert loss_e.item() > 0
     assert loss_c.item() == pytest.approx(loss_e.item(), rel=1e-5)

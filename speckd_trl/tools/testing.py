@@ -200,6 +200,27 @@ def make_trainer(
     )
 
 
+def collated_batch(trainer, kind: str, rows: int = 4) -> dict:
+    """The first `rows` rows of the trainer's dataset through its collator, marked as a batch of `kind`
+    (`trainer.ON_POLICY` / `OFF_POLICY`): for on-policy, the dataset's completions stand for sampled ones, so two
+    trainers (e.g. the eager and the chunked loss path) see the same tokens."""
+    from ..trainer import KIND_KEY
+
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(rows)])
+    return {**batch, KIND_KEY: kind}
+
+
+def loss_gradients_and_window(trainer, batch: dict, num_items_in_batch: int = 13) -> tuple:
+    """One training-mode `compute_loss` and backward on `batch` (a micro-batch of a window of `num_items_in_batch`
+    completion tokens): the loss, the gradient of every trainable parameter and the gate's logging window."""
+    trainer.model.train()
+    trainer.model.zero_grad()
+    loss = trainer.compute_loss(trainer.model, batch, num_items_in_batch=torch.tensor(num_items_in_batch))
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    return loss.detach(), grads, dict(trainer._gate.window)
+
+
 def perturbed_copy(model: PreTrainedModel, noise: float, seed: int = 0) -> PreTrainedModel:
     """A copy of `model` with Gaussian noise of std `noise` times each weight's std added: a student close to its
     teacher, for tests and benchmarks of speculative generation that need a high acceptance rate."""
