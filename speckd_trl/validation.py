@@ -226,14 +226,14 @@ def check_dataset(dataset: Any, tokenizer: Any, max_length: int | None, name: st
     if dataset is None:
         return
     _check_not_empty(dataset, name)
-    kind = dataset_format(dataset)
+    kind, columns = dataset_format(dataset), _columns(dataset)
     if kind == "unknown":
         raise ValueError(
-            f"{name} has columns {dataset.column_names}, but SpecKDTrainer needs chat rows `messages` (a list of "
+            f"{name} has columns {columns}, but SpecKDTrainer needs chat rows `messages` (a list of "
             "{'role', 'content'} dicts ending with the assistant turn) or `prompt` and `completion` columns. "
-            f"{_column_advice(_columns(dataset))}"
+            f"{_column_advice(columns)}"
         )
-    if kind == "tokenized" and "prompt" not in _columns(dataset):
+    if kind == "tokenized" and "prompt" not in columns:
         raise ValueError(
             f"{name} has tokenized rows (`input_ids`) but no `prompt` column: TRL's GKD collator reads the prompt's "
             "text from it (for on-policy generation it needs the prompt). Add the prompt text as a `prompt` column, "
