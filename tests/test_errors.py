@@ -143,15 +143,20 @@ def test_4bit_flag_with_a_loaded_teacher(tmp_path):
     assert "quantization_config=BitsAndBytesConfig(load_in_4bit=True" in str(err.value)
 
 
-def test_4bit_flag_with_a_teacher_loaded_in_4bit(tmp_path):
-    pytest.importorskip("bitsandbytes")
+def loaded_in_4bit(path, seed: int, tokenizer):
+    """`make_model(seed)` saved to `path` and loaded back in 4-bit (bitsandbytes' CPU backend)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    tokenizer = make_tokenizer()
-    make_model(1, tokenizer).save_pretrained(tmp_path / "teacher")
-    teacher = AutoModelForCausalLM.from_pretrained(
-        tmp_path / "teacher", quantization_config=BitsAndBytesConfig(load_in_4bit=True), device_map={"": "cpu"}
+    make_model(seed, tokenizer).save_pretrained(path)
+    return AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=BitsAndBytesConfig(load_in_4bit=True), device_map={"": "cpu"}
     )
+
+
+def test_4bit_flag_with_a_teacher_loaded_in_4bit(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    tokenizer = make_tokenizer()
+    teacher = loaded_in_4bit(tmp_path / "teacher", 1, tokenizer)
     trainer = make(tokenizer, make_model(0, tokenizer), teacher, teacher_load_in_4bit=True, output_dir=str(tmp_path))
     assert trainer.teacher_model.is_loaded_in_4bit
 
@@ -385,12 +390,7 @@ def test_bf16_where_unsupported(monkeypatch):
 
 def test_quantized_student_without_peft_config(tmp_path):
     pytest.importorskip("bitsandbytes")
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
     tokenizer = make_tokenizer()
-    make_model(0, tokenizer).save_pretrained(tmp_path / "student")
-    student = AutoModelForCausalLM.from_pretrained(
-        tmp_path / "student", quantization_config=BitsAndBytesConfig(load_in_4bit=True), device_map={"": "cpu"}
-    )
+    student = loaded_in_4bit(tmp_path / "student", 0, tokenizer)
     with pytest.raises(ValueError, match="is quantized, and quantized weights cannot be trained directly"):
         make(tokenizer, student, make_model(1, tokenizer), output_dir=str(tmp_path))
