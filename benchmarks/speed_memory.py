@@ -96,8 +96,8 @@ def build_trainers(args, methods, on_policy, layers):
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
     from speckd_trl import SpecKDConfig, SpecKDTrainer
+    from speckd_trl.batches import KIND_KEY, OFF_POLICY
     from speckd_trl.tools.testing import make_dataset, make_tokenizer
-    from speckd_trl.trainer import KIND_KEY, OFF_POLICY
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
@@ -185,10 +185,10 @@ def gate_ms(trainer, inputs, device, *, on_policy: bool, repeats: int = 5) -> fl
     import torch
 
     from speckd_trl import SpecKDTrainer
+    from speckd_trl.batches import OFF_POLICY, ON_POLICY
     from speckd_trl.losses import jsd_log_probs
-    from speckd_trl.trainer import OFF_POLICY, ON_POLICY
 
-    if not isinstance(trainer, SpecKDTrainer) or trainer.args.gate == "none":
+    if not isinstance(trainer, SpecKDTrainer) or not trainer.args.gate_rule.rejects:
         return 0.0
     with torch.no_grad():
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
@@ -201,8 +201,8 @@ def gate_ms(trainer, inputs, device, *, on_policy: bool, repeats: int = 5) -> fl
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        gate = trainer._gate.batch(kind, completion, training=True, step=0, max_steps=1)
-        gate.accept(student, teacher, sampled_ids)
+        batch = trainer._gate.batch(kind, completion, sampled_ids, training=True, step=0, max_steps=1)
+        batch.verdicts(student, teacher)
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)

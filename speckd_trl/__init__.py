@@ -25,13 +25,24 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_drop_missing_kerne
 
 from .config import GateConfigMixin, SpecKDConfig, SpecKDDistillationConfig  # noqa: E402
 from .distillation_trainer import SpecKDDistillationTrainer  # noqa: E402
-from .gate import accept_mask, propose, sequence_rewards, teacher_rank  # noqa: E402
-from .gating import GatedBatch, TokenGate  # noqa: E402
 from .generation import GenerationStats, speculative_generate, student_generate  # noqa: E402
 from .losses import normalize_loss, weighted_generalized_jsd  # noqa: E402
+from .metrics import sequence_rewards  # noqa: E402
+from .rules import (  # noqa: E402
+    GATE_RULES,
+    GateRule,
+    NoGate,
+    SpecGate,
+    TopKGate,
+    accept_mask,
+    propose,
+    register_rule,
+    teacher_rank,
+)
 from .tools.drafter import evaluate_drafter  # noqa: E402
 from .tools.plan import MemoryPlan, PlanConfig, estimate_memory, format_plan  # noqa: E402
 from .trainer import SpecKDTrainer  # noqa: E402
+from .weighting import GatedBatch, TokenGate  # noqa: E402
 
 
 __version__ = "0.1.0"
@@ -42,6 +53,12 @@ __all__ = [
     "SpecKDDistillationConfig",
     "SpecKDDistillationTrainer",
     "GateConfigMixin",
+    "GATE_RULES",
+    "GateRule",
+    "NoGate",
+    "SpecGate",
+    "TopKGate",
+    "register_rule",
     "GatedBatch",
     "TokenGate",
     "GenerationStats",

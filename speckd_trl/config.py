@@ -14,8 +14,8 @@ from transformers.utils.import_utils import is_torch_bf16_available_on_device
 from trl import DistillationConfig
 from trl.experimental.gkd import GKDConfig
 
-from .gate import GATES
 from .losses import LOSS_PATHS, NORMALIZATIONS
+from .rules import GATE_RULES, GATES, GateRule, get_rule
 
 
 GATE_ON = ("both", "on_policy", "off_policy")
@@ -38,12 +38,6 @@ def bf16_unsupported_reason(use_cpu: bool) -> str | None:
     if is_torch_bf16_gpu_available():  # another accelerator (e.g. XPU) that transformers accepts
         return None
     return "no GPU is visible and use_cpu=False (transformers allows bf16 without a GPU only with use_cpu=True)"
-
-
-def on_policy_rows(lmbda: float, batch_size: int) -> int:
-    """Rows of a micro-batch of `batch_size` that get on-policy completions with `mixing="sample"`:
-    ``floor(lmbda * batch_size + 0.5)`` (rounded half up; e.g. lmbda 0.25 and batch 8: 2 rows, batch 2: 1 row)."""
-    return min(batch_size, int(lmbda * batch_size + 0.5))
 
 
 def _check_choice(owner: str, name: str, value: object, allowed: tuple[str, ...]) -> None:
@@ -147,7 +141,10 @@ class GateConfigMixin:
     )
     gate_top_k: int = field(
         default=5,
-        metadata={"help": "k of the 'topk' gate: a proposal is accepted if it is among the teacher's k best tokens."},
+        metadata={
+            "help": "k of the 'topk' gate: a proposal is accepted if it is among the teacher's k best tokens (ties at "
+            "the k-th place go to the lower token id); must be below the vocabulary size."
+        },
     )
     reject_weight: float = field(
         default=0.5,
@@ -196,14 +193,15 @@ class GateConfigMixin:
         default=0.0,
         metadata={
             "help": "Weight of the REINFORCE term on the teacher's accept reward (on-policy tokens): "
-            "-reward_coef * sum_t (r_t - b) log q(x_t) / N, b the micro-batch's mean reward."
+            "-reward_coef * sum_t (r_t - b) log q(x_t) / N, b the micro-batch's mean reward. Needs gated on-policy "
+            "tokens: where settings make the term identically zero it warns (raises with kd_coef=0)."
         },
     )
 
     def _check_gate_settings(self) -> None:
         """Validate the gate's fields; each error names the config, the field, its value and what is allowed."""
         owner = type(self).__name__
-        _check_choice(owner, "gate", self.gate, GATES)
+        _check_choice(owner, "gate", self.gate, tuple(GATE_RULES))
         _check_choice(owner, "gate_normalize", self.gate_normalize, NORMALIZATIONS)
         _check_int(owner, "gate_top_k", self.gate_top_k, 1)
         _check_range(owner, "reject_weight", self.reject_weight, 0.0, 1.0)
@@ -220,8 +218,11 @@ class GateConfigMixin:
 
     def _reward_term_is_dead(self) -> tuple[str, str] | None:
         """Why the reward term is identically zero with these settings, and the fix; `None` when it is not."""
-        if self.gate == "none":
-            return "gate='none' accepts every token (every reward is 1, so every advantage is 0)", "gate='topk'"
+        if not self.gate_rule.rejects:
+            return (
+                f"gate={self.gate!r} accepts every token (every reward is 1, so every advantage is 0)",
+                "gate='topk'",
+            )
         return None
 
     def _check_reward_term(self) -> None:
@@ -239,7 +240,7 @@ class GateConfigMixin:
         warnings.warn(f"{message} Set {fix} to train on the reward, or reward_coef=0.", UserWarning, stacklevel=4)
 
     def _warn_if_rejected_positions_are_masked(self) -> None:
-        if self.gate == "none":
+        if not self.gate_rule.rejects:
             return
         if self.reject_weight_schedule == "constant":
             masked = self.reject_weight == 0
@@ -247,11 +248,10 @@ class GateConfigMixin:
             masked = 0 in (self.reject_weight_start, self.reject_weight_end)
         if masked:
             warnings.warn(
-                f"{type(self).__name__}: a reject weight of 0 masks rejected positions completely. In "
-                "benchmarks/quality.py this collapsed the student in 5 of 6 runs (held-out answer NLL 1.1 -> 3.4-11): "
-                "nothing holds the rejected positions in place, so the acceptance rate falls and the training loss "
-                "goes to 0 with it. Watch gate/acceptance_rate, or keep a weight on them such as reject_weight=0.5 "
-                "(the default).",
+                f"{type(self).__name__}: a reject weight of 0 masks rejected positions completely, which can collapse "
+                "the student: nothing holds the rejected positions in place, so the acceptance rate falls and the "
+                "training loss goes to 0 with it. Keep a weight on them, e.g. reject_weight=0.5 (the default), or "
+                "watch gate/acceptance_rate.",
                 UserWarning,
                 stacklevel=5,  # here, _check_gate_settings, __post_init__, the dataclass __init__, the caller
             )
@@ -273,6 +273,11 @@ class GateConfigMixin:
                 )
             if value is not None:
                 check(f"{name}_{end}", value)
+
+    @property
+    def gate_rule(self) -> GateRule:
+        """The rule selected by `gate` (`rules.GATE_RULES`)."""
+        return get_rule(self.gate, owner=type(self).__name__)
 
     def gate_top_k_at(self, step: int, max_steps: int) -> int:
         """The `topk` gate's k at optimizer step `step` of `max_steps` (see `gate_top_k_schedule`)."""
@@ -403,7 +408,8 @@ class SpecKDConfig(GateConfigMixin, GKDConfig):
         default="batch",
         metadata={
             "help": "How lmbda mixes on- and off-policy data: 'batch' (each micro-batch is on-policy with probability "
-            "lmbda, as GKD) or 'sample' (round-half-up(lmbda * batch size) rows of every micro-batch are on-policy).",
+            "lmbda, as GKD) or 'sample' (round-half-up(lmbda * batch size) rows of every micro-batch are on-policy: "
+            "lmbda 0.25 and 8 rows give 2).",
             "choices": list(MIXINGS),
         },
     )
@@ -509,7 +515,7 @@ class SpecKDDistillationConfig(GateConfigMixin, DistillationConfig):
         super().__post_init__()
 
     def _warn_if_spec_reads_a_filtered_sampler(self) -> None:
-        if self.gate != "spec":
+        if not self.gate_rule.reads_student:
             return
         settings = {
             "top_p": self.top_p,
@@ -525,7 +531,7 @@ class SpecKDDistillationConfig(GateConfigMixin, DistillationConfig):
             )
         if changed:
             warnings.warn(
-                f"{type(self).__name__}: gate='spec' takes the student's proposal distribution q to be "
+                f"{type(self).__name__}: gate={self.gate!r} takes the student's proposal distribution q to be "
                 f"softmax(logits / temperature), but {', '.join(changed)} change the distribution the student samples "
                 "from, which biases the acceptance rate. Leave them at their defaults, or use gate='topk' (which "
                 "reads only the teacher's ranks).",

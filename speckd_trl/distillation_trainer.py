@@ -6,24 +6,22 @@ Wiring only. Where to look:
 - how a batch is made: TRL's `DistillationTrainer`, unchanged: prompt-only data, on-policy completions from the
   student (transformers or vLLM, tool calls, vision-language models), a generation batch per accumulation window, and
   `num_items_in_batch` counted on the generated completions;
-- how a position is weighted: `gating.py` (`TokenGate`, `GatedBatch`, `GatedRows`), the same piece `SpecKDTrainer`
-  calls; every completion token is the student's sample, so it is the proposal the teacher verifies;
-- how the loss is reduced: `GatedBatch.reduce` over `losses.py`, from the per-token divergence of TRL's
-  `ChunkedDivergenceFunction` (hidden states and output layers, never `[N, V]` logits in full).
+- how a position is weighted: `weighting.py` (`TokenGate`, `GatedBatch`), the same piece `SpecKDTrainer` calls, over
+  the rule of `rules.py`; every completion token is the student's sample, so it is the proposal the teacher verifies;
+- how the loss is reduced: `GatedBatch.reduce` over `losses.gated_loss`, from the per-token divergence of TRL's
+  `ChunkedDivergenceFunction` (hidden states and output layers, never `[N, V]` logits in full);
+- the logs, evaluation draws and checkpointed random streams: `gated_trainer.GatedTrainerMixin`.
 
-The one override of the loss is `_compute_loss`. TRL's version ends in `_chunked_divergence_loss`, a module-level
-function that sums the per-token divergence before returning it, so the weights cannot be applied after it: this
-override repeats TRL's inputs (both models' hidden states through `_get_last_hidden_state` and `_forward_redirection`,
-their output layers through `models.output_head`, the reader `SpecKDTrainer` uses too, with TRL's logit-scale and
-softcap rules) and calls `ChunkedDivergenceFunction` itself, as `_chunked_divergence_loss` does, keeping the per-token
-values. With `gate="none"` the result is TRL's loss. On the first micro-batch both output layers are checked against
-the models' own logits (`models.check_output_head`).
+The one override of the loss is `_compute_loss`. TRL's version sums the per-token divergence before returning it, so
+the weights cannot be applied after it: `compat.py` repeats TRL's steps up to that sum (pinned to TRL's source by a
+test), and the output layers are read by `models.output_head`, the reader `SpecKDTrainer` uses too. With
+`gate="none"` the result is TRL's loss. On the first micro-batch both output layers are checked against the models'
+own logits (`models.check_output_head`).
 """
 
 from __future__ import annotations
 
 import inspect
-import os
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -33,17 +31,19 @@ from datasets import Dataset, IterableDataset
 from torch import nn
 from transformers import PreTrainedModel, TrainerCallback
 from trl import DistillationTrainer
-from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
-from trl.kernels.chunked_logprob import _use_triton
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
+from .batches import ON_POLICY
+from .compat import distillation_hidden_states, distillation_inputs, per_token_divergence
 from .config import SpecKDDistillationConfig
-from .gating import ON_POLICY, GatedTrainerMixin, TokenGate, sampled_log_probs_from_hidden
+from .data import prompts_from_messages
+from .gated_trainer import GatedTrainerMixin
 from .generation import sampling_only_from
+from .losses import LossTerms, sampled_log_probs_from_hidden
 from .models import (
     capture_last_hidden_state,
     check_output_head,
-    check_same_tokens,
+    is_quantized,
     load_teacher_tokenizer,
     output_head,
     output_vocab_size,
@@ -54,26 +54,15 @@ from .validation import (
     check_gate_top_k,
     check_launch,
     check_prompt_dataset,
+    check_same_tokens,
     check_zero3_quantized_teacher,
-    is_quantized,
     named_datasets,
 )
+from .weighting import TokenGate
 
 
 # What a model whose output layer the chunked divergence cannot read should do instead
 EAGER_REMEDY = "use SpecKDTrainer with loss_path='eager' (lmbda=1 distills on-policy only, as here)"
-GATE_STATE_FILE = "speckd_gate_state_{}.pth"  # per process: the gate's training generator and logging window
-# The multimodal fields `DistillationTrainer._compute_loss` forwards to both backbones (TRL 1.16)
-MULTIMODAL_KEYS = (
-    "pixel_values",
-    "image_grid_thw",
-    "pixel_attention_mask",
-    "spatial_shapes",
-    "image_sizes",
-    "token_type_ids",
-    "mm_token_type_ids",
-    "image_position_ids",
-)
 
 
 class SpecKDDistillationTrainer(GatedTrainerMixin, DistillationTrainer):
@@ -205,34 +194,13 @@ class SpecKDDistillationTrainer(GatedTrainerMixin, DistillationTrainer):
             The loss (scalar), the sum of the student's per-token entropy and the number of completion tokens (as
             `DistillationTrainer._compute_loss`, for its `entropy` metric).
         """
-        input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
-        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
-        loss_mask = inputs["completion_mask"]
-        if "tool_mask" in inputs:
-            loss_mask = loss_mask * inputs["tool_mask"]
-        logits_to_keep = inputs["completion_ids"].size(1)  # position k's hidden state predicts completion token k
-        multimodal_inputs = {key: inputs[key] for key in MULTIMODAL_KEYS if key in inputs}
+        input_ids, attention_mask, loss_mask = distillation_inputs(inputs)
         if not self._heads_checked:  # before this micro-batch's own forwards, which it leaves as they are
             self._check_output_heads(
                 unwrapped_student, self.accelerator.unwrap_model(self.teacher_model), input_ids, attention_mask
             )
-        student_hidden = self._get_last_hidden_state(
-            unwrapped_student, input_ids, attention_mask, logits_to_keep, **multimodal_inputs
-        )
-        # the teacher's backbone through its own wrapper, so FSDP / DeepSpeed materialize its sharded parameters
-        self.teacher_model.eval()
+        student_hidden, teacher_hidden = distillation_hidden_states(self, unwrapped_student, inputs)
         unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
-        with torch.no_grad():
-            teacher_hidden = self._forward_redirection(
-                self.teacher_model,
-                unwrapped_teacher,
-                self._get_last_hidden_state,
-                unwrapped_teacher,
-                input_ids,
-                attention_mask,
-                logits_to_keep,
-                **multimodal_inputs,
-            )
         student_head = output_head(unwrapped_student, "student", gathered=False, dtype=student_hidden.dtype)
         teacher_head = output_head(unwrapped_teacher, "teacher", gathered=False, dtype=teacher_hidden.dtype)
         if student_head.weight.device != teacher_head.weight.device:
@@ -245,53 +213,41 @@ class SpecKDDistillationTrainer(GatedTrainerMixin, DistillationTrainer):
         teacher_hidden = teacher_hidden.to(teacher_head.weight.device).flatten(0, 1)  # [B * K, H_t]
         completion = loss_mask.to(device) != 0  # [B, K]
 
-        gate = self._gate.batch(
+        batch = self._gate.batch(
             ON_POLICY,
             completion,
+            inputs["completion_ids"].to(device),
             training=unwrapped_student.training,
             step=self.state.global_step,
             max_steps=self.state.max_steps,
         )
-        rows = gate.on_rows(inputs["completion_ids"].to(device))
+        rows = batch.rows
         with maybe_gather_lm_head_ctx(student_head.weight, student_head.bias, teacher_head.weight, teacher_head.bias):
-            rows.verify_hidden(student_hidden[rows.rows], student_head, teacher_hidden[rows.rows], teacher_head)
-        accepted = rows.positions()  # [B, K]
-        weights = gate.weights(accepted)  # [B, K]
-
-        # TRL's `_chunked_divergence_loss` without its sum: on Triton devices only the completion tokens are
-        # projected; elsewhere all of them (fixed tile shapes, no recompilation), the others masked after
+            accepted = batch.verdicts_from_hidden(
+                student_hidden[rows], student_head, teacher_hidden[rows], teacher_head
+            )  # [B, K]
         valid = completion.flatten()
-        compact = _use_triton(device)
-        h_s, h_t = (student_hidden[valid], teacher_hidden[valid]) if compact else (student_hidden, teacher_hidden)
-        divergence, entropy = ChunkedDivergenceFunction.apply(
-            h_s,
-            student_head.weight,
-            student_head.bias,
-            h_t,
-            teacher_head.weight,
-            teacher_head.bias,
-            self.beta,
-            self.temperature,
-            student_head.logit_scale,
-            student_head.softcap,
-            teacher_head.logit_scale,
-            teacher_head.softcap,
+        divergence, entropy, index = per_token_divergence(
+            student_hidden,
+            student_head,
+            teacher_hidden,
+            teacher_head,
+            valid,
+            beta=self.beta,
+            temperature=self.temperature,
         )
-        flat_weights = weights.flatten()
-        if compact:
-            weighted = divergence * flat_weights[valid]
-        else:
-            weighted = divergence.masked_fill(~valid, 0) * flat_weights
-            entropy = entropy.masked_fill(~valid, 0)
+        weights = batch.weights(accepted).flatten()
+        weighted = divergence * (weights if index is None else weights[index])
 
-        def logprobs() -> torch.Tensor:  # the reward term's log q_tau(x_t), differentiable, [B, K]
-            row_logprobs = sampled_log_probs_from_hidden(
-                student_hidden[rows.rows], student_head, rows.sampled_ids, self.temperature
+        def sampled_log_probs() -> torch.Tensor:  # the reward term's log q_tau(x_t), differentiable, [B, K]
+            return batch.scatter(
+                sampled_log_probs_from_hidden(
+                    student_hidden[rows], student_head, batch.sampled_ids.flatten()[rows], self.temperature
+                )
             )
-            return rows.scatter(row_logprobs)
 
-        loss = gate.reduce(weighted.sum(), flat_weights, accepted, logprobs, num_items_in_batch)
-        gate.record(accepted)
+        loss = batch.reduce(LossTerms(weighted.sum(), accepted, sampled_log_probs), num_items_in_batch)
+        batch.record(accepted)
         return loss, entropy.sum().detach(), valid.sum()
 
     @torch.no_grad()
@@ -327,38 +283,3 @@ class SpecKDDistillationTrainer(GatedTrainerMixin, DistillationTrainer):
             head = output_head(model, role, gathered=False, dtype=captured["hidden"].dtype)
             with maybe_gather_lm_head_ctx(head.weight, head.bias):
                 check_output_head(model, role, head, captured["hidden"][:, -1], logits[:, -1], remedy=EAGER_REMEDY)
-
-    # ------------------------------------------------------------------ checkpoints
-
-    def _save_rng_state(self, output_dir: str) -> None:
-        """The Trainer's RNG states, plus the gate's training generator and logging window (one file per process)."""
-        super()._save_rng_state(output_dir)
-        os.makedirs(output_dir, exist_ok=True)
-        path = os.path.join(output_dir, GATE_STATE_FILE.format(self.accelerator.process_index))
-        torch.save(self._gate.state_dict(), path)
-
-    def _load_rng_state(self, checkpoint: str | None) -> None:
-        super()._load_rng_state(checkpoint)
-        path = (
-            None
-            if checkpoint is None
-            else os.path.join(checkpoint, GATE_STATE_FILE.format(self.accelerator.process_index))
-        )
-        if path is not None and os.path.isfile(path):  # else a checkpoint of another trainer or process count
-            self._gate.load_state_dict(torch.load(path, weights_only=True))
-
-
-def prompts_from_messages(dataset: Any) -> Any:
-    """Chat `messages` rows as `prompt` rows for `DistillationTrainer`: every message before the last assistant
-    message (all of them when the last is not the assistant's). Datasets that have a `prompt` column, or no
-    `messages` column, are returned unchanged."""
-    columns = getattr(dataset, "column_names", None) or []
-    if "prompt" in columns or "messages" not in columns:
-        return dataset
-
-    def to_prompt(example: dict[str, Any]) -> dict[str, Any]:
-        messages = example["messages"]
-        last = len(messages) - 1 if messages and messages[-1]["role"] == "assistant" else len(messages)
-        return {"prompt": messages[:last]}
-
-    return dataset.map(to_prompt, remove_columns=["messages"])

@@ -2,7 +2,8 @@
 
 `speculative_generate` gates the on-policy sequences themselves (SKD, Xu et al. 2024), verifying like speculative
 decoding: the student drafts up to ``draft_len`` tokens, the teacher scores the whole draft in **one** forward pass,
-the first token the teacher rejects (the `gate.accept_mask` rule) is replaced by a teacher token, and drafting resumes
+the first token the teacher rejects (the gate rule's `GateRule.accept`) is replaced by a teacher token
+(`GateRule.replacement_probs`), and drafting resumes
 after it. Teacher forward passes per sequence are about ``length / accepted-run-length`` instead of ``length``.
 `student_generate` is the plain one-model sampler with the same draw order (the ``gate="none"`` reference).
 
@@ -11,7 +12,7 @@ Randomness: row ``b`` of a batch draws every uniform from its own CPU `torch.Gen
 its own prompt and tokens. A row's output therefore does not depend on its batch neighbours, its padding or the
 batch's draft lengths: the same prompt with the same row seed gives the same sequence alone or in any batch (up to
 float round-off of padded batched matmuls). Sampling is inverse-CDF (one uniform per sampled token), like
-`gate.propose`.
+`rules.propose`.
 
 Shapes: ``B`` batch, ``P`` (left-padded) prompt length, ``N`` generated length, ``K`` draft length, ``V`` vocabulary.
 """
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache, GenerationConfig
 
-from .gate import GATES, accept_mask
+from .rules import GateRule, get_rule
 
 
 @contextmanager
@@ -311,32 +312,20 @@ def student_generate(
 
 
 def _teacher_tokens(
+    rule: GateRule,
     teacher_logits: torch.Tensor,
     draft_logits: torch.Tensor,
     u: torch.Tensor,
     *,
-    gate: str,
     top_k: int,
     do_sample: bool,
 ) -> torch.Tensor:
-    """The teacher's replacements `[R]` for rejected drafts, from logits `[R, V]` at the rejected positions.
-
-    ``topk``: sampled from the teacher's top-k (ties toward the lower token id, as `gate.teacher_rank`) renormalized.
-    ``spec``: sampled from the normalized residual ``max(0, p - q)``, which makes the emitted token distributed
-    exactly as ``p`` (speculative sampling); ``q`` are the student's sampling probabilities (``draft_logits``).
-    Greedy (``do_sample=False``): the teacher's argmax for every gate. ``u`` `[R]`: one uniform per row.
-    """
+    """The teacher's replacements `[R]` for rejected drafts, from logits `[R, V]` at the rejected positions: sampled
+    with ``u`` `[R]` (one uniform per row) from the rule's `GateRule.replacement_probs`; greedy (``do_sample=False``):
+    the teacher's argmax for every rule. ``draft_logits`` are the student's logits at its sampling temperature."""
     if not do_sample:
         return teacher_logits.argmax(dim=-1)
-    p = torch.softmax(teacher_logits, dim=-1)
-    if gate == "topk":
-        order = torch.sort(teacher_logits, descending=True, stable=True).indices  # stable: lower id first on ties
-        keep = torch.zeros_like(p, dtype=torch.bool).scatter_(-1, order[:, :top_k], True)
-        return _sample(p * keep, u)
-    residual = (p - torch.softmax(draft_logits, dim=-1)).clamp(min=0)
-    # a rejection with p == q happens only by float round-off; the residual is then empty and p is the exact answer
-    empty = residual.sum(dim=-1, keepdim=True) <= 0
-    return _sample(torch.where(empty, p, residual), u)
+    return _sample(rule.replacement_probs(teacher_logits, draft_logits, top_k=top_k), u)
 
 
 @torch.no_grad()
@@ -366,7 +355,7 @@ def speculative_generate(
     replaced by a teacher token (`_teacher_token`); the next block starts after the last emitted token. A fully
     accepted block emits its ``L`` drafts and no bonus token (the gate decides every token).
 
-    The gate is `gate.accept_mask` at each draft position (``q`` above for ``"spec"``):
+    The gate is the rule ``gate`` (`rules.GATE_RULES`) at each draft position (``q`` above for ``"spec"``):
 
     - ``"topk"``: accept iff the draft is among the teacher's ``top_k`` (ties toward the lower token id); a rejected
       one is replaced by a sample from the teacher's top-k renormalized. ``top_k=1`` with ``do_sample=False`` gives
@@ -378,8 +367,8 @@ def speculative_generate(
     - ``"none"``: never reject: the student's own sampling (same sequences as `student_generate`, same seeds).
 
     Per-row draw order (each row from its own generator, see the module docstring): one uniform per drafted token;
-    for ``"spec"`` with sampling, one uniform per drafted token of the block for the accept test; one uniform for a
-    sampled replacement. Greedy decoding draws nothing.
+    for a rule that draws uniforms (``"spec"``) with sampling, one uniform per drafted token of the block for the accept
+    test; one uniform for a sampled replacement. Greedy decoding draws nothing.
 
     Both models keep a `DynamicCache`; on rejection the caches are cropped to the longest kept run in the batch and
     the positions a row did not keep are masked.
@@ -389,8 +378,8 @@ def speculative_generate(
         teacher (`PreTrainedModel`): the verifier; same vocabulary as the student.
         input_ids (`torch.LongTensor` of shape `[B, P]`): left-padded prompts.
         attention_mask (`torch.LongTensor` of shape `[B, P]`): 1 on prompt tokens, 0 on left padding.
-        gate (`str`): ``"topk"``, ``"spec"`` or ``"none"``.
-        top_k (`int`): ``k`` of the ``"topk"`` gate.
+        gate (`str`): the rule's name, a key of `rules.GATE_RULES` (``"topk"``, ``"spec"``, ``"none"``).
+        top_k (`int`): ``k`` of a rule that uses it (``"topk"``).
         draft_len (`int`): drafted tokens per teacher forward, ``>= 1``.
         max_new_tokens (`int`): generated tokens per row at most.
         temperature (`float`): the student's sampling temperature (``q``); the teacher's ``p`` is at temperature 1.
@@ -409,8 +398,7 @@ def speculative_generate(
         exactly where the teacher replaced a rejected draft).
     """
     _check_args(input_ids, attention_mask, max_new_tokens, temperature, pad_token_id)
-    if gate not in GATES:
-        raise ValueError(f"speculative_generate: gate={gate!r} is not supported; use one of {GATES}.")
+    rule = get_rule(gate, owner="speculative_generate")
     if draft_len < 1 or top_k < 1:
         raise ValueError(f"speculative_generate: draft_len={draft_len} and top_k={top_k} must be >= 1.")
     batch_size, device = input_ids.size(0), input_ids.device
@@ -455,16 +443,11 @@ def speculative_generate(
         stats.teacher_calls += 1
 
         valid = torch.arange(width, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
-        if gate == "spec" and do_sample:
-            # accept_mask's "spec" rule, u < p / q in log space, with each row's uniforms from its own generator
-            log_p = torch.log_softmax(teacher_logits, dim=-1).gather(-1, drafts[..., None]).squeeze(-1)
-            log_q = torch.log_softmax(draft_logits, dim=-1).gather(-1, drafts[..., None]).squeeze(-1)
-            u = _uniforms(generators, lengths, width, device)
-            accepted = (torch.log(u) < log_p - log_q) & valid
-        else:  # deterministic: "topk", "none", and greedy "spec" = accept iff the teacher's argmax
-            greedy_spec = gate == "spec"
-            accepted = accept_mask(draft_logits, teacher_logits, drafts, valid, gate="topk" if greedy_spec else gate,
-                                   top_k=1 if greedy_spec else top_k)  # fmt: skip
+        if not do_sample:
+            accepted = rule.accept_greedy_drafts(draft_logits, teacher_logits, drafts, top_k=top_k) & valid
+        else:  # a rule that draws takes each row's uniforms from its own generator
+            u = _uniforms(generators, lengths, width, device) if rule.draws_uniforms else None
+            accepted = rule.accept(draft_logits, teacher_logits, drafts, top_k=top_k, uniforms=u) & valid
         runs = accepted.long().cumprod(dim=-1).sum(dim=-1)  # accepted drafts before the first rejection
         rejected = runs < torch.tensor(lengths, device=device)
         replacements = torch.full_like(runs, pad_token_id)
@@ -472,10 +455,10 @@ def speculative_generate(
             rows = rejected.nonzero().squeeze(-1)
             u = _uniforms(generators, rejected.long().tolist() if do_sample else [0] * batch_size, 1, device)[:, 0]
             replacements[rows] = _teacher_tokens(
+                rule,
                 teacher_logits[rows, runs[rows]],
                 draft_logits[rows, runs[rows]],
                 u[rows],
-                gate=gate,
                 top_k=top_k,
                 do_sample=do_sample,
             )

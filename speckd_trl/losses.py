@@ -25,13 +25,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from trl.kernels.chunked_logprob import ChunkedLogProbFunction
 
 
 NORMALIZATIONS = ("tokens", "accepted")
 LOSS_PATHS = ("eager", "chunked")
+VOCAB_TILE = 8192  # vocabulary columns per tile of the chunked log-probabilities (reward term)
 
 
 def jsd_log_probs(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -267,6 +270,107 @@ def policy_gradient_loss(
 
 
 @dataclass
+class LossTerms:
+    """What a loss path (eager or chunked, either trainer) hands to the reduction, with the same shapes on every path.
+
+    Attributes:
+        weighted_sum (`torch.Tensor`): ``sum_t w_t D_t`` over the micro-batch, a differentiable scalar.
+        accepted (`torch.BoolTensor` of shape `[B, T]`): the accept mask: the teacher's verdicts where gated, True on
+            the other completion positions, False off the completion.
+        sampled_log_probs (`Callable[[], torch.Tensor]`): gives ``log q_tau(x_t)`` `[B, T]` of the sampled tokens
+            (differentiable; 0 where not computed), called only when the reward term is on.
+        outputs (`Any`): the student's model outputs (returned by `compute_loss(..., return_outputs=True)`).
+    """
+
+    weighted_sum: torch.Tensor
+    accepted: torch.Tensor
+    sampled_log_probs: Callable[[], torch.Tensor]
+    outputs: Any = None
+
+
+def gated_loss(
+    terms: LossTerms,
+    *,
+    weights: torch.Tensor,
+    completion: torch.Tensor,
+    sampled: torch.Tensor,
+    kd_coef: float,
+    reward_coef: float,
+    normalize: str,
+    num_items_in_batch: torch.Tensor | int | None,
+) -> torch.Tensor:
+    """A micro-batch's loss: ``kd_coef`` times the weighted divergence normalized for the accumulation window
+    (`normalize_loss`), plus ``reward_coef`` times the REINFORCE term on the accept bits of the sampled positions
+    (`policy_gradient_loss`) when there are any.
+
+    Args:
+        terms (`LossTerms`): the loss path's terms.
+        weights (`torch.Tensor` of shape `[B, T]`): ``w_t`` (0 off the completion; only their sum is read).
+        completion (`torch.BoolTensor` of shape `[B, T]`): the completion positions.
+        sampled (`torch.BoolTensor` of shape `[B, T]`): the gated positions whose tokens the student sampled.
+        kd_coef (`float`), reward_coef (`float`): the two terms' weights.
+        normalize (`str`): ``"tokens"`` or ``"accepted"`` (`normalize_loss`).
+        num_items_in_batch: completion tokens of the accumulation window (`None`: this micro-batch's).
+
+    Returns:
+        `torch.Tensor`: scalar loss.
+    """
+    loss = kd_coef * normalize_loss(
+        terms.weighted_sum, weights, completion, normalize=normalize, num_items_in_batch=num_items_in_batch
+    )
+    if reward_coef > 0 and sampled.any():
+        # the accept bit is the teacher's reward for the sampled token: a REINFORCE step on it
+        loss = loss + reward_coef * policy_gradient_loss(
+            terms.sampled_log_probs(),
+            terms.accepted,
+            sampled,
+            denominator=loss_denominator(completion, num_items_in_batch),
+        )
+    return loss
+
+
+def sampled_log_probs(
+    student_log_probs: torch.Tensor, student_logits: torch.Tensor, ids: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """``log q_tau(x_t)`` of the sampled tokens, differentiable: the reward term's log-probabilities.
+
+    Args:
+        student_log_probs (`torch.Tensor` of shape `[B, T, V]`): the student's log-probabilities at temperature 1
+            (reused when `temperature` is 1).
+        student_logits (`torch.Tensor` of shape `[B, T, V]`): the student's logits.
+        ids (`torch.LongTensor` of shape `[B, T]`): the sampled tokens ``x_t``.
+        temperature (`float`): the sampling temperature ``tau``.
+
+    Returns:
+        `torch.Tensor` of shape `[B, T]`.
+    """
+    logprobs = student_log_probs
+    if temperature != 1.0:
+        logprobs = jsd_log_probs(student_logits, temperature)
+    return logprobs.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+
+
+def sampled_log_probs_from_hidden(
+    hidden: torch.Tensor, head: OutputHead, ids: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """``log q_tau(x)`` of `ids` from the student's final hidden states, tile by tile over the vocabulary (TRL's
+    `ChunkedLogProbFunction`), differentiable: the reward term's log-probabilities without `[N, V]` logits.
+
+    Args:
+        hidden (`torch.Tensor` of shape `[N, H]`): the student's final hidden states.
+        head (`OutputHead`): the student's output layer.
+        ids (`torch.LongTensor` of shape `[N]`): the sampled tokens.
+        temperature (`float`): the sampling temperature.
+
+    Returns:
+        `torch.Tensor` of shape `[N]`.
+    """
+    return ChunkedLogProbFunction.apply(
+        hidden, head.weight, head.bias, ids, temperature, VOCAB_TILE, head.softcap, head.logit_scale, ()
+    )[0]
+
+
+@dataclass
 class OutputHead:
     """A model's output layer, read directly by the chunked loss: ``logits = softcap(scale * (h @ W.T + b))``.
 
@@ -304,7 +408,7 @@ class OutputHead:
         return logits
 
 
-WeightFn = Callable[[torch.Tensor, torch.Tensor, slice], torch.Tensor]
+ChunkFn = Callable[[torch.Tensor, torch.Tensor, slice], torch.Tensor]
 
 
 class _ChunkedWeightedJSD(torch.autograd.Function):
@@ -319,7 +423,8 @@ class _ChunkedWeightedJSD(torch.autograd.Function):
         teacher_hidden: torch.Tensor,  # [N, H_t]
         student_head: OutputHead,
         teacher_head: OutputHead,
-        weight_fn: WeightFn,
+        chunk_fn: ChunkFn,
+        weight_of: Callable[[torch.Tensor], torch.Tensor] | None,
         beta: float,
         temperature: float,
         chunk_size: int,
@@ -331,7 +436,7 @@ class _ChunkedWeightedJSD(torch.autograd.Function):
         n_rows = student_hidden.size(0)
         device = student_hidden.device
         total = torch.zeros((), device=device, dtype=torch.float32)
-        weights = torch.zeros(n_rows, device=device, dtype=torch.float32)
+        values = []  # chunk_fn's outputs, [n] per chunk
         grad_hidden = torch.zeros(student_hidden.shape, device=device, dtype=torch.float32) if needs_hidden else None
         grad_weight = torch.zeros(student_weight.shape, device=device, dtype=torch.float32) if needs_weight else None
         grad_bias = torch.zeros(student_bias.shape, device=device, dtype=torch.float32) if needs_bias else None
@@ -346,13 +451,14 @@ class _ChunkedWeightedJSD(torch.autograd.Function):
             with torch.set_grad_enabled(transforms):  # autograd only through the logit scale / softcap
                 logits = student_head.transform(raw.requires_grad_(transforms))
             student_log_probs = jsd_log_probs(logits.detach(), temperature)
-            chunk_weights = weight_fn(student_log_probs, teacher_log_probs, rows).to(torch.float32)
+            chunk_values = chunk_fn(student_log_probs, teacher_log_probs, rows)
+            values.append(chunk_values)
+            chunk_weights = (chunk_values if weight_of is None else weight_of(chunk_values)).to(torch.float32)
             # D_t and dD_t/d logits in closed form (autograd through the divergence's operations was most of the time)
             divergence, grad_logits = generalized_jsd_and_logit_grad(
                 student_log_probs, teacher_log_probs, beta=beta, grad=needs_grad
             )
             chunk_loss = divergence * chunk_weights.to(divergence.dtype)
-            weights[rows] = chunk_weights
             total += chunk_loss.sum()
             if not needs_grad:
                 continue
@@ -368,15 +474,16 @@ class _ChunkedWeightedJSD(torch.autograd.Function):
             del teacher_log_probs, raw, logits, student_log_probs, grad_logits, chunk_loss
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.dtypes = (student_hidden.dtype, student_weight.dtype, None if student_bias is None else student_bias.dtype)
-        ctx.mark_non_differentiable(weights)
-        return total, weights
+        values = torch.cat(values) if values else torch.zeros(0, device=device, dtype=torch.float32)
+        ctx.mark_non_differentiable(values)
+        return total, values
 
     @staticmethod
     def backward(ctx, grad_total: torch.Tensor, _grad_weights: torch.Tensor | None):
         grads = []
         for grad, dtype in zip(ctx.saved_tensors, ctx.dtypes):
             grads.append(None if grad is None else (grad * grad_total).to(dtype))
-        return (*grads[:2], grads[2], None, None, None, None, None, None, None, None)
+        return (*grads[:2], grads[2], None, None, None, None, None, None, None, None, None)
 
 
 def chunked_weighted_jsd(
@@ -384,8 +491,9 @@ def chunked_weighted_jsd(
     student_head: OutputHead,
     teacher_hidden: torch.Tensor,
     teacher_head: OutputHead,
-    weight_fn: WeightFn,
+    chunk_fn: ChunkFn,
     *,
+    weight_of: Callable[[torch.Tensor], torch.Tensor] | None = None,
     beta: float,
     temperature: float = 1.0,
     chunk_size: int = 256,
@@ -393,7 +501,8 @@ def chunked_weighted_jsd(
     """``sum_t w_t D_beta(p_t, q_t)`` from hidden states, never holding more than ``chunk_size`` rows of logits.
 
     For each chunk of rows, both models' logits are projected through their output layers and normalized
-    (`jsd_log_probs`), ``weight_fn`` turns the log-probabilities into the gate's weights, and the divergence and its
+    (`jsd_log_probs`), ``chunk_fn`` turns the log-probabilities into per-row values (the gate's verdicts, or the
+    weights themselves) and ``weight_of`` the values into the loss weights, and the divergence and its
     gradient with respect to the logits come in closed form (`generalized_jsd_and_logit_grad`: the values of the
     eager path's `weighted_jsd_from_log_probs` to float round-off, without autograd through its operations). The
     gradients with respect to the student's hidden states, output weight and bias are accumulated in float32 and
@@ -407,15 +516,18 @@ def chunked_weighted_jsd(
             them.
         teacher_hidden (`torch.Tensor` of shape `[N, H_t]`): the teacher's final hidden states at the same positions.
         teacher_head (`OutputHead`): the teacher's output layer (same vocabulary ``V``).
-        weight_fn (`Callable`): ``weight_fn(student_log_probs [n, V], teacher_log_probs [n, V], rows: slice) -> [n]``,
-            the loss weights ``w_t`` of the chunk's rows, computed from the chunk's (detached) log-probabilities at
-            ``temperature``.
+        chunk_fn (`Callable`): ``chunk_fn(student_log_probs [n, V], teacher_log_probs [n, V], rows: slice) -> [n]``,
+            a pure function of the chunk's (detached) log-probabilities at ``temperature``: per-row values, e.g. the
+            gate's verdicts.
+        weight_of (`Callable`, *optional*): ``weight_of(values [n]) -> [n]``, the loss weights ``w_t`` of the
+            chunk's rows from ``chunk_fn``'s values; by default the values are the weights.
         beta (`float`): generalized JSD interpolation in ``[0, 1]``.
         temperature (`float`): softmax temperature of the divergence.
         chunk_size (`int`): rows of logits projected at a time.
 
     Returns:
-        A scalar: ``sum_t w_t D_t`` (differentiable), and the weights ``w_t`` of shape `[N]` (not differentiable).
+        A scalar: ``sum_t w_t D_t`` (differentiable), and ``chunk_fn``'s values of shape `[N]`, in row order (not
+        differentiable).
     """
     if chunk_size < 1:
         raise ValueError(f"chunked_weighted_jsd: chunk_size={chunk_size} must be >= 1.")
@@ -433,7 +545,8 @@ def chunked_weighted_jsd(
         teacher_hidden,
         student_head,
         teacher_head,
-        weight_fn,
+        chunk_fn,
+        weight_of,
         beta,
         temperature,
         chunk_size,

@@ -14,7 +14,6 @@ from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from .config import SpecKDConfig
 from .losses import OutputHead
-from .validation import ZERO3_TRAINABLE_HEAD, is_quantized
 
 
 try:
@@ -22,6 +21,23 @@ try:
     from torch.distributed.tensor import DTensor
 except ImportError:  # a torch build without torch.distributed: nothing is ever sharded
     FSDPModule = DTensor = ()
+
+
+ZERO3_TRAINABLE_HEAD = (
+    "loss_path='chunked' reads the {role}'s output layer directly, and under DeepSpeed ZeRO-3 a trainable output "
+    "layer's gradient would not reach ZeRO-3's partitioned gradient. Freeze lm_head (train the student with LoRA, "
+    "peft_config=LoraConfig(...), whose lm_head stays frozen) or use loss_path='eager'."
+)
+
+
+def is_quantized(model: Any) -> bool:
+    """Whether a loaded model holds quantized (bitsandbytes, GPTQ, AWQ, ...) weights."""
+    return bool(
+        getattr(model, "is_loaded_in_4bit", False)
+        or getattr(model, "is_loaded_in_8bit", False)
+        or getattr(model, "hf_quantizer", None) is not None
+        or getattr(model, "is_quantized", False)
+    )
 
 
 def teacher_init_kwargs(args: SpecKDConfig) -> dict[str, Any]:
@@ -328,65 +344,3 @@ def capture_last_hidden_state(model: nn.Module) -> Iterator[dict[str, torch.Tens
         yield captured
     finally:
         handle.remove()
-
-
-def check_pad_token(processing_class: Any) -> None:
-    """Raise if the tokenizer has no pad token (batches and generated sequences need one)."""
-    tokenizer = getattr(processing_class, "tokenizer", processing_class)
-    if tokenizer is None:
-        raise ValueError("SpecKDTrainer needs `processing_class` (the tokenizer shared by student and teacher).")
-    if getattr(tokenizer, "pad_token_id", None) is None:
-        raise ValueError(
-            "The tokenizer has no pad token (pad_token_id is None). Set one before building the trainer, e.g. "
-            "`tokenizer.pad_token = tokenizer.eos_token`, or add a dedicated one with "
-            "`tokenizer.add_special_tokens({'pad_token': '<pad>'})` and resize the models' embeddings."
-        )
-
-
-def check_vocab(student: nn.Module, teacher: nn.Module, tokenizer: Any, teacher_tokenizer: Any = None) -> int | None:
-    """Raise if student and teacher logits cannot be compared token by token; say how many logits to compare.
-
-    - With `teacher_tokenizer` (the teacher's own, when it was loaded from a directory that has one), both tokenizers
-      must map the same ids to the same tokens on their shared ids (`get_vocab()`), not merely have the same size.
-    - Each model's output must cover every id of `tokenizer`.
-    - Outputs of different sizes are accepted when both cover the tokenizer (an embedding padded past the tokenizer,
-      as Qwen models have): the logits are then compared on the tokenizer's ids only.
-
-    Returns:
-        `len(tokenizer)` when the two output sizes differ (slice both models' logits to it), else None.
-    """
-    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
-    if teacher_tokenizer is not None:
-        check_same_tokens(tokenizer, getattr(teacher_tokenizer, "tokenizer", teacher_tokenizer))
-    n_student, n_teacher = output_vocab_size(student), output_vocab_size(teacher)
-    n_tokenizer = len(tokenizer)
-    for role, n in (("student", n_student), ("teacher", n_teacher)):
-        if n_tokenizer > n:
-            raise ValueError(
-                f"Vocabulary mismatch: the tokenizer has {n_tokenizer} tokens but the {role} produces only {n} "
-                f"logits, so it was not trained with this tokenizer (token ids >= {n} have no logit). SpecKD "
-                "compares the two next-token distributions id by id: pass the tokenizer both models were trained "
-                "with (a teacher and student of the same family share one), or distill across tokenizers with a "
-                "method that aligns them (e.g. TRL's GOLD / ULD). Resizing the embeddings would only silence this "
-                "error: the new rows are untrained."
-            )
-    if n_student != n_teacher:
-        # both cover the tokenizer (checked above): the extra rows are padding that no token id reaches
-        return n_tokenizer
-    return None
-
-
-def check_same_tokens(tokenizer: Any, teacher_tokenizer: Any) -> None:
-    """Raise if the two tokenizers give a shared id to different tokens (compared on the ids both have)."""
-    student_vocab = {i: t for t, i in tokenizer.get_vocab().items()}
-    teacher_vocab = {i: t for t, i in teacher_tokenizer.get_vocab().items()}
-    shared = sorted(set(student_vocab) & set(teacher_vocab))
-    differing = [i for i in shared if student_vocab[i] != teacher_vocab[i]]
-    if differing or not shared:
-        examples = ", ".join(f"id {i}: {student_vocab[i]!r} vs {teacher_vocab[i]!r}" for i in differing[:3])
-        raise ValueError(
-            f"Vocabulary mismatch: the student's tokenizer and the teacher's tokenizer differ on {len(differing)} of "
-            f"their {len(shared)} shared token ids ({examples}). SpecKD compares the two next-token distributions "
-            "id by id, so both models must use the same tokenizer: pick a teacher and student of the same family, "
-            "or distill across tokenizers with a method that aligns them (e.g. TRL's GOLD / ULD)."
-        )

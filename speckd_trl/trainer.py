@@ -2,15 +2,14 @@
 
 Wiring only. Where to look:
 
-- how a batch is made: `get_batch_samples` / `_make_completions` here (the on-policy / `seq_kd` / dataset draw and
-  the generation);
-- how a position is weighted: `gating.py` (`TokenGate`, `GatedBatch`: gated positions, proposals, verdicts, weights,
-  the reward term's inputs, the `gate/*` statistics, logged by `GatedTrainerMixin.log`), over the pure maths of
-  `gate.py`;
+- how a batch is made: `batches.py` (the on-policy / `seq_kd` / dataset draw, per-row mixing, the speculative
+  sampler), called from `get_batch_samples`; the generation itself is GKD's `generate_on_policy_outputs`;
+- how a position is weighted: `weighting.py` (`TokenGate`, `GatedBatch`: gated positions, proposals, verdicts,
+  weights), over the rule of `rules.py`;
 - how the loss is reduced: `GatedBatch.reduce` over `losses.py` (weighted generalized JSD, eager or chunked, and its
-  normalization).
-
-Teacher loading and compatibility checks are in `models.py`.
+  normalization), from the `losses.LossTerms` of `_eager_terms` / `_chunked_terms`;
+- the logs, evaluation draws and checkpointed random streams: `gated_trainer.GatedTrainerMixin`; the output-head
+  reader and teacher loading: `models.py`; input checks: `validation.py`; dataset transforms: `data.py`.
 
 Two things differ from TRL 1.16's `GKDTrainer` besides the gate:
 
@@ -26,42 +25,45 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import os
-import random
 from collections.abc import Callable, Iterator
-from types import SimpleNamespace
 from typing import Any
 
 import torch
 from datasets import Dataset
 from torch import nn
 from transformers import AutoConfig, PreTrainedModel, TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
 from trl.experimental.gkd import GKDTrainer
 from trl.experimental.utils import empty_cache
 from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.sft_trainer import SFTTrainer
 
-from .config import SpecKDConfig, on_policy_rows
-from .gating import (
-    MIXED,
+from .batches import (
+    KIND_KEY,
     OFF_POLICY,
     ON_POLICY,
-    SEQ_KD,
-    GatedBatch,
-    GatedTrainerMixin,
-    Kind,
-    TokenGate,
+    PROPOSALS_KEY,
+    BatchKinds,
+    SpeculativeSampler,
+    make_completions,
+    row_kinds,
+)
+from .config import SpecKDConfig
+from .data import prepare_prompt_completion
+from .gated_trainer import GatedTrainerMixin
+from .generation import sampling_only_from
+from .losses import (
+    LossTerms,
+    OutputHead,
+    chunked_weighted_jsd,
+    jsd_log_probs,
     sampled_log_probs,
     sampled_log_probs_from_hidden,
+    weighted_jsd_from_log_probs,
 )
-from .generation import sampling_only_from, speculative_generate
-from .losses import OutputHead, chunked_weighted_jsd, jsd_log_probs, weighted_jsd_from_log_probs
 from .models import (
     capture_last_hidden_state,
     check_output_head,
-    check_pad_token,
-    check_vocab,
+    is_quantized,
     load_teacher,
     load_teacher_tokenizer,
     output_head,
@@ -76,23 +78,17 @@ from .validation import (
     check_gate_top_k,
     check_launch,
     check_loaded_teacher,
+    check_pad_token,
     check_quantized_student,
+    check_vocab,
     check_zero3_chunked,
     check_zero3_quantized_teacher,
-    is_quantized,
     named_datasets,
-    prepare_prompt_completion,
 )
+from .weighting import GatedBatch, TokenGate
 
 
-KIND_KEY = "speckd_kind"  # batch key that records how the micro-batch's completions were made
-ROW_ON_POLICY_KEY = "speckd_on_policy"  # with KIND_KEY == MIXED: bool [B], True on the rows generated on-policy
-# With on_policy_generation="speculative": long [B, L] like input_ids, the student's own draft at each completion
-# position of an on-policy row (it differs from input_ids where the teacher replaced a rejected draft). Without it
-# the on-policy tokens themselves are the student's samples.
-PROPOSALS_KEY = "speckd_proposals"
 EAGER_REMEDY = "use loss_path='eager'"  # what a model whose head the chunked path cannot read should do
-RNG_STATE_FILE = "speckd_rng_state_{}.pth"  # per process: the batch-kind draw, the gate's and generation's generators
 
 
 class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
@@ -210,9 +206,9 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
             self.generation_config.suppress_tokens = list(range(self._shared_vocab, n_out))
 
         # Same draw on every process: all of them generate (or not) together.
-        self._kind_rng = random.Random(args.seed)
-        # The per-token gate: its draws (one training stream per process, one evaluation stream), its settings at a
-        # step and its logging window.
+        self._batch_kinds = BatchKinds(args.seed, lmbda=self.lmbda, seq_kd=self.seq_kd)
+        # The per-token gate: its rule, its draws (one training stream per process, one evaluation stream), its
+        # settings at a step and its logging window.
         self._gate = TokenGate(
             args,
             temperature=self.temperature,
@@ -225,63 +221,17 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
         # `on_policy_generation` on leaves the gate's draws unchanged.
         self._generation_generator = torch.Generator()
         self._generation_generator.manual_seed(args.seed + 1_000_003 * (self.accelerator.process_index + 1))
-        self._resume_checkpoint, self._rng_restored = None, False
         self._heads_checked = False  # `check_output_head` runs on the first batch of the chunked path
         self._predicting = False  # in a `prediction_step` that returns the logits (see there)
 
-    @property
-    def _gate_generator(self) -> torch.Generator:
-        """The gate's training stream of random draws (this process's)."""
-        return self._gate.generator
-
-    @property
-    def _gate_window(self) -> dict[str, float]:
-        """The gate's counts in the current logging window."""
-        return self._gate.window
-
     # ------------------------------------------------------------------ batches
 
-    def _draw_kind(self) -> str:
-        """On-policy with probability `lmbda`, else `seq_kd` if enabled, else the dataset batch (as GKD)."""
-        if self._kind_rng.random() < self.lmbda:
-            return ON_POLICY
-        return SEQ_KD if self.seq_kd else OFF_POLICY
-
-    def _draw_on_policy_rows(self, batch_size: int) -> torch.Tensor:
-        """`mixing="sample"`: which rows of a micro-batch are generated on-policy, bool `[B]`.
-
-        `config.on_policy_rows(lmbda, B)` rows, drawn without replacement. The shared generator advances by exactly
-        one draw per micro-batch whatever `B` is, so processes stay in step even when their last batches differ.
-        """
-        row_rng = random.Random(self._kind_rng.getrandbits(64))
-        rows = row_rng.sample(range(batch_size), on_policy_rows(self.lmbda, batch_size))
-        on_policy = torch.zeros(batch_size, dtype=torch.bool)
-        on_policy[rows] = True
-        return on_policy
-
     def _make_completions(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        """Draw the micro-batch's kind and, for on-policy / `seq_kd`, replace its completions by generated ones.
-
-        With `mixing="sample"` the draw is per row: the on-policy rows and the others are generated separately and
-        put back in their places, right-padded to a common length (the batch is then of kind `MIXED`, with the rows'
-        kinds under `ROW_ON_POLICY_KEY`).
-        """
-        if self.args.mixing == "batch":
-            kind = self._draw_kind()
-            return {**self._generate(kind, inputs), KIND_KEY: kind}
-        batch_size = inputs["input_ids"].size(0)
-        on_policy = self._draw_on_policy_rows(batch_size)
-        other = SEQ_KD if self.seq_kd else OFF_POLICY
-        if on_policy.all() or not on_policy.any():
-            kind = ON_POLICY if on_policy.all() else other
-            return {**self._generate(kind, inputs), KIND_KEY: kind}
-        parts = [
-            self._generate(ON_POLICY, _select_rows(inputs, on_policy)),
-            self._generate(other, _select_rows(inputs, ~on_policy)),
-        ]
+        """The micro-batch with its kind drawn and its completions generated (`batches.make_completions`)."""
         pad_token_id = self.processing_class.pad_token_id if self.processing_class.pad_token_id is not None else 0
-        merged = _merge_rows(inputs, parts, [on_policy, ~on_policy], pad_token_id)
-        return {**merged, KIND_KEY: MIXED, ROW_ON_POLICY_KEY: on_policy.to(inputs["input_ids"].device)}
+        return make_completions(
+            inputs, self._batch_kinds, self._generate, mixing=self.args.mixing, pad_token_id=pad_token_id
+        )
 
     def _generate(self, kind: str, inputs: dict[str, Any]) -> dict[str, Any]:
         """`inputs` with its completions generated by the student (on-policy) or the teacher (`seq_kd`)."""
@@ -295,7 +245,18 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
             gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs if kind == ON_POLICY else None,
         ) as unwrapped_model:
             speculative = kind == ON_POLICY and self.args.on_policy_generation == "speculative"
-            sampler = _SpeculativeGenerator(self, unwrapped_model) if speculative else unwrapped_model
+            sampler = unwrapped_model
+            if speculative:
+                sampler = SpeculativeSampler(
+                    unwrapped_model,
+                    self.teacher_model,
+                    gate=self.args.gate,
+                    top_k=self._gate.top_k(self.state.global_step, self.state.max_steps),
+                    draft_len=self.args.gate_draft_len,
+                    generator=self._generation_generator,
+                    vocab_size=self._shared_vocab,
+                    on_stats=self._gate.record_generation,
+                )
             # exactly the trainer's sampling settings, none inherited from the model's own generation config
             with sampling_only_from(unwrapped_model, self.generation_config):
                 input_ids, attention_mask, labels = self.generate_on_policy_outputs(
@@ -317,10 +278,9 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
             gradients, which makes the sum over all processes' tokens divided by their total).
         """
         batches = list(itertools.islice(epoch_iterator, num_batches))
-        if self._resume_checkpoint is not None and not self._rng_restored:
-            # The Trainer restores the RNG states after fetching the first window after a resume (the skipping data
-            # loader draws from them), which is after our generation: restore them between the two.
-            self._load_rng_state(self._resume_checkpoint)
+        # The Trainer restores the RNG states after fetching the first window after a resume (the skipping data loader
+        # draws from them), which is after our generation: restore them between the two (once per resume).
+        self._load_rng_state(self._resume_checkpoint)
         batch_samples = [self._make_completions(batch) for batch in batches]
         num_items = sum((batch["labels"][:, 1:] != -100).sum() for batch in batch_samples)
         num_items = torch.as_tensor(num_items, device=device)
@@ -330,44 +290,18 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
 
     # ------------------------------------------------------------------ checkpoints
 
-    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
-        """`Trainer.train`; remembers the checkpoint so that our RNG states are restored before the first generation."""
-        checkpoint = resume_from_checkpoint
-        if isinstance(checkpoint, bool):
-            checkpoint = get_last_checkpoint(self.args.output_dir) if checkpoint else None
-        self._resume_checkpoint, self._rng_restored = checkpoint, False
-        return super().train(resume_from_checkpoint, *args, **kwargs)
-
-    def _speckd_rng_state(self) -> dict[str, Any]:
+    def _rng_streams(self) -> dict[str, Any]:
+        """The gate's streams and window, plus the batch-kind draw (identical on every process) and speculative
+        generation's generator (per process)."""
         return {
-            "kind": self._kind_rng.getstate(),
-            **self._gate.state_dict(),  # "gate": its training generator, "gate_window": its logging window
+            **super()._rng_streams(),
+            **self._batch_kinds.state_dict(),
             "generation": self._generation_generator.get_state(),
         }
 
-    def _save_rng_state(self, output_dir: str) -> None:
-        """The Trainer's RNG states, plus ours (one file per process): the batch-kind draw (identical on every
-        process), the gate's and speculative generation's generators (per process), and the logging window's
-        gate counts, so that a resumed run continues the same loss and metrics trajectory."""
-        super()._save_rng_state(output_dir)
-        os.makedirs(output_dir, exist_ok=True)
-        torch.save(
-            self._speckd_rng_state(), os.path.join(output_dir, RNG_STATE_FILE.format(self.accelerator.process_index))
-        )
-
-    def _load_rng_state(self, checkpoint: str | None) -> None:
-        """Restore the Trainer's and our RNG states once per resume (see `get_batch_samples`)."""
-        if checkpoint is None or self._rng_restored:
-            return
-        super()._load_rng_state(checkpoint)
-        self._rng_restored = True
-        path = os.path.join(checkpoint, RNG_STATE_FILE.format(self.accelerator.process_index))
-        if not os.path.isfile(path):  # a checkpoint of another trainer, or of a run with more processes
-            return
-        state = torch.load(path, weights_only=True)
-        kind_state = state["kind"]
-        self._kind_rng.setstate((kind_state[0], tuple(kind_state[1]), kind_state[2]))
-        self._gate.load_state_dict(state)
+    def _load_rng_streams(self, state: dict[str, Any]) -> None:
+        super()._load_rng_streams(state)
+        self._batch_kinds.load_state_dict(state)
         self._generation_generator.set_state(state["generation"].cpu())
 
     def training_step(
@@ -412,32 +346,25 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
         completion = inputs["labels"][:, 1:] != -100
         # What the student sampled at each position of an on-policy row: the gate's proposal and the reward's action
         sampled_ids = inputs.get(PROPOSALS_KEY, inputs["input_ids"])[:, 1:]
-        kind = self._row_kinds(inputs, inputs.get(KIND_KEY, OFF_POLICY))  # issue 7: mixed batches, a kind per row
-        gate = self._gate.batch(
-            kind, completion, training=model.training, step=self.state.global_step, max_steps=self.state.max_steps
+        batch = self._gate.batch(
+            row_kinds(inputs),
+            completion,
+            sampled_ids,
+            training=model.training,
+            step=self.state.global_step,
+            max_steps=self.state.max_steps,
         )
         if self.args.loss_path == "chunked":
-            weighted, weights, accepted, student_outputs, logprobs = self._chunked_terms(
-                model, inputs, sampled_ids, gate
-            )
+            terms = self._chunked_terms(model, inputs, batch)
         else:
-            weighted, weights, accepted, student_outputs, logprobs = self._eager_terms(
-                model, inputs, sampled_ids, gate
-            )
-        loss = gate.reduce(weighted, weights, accepted, logprobs, num_items_in_batch)
-        gate.record(accepted)
+            terms = self._eager_terms(model, inputs, batch)
+        loss = batch.reduce(terms, num_items_in_batch)
+        batch.record(terms.accepted)
         empty_cache()
-        return (loss, student_outputs) if return_outputs else loss
+        return (loss, terms.outputs) if return_outputs else loss
 
-    def _eager_terms(
-        self, model: nn.Module, inputs: dict[str, Any], sampled_ids: torch.Tensor, gate: GatedBatch
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any, Callable[[], torch.Tensor]]:
-        """The loss terms from both models' full logits.
-
-        Returns:
-            ``w_t D_t`` `[B, T]`, the weights `[B, T]`, the accept mask `[B, T]`, the student's outputs, and a function
-            that gives the student's log-probabilities `[B, T]` of `sampled_ids` at the sampling temperature.
-        """
+    def _eager_terms(self, model: nn.Module, inputs: dict[str, Any], batch: GatedBatch) -> LossTerms:
+        """The loss terms from both models' full `[B, T, V]` logits, as GKD computes them."""
         student_outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
         self.teacher_model.eval()
         with torch.no_grad():
@@ -448,28 +375,22 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
         teacher_logits = self._shared_logits(teacher_logits)
         # GKD's divergence, split at its log-softmax so that the gate reads the same log-probabilities
         student_log_probs, teacher_log_probs = jsd_log_probs(student_logits), jsd_log_probs(teacher_logits)
-        accepted = gate.accept(student_log_probs, teacher_log_probs, sampled_ids)
-        weights = gate.weights(accepted)
-        weighted = weighted_jsd_from_log_probs(student_log_probs, teacher_log_probs, weights, beta=self.beta)
+        accepted = batch.verdicts(student_log_probs, teacher_log_probs)
+        weighted = weighted_jsd_from_log_probs(
+            student_log_probs, teacher_log_probs, batch.weights(accepted), beta=self.beta
+        )
         if not bool(torch.isfinite(weighted).all()):  # [B, T]: cheap; a bad teacher shows here first
             self._check_teacher(teacher_logits)
 
-        def logprobs() -> torch.Tensor:  # differentiable
-            return sampled_log_probs(student_log_probs, student_logits, sampled_ids, self.temperature)
+        def sampled() -> torch.Tensor:  # differentiable
+            return sampled_log_probs(student_log_probs, student_logits, batch.sampled_ids, self.temperature)
 
-        return weighted, weights, accepted, student_outputs, logprobs
+        return LossTerms(weighted.sum(), accepted, sampled, student_outputs)
 
-    def _chunked_terms(
-        self, model: nn.Module, inputs: dict[str, Any], sampled_ids: torch.Tensor, gate: GatedBatch
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any, Callable[[], torch.Tensor]]:
-        """The loss terms of the chunked path, on the completion positions only.
-
-        Returns:
-            ``sum_t w_t D_t`` (scalar), the weights `[N]` of the `N` completion positions, the accept mask `[B, T]`,
-            the student's outputs (logits of the last position only, of every position in a `prediction_step` that
-            returns them), and a function that gives the student's log-probabilities `[B, T]` of `sampled_ids` at the
-            sampling temperature (chunked too; 0 off the completion).
-        """
+    def _chunked_terms(self, model: nn.Module, inputs: dict[str, Any], batch: GatedBatch) -> LossTerms:
+        """The loss terms from both models' final hidden states, on the completion positions only, a chunk at a time
+        (the student's outputs hold the logits of the last position only, of every position in a `prediction_step`
+        that returns them)."""
         # logits_to_keep=1: each model projects one position; the loss projects the rest chunk by chunk. Both are
         # called through their wrappers (DDP, FSDP2), which gather what they shard. Predictions for `compute_metrics`
         # or `predict` need the student's logits at every position, as GKD returns them (logits_to_keep=0: all).
@@ -501,25 +422,28 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
                     remedy=EAGER_REMEDY,
                 )
             self._heads_checked = True
-        rows = gate.on_rows(sampled_ids)
-        student_hidden = captured["hidden"][:, :-1].flatten(0, 1)[rows.rows]
-        teacher_hidden = teacher_hidden[:, :-1].flatten(0, 1)[rows.rows]
-        weighted, weights = chunked_weighted_jsd(
+        rows = batch.rows
+        student_hidden = captured["hidden"][:, :-1].flatten(0, 1)[rows]
+        teacher_hidden = teacher_hidden[:, :-1].flatten(0, 1)[rows]
+        weighted_sum, row_verdicts = chunked_weighted_jsd(
             student_hidden,
             student_head,
             teacher_hidden,
             teacher_head,
-            rows.weight_fn,  # the gate's verdicts on each chunk's log-probabilities, then its weights
+            batch.chunk_verdicts(rows),  # the gate's verdicts on each chunk's log-probabilities
+            weight_of=batch.position_weights,
             beta=self.beta,
             chunk_size=self.args.loss_chunk_size,
         )
 
-        def logprobs() -> torch.Tensor:  # differentiable
-            return rows.scatter(
-                sampled_log_probs_from_hidden(student_hidden, student_head, rows.sampled_ids, self.temperature)
+        def sampled() -> torch.Tensor:  # differentiable
+            return batch.scatter(
+                sampled_log_probs_from_hidden(
+                    student_hidden, student_head, batch.sampled_ids.flatten()[rows], self.temperature
+                )
             )
 
-        return weighted, weights, rows.positions(), student_outputs, logprobs
+        return LossTerms(weighted_sum, batch.positions(row_verdicts), sampled, student_outputs)
 
     def _output_heads(self) -> tuple[OutputHead, OutputHead]:
         """The student's and the teacher's output layers, for the chunked loss (cut to the tokenizer's ids when the
@@ -561,52 +485,6 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
             )
         return teacher_out
 
-    def _gate_top_k(self, step: int | None = None) -> int:
-        """k of the `topk` gate at optimizer step `step` (default: the current one), per `gate_top_k_schedule`."""
-        step = self.state.global_step if step is None else step
-        return self._gate.top_k(step, self.state.max_steps)
-
-    @staticmethod
-    def _row_kinds(inputs: dict[str, Any], kind: str) -> Kind:
-        """The batch's kind, or for a `MIXED` batch (`mixing="sample"`) its on-policy rows as a bool `[B, 1]`."""
-        if kind != MIXED:
-            return kind
-        return inputs[ROW_ON_POLICY_KEY].bool().unsqueeze(-1)
-
-    def _verify_rows(
-        self,
-        student_log_probs: torch.Tensor,
-        teacher_log_probs: torch.Tensor,
-        sampled_ids: torch.Tensor,
-        gated: torch.Tensor,
-        kind: Kind,
-        uniforms: dict[str, torch.Tensor],
-    ) -> torch.Tensor:
-        """`TokenGate.verify_rows` at the current step's k (`[B, T, V]` log-probabilities in, `[B, T]` bits out)."""
-        return self._gate.verify_rows(
-            student_log_probs, teacher_log_probs, sampled_ids, gated, kind, uniforms, top_k=self._gate_top_k()
-        )
-
-    def _verify(
-        self,
-        student_log_probs: torch.Tensor,
-        teacher_log_probs: torch.Tensor,
-        sampled_ids: torch.Tensor,
-        gated: torch.Tensor,
-        kind: Kind,
-        uniforms: dict[str, torch.Tensor],
-    ) -> torch.Tensor:
-        """`TokenGate.verify` at the current step's k (any leading shape)."""
-        return self._gate.verify(
-            student_log_probs, teacher_log_probs, sampled_ids, gated, kind, uniforms, top_k=self._gate_top_k()
-        )
-
-    def _draw_uniforms(
-        self, kind: Kind, gated: torch.Tensor, generator: torch.Generator | None = None
-    ) -> dict[str, torch.Tensor]:
-        """`TokenGate.draw_uniforms` from `generator` (default: the training stream)."""
-        return self._gate.draw_uniforms(kind, gated, self._gate.generator if generator is None else generator)
-
 
 def _config_vocab_size(model: Any, args: SpecKDConfig) -> int | None:
     """The student's `config.vocab_size` (read from its config file when it is given as a name or path)."""
@@ -618,79 +496,3 @@ def _config_vocab_size(model: Any, args: SpecKDConfig) -> int | None:
         return config.get_text_config().vocab_size
     config = getattr(model, "config", None)
     return config.get_text_config().vocab_size if config is not None else None
-
-
-def _select_rows(inputs: dict[str, Any], rows: torch.Tensor) -> dict[str, Any]:
-    """The micro-batch restricted to `rows` (bool `[B]`): per-row tensors and lists are indexed, the rest kept."""
-    batch_size = rows.numel()
-    index = rows.nonzero().squeeze(-1)
-    out = {}
-    for key, value in inputs.items():
-        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.size(0) == batch_size:
-            out[key] = value[index.to(value.device)]
-        elif isinstance(value, list) and len(value) == batch_size:
-            out[key] = [value[i] for i in index.tolist()]
-        else:
-            out[key] = value
-    return out
-
-
-def _merge_rows(
-    inputs: dict[str, Any], parts: list[dict[str, Any]], rows: list[torch.Tensor], pad_token_id: int
-) -> dict[str, Any]:
-    """Put the rows of `parts` (generated separately for the bool masks `rows`) back in their places of `inputs`.
-
-    `input_ids`, `attention_mask` and `labels` (and the on-policy rows' drafts under `PROPOSALS_KEY`, which are the
-    tokens themselves on rows that have none) are right-padded to the longest part (pad id, 0, -100). A causal model's
-    outputs at a row's real positions do not depend on padding after them, so each row's loss is unchanged. The
-    prompts and any other key are the original batch's.
-    """
-    merged = dict(inputs)
-    width = max(part["input_ids"].size(1) for part in parts)
-    fills = {"input_ids": pad_token_id, "attention_mask": 0, "labels": -100}
-    if any(PROPOSALS_KEY in part for part in parts):  # rows without drafts: their tokens are the proposals
-        fills[PROPOSALS_KEY] = pad_token_id
-    for key, fill in fills.items():
-        values = [part.get(key, part["input_ids"]) for part in parts]
-        out = values[0].new_full((rows[0].numel(), width), fill)
-        for value, mask in zip(values, rows):
-            out[mask.nonzero().squeeze(-1).to(out.device), : value.size(1)] = value
-        merged[key] = out
-    return merged
-
-
-class _SpeculativeGenerator:
-    """Stands in for the student in GKD's `generate_on_policy_outputs`, whose `model.generate` call it answers with
-    `speculative_generate`, so that the ids, attention mask and labels keep exactly GKD's format.
-
-    Sampling follows the trainer's generation config: the student's temperature `args.temperature` (GKD samples with
-    `top_k=0, top_p=1`), the teacher verifies with `args.gate` / `args.gate_top_k`, `args.gate_draft_len` tokens per
-    teacher forward; the statistics go to the trainer's logging window.
-    """
-
-    def __init__(self, trainer: SpecKDTrainer, student: nn.Module):
-        self.trainer, self.student = trainer, student
-        self.proposals: torch.Tensor | None = None  # the last call's `GenerationStats.proposals`
-
-    def generate(self, input_ids, attention_mask, generation_config, **_):
-        trainer = self.trainer
-        trainer.teacher_model.eval()
-        sequences, stats = speculative_generate(
-            self.student,
-            trainer.teacher_model,
-            input_ids,
-            attention_mask,
-            gate=trainer.args.gate,
-            top_k=trainer._gate_top_k(),
-            draft_len=trainer.args.gate_draft_len,
-            max_new_tokens=generation_config.max_new_tokens,
-            temperature=generation_config.temperature,
-            do_sample=generation_config.do_sample,
-            eos_token_id=generation_config.eos_token_id,
-            pad_token_id=generation_config.pad_token_id,
-            generator=trainer._generation_generator,
-            vocab_size=trainer._shared_vocab,
-        )
-        trainer._gate.record_generation(stats)
-        self.proposals = stats.proposals
-        return SimpleNamespace(sequences=sequences)

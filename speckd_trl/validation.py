@@ -1,7 +1,7 @@
 """Up-front checks of the trainer's inputs: each raises before any training with one message that says what is wrong,
 the offending value and how to fix it.
 
-Checks of the models' vocabularies live in `models.py` (`check_vocab`), next to the code that reads the models.
+The dataset transforms these checks come before are in `data.py`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,10 @@ import warnings
 from typing import Any
 
 import torch
-from datasets import Dataset, IterableDataset
+from datasets import Dataset
+
+from .data import columns_of, dataset_format, is_conversational
+from .models import ZERO3_TRAINABLE_HEAD, is_quantized, output_vocab_size
 
 
 # bitsandbytes' 4-bit kernels: CUDA, CPU (>= 0.48), Intel XPU and Habana HPU; not Apple MPS.
@@ -120,9 +123,10 @@ def check_loaded_teacher(teacher: Any, args: Any) -> None:
 
 
 def check_gate_top_k(args: Any, vocab_size: int) -> None:
-    """Raise when the `topk` gate's k (any k of its schedule) is not below the vocabulary size: every token is then
-    among the teacher's top k, and the gate would accept everything, the ungated loss under another name."""
-    if args.gate != "topk":
+    """Raise when the k of a rule that reads it (`topk`; any k of its schedule) is not below the vocabulary size: every
+    token is then among the teacher's top k, and the gate would accept everything, the ungated loss under another
+    name."""
+    if not args.gate_rule.uses_top_k:
         return
     if args.gate_top_k_schedule == "constant":
         ks = {"gate_top_k": args.gate_top_k}
@@ -132,16 +136,9 @@ def check_gate_top_k(args: Any, vocab_size: int) -> None:
         if k >= vocab_size:
             raise ValueError(
                 f"{name}={k} is not below the vocabulary size {vocab_size}: every token is among the teacher's top "
-                f"{k}, so gate='topk' would accept every proposal (the loss of gate='none'). Use a k below "
+                f"{k}, so gate={args.gate!r} would accept every proposal (the loss of gate='none'). Use a k below "
                 f"{vocab_size} (the default is 5), or gate='none' for the ungated loss."
             )
-
-
-ZERO3_TRAINABLE_HEAD = (
-    "loss_path='chunked' reads the {role}'s output layer directly, and under DeepSpeed ZeRO-3 a trainable output "
-    "layer's gradient would not reach ZeRO-3's partitioned gradient. Freeze lm_head (train the student with LoRA, "
-    "peft_config=LoraConfig(...), whose lm_head stays frozen) or use loss_path='eager'."
-)
 
 
 def check_zero3_chunked(student: Any, loss_path: str) -> None:
@@ -175,16 +172,6 @@ def check_zero3_quantized_teacher(quantized: bool) -> None:
         )
 
 
-def is_quantized(model: Any) -> bool:
-    """Whether a loaded model holds quantized (bitsandbytes, GPTQ, AWQ, ...) weights."""
-    return bool(
-        getattr(model, "is_loaded_in_4bit", False)
-        or getattr(model, "is_loaded_in_8bit", False)
-        or getattr(model, "hf_quantizer", None) is not None
-        or getattr(model, "is_quantized", False)
-    )
-
-
 def check_quantized_student(model: Any, peft_config: Any) -> None:
     """Raise for a quantized student without adapters: its quantized weights cannot be trained."""
     if peft_config is None and is_quantized(model) and not hasattr(model, "peft_config"):
@@ -193,27 +180,6 @@ def check_quantized_student(model: Any, peft_config: Any) -> None:
             "Pass `peft_config=` (e.g. `LoraConfig(r=16, target_modules='all-linear')`) to train adapters on it "
             "(QLoRA), or load the student unquantized."
         )
-
-
-def _columns(dataset: Any) -> list[str] | None:
-    columns = getattr(dataset, "column_names", None)
-    if columns is None and isinstance(dataset, IterableDataset) and dataset.features is not None:
-        columns = list(dataset.features)
-    return columns
-
-
-def dataset_format(dataset: Any) -> str | None:
-    """``"messages"``, ``"prompt_completion"``, ``"tokenized"`` or None, from the dataset's columns."""
-    columns = _columns(dataset)
-    if columns is None:
-        return None
-    if "messages" in columns:
-        return "messages"
-    if "prompt" in columns and "completion" in columns:
-        return "prompt_completion"
-    if "input_ids" in columns:
-        return "tokenized"
-    return "unknown"
 
 
 def check_dataset(dataset: Any, tokenizer: Any, max_length: int | None, name: str = "train_dataset") -> None:
@@ -226,7 +192,7 @@ def check_dataset(dataset: Any, tokenizer: Any, max_length: int | None, name: st
     if dataset is None:
         return
     _check_not_empty(dataset, name)
-    kind, columns = dataset_format(dataset), _columns(dataset)
+    kind, columns = dataset_format(dataset), columns_of(dataset)
     if kind == "unknown":
         raise ValueError(
             f"{name} has columns {columns}, but SpecKDTrainer needs chat rows `messages` (a list of "
@@ -240,7 +206,7 @@ def check_dataset(dataset: Any, tokenizer: Any, max_length: int | None, name: st
             "or pass `prompt` and `completion` text columns and let the trainer tokenize them."
         )
     tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
-    chat = kind == "messages" or (kind == "prompt_completion" and _is_conversational(_first(dataset)["prompt"]))
+    chat = kind == "messages" or (kind == "prompt_completion" and is_conversational(_first(dataset)["prompt"]))
     if chat:
         _check_chat_template(tokenizer, name)
     if max_length is not None and isinstance(dataset, Dataset) and kind in ("messages", "prompt_completion"):
@@ -271,7 +237,7 @@ def check_prompt_dataset(dataset: Any, tokenizer: Any, name: str = "train_datase
     if dataset is None:
         return
     _check_not_empty(dataset, name)
-    columns = _columns(dataset)
+    columns = columns_of(dataset)
     if columns is not None and "prompt" not in columns and "messages" not in columns:
         advice = (
             "Rename the column that holds them, e.g. `dataset.rename_column('question', 'prompt')`."
@@ -285,7 +251,7 @@ def check_prompt_dataset(dataset: Any, tokenizer: Any, name: str = "train_datase
         )
     if columns is not None and isinstance(dataset, Dataset):
         first = _first(dataset)
-        if "messages" in first or _is_conversational(first["prompt"]):
+        if "messages" in first or is_conversational(first["prompt"]):
             _check_chat_template(getattr(tokenizer, "tokenizer", tokenizer), name)
 
 
@@ -330,78 +296,76 @@ def _first(dataset: Any) -> dict[str, Any]:
     return dataset[0] if isinstance(dataset, Dataset) else next(iter(dataset))
 
 
-def _is_conversational(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and isinstance(value[0], dict) and "role" in value[0]
-
-
 def prompt_token_ids(example: dict[str, Any], tokenizer: Any) -> list[int]:
     """The prompt's token ids, as `DataCollatorForChatML` tokenizes it."""
     if "messages" in example:
         text = tokenizer.apply_chat_template(example["messages"][:-1], add_generation_prompt=True, tokenize=False)
-    elif _is_conversational(example["prompt"]):
+    elif is_conversational(example["prompt"]):
         text = tokenizer.apply_chat_template(example["prompt"], add_generation_prompt=True, tokenize=False)
     else:
         text = example["prompt"]
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def to_messages(example: dict[str, Any]) -> dict[str, Any]:
-    """A conversational `prompt`/`completion` row as the `messages` row `DataCollatorForChatML` reads."""
-    return {"messages": list(example["prompt"]) + list(example["completion"])}
+def check_pad_token(processing_class: Any) -> None:
+    """Raise if the tokenizer has no pad token (batches and generated sequences need one)."""
+    tokenizer = getattr(processing_class, "tokenizer", processing_class)
+    if tokenizer is None:
+        raise ValueError("SpecKDTrainer needs `processing_class` (the tokenizer shared by student and teacher).")
+    if getattr(tokenizer, "pad_token_id", None) is None:
+        raise ValueError(
+            "The tokenizer has no pad token (pad_token_id is None). Set one before building the trainer, e.g. "
+            "`tokenizer.pad_token = tokenizer.eos_token`, or add a dedicated one with "
+            "`tokenizer.add_special_tokens({'pad_token': '<pad>'})` and resize the models' embeddings."
+        )
 
 
-def collator_max_length(max_length: int | None, tokenizer: Any) -> int:
-    """The length `DataCollatorForChatML` cuts chat rows to: `max_length`, or when it is None
-    ``min(tokenizer.model_max_length, 1024)``."""
-    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
-    return max_length if max_length is not None else min(tokenizer.model_max_length, 1024)
+def check_vocab(
+    student: torch.nn.Module, teacher: torch.nn.Module, tokenizer: Any, teacher_tokenizer: Any = None
+) -> int | None:
+    """Raise if student and teacher logits cannot be compared token by token; say how many logits to compare.
 
+    - With `teacher_tokenizer` (the teacher's own, when it was loaded from a directory that has one), both tokenizers
+      must map the same ids to the same tokens on their shared ids (`get_vocab()`), not merely have the same size.
+    - Each model's output must cover every id of `tokenizer`.
+    - Outputs of different sizes are accepted when both cover the tokenizer (an embedding padded past the tokenizer,
+      as Qwen models have): the logits are then compared on the tokenizer's ids only.
 
-def keep_last(example: dict[str, Any], max_length: int) -> dict[str, Any]:
-    """A tokenized row cut to its last `max_length` tokens (`input_ids` and its per-token `attention_mask` /
-    `completion_mask`), as `DataCollatorForChatML` cuts chat rows: the oldest prompt tokens go first."""
-    return {
-        key: example[key][-max_length:] for key in ("input_ids", "attention_mask", "completion_mask") if key in example
-    }
-
-
-def prepare_prompt_completion(dataset: Any, tokenizer: Any, max_length: int | None = None) -> Any:
-    """`prompt`/`completion` and tokenized rows in the form TRL's GKD collator reads, cut to `max_length` as it cuts
-    chat rows.
-
-    TRL's `DataCollatorForChatML` reads `messages` or `input_ids`, and cuts only the `messages` rows (to their last
-    `max_length` tokens, the oldest prompt tokens first; `collator_max_length`). Here conversational rows (lists of
-    messages) become ``messages = prompt + completion`` (the collator cuts them); plain-text rows are tokenized to
-    ``input_ids`` with a ``completion_mask`` (prompt and completion tokenized separately, so the boundary is exact) and
-    cut the same way; already tokenized rows are cut the same way when they carry a ``completion_mask``.
-
-    Raises:
-        ValueError: for tokenized rows longer than `max_length` without a ``completion_mask`` (the collator then finds
-            the prompt by tokenizing it again, which a cut would misalign).
+    Returns:
+        `len(tokenizer)` when the two output sizes differ (slice both models' logits to it), else None.
     """
-    kind = dataset_format(dataset)
-    if kind not in ("prompt_completion", "tokenized") or not isinstance(dataset, Dataset):
-        return dataset
-    limit = collator_max_length(max_length, tokenizer)
-    if kind == "tokenized":
-        if "completion_mask" in dataset.column_names:
-            return dataset.map(keep_last, fn_kwargs={"max_length": limit})
-        longest = max((len(ids) for ids in dataset["input_ids"]), default=0)
-        if longest > limit:
-            raise ValueError(
-                f"The dataset's tokenized rows have up to {longest} tokens, more than max_length={limit}, and no "
-                "`completion_mask` column to cut them by. Add a `completion_mask` (1 on completion tokens), cut the "
-                f"rows to {limit} tokens yourself, or raise max_length."
-            )
-        return dataset
-    if _is_conversational(dataset[0]["prompt"]):
-        return dataset.map(to_messages, remove_columns=["prompt", "completion"])
     tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+    if teacher_tokenizer is not None:
+        check_same_tokens(tokenizer, getattr(teacher_tokenizer, "tokenizer", teacher_tokenizer))
+    n_student, n_teacher = output_vocab_size(student), output_vocab_size(teacher)
+    n_tokenizer = len(tokenizer)
+    for role, n in (("student", n_student), ("teacher", n_teacher)):
+        if n_tokenizer > n:
+            raise ValueError(
+                f"Vocabulary mismatch: the tokenizer has {n_tokenizer} tokens but the {role} produces only {n} "
+                f"logits, so it was not trained with this tokenizer (token ids >= {n} have no logit). SpecKD "
+                "compares the two next-token distributions id by id: pass the tokenizer both models were trained "
+                "with (a teacher and student of the same family share one), or distill across tokenizers with a "
+                "method that aligns them (e.g. TRL's GOLD / ULD). Resizing the embeddings would only silence this "
+                "error: the new rows are untrained."
+            )
+    if n_student != n_teacher:
+        # both cover the tokenizer (checked above): the extra rows are padding that no token id reaches
+        return n_tokenizer
+    return None
 
-    def tokenize(example: dict[str, Any]) -> dict[str, Any]:
-        prompt = tokenizer(example["prompt"], add_special_tokens=False)["input_ids"]
-        completion = tokenizer(example["completion"], add_special_tokens=False)["input_ids"]
-        row = {"input_ids": prompt + completion, "completion_mask": [0] * len(prompt) + [1] * len(completion)}
-        return keep_last(row, limit)
 
-    return dataset.map(tokenize, remove_columns=["completion"])
+def check_same_tokens(tokenizer: Any, teacher_tokenizer: Any) -> None:
+    """Raise if the two tokenizers give a shared id to different tokens (compared on the ids both have)."""
+    student_vocab = {i: t for t, i in tokenizer.get_vocab().items()}
+    teacher_vocab = {i: t for t, i in teacher_tokenizer.get_vocab().items()}
+    shared = sorted(set(student_vocab) & set(teacher_vocab))
+    differing = [i for i in shared if student_vocab[i] != teacher_vocab[i]]
+    if differing or not shared:
+        examples = ", ".join(f"id {i}: {student_vocab[i]!r} vs {teacher_vocab[i]!r}" for i in differing[:3])
+        raise ValueError(
+            f"Vocabulary mismatch: the student's tokenizer and the teacher's tokenizer differ on {len(differing)} of "
+            f"their {len(shared)} shared token ids ({examples}). SpecKD compares the two next-token distributions "
+            "id by id, so both models must use the same tokenizer: pick a teacher and student of the same family, "
+            "or distill across tokenizers with a method that aligns them (e.g. TRL's GOLD / ULD)."
+        )

@@ -47,13 +47,13 @@ def run(out_dir: str, per_device_batch: int, loss_path: str) -> dict:
         processing_class=tokenizer,
     )
     kinds = []
-    draw = trainer._draw_kind
+    draw = trainer._batch_kinds.draw
 
     def recording_draw():
         kinds.append(draw())
         return kinds[-1]
 
-    trainer._draw_kind = recording_draw
+    trainer._batch_kinds.draw = recording_draw
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     record = {"rank": trainer.accelerator.process_index, "world": trainer.accelerator.num_processes}

@@ -10,6 +10,7 @@ import torch
 from peft import LoraConfig
 
 from speckd_trl import PlanConfig, SpecKDConfig
+from speckd_trl.batches import OFF_POLICY, ON_POLICY
 from speckd_trl.cli import main
 from speckd_trl.losses import OutputHead, chunked_weighted_jsd, weighted_generalized_jsd
 from speckd_trl.tools.testing import (
@@ -19,7 +20,7 @@ from speckd_trl.tools.testing import (
     make_model,
     make_tokenizer,
 )
-from speckd_trl.trainer import OFF_POLICY, ON_POLICY, SpecKDTrainer
+from speckd_trl.trainer import SpecKDTrainer
 
 
 def make_args(tmp_path, **overrides) -> SpecKDConfig:

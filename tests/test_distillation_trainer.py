@@ -10,9 +10,9 @@ from trl import DistillationConfig, DistillationTrainer
 from trl.trainer import distillation_trainer as trl_distillation
 
 from speckd_trl import SpecKDConfig, SpecKDDistillationConfig, SpecKDDistillationTrainer
-from speckd_trl import distillation_trainer as speckd_distillation
-from speckd_trl.gate import accept_mask
+from speckd_trl import compat as speckd_compat
 from speckd_trl.losses import policy_gradient_loss, weighted_generalized_jsd
+from speckd_trl.rules import accept_mask
 from speckd_trl.tools.testing import (
     HEAD_FAMILIES,
     TINY_ARGS,
@@ -82,7 +82,7 @@ def test_no_gate_reproduces_distillation_trainer(tmp_path, monkeypatch, beta, co
     """`compact`: project only the completion tokens, as TRL does on Triton devices (the torch tiles still run)."""
     if compact:
         monkeypatch.setattr(trl_distillation, "_use_triton", lambda device: True)
-        monkeypatch.setattr(speckd_distillation, "_use_triton", lambda device: True)
+        monkeypatch.setattr(speckd_compat, "_use_triton", lambda device: True)
     reference = build(tmp_path / "trl", DistillationTrainer, DistillationConfig, beta=beta, temperature=0.8)
     ours = build(tmp_path / "ours", beta=beta, temperature=0.8, gate="none")
     batch = ragged_batch(reference)

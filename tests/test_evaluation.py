@@ -51,7 +51,7 @@ def eval_batch(trainer, name=None):
 
 @torch.no_grad()
 def loss_by_hand(trainer, batch, gate):
-    """`gate="none"`: TRL's GKD loss of the batch (mean over completion tokens). `gate="topk"`: the README's
+    """`gate="none"`: TRL's GKD loss of the batch (mean over completion tokens). `gate="topk"`: docs/concepts.md's
     ``sum_t w_t D_t / N`` with the student's greedy proposal accepted iff in the teacher's top-k."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
     student = trainer.model(input_ids=ids, attention_mask=mask).logits[:, :-1]
@@ -127,11 +127,11 @@ def test_evaluate_draws_from_its_own_stream(tmp_path, gate, proposal):
     """A random gate (`spec`, or sampled proposals): `evaluate()` leaves the training generator where it was, and
     evaluating the same model twice gives the same loss."""
     trainer = make_trainer(tmp_path, gate=gate, gate_proposal=proposal, gate_top_k=10)
-    before = trainer._gate_generator.get_state().clone()
+    before = trainer._gate.generator.get_state().clone()
     first = trainer.evaluate()["eval_loss"]
-    assert torch.equal(trainer._gate_generator.get_state(), before)
+    assert torch.equal(trainer._gate.generator.get_state(), before)
     second = trainer.evaluate()["eval_loss"]
-    assert torch.equal(trainer._gate_generator.get_state(), before)
+    assert torch.equal(trainer._gate.generator.get_state(), before)
     assert second == first
     # the check has power: the loss does depend on the gate's draws (another seed, another loss)
     other_seed = make_trainer(tmp_path / "seed1", gate=gate, gate_proposal=proposal, gate_top_k=10, seed=1)

@@ -4,6 +4,7 @@ a benchmark, whose imports sit inside functions that no test runs)."""
 
 import ast
 import importlib
+import re
 from pathlib import Path
 
 import pytest
@@ -34,15 +35,20 @@ def imported_modules(path: Path) -> set[str]:
 
 def test_library_modules_are_the_expected_ones():
     assert LIBRARY == [
+        "batches.py",
+        "compat.py",
         "config.py",
+        "data.py",
         "distillation_trainer.py",
-        "gate.py",
-        "gating.py",
+        "gated_trainer.py",
         "generation.py",
         "losses.py",
+        "metrics.py",
         "models.py",
+        "rules.py",
         "trainer.py",
         "validation.py",
+        "weighting.py",
     ]
 
 
@@ -85,3 +91,51 @@ def test_every_speckd_trl_import_resolves(path):
         imported = importlib.import_module(module)
         if name is not None and not hasattr(imported, name):
             importlib.import_module(f"{module}.{name}")  # a submodule, or ModuleNotFoundError names it
+
+
+# A comparison with a gate rule's name: `gate == "topk"`, `"spec" != x`, `"none" in (...)`.
+RULE_NAME_COMPARISON = re.compile(
+    r"""(==|!=)\s*['"](topk|spec|none)['"]|['"](topk|spec|none)['"]\s*(==|!=|\bin\b|\bnot in\b)"""
+)
+
+
+def test_only_the_rules_module_compares_gate_names():
+    """Configs, trainers, weighting, generation and the benchmarks ask the rule (`rules.GateRule`'s attributes and
+    methods) instead of comparing its name: a new rule is then one class in `rules.py` (the planner's `teacher_quant`
+    values share the word "none" and are not gate names)."""
+    offending = []
+    for path in sorted([*PACKAGE.rglob("*.py"), *(REPO / "benchmarks").rglob("*.py")]):
+        if path.name == "rules.py":
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if "gate" in line and RULE_NAME_COMPARISON.search(line):
+                offending.append(f"{path.relative_to(REPO)}:{number}: {line.strip()}")
+    assert not offending, "compare with the rule's attributes instead:\n" + "\n".join(offending)
+
+
+def test_the_name_check_finds_a_comparison():
+    assert RULE_NAME_COMPARISON.search('if self.args.gate == "spec":')
+    assert RULE_NAME_COMPARISON.search("if 'topk' != args.gate:")
+    assert not RULE_NAME_COMPARISON.search('if self.teacher_quant != "nf4":')
+
+
+def test_library_imports_have_no_cycle():
+    """Every import between library modules runs one way (a module can be read knowing only those it imports)."""
+    graph = {
+        name: {m.split(".")[1] + ".py" for m in imported_modules(PACKAGE / name) if m.count(".") >= 1} & set(LIBRARY)
+        for name in LIBRARY
+    }
+    visiting, done = set(), set()
+
+    def visit(node, path):
+        assert node not in visiting, "import cycle: " + " -> ".join([*path, node])
+        if node in done:
+            return
+        visiting.add(node)
+        for nxt in sorted(graph[node] - {node}):
+            visit(nxt, [*path, node])
+        visiting.discard(node)
+        done.add(node)
+
+    for name in LIBRARY:
+        visit(name, [])

@@ -7,6 +7,7 @@ import torch
 from transformers import CohereConfig, Gemma2Config, GraniteConfig, LlamaConfig, LlamaForCausalLM
 
 from speckd_trl import SpecKDDistillationConfig, SpecKDDistillationTrainer
+from speckd_trl.batches import OFF_POLICY, ON_POLICY
 from speckd_trl.losses import OutputHead
 from speckd_trl.models import check_output_head, logit_scale, output_head
 from speckd_trl.tools.testing import (
@@ -20,7 +21,6 @@ from speckd_trl.tools.testing import (
     make_tokenizer,
     make_trainer,
 )
-from speckd_trl.trainer import OFF_POLICY, ON_POLICY
 
 
 class ScaledLogitsLlama(LlamaForCausalLM):

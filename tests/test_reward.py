@@ -5,11 +5,11 @@ import torch
 from trl.experimental.gkd import GKDTrainer
 
 from speckd_trl import SpecKDConfig, SpecKDTrainer
-from speckd_trl.gate import accept_mask
+from speckd_trl.batches import KIND_KEY, OFF_POLICY, ON_POLICY
 from speckd_trl.losses import policy_gradient_loss
+from speckd_trl.rules import accept_mask
 from speckd_trl.tools.testing import TINY_ARGS
 from speckd_trl.tools.testing import make_trainer as tiny_trainer
-from speckd_trl.trainer import KIND_KEY, OFF_POLICY, ON_POLICY
 
 
 DEFAULTS = dict(per_device_train_batch_size=4, max_new_tokens=6)
@@ -65,14 +65,14 @@ def test_reward_term_gradient_matches_a_by_hand_formula(tmp_path, loss_path, gat
     )
     batch = on_policy_batch(trainer)
     n_items = torch.tensor(11)
-    trainer._gate_generator.manual_seed(5)
+    trainer._gate.generator.manual_seed(5)
     loss, grads = grads_of(trainer, batch, n_items)
 
     # by hand, with the same u_t for the spec gate
-    trainer._gate_generator.manual_seed(5)
+    trainer._gate.generator.manual_seed(5)
     labels = batch["labels"][:, 1:]
     gated = labels != -100
-    u = torch.rand(gated.shape, generator=trainer._gate_generator) if gate == "spec" else None
+    u = torch.rand(gated.shape, generator=trainer._gate.generator) if gate == "spec" else None
     trainer.model.zero_grad()
     logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
     with torch.no_grad():
@@ -117,7 +117,7 @@ def test_pure_policy_gradient_trains(tmp_path):
 
 @torch.no_grad()
 def scheduled_loss_by_hand(trainer, batch, num_items, top_k, reject_weight):
-    """The step's loss from the README with this `top_k` and `reject_weight` (`topk` gate, greedy proposals on
+    """The step's loss from docs/concepts.md with this `top_k` and `reject_weight` (`topk` gate, greedy proposals on
     dataset batches, the sampled token on on-policy ones, `gate_normalize="tokens"`), TRL's divergence."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
     student = trainer.model(input_ids=ids, attention_mask=mask).logits[:, :-1]

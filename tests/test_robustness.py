@@ -7,10 +7,9 @@ import torch
 from transformers import TrainerCallback
 
 from speckd_trl import SpecKDTrainer
-from speckd_trl.config import on_policy_rows
+from speckd_trl.batches import KIND_KEY, MIXED, OFF_POLICY, ON_POLICY, ROW_ON_POLICY_KEY, on_policy_rows
 from speckd_trl.losses import weighted_generalized_jsd
 from speckd_trl.tools.testing import make_model, make_tokenizer, make_trainer
-from speckd_trl.trainer import KIND_KEY, MIXED, OFF_POLICY, ON_POLICY, ROW_ON_POLICY_KEY
 
 
 def build(output_dir, **overrides) -> SpecKDTrainer:
@@ -74,11 +73,11 @@ def test_resume_matches_the_uninterrupted_run(tmp_path, mixing, logging_steps, s
 def test_resume_restores_the_batch_kind_draw(tmp_path):
     trainer = build(tmp_path, lmbda=0.5, save_strategy="steps", save_steps=2, max_steps=2)
     trainer.train()
-    expected = [trainer._kind_rng.random() for _ in range(5)]
+    expected = [trainer._batch_kinds.rng.random() for _ in range(5)]
     resumed = build(tmp_path, lmbda=0.5, max_steps=2)
     resumed._resume_checkpoint = str(tmp_path / "checkpoint-2")
     resumed._load_rng_state(resumed._resume_checkpoint)
-    assert [resumed._kind_rng.random() for _ in range(5)] == expected
+    assert [resumed._batch_kinds.rng.random() for _ in range(5)] == expected
 
 
 # ------------------------------------------------------------------ per-sample mixing

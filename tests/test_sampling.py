@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from speckd_trl import SpecKDConfig, SpecKDDistillationConfig, SpecKDDistillationTrainer
+from speckd_trl.batches import ON_POLICY
 from speckd_trl.tools.testing import TINY_ARGS, make_dataset, make_model, make_prompt_dataset, make_tokenizer
-from speckd_trl.trainer import ON_POLICY, SpecKDTrainer
+from speckd_trl.trainer import SpecKDTrainer
 
 
 SAMPLES = 4000

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from speckd_trl import SpecKDTrainer, speculative_generate
-from speckd_trl.gate import accept_mask
+from speckd_trl.batches import KIND_KEY, ON_POLICY, PROPOSALS_KEY
+from speckd_trl.rules import accept_mask
 from speckd_trl.tools.testing import make_model, make_tokenizer, make_trainer
-from speckd_trl.trainer import KIND_KEY, ON_POLICY, PROPOSALS_KEY
 
 
 TOP_K = 3
@@ -76,7 +76,7 @@ def test_the_gate_verifies_the_drafts_not_the_replacements(tmp_path, loss_path):
     _, completion, replaced = drafts_and_replaced(inputs)
     trainer.model.train()
     trainer.compute_loss(trainer.model, inputs)
-    window = trainer._gate_window
+    window = trainer._gate.window
     # topk at the same k: exactly the generation's verdicts (an accepted draft again, a replaced one rejected again)
     assert window["gated_on"] == int(completion.sum())
     assert window["accepted_on"] == int((completion & ~replaced).sum())
@@ -91,11 +91,11 @@ def test_the_reward_term_scores_the_students_drafts(tmp_path, loss_path, gate):
     inputs = speculative_batch(trainer)
     drafts, completion, _ = drafts_and_replaced(inputs)
     trainer.model.train()
-    trainer._gate_generator.manual_seed(5)
+    trainer._gate.generator.manual_seed(5)
     loss = trainer.compute_loss(trainer.model, inputs)
 
-    trainer._gate_generator.manual_seed(5)
-    u = torch.rand(completion.shape, generator=trainer._gate_generator) if gate == "spec" else None
+    trainer._gate.generator.manual_seed(5)
+    u = torch.rand(completion.shape, generator=trainer._gate.generator) if gate == "spec" else None
     model_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
     with torch.no_grad():
         logits = trainer.model(**model_inputs).logits[:, :-1]

@@ -1,5 +1,7 @@
 """The trainer's loss against GKD's and against by-hand recomputations, on one batch of tiny models."""
 
+import dataclasses
+
 import pytest
 import torch
 from datasets import Dataset
@@ -7,9 +9,9 @@ from transformers import TrainerCallback
 from trl.experimental.gkd import GKDTrainer
 
 from speckd_trl import SpecKDConfig, SpecKDTrainer
+from speckd_trl.batches import KIND_KEY, OFF_POLICY, ON_POLICY
 from speckd_trl.tools.testing import TINY_ARGS, make_model
 from speckd_trl.tools.testing import make_trainer as tiny_trainer
-from speckd_trl.trainer import KIND_KEY, OFF_POLICY, ON_POLICY
 
 
 # the by-hand references below take the student's argmax as its proposal
@@ -164,7 +166,7 @@ def record_windows(trainer) -> list:
 
 def topk_terms_by_hand(student, teacher, batch, *, top_k, reject_weight, beta):
     """One micro-batch's ``sum_t w_t D_t`` (differentiable), ``sum_t w_t``, its completion tokens and accept bits,
-    written from the README with TRL's divergence.
+    written from docs/concepts.md with TRL's divergence.
 
     Proposals: the sampled token on an on-policy batch, the student's argmax otherwise (`gate_proposal="greedy"`).
     ``w_t`` = 1 if the proposal is in the teacher's top-k, else `reject_weight`, 0 off the completion.
@@ -276,24 +278,22 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path, lmbda, normalize
 @pytest.mark.parametrize("gate", ["topk", "spec"])
 @pytest.mark.parametrize("kind", ["off_policy", "on_policy"])
 def test_gate_on_the_whole_batch_or_on_the_gated_rows_alike(tmp_path, gate, kind):
-    """`_verify_rows` gates the whole batch when most positions are gated and copies the gated rows out otherwise;
-    both give the verdicts of the gate applied position by position."""
+    """`GatedBatch.verdicts` gates the whole batch when most positions are gated and copies the gated rows out
+    otherwise; both give the verdicts of the gate applied position by position (`at=`)."""
     trainer = make_trainer(tmp_path, gate=gate, gate_top_k=3, temperature=0.7)
     g = torch.Generator().manual_seed(0)
     n_b, n_t, vocab = 3, 8, 96
     log_q = torch.log_softmax(torch.randn(n_b, n_t, vocab, generator=g) * 2, -1)
     log_p = torch.log_softmax(torch.randn(n_b, n_t, vocab, generator=g) * 2, -1)
     labels = torch.randint(0, vocab, (n_b, n_t), generator=g)
-    uniforms = {"accept": torch.rand(n_b, n_t, generator=g)} if gate == "spec" else {}
     most = torch.rand(n_b, n_t, generator=g) > 0.2
     few = most & (torch.arange(n_t) < 3)
     assert 2 * most.sum() > most.numel() >= 2 * few.sum()
-    whole = trainer._verify_rows(log_q, log_p, labels, most, kind, uniforms)
-    rows = trainer._verify_rows(log_q, log_p, labels, few, kind, uniforms)
+    batch = trainer._gate.batch(kind, most, labels, training=True, step=0, max_steps=1)
+    whole = batch.verdicts(log_q, log_p)
+    rows = dataclasses.replace(batch, completion=few, gated=few).verdicts(log_q, log_p)  # the same draws
     assert torch.equal(rows, whole & few)
     for b, t in most.nonzero().tolist():  # one position at a time
-        one = trainer._verify(
-            log_q[b, t], log_p[b, t], labels[b, t], most[b, t], kind, {n: u[b, t] for n, u in uniforms.items()}
-        )
+        one = batch.verdicts(log_q[b, t][None], log_p[b, t][None], at=torch.tensor([b * n_t + t]))
         assert one.item() == whole[b, t].item()
     assert 0 < whole[most].float().mean() < 1

@@ -204,7 +204,7 @@ def collated_batch(trainer, kind: str, rows: int = 4) -> dict:
     """The first `rows` rows of the trainer's dataset through its collator, marked as a batch of `kind`
     (`trainer.ON_POLICY` / `OFF_POLICY`): for on-policy, the dataset's completions stand for sampled ones, so two
     trainers (e.g. the eager and the chunked loss path) see the same tokens."""
-    from ..trainer import KIND_KEY
+    from ..batches import KIND_KEY
 
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(rows)])
     return {**batch, KIND_KEY: kind}

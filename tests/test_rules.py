@@ -1,11 +1,12 @@
-"""`speckd_trl.gate` against slow, obviously-correct loop references on random logits."""
+"""`speckd_trl.rules` against slow, obviously-correct loop references on random logits."""
 
 import math
 
 import pytest
 import torch
 
-from speckd_trl.gate import accept_mask, propose, sequence_rewards, teacher_rank
+from speckd_trl.metrics import sequence_rewards
+from speckd_trl.rules import accept_mask, propose, teacher_rank
 
 
 B, T, V = 3, 7, 11
