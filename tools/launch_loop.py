@@ -6,7 +6,7 @@ python tools/launch_loop.py --launches 100 --unguarded     # the same job exitin
 ```
 
 Each launch is `accelerate launch --config_file examples/accelerate/multi_cpu.yaml -m speckd_trl --use_cpu ...`, as
-the README documents it and `tests/test_accelerate_launch.py` runs it once: tiny models saved to a scratch directory,
+docs/multi-gpu.md documents it and `tests/test_accelerate_launch.py` runs it once: tiny models saved to a scratch directory,
 8 chat rows, one epoch of 2 optimizer steps on 2 gloo processes, on-policy batches included, a checkpoint and the
 student saved. A launch counts as trained when the student was saved; it passes when it also exited 0. With
 `--unguarded` the processes run `sys.exit(speckd_trl.cli.main())` instead of the shipped `run()`, which exits a

@@ -73,7 +73,7 @@ host memory and the host-to-device traffic it costs (the whole teacher per forwa
 
 Measured (``python benchmarks/plan_check.py --sharded``, CPU processes over gloo, FSDP2 through accelerate's own
 FSDP2 path as `tests/fsdp_worker.py` does it): 57M-parameter teacher, 38M student, full fine-tuning and LoRA, 1, 2
-DDP and 2 FSDP2 processes: estimate / measured per process 0.82-1.07 (README, "Will it fit?"). Nothing was fitted for
+DDP and 2 FSDP2 processes: estimate / measured per process 0.82-1.07 (docs/one-gpu.md, "Will it fit?"). Nothing was fitted for
 the sharded terms: the DDP bucket term came from PyTorch's documentation and the measurement confirmed it (2 DDP
 processes held 146 MiB more each than one process; the gradients are 147 MiB).
 
@@ -93,7 +93,7 @@ bfloat16 / float16 was fitted to the earlier H100 measurements of `benchmarks/on
 1B LoRA student, dataset steps at batch 2 and 4 x 512; bf16 logits, most temporaries float32 under autocast), before
 the divergence cast half-precision logits to float32 and before that change; it has not been measured since (no
 GPU), nor have the chunked path and ``c_act`` been checked on a GPU. The
-README's "One GPU" section has the measured tables (CPU: estimate / measured 0.86-1.09 over 13 configurations).
+docs/one-gpu.md has the measured tables (CPU: estimate / measured 0.86-1.09 over 13 configurations).
 """
 
 from __future__ import annotations

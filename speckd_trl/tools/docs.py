@@ -1,0 +1,247 @@
+"""The docs pages that are generated from the code, so that each field's meaning is written once (its
+`metadata["help"]`) and the planner's options once (its `argparse` parser):
+
+- `docs/configuration.md`: one table per config class (`SpecKDConfig`, `SpecKDDistillationConfig`) of the fields it
+  adds over its TRL base, read from `dataclasses.fields`;
+- `docs/plan-cli.md`: `speckd-trl plan --help`, rendered at a fixed width.
+
+    python -m speckd_trl.tools.docs           # rewrite both pages
+    python -m speckd_trl.tools.docs --check   # exit 1 and list the pages that differ from what the code renders
+
+`tests/test_docs.py` fails when a page is stale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+
+REPO = Path(__file__).resolve().parents[2]
+DOCS = REPO / "docs"
+CONFIGURATION_PAGE = "configuration.md"
+PLAN_CLI_PAGE = "plan-cli.md"
+HELP_WIDTH = 100  # columns of the rendered `--help`: fixed, so that the page does not depend on the terminal
+REGENERATE = "python -m speckd_trl.tools.docs"
+GENERATED_NOTE = f"<!-- Generated from the code by `{REGENERATE}`: edit the code, not this page. -->"
+
+CONFIGURATION_HEADER = f"""\
+# Configuration reference
+
+{GENERATED_NOTE}
+
+`SpecKDConfig` extends TRL's `trl.experimental.gkd.GKDConfig` (and with it `SFTConfig` and `TrainingArguments`);
+`SpecKDDistillationConfig` extends TRL's `trl.DistillationConfig`. The tables list only the fields these classes add.
+**Every field of TRL's configs keeps TRL's meaning and default** (see TRL's documentation), with one exception: an
+unset `bf16` means bf16 where the GPU supports it and float32 elsewhere (TRL's `bf16=True` default fails on a CPU).
+
+Every value is checked when the config is built: a bad one raises a `ValueError` that names the field, the value and
+what is allowed. Every field is also a flag of the `speckd-trl` command (`--gate topk`, `--config recipe.yaml` reads
+the same keys from YAML; `speckd-trl --help` prints them all).
+
+What the gate's settings do: [Concepts](concepts.md). The loss paths, the teacher's loading and what differs from
+GKD: [SpecKDTrainer](speckd-trainer.md). The trainer on `DistillationTrainer`:
+[SpecKDDistillationTrainer](distillation-trainer.md).
+"""
+
+
+def added_fields(config_class: type, base_class: type) -> list[dataclasses.Field]:
+    """The dataclass fields of `config_class` whose names `base_class` does not have, in declaration order."""
+    inherited = {f.name for f in dataclasses.fields(base_class)}
+    return [f for f in dataclasses.fields(config_class) if f.name not in inherited]
+
+
+def type_name(annotation: Any) -> str:
+    """A field's type as written in the code (`int | None`)."""
+    if isinstance(annotation, str):
+        return annotation
+    if isinstance(annotation, type):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
+
+
+def _value(value: Any) -> str:
+    return f'"{value}"' if isinstance(value, str) else repr(value)
+
+
+def default_value(f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        return _value(f.default)
+    if f.default_factory is not dataclasses.MISSING:
+        return _value(f.default_factory())
+    return "required"
+
+
+def _cell(text: str) -> str:
+    """Text made safe for one markdown table cell: one line, `|` escaped."""
+    return re.sub(r"\s+", " ", text).strip().replace("|", "\\|")
+
+
+def config_table(config_class: type, base_class: type) -> str:
+    """The markdown table of the fields `config_class` adds over `base_class`: name, type, default, choices, help."""
+    rows = [
+        "| field | type | default | choices | meaning |",
+        "|---|---|---|---|---|",
+    ]
+    for f in added_fields(config_class, base_class):
+        choices = f.metadata.get("choices")
+        rows.append(
+            "| "
+            + " | ".join(
+                [
+                    f"`{f.name}`",
+                    f"`{_cell(type_name(f.type))}`",
+                    f"`{_cell(default_value(f))}`",
+                    ", ".join(f"`{_cell(_value(c))}`" for c in choices) if choices else "",
+                    _cell(f.metadata.get("help", "")),
+                ]
+            )
+            + " |"
+        )
+    return "\n".join(rows)
+
+
+def _config_classes() -> list[tuple[type, type, str, str]]:
+    """(our config, its TRL base, the base's public name, the trainer it configures)."""
+    from trl import DistillationConfig
+    from trl.experimental.gkd import GKDConfig
+
+    from speckd_trl import SpecKDConfig, SpecKDDistillationConfig
+
+    return [
+        (SpecKDConfig, GKDConfig, "trl.experimental.gkd.GKDConfig", "SpecKDTrainer"),
+        (SpecKDDistillationConfig, DistillationConfig, "trl.DistillationConfig", "SpecKDDistillationTrainer"),
+    ]
+
+
+def _names(names: Sequence[str]) -> str:
+    return ", ".join(f"`{name}`" for name in names)
+
+
+def render_configuration() -> str:
+    """The text of `docs/configuration.md`."""
+    from speckd_trl.config import GateConfigMixin
+
+    shared = [f.name for f in dataclasses.fields(GateConfigMixin)]
+    sections = [CONFIGURATION_HEADER]
+    for config_class, base_class, base, trainer in _config_classes():
+        own = [f.name for f in added_fields(config_class, base_class) if f.name not in shared]
+        lines = [
+            f"## `{config_class.__name__}`",
+            "",
+            f"Configures `{trainer}`; extends `{base}`. The gate's fields come from `GateConfigMixin`, shared by both "
+            f"classes: {_names(shared)}.",
+        ]
+        if own:
+            lines[-1] += f" Its own: {_names(own)}."
+        lines += ["", config_table(config_class, base_class), ""]
+        sections.append("\n".join(lines))
+    return "\n".join(sections)
+
+
+def plan_help(width: int = HELP_WIDTH) -> str:
+    """`speckd-trl plan --help`, formatted for a terminal `width` columns wide."""
+    from speckd_trl.cli import make_plan_parser
+
+    parser = make_plan_parser()
+    formatter = parser.formatter_class
+    parser.formatter_class = lambda prog: formatter(prog, width=width)
+    if hasattr(parser, "color"):  # Python 3.14+: no colour codes in the page
+        parser.color = False
+    return parser.format_help()
+
+
+def _python() -> str:
+    return f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
+PLAN_CLI_PYTHON = re.compile(r"Python (\d+\.\d+)'s `argparse`")
+
+
+def render_plan_cli() -> str:
+    """The text of `docs/plan-cli.md`."""
+    return f"""\
+# `speckd-trl plan` options
+
+{GENERATED_NOTE}
+
+The memory planner's options, as `speckd-trl plan --help` prints them (Python {_python()}'s `argparse`,
+{HELP_WIDTH} columns). What the planner models, a worked example and how its estimates compare with measured
+peaks: [One GPU](one-gpu.md#will-it-fit-speckd-trl-plan).
+
+```text
+$ speckd-trl plan --help
+{plan_help().rstrip()}
+```
+"""
+
+
+PAGES: dict[str, Callable[[], str]] = {CONFIGURATION_PAGE: render_configuration, PLAN_CLI_PAGE: render_plan_cli}
+
+
+def rendered_by_another_python(name: str, text: str) -> str | None:
+    """For a page whose text depends on the Python version (`argparse`'s layout changes between releases): the
+    version that rendered `text` when it is not the running one, else None."""
+    if name != PLAN_CLI_PAGE:
+        return None
+    found = PLAN_CLI_PYTHON.search(text)
+    return found.group(1) if found and found.group(1) != _python() else None
+
+
+def stale_pages(docs_dir: Path = DOCS) -> tuple[list[Path], list[Path]]:
+    """(pages that differ from what the code renders now, pages not compared because another Python rendered
+    them)."""
+    stale, skipped = [], []
+    for name, render in PAGES.items():
+        path = docs_dir / name
+        current = path.read_text() if path.exists() else None
+        if current is not None and rendered_by_another_python(name, current):
+            skipped.append(path)
+        elif current != render():
+            stale.append(path)
+    return stale, skipped
+
+
+def write_pages(docs_dir: Path = DOCS) -> list[Path]:
+    """Rewrite every generated page; return the ones whose text changed."""
+    changed = []
+    for name, render in PAGES.items():
+        path = docs_dir / name
+        text = render()
+        if not path.exists() or path.read_text() != text:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+            changed.append(path)
+    return changed
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog=REGENERATE, description="Rewrite the docs pages generated from the code (or check that they are current)."
+    )
+    parser.add_argument("--check", action="store_true", help="Write nothing; exit 1 if a page is stale.")
+    parser.add_argument("--docs-dir", type=Path, default=DOCS, help=f"Where the pages live (default: {DOCS}).")
+    args = parser.parse_args(argv)
+    if args.check:
+        stale, skipped = stale_pages(args.docs_dir)
+        for path in skipped:
+            version = rendered_by_another_python(path.name, path.read_text())
+            print(f"not compared: {path} (rendered by Python {version}, this is Python {_python()})")
+        for path in stale:
+            print(f"stale: {path}")
+        if stale:
+            print(f"Run `{REGENERATE}` to rewrite them.")
+            return 1
+        return 0
+    for path in write_pages(args.docs_dir):
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""The docs stay true to the code and findable: the generated pages are current, the README stays short, every
+relative link resolves, and every config field we add is in the configuration reference. No models are built."""
+
+import re
+from pathlib import Path
+
+import pytest
+from trl import DistillationConfig
+from trl.experimental.gkd import GKDConfig
+
+from speckd_trl import SpecKDConfig, SpecKDDistillationConfig
+from speckd_trl.tools import docs
+
+
+REPO = Path(__file__).resolve().parent.parent
+DOCS = REPO / "docs"
+README = REPO / "README.md"
+MARKDOWN = [README, *sorted(DOCS.glob("*.md"))]
+README_MAX_LINES = 210
+
+
+@pytest.mark.parametrize("name", sorted(docs.PAGES))
+def test_generated_page_is_current(name):
+    path = DOCS / name
+    assert path.exists(), f"{path} is missing: run `python -m speckd_trl.tools.docs`"
+    text = path.read_text()
+    other = docs.rendered_by_another_python(name, text)
+    if other:
+        pytest.skip(f"{name} was rendered by Python {other}'s argparse, whose layout may differ from this Python's")
+    assert text == docs.PAGES[name](), f"{path} is stale: run `python -m speckd_trl.tools.docs` and commit the result"
+
+
+def test_check_reports_a_stale_page(tmp_path, capsys):
+    assert docs.main(["--docs-dir", str(tmp_path)]) == 0
+    assert docs.main(["--check", "--docs-dir", str(tmp_path)]) == 0
+    (tmp_path / docs.CONFIGURATION_PAGE).write_text("# hand-edited\n")
+    capsys.readouterr()
+    assert docs.main(["--check", "--docs-dir", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert docs.CONFIGURATION_PAGE in out and "python -m speckd_trl.tools.docs" in out
+    assert docs.PLAN_CLI_PAGE not in out
+
+
+def test_readme_is_short():
+    lines = README.read_text().splitlines()
+    assert len(lines) <= README_MAX_LINES, (
+        f"README.md has {len(lines)} lines (at most {README_MAX_LINES}): move the details to a page under docs/"
+    )
+
+
+def test_ci_runs_the_readme_test_command():
+    """`.ci/run` runs the README's test command verbatim (line 11; line 8 is the demo command)."""
+    lines = README.read_text().splitlines()
+    assert lines[7].endswith("speckd-trl demo --config examples/demo.yaml")
+    assert lines[10].endswith("ruff check . && python -m pytest")
+    assert lines[10] in (REPO / ".ci" / "run").read_text().splitlines()
+
+
+LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
+
+
+def relative_links(text: str) -> list[str]:
+    """Targets of the markdown links and images in `text` outside code, without web links and pure anchors."""
+    text = re.sub(r"^(```|~~~).*?^\1", "", text, flags=re.S | re.M)  # fenced code blocks
+    text = re.sub(r"`[^`\n]*`", "", text)  # inline code
+    targets = LINK.findall(text)
+    return [t for t in targets if not t.startswith(("http://", "https://", "mailto:", "#"))]
+
+
+def test_link_finder():
+    text = (
+        "[a](docs/x.md#part) ![img](demo.png) [web](https://x.org) [anchor](#y) `[code](no.md)`\n```\n[f](z.md)\n```\n"
+    )
+    assert relative_links(text) == ["docs/x.md#part", "demo.png"]
+
+
+@pytest.mark.parametrize("path", MARKDOWN, ids=lambda p: str(p.relative_to(REPO)))
+def test_relative_links_resolve(path):
+    broken = []
+    for target in relative_links(path.read_text()):
+        file = target.split("#", 1)[0]
+        if not (path.parent / file).exists():
+            broken.append(target)
+    assert not broken, f"{path.relative_to(REPO)} links to files that do not exist: {broken}"
+
+
+@pytest.mark.parametrize(
+    "config_class, base_class", [(SpecKDConfig, GKDConfig), (SpecKDDistillationConfig, DistillationConfig)]
+)
+def test_configuration_reference_lists_every_added_field(config_class, base_class):
+    page = (DOCS / docs.CONFIGURATION_PAGE).read_text()
+    section = page.split(f"## `{config_class.__name__}`", 1)
+    assert len(section) == 2, f"docs/configuration.md has no section for {config_class.__name__}"
+    body = section[1].split("\n## ", 1)[0]
+    added = [f.name for f in docs.added_fields(config_class, base_class)]
+    assert added, f"{config_class.__name__} adds no field over {base_class.__name__}?"
+    missing = [name for name in added if f"| `{name}` |" not in body]
+    assert not missing, f"docs/configuration.md lacks {missing}: run `python -m speckd_trl.tools.docs`"
