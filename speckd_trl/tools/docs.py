@@ -56,6 +56,16 @@ def added_fields(config_class: type, base_class: type) -> list[dataclasses.Field
     return [f for f in dataclasses.fields(config_class) if f.name not in inherited]
 
 
+def written_annotation(config_class: type, name: str) -> Any:
+    """The annotation of field `name` as its class wrote it: `dataclasses.Field.type` is not used, since
+    `HfArgumentParser` (which `TrlParser` builds on) replaces it in place with the resolved type (`int | None`
+    becomes `int`) the first time it parses the class."""
+    for klass in config_class.__mro__:
+        if name in vars(klass).get("__annotations__", {}):
+            return vars(klass)["__annotations__"][name]
+    raise KeyError(name)
+
+
 def type_name(annotation: Any) -> str:
     """A field's type as written in the code (`int | None`)."""
     if isinstance(annotation, str):
@@ -95,7 +105,7 @@ def config_table(config_class: type, base_class: type) -> str:
             + " | ".join(
                 [
                     f"`{f.name}`",
-                    f"`{_cell(type_name(f.type))}`",
+                    f"`{_cell(type_name(written_annotation(config_class, f.name)))}`",
                     f"`{_cell(default_value(f))}`",
                     ", ".join(f"`{_cell(_value(c))}`" for c in choices) if choices else "",
                     _cell(f.metadata.get("help", "")),
