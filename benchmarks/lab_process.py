@@ -64,9 +64,28 @@ def make_lab_tokenizer() -> PreTrainedTokenizerFast:
     return word_level_tokenizer(words())
 
 
+# Capacity-bound slots (`configure(hard_slots=...)`, `lab_capacity.py`): deterministic answer `i` of a hard slot is
+# ``HARD_TABLE[a_i, a_{i+1 mod 4}]``, a fixed random table of the 256 digit pairs: a lookup that a student must
+# memorize (1024 bits), learnable with enough capacity, beyond a small one. The teacher stays exact there.
+HARD_TABLE = torch.randint(0, N_DIGITS, (N_DIGITS, N_DIGITS), generator=torch.Generator().manual_seed(4321)).tolist()
+HARD_SLOTS: tuple[int, ...] = ()  # indices 0..3 of the deterministic answers that are hard (none by default)
+
+
+def configure(hard_slots: tuple[int, ...] = ()) -> None:
+    """Make the deterministic answers `hard_slots` (0..3) capacity-bound lookups for this process (both the data and
+    the teacher read it)."""
+    global HARD_SLOTS
+    if any(not 0 <= i < PROMPT_LEN for i in hard_slots):
+        raise ValueError(f"hard_slots={hard_slots}: each must be in 0..{PROMPT_LEN - 1}")
+    HARD_SLOTS = tuple(sorted(set(hard_slots)))
+
+
 def deterministic_answer(prompt: list[int]) -> list[int]:
     """Token ids of y1..y4 for a prompt of four digits (0..15)."""
-    return [DIGIT0 + PERM[a] for a in prompt]
+    return [
+        DIGIT0 + (HARD_TABLE[a][prompt[(i + 1) % PROMPT_LEN]] if i in HARD_SLOTS else PERM[a])
+        for i, a in enumerate(prompt)
+    ]
 
 
 def filler_distribution(prev_token: int) -> torch.Tensor:

@@ -1,0 +1,101 @@
+"""The lab's capacity axis (`benchmarks/lab_capacity.py`) and its gate-rule variants (`benchmarks/lab_rules.py`)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from speckd_trl.rules import GATE_RULES, accept_mask
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    """`lab_capacity`, `lab_rules` and `lab_process`, imported from their folder (they import each other)."""
+    path = str(ROOT / "benchmarks")
+    sys.path.insert(0, path)  # (imported by name: the worker processes unpickle `lab_capacity.run` by name)
+    rules = dict(GATE_RULES)
+    try:
+        yield {name: importlib.import_module(name) for name in ("lab_process", "lab_rules", "lab_capacity")}
+    finally:
+        sys.path.remove(path)
+        GATE_RULES.clear()  # the variants registered here leave the package's rules as they were
+        GATE_RULES.update(rules)
+
+
+def entropy(logits: torch.Tensor) -> float:
+    p = torch.softmax(logits.double(), -1)
+    return -(p * p.log()).sum().item()
+
+
+def in_top_k(logits: torch.Tensor, token: int, k: int) -> bool:
+    z = logits.tolist()
+    return token in sorted(range(len(z)), key=lambda v: (-z[v], v))[:k]
+
+
+@pytest.mark.parametrize("normalized", [False, True])
+def test_variant_rules_match_a_loop_reference(bench, normalized):
+    rules = bench["lab_rules"]
+    g = torch.Generator().manual_seed(0)
+    student = torch.randn(3, 6, 20, generator=g) * torch.rand(3, 6, 1, generator=g) * 6
+    teacher = torch.randn(3, 6, 20, generator=g) * torch.rand(3, 6, 1, generator=g) * 6
+    proposals, mask = torch.randint(0, 20, (3, 6), generator=g), torch.rand(3, 6, generator=g) > 0.2
+    s_in, t_in = (student.log_softmax(-1), teacher.log_softmax(-1)) if normalized else (student, teacher)
+    for base, threshold in (("topk_uncertain", 1.5), ("student_uncertain", 2.0)):
+        name = rules.variant(base, threshold)
+        got = accept_mask(s_in, t_in, proposals, mask, gate=name, top_k=3, normalized=normalized)
+        for b, t in mask.nonzero().tolist():
+            if base == "topk_uncertain":
+                want = entropy(teacher[b, t]) < threshold or in_top_k(teacher[b, t], proposals[b, t].item(), 3)
+            else:
+                want = entropy(student[b, t]) >= threshold
+            assert got[b, t].item() == want, (base, b, t)
+        assert not got[~mask].any() and 0 < got[mask].float().mean() < 1
+
+
+def test_hard_slots_are_a_pair_lookup_and_the_teacher_knows_them(bench):
+    lp = bench["lab_process"]
+    try:
+        lp.configure((0, 2))
+        prompt = [1, 2, 3, 4]
+        answer = lp.deterministic_answer(prompt)
+        assert answer[0] == lp.DIGIT0 + lp.HARD_TABLE[1][2] and answer[2] == lp.DIGIT0 + lp.HARD_TABLE[3][4]
+        assert answer[1] == lp.DIGIT0 + lp.PERM[2] and answer[3] == lp.DIGIT0 + lp.PERM[4]
+        ids = torch.tensor([lp.prompt_ids(prompt) + lp.sample_answer(prompt, __import__("random").Random(0))])
+        teacher = lp.OracleTeacher(lp.OracleTeacherConfig(noise=0.0))
+        p = teacher.probabilities(ids)[0]
+        start = len(lp.prompt_ids(prompt)) - 1  # the position after `assistant` predicts answer slot 0
+        assert p[start].argmax().item() == answer[0] and p[start + 4].argmax().item() == answer[2]
+        with pytest.raises(ValueError, match="hard_slots"):
+            lp.configure((4,))
+    finally:
+        lp.configure(())
+
+
+def test_quick_capacity_run(bench, tmp_path):
+    capacity = bench["lab_capacity"]
+    threads = torch.get_num_threads()
+    try:
+        summary = capacity.main(["--quick", "--workers", "1", "--sizes", "16,32", "--methods",
+                                 "gkd,speckd-topk,speckd-topk-uncertain", "--plot", str(tmp_path / "cap.png"),
+                                 "--log", str(tmp_path / "cap")])  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    assert summary["chosen"]["speckd-topk-uncertain"]["rule"][0] == "topk_uncertain"
+    saved = json.loads((tmp_path / "cap.json").read_text())
+    rows = saved["rows"]
+    assert len(rows) == 2 * 2 * 3  # sizes x seeds x methods
+    for row in rows:
+        assert set(row["budgets"]) == {"4", "8"}
+        for metrics in row["budgets"].values():
+            assert all(math.isfinite(metrics[m]) for m in ("kl_all", "kl_easy", "kl_hard", "kl_ent"))
+    mean, half, seeds = summary["kl_all_minus_gkd"]["speckd-topk/16/8"]
+    assert seeds == 2 and math.isfinite(mean) and (tmp_path / "cap.png").stat().st_size > 0
