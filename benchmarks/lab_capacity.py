@@ -183,6 +183,13 @@ def paired(
     return mean, half, len(seeds)
 
 
+def paired_cell(d: tuple[float, float, int] | None, scale: float = 1.0, digits: int = 3) -> str:
+    """A paired difference as ``mean +- half-width``, starred where the interval excludes 0 (``-`` for none)."""
+    if not d:
+        return "-"
+    return lab.fmt(d[:2], scale, digits) + ("*" if abs(d[0]) > d[1] and d[2] > 1 else "")
+
+
 def report(rows, methods, sizes, budgets, out) -> dict:
     result = {}
     for budget in budgets:
@@ -211,9 +218,7 @@ def report(rows, methods, sizes, budgets, out) -> dict:
                 for metric in SLOT_METRICS:
                     d = paired(rows, method, size, budget, metric)
                     result[f"{method} - gkd/{size}/{budget}/{metric}"] = d
-                    scale, digits = (100, 1) if metric == "exact" else (1, 3)
-                    star = "*" if d and abs(d[0]) > d[1] and d[2] > 1 else ""
-                    cells.append(lab.fmt(d[:2], scale, digits) + star if d else "-")
+                    cells.append(paired_cell(d, *((100, 1) if metric == "exact" else (1, 3))))
                 out(f"| {method} - gkd | " + " | ".join(cells) + " |")
             if "speckd-none" in methods:  # the gate alone: both sides SpecKDTrainer, only the rule differs
                 cells = []
@@ -222,8 +227,7 @@ def report(rows, methods, sizes, budgets, out) -> dict:
                         continue
                     d = paired(rows, method, size, budget, "kl_all", baseline="speckd-none")
                     result[f"{method} - speckd-none/{size}/{budget}/kl_all"] = d
-                    star = "*" if d and abs(d[0]) > d[1] and d[2] > 1 else ""
-                    cells.append(f"{method.replace('speckd-', '')} {lab.fmt(d[:2])}{star}" if d else "-")
+                    cells.append(f"{method.replace('speckd-', '')} {paired_cell(d)}")
                 out("the gate alone, KL all minus speckd-none: " + "; ".join(cells))
     out("\nclaims: the method beats GKD on KL all (lab.verdict: 'holds' only if the paired 95% interval excludes 0)")
     out("| method | hidden | steps | method - gkd, KL all [95% interval] | seeds | verdict |")
