@@ -28,6 +28,7 @@ from .distillation_trainer import SpecKDDistillationTrainer  # noqa: E402
 from .generation import GenerationStats, speculative_generate, student_generate  # noqa: E402
 from .losses import normalize_loss, weighted_generalized_jsd  # noqa: E402
 from .metrics import sequence_rewards  # noqa: E402
+from .reward import TeacherAcceptanceReward  # noqa: E402
 from .rules import (  # noqa: E402
     GATE_RULES,
     GateRule,
@@ -58,6 +59,7 @@ __all__ = [
     "NoGate",
     "SpecGate",
     "TopKGate",
+    "TeacherAcceptanceReward",
     "register_rule",
     "GatedBatch",
     "TokenGate",

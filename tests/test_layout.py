@@ -45,6 +45,7 @@ def test_library_modules_are_the_expected_ones():
         "losses.py",
         "metrics.py",
         "models.py",
+        "reward.py",
         "rules.py",
         "trainer.py",
         "validation.py",
