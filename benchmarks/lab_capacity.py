@@ -203,8 +203,8 @@ def report(rows, methods, sizes, budgets, out) -> dict:
                 for metric in SLOT_METRICS:
                     values = [r["budgets"][str(budget)][metric] for r in runs]
                     scale, digits = (100, 1) if metric == "exact" else (1, 3)
-                    cells.append(lab.fmt(lab.t_interval(values), scale, digits))
-                    result[f"{method}/{size}/{budget}/{metric}"] = lab.t_interval(values)
+                    result[f"{method}/{size}/{budget}/{metric}"] = interval = lab.t_interval(values)
+                    cells.append(lab.fmt(interval, scale, digits))
                 acc = [r["train_acceptance"] for r in runs if r["train_acceptance"] is not None]
                 cells.append(f"{statistics.fmean(acc):.2f}" if acc else "-")
                 out(f"| {method} | " + " | ".join(cells) + f" | {len(runs)} |")

@@ -59,18 +59,21 @@ def distillation_inputs(inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Ten
 
 
 def distillation_hidden_states(
-    trainer: Any, unwrapped_student: torch.nn.Module, inputs: dict[str, Any]
+    trainer: Any,
+    unwrapped_student: torch.nn.Module,
+    inputs: dict[str, Any],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Both models' final hidden states at the completion positions, as `DistillationTrainer._compute_loss` computes
     them: the student through `trainer._get_last_hidden_state` (inside the student wrapper's forward), the teacher
     without gradient through its own wrapper (`trainer._forward_redirection`), so that FSDP / DeepSpeed materialize its
-    sharded parameters.
+    sharded parameters. `input_ids` and `attention_mask` `[B, P + K]` are `distillation_inputs`' for `inputs`.
 
     Returns:
         The student's `[B, K, H_s]` and the teacher's `[B, K, H_t]` hidden states (position ``k`` predicts completion
         token ``k``).
     """
-    input_ids, attention_mask, _ = distillation_inputs(inputs)
     logits_to_keep = inputs["completion_ids"].size(1)
     multimodal_inputs = {key: inputs[key] for key in MULTIMODAL_KEYS if key in inputs}
     student_hidden = trainer._get_last_hidden_state(

@@ -199,7 +199,9 @@ class SpecKDDistillationTrainer(GatedTrainerMixin, DistillationTrainer):
             self._check_output_heads(
                 unwrapped_student, self.accelerator.unwrap_model(self.teacher_model), input_ids, attention_mask
             )
-        student_hidden, teacher_hidden = distillation_hidden_states(self, unwrapped_student, inputs)
+        student_hidden, teacher_hidden = distillation_hidden_states(
+            self, unwrapped_student, inputs, input_ids, attention_mask
+        )
         unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
         student_head = output_head(unwrapped_student, "student", gathered=False, dtype=student_hidden.dtype)
         teacher_head = output_head(unwrapped_teacher, "teacher", gathered=False, dtype=teacher_hidden.dtype)

@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from .data import is_conversational
-from .models import load_teacher, load_teacher_tokenizer, output_vocab_size
-from .rules import GateRule, get_rule
-from .validation import check_4bit_teacher, check_same_tokens
+from .models import load_teacher, load_teacher_tokenizer
+from .rules import GateRule, get_rule, uniform
+from .validation import check_4bit_teacher, check_covers_tokenizer, check_same_tokens
 
 
 # The reward of an empty completion (no token for the teacher to verify): see `TeacherAcceptanceReward`.
@@ -140,13 +140,7 @@ class TeacherAcceptanceReward:
         that accepts everything."""
         if teacher_tokenizer is not None:
             check_same_tokens(self.tokenizer, getattr(teacher_tokenizer, "tokenizer", teacher_tokenizer))
-        n_teacher, n_tokenizer = output_vocab_size(self.teacher), len(self.tokenizer)
-        if n_tokenizer > n_teacher:
-            raise ValueError(
-                f"Vocabulary mismatch: the policy's tokenizer has {n_tokenizer} tokens but the teacher produces only "
-                f"{n_teacher} logits (token ids >= {n_teacher} have no logit), so the teacher cannot verify the "
-                "policy's tokens. Use a teacher of the policy's family (same tokenizer)."
-            )
+        n_teacher = self.vocab_size = check_covers_tokenizer(self.teacher, "teacher", self.tokenizer)
         if self.rule.uses_top_k and not 1 <= self.top_k < n_teacher:
             raise ValueError(
                 f"TeacherAcceptanceReward: top_k={self.top_k} must be >= 1 and below the teacher's vocabulary size "
@@ -199,7 +193,7 @@ class TeacherAcceptanceReward:
                     f"TeacherAcceptanceReward: prompt {i} tokenizes to no token, so the teacher has no position to "
                     "verify the completion's first token from."
                 )
-        n_teacher = output_vocab_size(self.teacher)
+        n_teacher = self.vocab_size
         sequences = [prompt_ids[i] + list(completion_ids[i]) for i in rows]
         if max(max(seq) for seq in sequences) >= n_teacher:
             raise ValueError(
@@ -228,7 +222,7 @@ class TeacherAcceptanceReward:
         proposals_t = torch.tensor(proposals, device=device)  # [M]
         uniforms = None
         if self.rule.draws_uniforms:
-            uniforms = torch.rand(proposals_t.shape, generator=self.generator).to(device)
+            uniforms = uniform(proposals_t.shape, device, self.generator)
         # the student's logits are never read: `reads_student` rules are refused at construction
         verdict = self.rule.accept(teacher_logits, teacher_logits, proposals_t, top_k=self.top_k, uniforms=uniforms)
         verdict = verdict.cpu().split([len(completion_ids[i]) for i in rows])

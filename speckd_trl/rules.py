@@ -194,7 +194,7 @@ class NoGate(GateRule):
 GATES = tuple(GATE_RULES)  # the rules' names, for config choices: ("topk", "spec", "none")
 
 
-def _uniform(shape: torch.Size, device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
+def uniform(shape: torch.Size, device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
     """U(0, 1) draws of ``shape`` on ``device``, taken from ``generator`` (which may live on another device)."""
     gen_device = generator.device if generator is not None else device
     return torch.rand(shape, generator=generator, device=gen_device).to(device)
@@ -226,7 +226,7 @@ def propose(
         probs = torch.softmax(student_logits.float(), dim=-1)
         cdf = probs.cumsum(dim=-1)
         if uniforms is None:
-            uniforms = _uniform(cdf.shape[:-1], cdf.device, generator)
+            uniforms = uniform(cdf.shape[:-1], cdf.device, generator)
         u = uniforms.to(cdf.device, cdf.dtype).unsqueeze(-1) * cdf[..., -1:]
         # first index whose cumulative probability exceeds u (never a zero-probability token); the clamp guards the
         # float round-off at the end of the CDF
@@ -303,7 +303,7 @@ def accept_mask(
     if not rule.rejects:
         return mask.clone()
     if rule.draws_uniforms and uniforms is None:
-        uniforms = _uniform(proposals.shape, proposals.device, generator)
+        uniforms = uniform(proposals.shape, proposals.device, generator)
     accepted = rule.accept(
         student_logits, teacher_logits, proposals.long(), top_k=top_k, uniforms=uniforms, normalized=normalized
     )

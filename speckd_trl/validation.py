@@ -337,22 +337,28 @@ def check_vocab(
     tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
     if teacher_tokenizer is not None:
         check_same_tokens(tokenizer, getattr(teacher_tokenizer, "tokenizer", teacher_tokenizer))
-    n_student, n_teacher = output_vocab_size(student), output_vocab_size(teacher)
-    n_tokenizer = len(tokenizer)
-    for role, n in (("student", n_student), ("teacher", n_teacher)):
-        if n_tokenizer > n:
-            raise ValueError(
-                f"Vocabulary mismatch: the tokenizer has {n_tokenizer} tokens but the {role} produces only {n} "
-                f"logits, so it was not trained with this tokenizer (token ids >= {n} have no logit). SpecKD "
-                "compares the two next-token distributions id by id: pass the tokenizer both models were trained "
-                "with (a teacher and student of the same family share one), or distill across tokenizers with a "
-                "method that aligns them (e.g. TRL's GOLD / ULD). Resizing the embeddings would only silence this "
-                "error: the new rows are untrained."
-            )
+    n_student = check_covers_tokenizer(student, "student", tokenizer)
+    n_teacher = check_covers_tokenizer(teacher, "teacher", tokenizer)
     if n_student != n_teacher:
         # both cover the tokenizer (checked above): the extra rows are padding that no token id reaches
-        return n_tokenizer
+        return len(tokenizer)
     return None
+
+
+def check_covers_tokenizer(model: torch.nn.Module, role: str, tokenizer: Any) -> int:
+    """Raise unless `model` has a logit for every id of `tokenizer`; return its output size."""
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+    n, n_tokenizer = output_vocab_size(model), len(tokenizer)
+    if n_tokenizer > n:
+        raise ValueError(
+            f"Vocabulary mismatch: the tokenizer has {n_tokenizer} tokens but the {role} produces only {n} "
+            f"logits, so it was not trained with this tokenizer (token ids >= {n} have no logit). SpecKD "
+            "compares the two next-token distributions id by id: pass the tokenizer both models were trained "
+            "with (a teacher and student of the same family share one), or distill across tokenizers with a "
+            "method that aligns them (e.g. TRL's GOLD / ULD). Resizing the embeddings would only silence this "
+            "error: the new rows are untrained."
+        )
+    return n
 
 
 def check_same_tokens(tokenizer: Any, teacher_tokenizer: Any) -> None:

@@ -31,7 +31,7 @@ from .batches import ON_POLICY, Kind, on_policy_positions
 from .config import GateConfigMixin
 from .losses import LossTerms, OutputHead, gated_loss, jsd_log_probs
 from .metrics import gate_metrics, new_window, record_generation, record_verdicts
-from .rules import GateRule, get_rule, propose
+from .rules import GateRule, get_rule, propose, uniform
 
 
 GATE_CHUNK_ELEMENTS = 1 << 22  # logits per model held at once when verdicts are made from hidden states
@@ -138,13 +138,10 @@ class TokenGate:
         if not gated.any() or not self.rule.rejects:
             return uniforms
         if self.proposal == "sample" and bool((gated & ~on_policy_positions(kind, gated)).any()):
-            uniforms["proposal"] = self._uniform(gated.shape, generator)
+            uniforms["proposal"] = uniform(gated.shape, self.device, generator)
         if self.rule.draws_uniforms:
-            uniforms["accept"] = self._uniform(gated.shape, generator)
+            uniforms["accept"] = uniform(gated.shape, self.device, generator)
         return uniforms
-
-    def _uniform(self, shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
-        return torch.rand(shape, generator=generator, device=generator.device).to(self.device)
 
     def sampling_log_probs(self, student_log_probs: torch.Tensor) -> torch.Tensor:
         """The student's log-probabilities at the sampling temperature, from those at temperature 1: ``q`` of sampled
