@@ -266,7 +266,7 @@ def build_trainer(method: str, settings: dict, seed: int, setup: dict, teacher, 
             train_dataset=setup["train"], processing_class=setup["tokenizer"],
         )  # fmt: skip
     config = SpecKDConfig(**common, **distill, loss_path="eager", **GATES[method], **settings)
-    return SpecKDTrainer(
+    return setup.get("trainer_class", SpecKDTrainer)(
         model=student, teacher_model=teacher, args=config, train_dataset=setup["train"],
         processing_class=setup["tokenizer"],
     )  # fmt: skip

@@ -7,7 +7,8 @@ part of what its teacher knows? (issue 23, item 1)
 **The process** is the lab's (`lab_process.py`) with capacity-bound slots: deterministic answers `--hard-slots` (by
 default 0 and 2, half of them) are ``HARD_TABLE[a_i, a_{i+1}]``, a fixed random table of the 256 digit pairs, which a
 student must memorize; the other two stay a fixed permutation of one digit (learnable by any size), the fillers
-keep their Zipf law. **The teacher is exact** (`noise=0`): sharp and right everywhere, the hard slots included.
+keep their Zipf law. **The teacher is exact** (`noise=0`): sharp and right everywhere, the hard slots included;
+`--noise` gives it `lab.py`'s noise instead (with `--hard-slots ""`: the main lab's noisy-teacher regime).
 
 **Students**: from-scratch Qwen2, 2 layers, hidden `--sizes` (16 / 32 / 64; intermediate 2x hidden). **Budgets**:
 each run trains `max(--budgets)` steps (cosine schedule) and is evaluated after every budget (150 and 450 steps by
@@ -16,7 +17,10 @@ default), so "early in training" is the same run seen sooner.
 **Methods**: `gkd` (TRL's `GKDTrainer` as shipped) and `SpecKDTrainer` with `gate="none"`, the gates `topk` and
 `spec`, and the variants of `lab_rules.py`: `topk-warm` (`reject_weight` linear from 1 down:
 `reject_weight_schedule="linear"`), `topk-uncertain` (the `topk` verdict only where the teacher's entropy is high)
-and `student-uncertain` (full weight where the student is least sure). Distillers: `lmbda=0.5`, `beta=0`,
+, `student-uncertain` (full weight where the student is least sure), `topk-filter` (target filtering,
+`reject_target="top_k"` with `reject_weight=1`: a rejected position keeps full weight, its target the teacher's top-k
+renormalized) and `topk-filter-all` (that target at every position, nothing rejected: `lab_rules.TopKTargetFilterAll`
+through `lab_rules.FilteringSpecKDTrainer`). Distillers: `lmbda=0.5`, `beta=0`,
 `loss_path="eager"`, as `lab.py`.
 
 **Settings chosen on validation only**: every gated method's grid runs on the validation prompts at the middle size,
@@ -37,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -61,6 +66,8 @@ METHODS = (
     "speckd-topk-warm",
     "speckd-topk-uncertain",
     "speckd-student-uncertain",
+    "speckd-topk-filter",
+    "speckd-topk-filter-all",
 )
 # each method's grid; a `rule` key names a `lab_rules` variant and its threshold
 GRID = {
@@ -77,6 +84,10 @@ GRID = {
     "speckd-student-uncertain": [
         dict(rule=("student_uncertain", t), reject_weight=w) for t in (1.0, 2.5) for w in (0.1, 0.5)
     ],
+    "speckd-topk-filter": [
+        dict(gate="topk", gate_top_k=k, reject_target="top_k", reject_weight=1.0) for k in (1, 2, 4)
+    ],
+    "speckd-topk-filter-all": [dict(rule=("topk_filter_all", None), gate_top_k=k) for k in (2, 4, 16)],
 }
 FIXED = {"speckd-none": dict(gate="none")}
 SLOT_METRICS = ("kl_all", "kl_easy", "kl_hard", "kl_ent", "exact")
@@ -95,7 +106,8 @@ def init_worker(args) -> None:
         lab.GATES[method] = {}
     _STATE["args"] = args
     _STATE["setup"] = lab.make_setup(args)
-    _STATE["teacher"] = lab.make_teacher(0.0, 1.0)
+    _STATE["setup"]["trainer_class"] = lab_rules.FilteringSpecKDTrainer  # target filtering; else `SpecKDTrainer`
+    _STATE["teacher"] = lab.make_teacher(args.noise, 1.0)
 
 
 def gate_settings(settings: dict) -> dict:
@@ -192,6 +204,8 @@ def paired_cell(d: tuple[float, float, int] | None, scale: float = 1.0, digits: 
 
 def report(rows, methods, sizes, budgets, out) -> dict:
     result = {}
+    # a metric some run could not measure (`kl_hard` without hard slots: NaN) is left out, shown as "-"
+    measured = {m for m in SLOT_METRICS if all(math.isfinite(r["budgets"][b][m]) for r in rows for b in r["budgets"])}
     for budget in budgets:
         for size in sizes:
             out(f"\nhidden {size}, {budget} steps: mean +- 95% t half-width over seeds (KL: nats, lower is better)")
@@ -201,6 +215,9 @@ def report(rows, methods, sizes, budgets, out) -> dict:
                 runs = [r for r in rows if r["method"] == method and r["size"] == size]
                 cells = []
                 for metric in SLOT_METRICS:
+                    if metric not in measured:
+                        cells.append("-")
+                        continue
                     values = [r["budgets"][str(budget)][metric] for r in runs]
                     scale, digits = (100, 1) if metric == "exact" else (1, 3)
                     result[f"{method}/{size}/{budget}/{metric}"] = interval = lab.t_interval(values)
@@ -216,7 +233,7 @@ def report(rows, methods, sizes, budgets, out) -> dict:
                     continue
                 cells = []
                 for metric in SLOT_METRICS:
-                    d = paired(rows, method, size, budget, metric)
+                    d = paired(rows, method, size, budget, metric) if metric in measured else None
                     result[f"{method} - gkd/{size}/{budget}/{metric}"] = d
                     cells.append(paired_cell(d, *((100, 1) if metric == "exact" else (1, 3))))
                 out(f"| {method} - gkd | " + " | ".join(cells) + " |")
@@ -285,6 +302,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--sizes", default="16,32,64", help="student hidden sizes (2 layers)")
     parser.add_argument("--budgets", default="150,450", help="evaluate after these optimizer steps (one run each)")
     parser.add_argument("--hard-slots", default="0,2", help="deterministic answers (0..3) that are lookups")
+    parser.add_argument("--noise", type=float, default=0.0, help="teacher noise (lab.py's; 0: the exact teacher)")
     parser.add_argument("--seeds", type=int, default=10, help="reporting seeds 0..N-1")
     parser.add_argument("--select-seeds", type=int, default=2, help="validation seeds (1000..) of the grid; 0: skip")
     parser.add_argument("--settings", default="", help="JSON {method: settings}: skip the validation grid")
@@ -327,7 +345,10 @@ def main(argv=None) -> dict:
         print(line, flush=True)
         lines.append(line)
 
-    log(f"CAPACITY sizes {args.sizes}, budgets {args.budgets}, hard slots {args.hard_slots}, seeds {args.seeds}")
+    log(
+        f"CAPACITY sizes {args.sizes}, budgets {args.budgets}, hard slots {args.hard_slots}, seeds {args.seeds}, "
+        f"teacher noise {args.noise}"
+    )
     with ProcessPoolExecutor(args.workers, initializer=init_worker, initargs=(args,)) as pool:
         chosen = {m: FIXED.get(m, {}) for m in args.methods}
         if args.settings:
@@ -365,6 +386,7 @@ def main(argv=None) -> dict:
         "sizes": args.sizes,
         "budgets": sorted(args.budgets),
         "hard_slots": args.hard_slots,
+        "noise": args.noise,
         "seeds": args.seeds,
         "chosen": chosen,
         # the headline: every method's paired KL all difference to GKD, per size and budget (mean, half-width, n)

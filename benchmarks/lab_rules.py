@@ -6,15 +6,28 @@ validation split says it helps somewhere.
   least `threshold` nats); where it is confident the position keeps full weight.
 - `StudentUncertain` (a selection baseline): full weight where the student is least sure (its entropy at least
   `threshold` nats), `reject_weight` where it is already confident.
+- `TopKTargetFilterAll` (``"topk_filter_all"``): every position keeps full weight with the teacher's top-k
+  renormalized as its target, nothing is rejected (plain top-k-truncated distillation, no gate: the comparison for
+  the package's target filtering, `SpecKDConfig(reject_target="top_k")`, which filters only where `topk` rejects).
+  No `GateRule` method changes the target: `FilteringSpecKDTrainer` (eager loss path only) does, and is what
+  `lab.build_trainer` builds in `lab_capacity.py`.
 
-`variant(base, threshold)` makes a rule with its own name (``"topk_uncertain@0.5"``) and registers it, so that a
-`SpecKDConfig(gate=...)` selects it.
+`variant(base, threshold)` makes a rule with its own name (``"topk_uncertain@0.5"``; ``"topk_filter_all"``
+without a threshold) and registers it, so that a `SpecKDConfig(gate=...)` selects it.
 """
 
 from __future__ import annotations
 
 import torch
 
+from speckd_trl import SpecKDTrainer
+from speckd_trl.losses import (
+    LossTerms,
+    jsd_log_probs,
+    sampled_log_probs,
+    top_k_log_probs,
+    weighted_jsd_from_log_probs,
+)
 from speckd_trl.rules import GATE_RULES, GateRule, TopKGate
 
 
@@ -48,11 +61,52 @@ class StudentUncertain(GateRule):
         return _entropy(student_logits, normalized) >= self.threshold
 
 
-VARIANTS = {rule.name: rule for rule in (TeacherUncertainTopK, StudentUncertain)}
+class TopKTargetFilterAll(GateRule):
+    """Every position keeps full weight with the teacher's top-k renormalized as target (nothing is rejected)."""
+
+    name = "topk_filter_all"
+    rejects = False
+    uses_top_k = True
+
+    def accept(self, student_logits, teacher_logits, proposals, *, top_k, uniforms, normalized=False):
+        return torch.ones_like(proposals, dtype=torch.bool)
 
 
-def variant(base: str, threshold: float) -> str:
-    """Register the rule `base` (a key of `VARIANTS`) at `threshold`; returns its gate name."""
+class FilteringSpecKDTrainer(SpecKDTrainer):
+    """`SpecKDTrainer` whose eager loss, under `TopKTargetFilterAll`, distils every position toward the teacher's
+    top-k renormalized at full weight; any other rule trains exactly as `SpecKDTrainer`."""
+
+    def _eager_terms(self, model, inputs, batch):
+        if not isinstance(self.args.gate_rule, TopKTargetFilterAll):
+            return super()._eager_terms(model, inputs, batch)
+        student_outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        self.teacher_model.eval()
+        with torch.no_grad():
+            teacher_logits = self.teacher_model(
+                input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
+            ).logits[:, :-1]
+        student_logits = self._shared_logits(student_outputs.logits[:, :-1])
+        teacher_logits = self._shared_logits(teacher_logits)
+        student_log_probs, teacher_log_probs = jsd_log_probs(student_logits), jsd_log_probs(teacher_logits)
+        accepted = batch.verdicts(student_log_probs, teacher_log_probs)
+        target = top_k_log_probs(teacher_log_probs, batch.top_k)
+        weighted = weighted_jsd_from_log_probs(student_log_probs, target, batch.completion.float(), beta=self.beta)
+
+        def sampled() -> torch.Tensor:
+            return sampled_log_probs(student_log_probs, student_logits, batch.sampled_ids, self.temperature)
+
+        return LossTerms(weighted.sum(), accepted, sampled, student_outputs)
+
+
+VARIANTS = {rule.name: rule for rule in (TeacherUncertainTopK, StudentUncertain, TopKTargetFilterAll)}
+
+
+def variant(base: str, threshold: float | None = None) -> str:
+    """Register the rule `base` (a key of `VARIANTS`) at `threshold` (None: a rule without one, under its own name);
+    returns its gate name."""
+    if threshold is None:
+        GATE_RULES.setdefault(base, VARIANTS[base])
+        return base
     name = f"{base}@{threshold:g}"
     if name not in GATE_RULES:
         GATE_RULES[name] = type(name, (VARIANTS[base],), {"name": name, "threshold": threshold})

@@ -21,6 +21,7 @@ from .rules import GATE_RULES, GATES, GateRule, get_rule
 GATE_ON = ("both", "on_policy", "off_policy")
 GATE_PROPOSALS = ("greedy", "sample")
 SCHEDULES = ("constant", "linear")
+REJECT_TARGETS = ("teacher", "top_k")
 BNB_4BIT_QUANT_TYPES = ("nf4", "fp4")
 BNB_COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 ON_POLICY_GENERATIONS = ("student", "speculative")
@@ -114,6 +115,12 @@ class GateConfigMixin:
             k at step 0 with the linear schedule.
         gate_top_k_end (`int`, *optional*):
             k at the last step with the linear schedule.
+        reject_target (`str`, *optional*, defaults to `"teacher"`):
+            What a rejected position is distilled toward: `"teacher"` (the teacher's distribution) or `"top_k"` (the
+            teacher's `gate_top_k` most likely tokens, renormalized; ties at the k-th value kept): *target filtering*,
+            which drops the tail of the teacher's law where it rejects instead of (or as well as) down-weighting the
+            position. Either way the position's weight is `reject_weight`. Measured in the synthetic lab with a
+            noisy teacher (`benchmarks/lab_capacity.py --noise 0.3`): `"top_k"` with `reject_weight=1` beats GKD.
         reject_weight_schedule (`str`, *optional*, defaults to `"constant"`):
             `"constant"` (`reject_weight` throughout) or `"linear"` (from `reject_weight_start` to
             `reject_weight_end`).
@@ -171,6 +178,16 @@ class GateConfigMixin:
     )
     gate_top_k_start: int | None = field(default=None, metadata={"help": "k at step 0 of the linear schedule."})
     gate_top_k_end: int | None = field(default=None, metadata={"help": "k at the last step of the linear schedule."})
+    reject_target: str = field(
+        default="teacher",
+        metadata={
+            "help": "What a rejected position is distilled toward: 'teacher' (the teacher's distribution) or 'top_k' "
+            "(the teacher's gate_top_k most likely tokens renormalized, ties at the k-th value kept: target "
+            "filtering). The position's weight is reject_weight either way; 'top_k' with reject_weight=1 beat GKD "
+            "with a noisy teacher in the synthetic lab. SpecKDTrainer only.",
+            "choices": list(REJECT_TARGETS),
+        },
+    )
     reject_weight_schedule: str = field(
         default="constant",
         metadata={
@@ -205,6 +222,13 @@ class GateConfigMixin:
         _check_choice(owner, "gate_normalize", self.gate_normalize, NORMALIZATIONS)
         _check_int(owner, "gate_top_k", self.gate_top_k, 1)
         _check_range(owner, "reject_weight", self.reject_weight, 0.0, 1.0)
+        _check_choice(owner, "reject_target", self.reject_target, REJECT_TARGETS)
+        if self.reject_target != "teacher" and not self.gate_rule.rejects:
+            raise ValueError(
+                f"{owner}: reject_target={self.reject_target!r} changes the target of rejected positions, but "
+                f"gate={self.gate!r} rejects nothing; use a gate that rejects (e.g. gate='topk'), or "
+                "reject_target='teacher'."
+            )
         self._check_schedule("gate_top_k", lambda name, v: _check_int(owner, name, v, 1))
         self._check_schedule("reject_weight", lambda name, v: _check_range(owner, name, v, 0.0, 1.0))
         self._warn_if_rejected_positions_are_masked()
@@ -505,6 +529,11 @@ class SpecKDDistillationConfig(GateConfigMixin, DistillationConfig):
     def __post_init__(self):
         owner = type(self).__name__
         self._check_gate_settings()
+        if self.reject_target != "teacher":
+            raise ValueError(
+                f"{owner}: reject_target={self.reject_target!r} is supported by SpecKDTrainer only; use "
+                "reject_target='teacher' here, or SpecKDTrainer (SpecKDConfig) for target filtering."
+            )
         _check_range(owner, "beta", self.beta, 0.0, 1.0)
         _check_temperature(owner, self.temperature)
         if self.max_completion_length is not None:

@@ -161,6 +161,23 @@ def weighted_jsd_from_log_probs(
     return per_vocab.sum(dim=-1) * weights.to(per_vocab.dtype)
 
 
+def top_k_log_probs(log_probs: torch.Tensor, top_k: int, floor: float = -1e4) -> torch.Tensor:
+    """The distributions restricted to their `top_k` most likely tokens and renormalized (target filtering).
+
+    Ties at the k-th value are all kept. The dropped tokens get a log-probability of about `floor` (finite, so that a
+    divergence against the result stays finite; their probability is 0 in float32).
+
+    Args:
+        log_probs (`torch.Tensor` of shape `[..., V]`): log-probabilities (e.g. the teacher's, from `jsd_log_probs`).
+        top_k (`int`): tokens kept, >= 1.
+
+    Returns:
+        `torch.Tensor` of shape `[..., V]`.
+    """
+    threshold = log_probs.topk(min(top_k, log_probs.size(-1)), dim=-1).values[..., -1:]
+    return torch.log_softmax(log_probs.masked_fill(log_probs < threshold, floor), dim=-1)
+
+
 def weighted_generalized_jsd(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -409,6 +426,7 @@ class OutputHead:
 
 
 ChunkFn = Callable[[torch.Tensor, torch.Tensor, slice], torch.Tensor]
+TargetFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class _ChunkedWeightedJSD(torch.autograd.Function):
@@ -425,6 +443,7 @@ class _ChunkedWeightedJSD(torch.autograd.Function):
         teacher_head: OutputHead,
         chunk_fn: ChunkFn,
         weight_of: Callable[[torch.Tensor], torch.Tensor] | None,
+        target_of: TargetFn | None,
         beta: float,
         temperature: float,
         chunk_size: int,
@@ -454,6 +473,8 @@ class _ChunkedWeightedJSD(torch.autograd.Function):
             chunk_values = chunk_fn(student_log_probs, teacher_log_probs, rows)
             values.append(chunk_values)
             chunk_weights = (chunk_values if weight_of is None else weight_of(chunk_values)).to(torch.float32)
+            if target_of is not None:  # the divergence's target from the chunk's values (target filtering)
+                teacher_log_probs = target_of(teacher_log_probs, chunk_values)
             # D_t and dD_t/d logits in closed form (autograd through the divergence's operations was most of the time)
             divergence, grad_logits = generalized_jsd_and_logit_grad(
                 student_log_probs, teacher_log_probs, beta=beta, grad=needs_grad
@@ -483,7 +504,7 @@ class _ChunkedWeightedJSD(torch.autograd.Function):
         grads = []
         for grad, dtype in zip(ctx.saved_tensors, ctx.dtypes):
             grads.append(None if grad is None else (grad * grad_total).to(dtype))
-        return (*grads[:2], grads[2], None, None, None, None, None, None, None, None, None)
+        return (*grads[:2], grads[2], None, None, None, None, None, None, None, None, None, None)
 
 
 def chunked_weighted_jsd(
@@ -494,6 +515,7 @@ def chunked_weighted_jsd(
     chunk_fn: ChunkFn,
     *,
     weight_of: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    target_of: TargetFn | None = None,
     beta: float,
     temperature: float = 1.0,
     chunk_size: int = 256,
@@ -521,6 +543,9 @@ def chunked_weighted_jsd(
             gate's verdicts.
         weight_of (`Callable`, *optional*): ``weight_of(values [n]) -> [n]``, the loss weights ``w_t`` of the
             chunk's rows from ``chunk_fn``'s values; by default the values are the weights.
+        target_of (`Callable`, *optional*): ``target_of(teacher_log_probs [n, V], values [n]) -> [n, V]``, the
+            divergence's target log-probabilities from the teacher's and ``chunk_fn``'s values (target filtering); by
+            default the teacher's.
         beta (`float`): generalized JSD interpolation in ``[0, 1]``.
         temperature (`float`): softmax temperature of the divergence.
         chunk_size (`int`): rows of logits projected at a time.
@@ -547,6 +572,7 @@ def chunked_weighted_jsd(
         teacher_head,
         chunk_fn,
         weight_of,
+        target_of,
         beta,
         temperature,
         chunk_size,

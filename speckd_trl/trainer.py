@@ -377,7 +377,7 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
         student_log_probs, teacher_log_probs = jsd_log_probs(student_logits), jsd_log_probs(teacher_logits)
         accepted = batch.verdicts(student_log_probs, teacher_log_probs)
         weighted = weighted_jsd_from_log_probs(
-            student_log_probs, teacher_log_probs, batch.weights(accepted), beta=self.beta
+            student_log_probs, batch.targets(teacher_log_probs, accepted), batch.weights(accepted), beta=self.beta
         )
         if not bool(torch.isfinite(weighted).all()):  # [B, T]: cheap; a bad teacher shows here first
             self._check_teacher(teacher_logits)
@@ -432,6 +432,7 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
             teacher_head,
             batch.chunk_verdicts(rows),  # the gate's verdicts on each chunk's log-probabilities
             weight_of=batch.position_weights,
+            target_of=batch.targets if batch.filters_targets else None,
             beta=self.beta,
             chunk_size=self.args.loss_chunk_size,
         )

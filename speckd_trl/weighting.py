@@ -29,7 +29,7 @@ import torch
 
 from .batches import ON_POLICY, Kind, on_policy_positions
 from .config import GateConfigMixin
-from .losses import LossTerms, OutputHead, gated_loss, jsd_log_probs
+from .losses import LossTerms, OutputHead, gated_loss, jsd_log_probs, top_k_log_probs
 from .metrics import gate_metrics, new_window, record_generation, record_verdicts
 from .rules import GateRule, get_rule, propose, uniform
 
@@ -367,6 +367,20 @@ class GatedBatch:
         """``w_t`` of accept bits of any shape, without the completion mask: 1 where accepted, `reject_weight` where
         rejected."""
         return torch.where(accepted, 1.0, self.reject_weight)
+
+    @property
+    def filters_targets(self) -> bool:
+        """Whether rejected positions are distilled toward a filtered target (`reject_target` other than teacher)."""
+        return self.gate.args.reject_target != "teacher"
+
+    def targets(self, teacher_log_probs: torch.Tensor, accepted: torch.Tensor) -> torch.Tensor:
+        """The divergence's target log-probabilities `[..., V]` given the verdicts `[...]` (any leading shape): the
+        teacher's, except at rejected positions with ``reject_target="top_k"``, where it is the teacher's top-k
+        (this step's k) renormalized (`losses.top_k_log_probs`)."""
+        if not self.filters_targets:
+            return teacher_log_probs
+        filtered = top_k_log_probs(teacher_log_probs, self.top_k)
+        return torch.where(accepted.bool().unsqueeze(-1), teacher_log_probs, filtered)
 
     def chunk_verdicts(self, rows: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor, slice], torch.Tensor]:
         """`losses.chunked_weighted_jsd`'s ``chunk_fn`` over the completion positions `rows` (`[N]`): the verdicts of

@@ -99,3 +99,30 @@ def test_quick_capacity_run(bench, tmp_path):
             assert all(math.isfinite(metrics[m]) for m in ("kl_all", "kl_easy", "kl_hard", "kl_ent"))
     mean, half, seeds = summary["kl_all_minus_gkd"]["speckd-topk/16/8"]
     assert seeds == 2 and math.isfinite(mean) and (tmp_path / "cap.png").stat().st_size > 0
+
+
+def test_filter_all_distils_every_position_toward_the_teacher_top_k(bench, tmp_path):
+    """`FilteringSpecKDTrainer` with `topk_filter_all` on a dataset batch: full weight everywhere, KL(top-k target ||
+    student) over the completion tokens (beta=0), nothing rejected."""
+    from speckd_trl.batches import OFF_POLICY
+    from speckd_trl.tools.testing import collated_batch, make_trainer
+
+    rules = bench["lab_rules"]
+    trainer = make_trainer(tmp_path, gate=rules.variant("topk_filter_all"), gate_top_k=3, loss_path="eager", beta=0.0)
+    trainer.__class__ = rules.FilteringSpecKDTrainer
+    batch = collated_batch(trainer, OFF_POLICY)
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, batch, num_items_in_batch=None)
+    with torch.no_grad():
+        ids, attn = batch["input_ids"], batch["attention_mask"]
+        s_lp = trainer.model(input_ids=ids, attention_mask=attn).logits[:, :-1].double().log_softmax(-1)
+        t_lp = trainer.teacher_model(input_ids=ids, attention_mask=attn).logits[:, :-1].double().log_softmax(-1)
+    completion = batch["labels"][:, 1:] != -100
+    total = 0.0
+    for b, t in completion.nonzero().tolist():
+        p = t_lp[b, t].exp().tolist()
+        top = sorted(range(len(p)), key=lambda v: (-p[v], v))[:3]
+        mass = sum(p[v] for v in top)
+        total += sum(p[v] / mass * (math.log(p[v] / mass) - s_lp[b, t, v].item()) for v in top)
+    assert loss.item() == pytest.approx(total / completion.sum().item(), rel=1e-4)
+    assert trainer._gate.window["accepted_off"] == trainer._gate.window["gated_off"] > 0
