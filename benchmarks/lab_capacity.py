@@ -20,7 +20,9 @@ default), so "early in training" is the same run seen sooner.
 , `student-uncertain` (full weight where the student is least sure), `topk-filter` (target filtering,
 `reject_target="top_k"` with `reject_weight=1`: a rejected position keeps full weight, its target the teacher's top-k
 renormalized) and `topk-filter-all` (that target at every position, nothing rejected: `lab_rules.TopKTargetFilterAll`
-through `lab_rules.FilteringSpecKDTrainer`). Distillers: `lmbda=0.5`, `beta=0`,
+through `lab_rules.FilteringSpecKDTrainer`), and `skd-full`, SKD's rollout editing with the full loss
+(`gate="none"`, `on_policy_generation="speculative"`, `generation_gate="topk"`: the teacher replaces the student's
+rejected drafts while it generates, and the loss gates nothing). Distillers: `lmbda=0.5`, `beta=0`,
 `loss_path="eager"`, as `lab.py`.
 
 **Settings chosen on validation only**: every gated method's grid runs on the validation prompts at the middle size,
@@ -68,6 +70,7 @@ METHODS = (
     "speckd-student-uncertain",
     "speckd-topk-filter",
     "speckd-topk-filter-all",
+    "speckd-skd-full",
 )
 # each method's grid; a `rule` key names a `lab_rules` variant and its threshold
 GRID = {
@@ -88,6 +91,9 @@ GRID = {
         dict(gate="topk", gate_top_k=k, reject_target="top_k", reject_weight=1.0) for k in (1, 2, 4)
     ],
     "speckd-topk-filter-all": [dict(rule=("topk_filter_all", None), gate_top_k=k) for k in (2, 4, 16)],
+    "speckd-skd-full": [
+        dict(gate="none", on_policy_generation="speculative", generation_gate="topk", gate_top_k=k) for k in (1, 4)
+    ],
 }
 FIXED = {"speckd-none": dict(gate="none")}
 SLOT_METRICS = ("kl_all", "kl_easy", "kl_hard", "kl_ent", "exact")

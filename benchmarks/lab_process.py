@@ -219,6 +219,7 @@ class OracleTeacherConfig(PretrainedConfig):
         self.noise = noise
         self.temperature = temperature
         self.noise_seed = noise_seed
+        self.num_hidden_layers = 1  # one cache layer: the token ids seen so far (`OracleTeacher.forward`)
         super().__init__(**kwargs)
 
 
@@ -275,10 +276,15 @@ class OracleTeacher(PreTrainedModel):
             p = p / p.sum(-1, keepdim=True)
         return p
 
-    def forward(self, input_ids=None, attention_mask=None, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, past_key_values=None, **kwargs):
         self.forwards += 1
         self.rows += int(input_ids.shape[0])
-        p = self.probabilities(input_ids)
+        ids = input_ids
+        if past_key_values is not None:  # incremental calls (SKD generation): the cache keeps the ids seen so far as
+            seen = input_ids.to(torch.float32)[:, None, :, None]  # its keys, so it is cropped with rejected drafts
+            keys, _ = past_key_values.update(seen, seen, 0)
+            ids = keys[:, 0, :, 0].round().long()
+        p = self.probabilities(ids)[:, -input_ids.shape[1] :]
         p = 0.9999 * p + 0.0001 / VOCAB_SIZE  # finite logits everywhere
         logits = p.log().to(device=input_ids.device, dtype=self.dummy.dtype)
-        return CausalLMOutputWithPast(logits=logits)
+        return CausalLMOutputWithPast(logits=logits, past_key_values=past_key_values)

@@ -250,7 +250,7 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
                 sampler = SpeculativeSampler(
                     unwrapped_model,
                     self.teacher_model,
-                    gate=self.args.gate,
+                    gate=self.args.generation_gate or self.args.gate,
                     top_k=self._gate.top_k(self.state.global_step, self.state.max_steps),
                     draft_len=self.args.gate_draft_len,
                     generator=self._generation_generator,

@@ -126,3 +126,21 @@ def test_filter_all_distils_every_position_toward_the_teacher_top_k(bench, tmp_p
         total += sum(p[v] / mass * (math.log(p[v] / mass) - s_lp[b, t, v].item()) for v in top)
     assert loss.item() == pytest.approx(total / completion.sum().item(), rel=1e-4)
     assert trainer._gate.window["accepted_off"] == trainer._gate.window["gated_off"] > 0
+
+
+def test_oracle_teacher_with_a_cache_matches_full_sequences(bench):
+    """Incremental calls (SKD generation) see the whole context through the cache, and a crop forgets the tokens
+    after it, as a model's key-value cache does."""
+    from transformers import DynamicCache
+
+    lp = bench["lab_process"]
+    teacher = lp.OracleTeacher(lp.OracleTeacherConfig(noise=0.3))
+    ids = torch.tensor([lp.prompt_ids([1, 2, 3, 4]) + lp.sample_answer([1, 2, 3, 4], __import__("random").Random(0))])
+    full = teacher(input_ids=ids).logits
+    cache, cut = DynamicCache(config=teacher.config), ids.size(1) - 5
+    first = teacher(input_ids=ids[:, :cut], past_key_values=cache).logits
+    wrong = teacher(input_ids=torch.full((1, 3), lp.DIGIT0), past_key_values=cache).logits  # drafts, then rejected
+    cache.crop(-3)  # (transformers: a negative count of tokens to remove)
+    rest = teacher(input_ids=ids[:, cut:], past_key_values=cache).logits
+    torch.testing.assert_close(torch.cat([first, rest], 1), full)
+    assert not torch.allclose(wrong, full[:, cut : cut + 3])
