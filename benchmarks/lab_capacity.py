@@ -20,9 +20,10 @@ default), so "early in training" is the same run seen sooner.
 , `student-uncertain` (full weight where the student is least sure), `topk-filter` (target filtering,
 `reject_target="top_k"` with `reject_weight=1`: a rejected position keeps full weight, its target the teacher's top-k
 renormalized) and `topk-filter-all` (that target at every position, nothing rejected: `lab_rules.TopKTargetFilterAll`
-through `lab_rules.FilteringSpecKDTrainer`), and `skd-full`, SKD's rollout editing with the full loss
-(`gate="none"`, `on_policy_generation="speculative"`, `generation_gate="topk"`: the teacher replaces the student's
-rejected drafts while it generates, and the loss gates nothing). Distillers: `lmbda=0.5`, `beta=0`,
+through `lab_rules.LabSpecKDTrainer`), and `skd-full`, SKD's rollout editing with the full loss
+(`gate="none"`, `on_policy_generation="speculative"` and `topk` editing the rollouts: the teacher replaces the
+student's rejected drafts while it generates, and the loss gates nothing; the grid's `generation_gate` key, set on
+`lab_rules.LabSpecKDTrainer`). Distillers: `lmbda=0.5`, `beta=0`,
 `loss_path="eager"`, as `lab.py`.
 
 **Settings chosen on validation only**: every gated method's grid runs on the validation prompts at the middle size,
@@ -112,17 +113,18 @@ def init_worker(args) -> None:
         lab.GATES[method] = {}
     _STATE["args"] = args
     _STATE["setup"] = lab.make_setup(args)
-    _STATE["setup"]["trainer_class"] = lab_rules.FilteringSpecKDTrainer  # target filtering; else `SpecKDTrainer`
+    _STATE["setup"]["trainer_class"] = lab_rules.LabSpecKDTrainer  # filter-all and SKD editing; else `SpecKDTrainer`
     _STATE["teacher"] = lab.make_teacher(args.noise, 1.0)
 
 
-def gate_settings(settings: dict) -> dict:
-    """`SpecKDConfig` fields of a grid point (a `rule` entry registers its `lab_rules` variant in this process)."""
+def gate_settings(settings: dict) -> tuple[dict, str | None]:
+    """`SpecKDConfig` fields of a grid point (a `rule` entry registers its `lab_rules` variant in this process) and
+    its `generation_gate` (the rule that edits SKD rollouts, `lab_rules.LabSpecKDTrainer`; None: the loss's gate)."""
     settings = dict(settings)
     rule = settings.pop("rule", None)
     if rule is not None:
         settings["gate"] = lab_rules.variant(*rule)
-    return settings
+    return settings, settings.pop("generation_gate", None)
 
 
 def slot_metrics(model, data) -> dict[str, float]:
@@ -172,7 +174,9 @@ def run(job: dict) -> dict:
 
     run_args = argparse.Namespace(**{**vars(args), "steps": budgets[-1], "gradient_checkpointing": False})
     start = time.time()
-    trainer = lab.build_trainer(job["method"], gate_settings(job["settings"]), job["seed"], setup, teacher, run_args)
+    settings, generation_gate = gate_settings(job["settings"])
+    trainer = lab.build_trainer(job["method"], settings, job["seed"], setup, teacher, run_args)
+    trainer.generation_gate = generation_gate
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(EvaluateAtBudgets())
     trainer.train()

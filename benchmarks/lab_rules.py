@@ -9,8 +9,9 @@ validation split says it helps somewhere.
 - `TopKTargetFilterAll` (``"topk_filter_all"``): every position keeps full weight with the teacher's top-k
   renormalized as its target, nothing is rejected (plain top-k-truncated distillation, no gate: the comparison for
   the package's target filtering, `SpecKDConfig(reject_target="top_k")`, which filters only where `topk` rejects).
-  No `GateRule` method changes the target: `FilteringSpecKDTrainer` (eager loss path only) does, and is what
-  `lab.build_trainer` builds in `lab_capacity.py`.
+  No `GateRule` method changes the target: `LabSpecKDTrainer` (eager loss path only) does, and is what
+  `lab.build_trainer` builds in `lab_capacity.py`; it also lets one rule edit SKD rollouts under another loss gate
+  (`generation_gate`), which the lab measured and the package does not offer (it never helped).
 
 `variant(base, threshold)` makes a rule with its own name (``"topk_uncertain@0.5"``; ``"topk_filter_all"``
 without a threshold) and registers it, so that a `SpecKDConfig(gate=...)` selects it.
@@ -72,9 +73,17 @@ class TopKTargetFilterAll(GateRule):
         return torch.ones_like(proposals, dtype=torch.bool)
 
 
-class FilteringSpecKDTrainer(SpecKDTrainer):
-    """`SpecKDTrainer` whose eager loss, under `TopKTargetFilterAll`, distils every position toward the teacher's
-    top-k renormalized at full weight; any other rule trains exactly as `SpecKDTrainer`."""
+class LabSpecKDTrainer(SpecKDTrainer):
+    """`SpecKDTrainer` with two lab-only comparisons: under `TopKTargetFilterAll` its eager loss distils every
+    position toward the teacher's top-k renormalized at full weight; with `generation_gate` set, that rule (not the
+    loss's `gate`) verifies and replaces the student's drafts in speculative generation (SKD's rollout editing, e.g.
+    under `gate="none"`). Otherwise it trains exactly as `SpecKDTrainer`."""
+
+    generation_gate: str | None = None
+
+    @property
+    def _generation_gate(self) -> str:
+        return self.generation_gate or super()._generation_gate
 
     def _eager_terms(self, model, inputs, batch):
         if not isinstance(self.args.gate_rule, TopKTargetFilterAll):

@@ -370,10 +370,6 @@ class SpecKDConfig(GateConfigMixin, GKDConfig):
             `gen/mean_accepted_run` and `gen/replaced_fraction`.
         gate_draft_len (`int`, *optional*, defaults to `4`):
             Tokens the student drafts per teacher forward pass with `on_policy_generation="speculative"`.
-        generation_gate (`str`, *optional*):
-            The rule that verifies the student's drafts during `on_policy_generation="speculative"` (and picks the
-            teacher's replacements); unset: `gate`. `gate="none"` with `generation_gate="topk"` is SKD's rollout
-            editing with the full, ungated loss.
         mixing (`str`, *optional*, defaults to `"batch"`):
             How `lmbda` mixes on-policy and off-policy data. `"batch"` (as GKD): each micro-batch is on-policy with
             probability `lmbda`, else `seq_kd` / dataset. `"sample"`: in every micro-batch of `B` rows,
@@ -432,14 +428,6 @@ class SpecKDConfig(GateConfigMixin, GKDConfig):
         default=4,
         metadata={"help": "Tokens the student drafts per teacher forward with on_policy_generation='speculative'."},
     )
-    generation_gate: str | None = field(
-        default=None,
-        metadata={
-            "help": "The rule that verifies the student's drafts with on_policy_generation='speculative' (unset: "
-            "gate). gate='none' with generation_gate='topk': SKD's rollout editing with the full, ungated loss.",
-            "choices": list(GATES),
-        },
-    )
     mixing: str = field(
         default="batch",
         metadata={
@@ -484,14 +472,6 @@ class SpecKDConfig(GateConfigMixin, GKDConfig):
         _check_int(
             owner, "gate_draft_len", self.gate_draft_len, 1, " (tokens the student drafts per teacher forward pass)"
         )
-        if self.generation_gate is not None:
-            _check_choice(owner, "generation_gate", self.generation_gate, tuple(GATE_RULES))
-            if self.on_policy_generation != "speculative":
-                raise ValueError(
-                    f"{owner}: generation_gate={self.generation_gate!r} verifies drafts of speculative generation, but "
-                    f"on_policy_generation={self.on_policy_generation!r}; set on_policy_generation='speculative', or "
-                    "leave generation_gate unset."
-                )
         _check_range(owner, "lmbda", self.lmbda, 0.0, 1.0)
         _check_range(owner, "beta", self.beta, 0.0, 1.0)
         self._check_reward_term()

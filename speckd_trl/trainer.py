@@ -250,7 +250,7 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
                 sampler = SpeculativeSampler(
                     unwrapped_model,
                     self.teacher_model,
-                    gate=self.args.generation_gate or self.args.gate,
+                    gate=self._generation_gate,
                     top_k=self._gate.top_k(self.state.global_step, self.state.max_steps),
                     draft_len=self.args.gate_draft_len,
                     generator=self._generation_generator,
@@ -266,6 +266,12 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
         if speculative:  # the gate and the reward score the student's drafts, not the teacher's replacements
             generated[PROPOSALS_KEY] = sampler.proposals.to(input_ids.device)
         return generated
+
+    @property
+    def _generation_gate(self) -> str:
+        """The rule that verifies the student's drafts in speculative generation: the loss's `gate` (the lab's
+        `LabSpecKDTrainer` overrides it to measure SKD's rollout editing under an ungated loss)."""
+        return self.args.gate
 
     def get_batch_samples(
         self, epoch_iterator: Iterator, num_batches: int, device: torch.device

@@ -102,14 +102,14 @@ def test_quick_capacity_run(bench, tmp_path):
 
 
 def test_filter_all_distils_every_position_toward_the_teacher_top_k(bench, tmp_path):
-    """`FilteringSpecKDTrainer` with `topk_filter_all` on a dataset batch: full weight everywhere, KL(top-k target ||
+    """`LabSpecKDTrainer` with `topk_filter_all` on a dataset batch: full weight everywhere, KL(top-k target ||
     student) over the completion tokens (beta=0), nothing rejected."""
     from speckd_trl.batches import OFF_POLICY
     from speckd_trl.tools.testing import collated_batch, make_trainer
 
     rules = bench["lab_rules"]
     trainer = make_trainer(tmp_path, gate=rules.variant("topk_filter_all"), gate_top_k=3, loss_path="eager", beta=0.0)
-    trainer.__class__ = rules.FilteringSpecKDTrainer
+    trainer.__class__ = rules.LabSpecKDTrainer
     batch = collated_batch(trainer, OFF_POLICY)
     trainer.model.train()
     loss = trainer.compute_loss(trainer.model, batch, num_items_in_batch=None)
@@ -144,3 +144,28 @@ def test_oracle_teacher_with_a_cache_matches_full_sequences(bench):
     rest = teacher(input_ids=ids[:, cut:], past_key_values=cache).logits
     torch.testing.assert_close(torch.cat([first, rest], 1), full)
     assert not torch.allclose(wrong, full[:, cut : cut + 3])
+
+
+def test_lab_trainer_edits_rollouts_under_the_ungated_loss(bench, tmp_path):
+    """SKD's rollout editing with the full loss (`skd-full`): `gate="none"` with `generation_gate="topk"` replaces
+    drafts the teacher rejects, and the loss gates nothing: the same loss as `gate="none"` on the same sequences."""
+    from speckd_trl.batches import PROPOSALS_KEY
+    from speckd_trl.tools.testing import make_trainer
+
+    rules = bench["lab_rules"]
+    settings = dict(per_device_train_batch_size=4, max_new_tokens=8, max_steps=2, lmbda=1.0, gate="none",
+                    on_policy_generation="speculative", gate_top_k=3, gate_draft_len=3, logging_steps=1)  # fmt: skip
+    trainer = make_trainer(tmp_path / "skd", **settings)
+    trainer.__class__ = rules.LabSpecKDTrainer
+    trainer.generation_gate = "topk"
+    inputs = trainer._make_completions(next(iter(trainer.get_train_dataloader())))
+    completion = inputs["labels"][:, 1:] != -100
+    assert (completion & (inputs[PROPOSALS_KEY][:, 1:] != inputs["input_ids"][:, 1:])).any()  # drafts replaced
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, inputs)
+    plain = make_trainer(tmp_path / "plain", **settings)
+    plain.model.load_state_dict(trainer.model.state_dict())
+    plain.model.train()
+    torch.testing.assert_close(plain.compute_loss(plain.model, inputs), loss)
+    trainer.train()
+    assert all(e["gen/replaced_fraction"] > 0 for e in trainer.state.log_history if "loss" in e)

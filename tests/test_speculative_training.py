@@ -115,34 +115,3 @@ def test_per_sample_mixing_keeps_the_drafts_of_the_on_policy_rows(tmp_path):
     proposals, input_ids = inputs[PROPOSALS_KEY], inputs["input_ids"]
     assert torch.equal(proposals[~on_policy], input_ids[~on_policy])  # dataset rows: their own tokens
     assert bool((proposals[on_policy] != input_ids[on_policy]).any())  # on-policy rows: some drafts replaced
-
-
-def test_generation_gate_edits_rollouts_under_the_ungated_loss(tmp_path):
-    """SKD's rollout editing with the full loss: `gate="none"` with `generation_gate="topk"` replaces drafts the
-    teacher rejects (as `gate="topk"` would), and the loss gates nothing: every position accepted at full weight, the
-    same loss as `gate="none"` on the same sequences."""
-    trainer = build(tmp_path, gate="none", generation_gate="topk", logging_steps=1)
-    inputs = speculative_batch(trainer)
-    drafts_and_replaced(inputs)  # some drafts were replaced by the teacher
-    trainer.model.train()
-    loss = trainer.compute_loss(trainer.model, inputs)
-    assert trainer._gate.window["gated_on"] == 0 or (
-        trainer._gate.window["accepted_on"] == trainer._gate.window["gated_on"]
-    )
-    plain = build(tmp_path / "plain", gate="none")
-    plain.model.load_state_dict(trainer.model.state_dict())
-    plain.model.train()
-    torch.testing.assert_close(plain.compute_loss(plain.model, inputs), loss)
-    trainer.train()
-    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
-    assert all(entry["gen/replaced_fraction"] > 0 for entry in logs)
-
-
-def test_generation_gate_needs_speculative_generation(tmp_path):
-    from speckd_trl import SpecKDConfig
-    from speckd_trl.tools.testing import TINY_ARGS
-
-    with pytest.raises(ValueError, match="generation_gate='topk' verifies drafts of speculative generation"):
-        SpecKDConfig(output_dir=str(tmp_path), **TINY_ARGS, generation_gate="topk")
-    with pytest.raises(ValueError, match="generation_gate='best' is not valid"):
-        SpecKDConfig(output_dir=str(tmp_path), **TINY_ARGS, on_policy_generation="speculative", generation_gate="best")
