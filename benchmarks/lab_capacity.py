@@ -19,8 +19,8 @@ default), so "early in training" is the same run seen sooner.
 `reject_weight_schedule="linear"`), `topk-uncertain` (the `topk` verdict only where the teacher's entropy is high)
 , `student-uncertain` (full weight where the student is least sure), `topk-filter` (target filtering,
 `reject_target="top_k"` with `reject_weight=1`: a rejected position keeps full weight, its target the teacher's top-k
-renormalized) and `topk-filter-all` (that target at every position, nothing rejected: `lab_rules.TopKTargetFilterAll`
-through `lab_rules.LabSpecKDTrainer`), and `skd-full`, SKD's rollout editing with the full loss
+renormalized) and `topk-filter-all` (that target at every position: `lab_rules.TopKTargetFilterAll`, which rejects
+everything, with the same settings), and `skd-full`, SKD's rollout editing with the full loss
 (`gate="none"`, `on_policy_generation="speculative"` and `topk` editing the rollouts: the teacher replaces the
 student's rejected drafts while it generates, and the loss gates nothing; the grid's `generation_gate` key, set on
 `lab_rules.LabSpecKDTrainer`). Distillers: `lmbda=0.5`, `beta=0`,
@@ -91,7 +91,10 @@ GRID = {
     "speckd-topk-filter": [
         dict(gate="topk", gate_top_k=k, reject_target="top_k", reject_weight=1.0) for k in (1, 2, 4)
     ],
-    "speckd-topk-filter-all": [dict(rule=("topk_filter_all", None), gate_top_k=k) for k in (2, 4, 16)],
+    "speckd-topk-filter-all": [
+        dict(rule=("topk_filter_all", None), gate_top_k=k, reject_target="top_k", reject_weight=1.0)
+        for k in (2, 4, 16)
+    ],
     "speckd-skd-full": [
         dict(gate="none", on_policy_generation="speculative", generation_gate="topk", gate_top_k=k) for k in (1, 4)
     ],
@@ -113,7 +116,9 @@ def init_worker(args) -> None:
         lab.GATES[method] = {}
     _STATE["args"] = args
     _STATE["setup"] = lab.make_setup(args)
-    _STATE["setup"]["trainer_class"] = lab_rules.LabSpecKDTrainer  # filter-all and SKD editing; else `SpecKDTrainer`
+    _STATE["setup"]["trainer_class"] = (
+        lab_rules.LabSpecKDTrainer
+    )  # SKD editing (`generation_gate`); else SpecKDTrainer
     _STATE["teacher"] = lab.make_teacher(args.noise, 1.0)
 
 

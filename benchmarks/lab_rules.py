@@ -6,12 +6,13 @@ validation split says it helps somewhere.
   least `threshold` nats); where it is confident the position keeps full weight.
 - `StudentUncertain` (a selection baseline): full weight where the student is least sure (its entropy at least
   `threshold` nats), `reject_weight` where it is already confident.
-- `TopKTargetFilterAll` (``"topk_filter_all"``): every position keeps full weight with the teacher's top-k
-  renormalized as its target, nothing is rejected (plain top-k-truncated distillation, no gate: the comparison for
-  the package's target filtering, `SpecKDConfig(reject_target="top_k")`, which filters only where `topk` rejects).
-  No `GateRule` method changes the target: `LabSpecKDTrainer` (eager loss path only) does, and is what
-  `lab.build_trainer` builds in `lab_capacity.py`; it also lets one rule edit SKD rollouts under another loss gate
-  (`generation_gate`), which the lab measured and the package does not offer (it never helped).
+- `TopKTargetFilterAll` (``"topk_filter_all"``): rejects every proposal, so that with the package's target filtering
+  (`reject_target="top_k"`, `reject_weight=1`) every position is distilled toward the teacher's top-k renormalized
+  at full weight: plain top-k-truncated distillation, no gate (the comparison for target filtering, which filters
+  only where `topk` rejects).
+
+`LabSpecKDTrainer` (what `lab_capacity.py` builds) lets one rule edit SKD rollouts under another loss gate
+(`generation_gate`), which the lab measured and the package does not offer (it never helped).
 
 `variant(base, threshold)` makes a rule with its own name (``"topk_uncertain@0.5"``; ``"topk_filter_all"``
 without a threshold) and registers it, so that a `SpecKDConfig(gate=...)` selects it.
@@ -22,13 +23,6 @@ from __future__ import annotations
 import torch
 
 from speckd_trl import SpecKDTrainer
-from speckd_trl.losses import (
-    LossTerms,
-    jsd_log_probs,
-    sampled_log_probs,
-    top_k_log_probs,
-    weighted_jsd_from_log_probs,
-)
 from speckd_trl.rules import GATE_RULES, GateRule, TopKGate
 
 
@@ -63,48 +57,26 @@ class StudentUncertain(GateRule):
 
 
 class TopKTargetFilterAll(GateRule):
-    """Every position keeps full weight with the teacher's top-k renormalized as target (nothing is rejected)."""
+    """Rejects every proposal: with the package's target filtering (`reject_target="top_k"`, `reject_weight=1`) every
+    position is distilled toward the teacher's top-k renormalized, at full weight (top-k-truncated distillation)."""
 
     name = "topk_filter_all"
-    rejects = False
     uses_top_k = True
 
     def accept(self, student_logits, teacher_logits, proposals, *, top_k, uniforms, normalized=False):
-        return torch.ones_like(proposals, dtype=torch.bool)
+        return torch.zeros_like(proposals, dtype=torch.bool)
 
 
 class LabSpecKDTrainer(SpecKDTrainer):
-    """`SpecKDTrainer` with two lab-only comparisons: under `TopKTargetFilterAll` its eager loss distils every
-    position toward the teacher's top-k renormalized at full weight; with `generation_gate` set, that rule (not the
-    loss's `gate`) verifies and replaces the student's drafts in speculative generation (SKD's rollout editing, e.g.
-    under `gate="none"`). Otherwise it trains exactly as `SpecKDTrainer`."""
+    """`SpecKDTrainer` where `generation_gate`, when set, verifies and replaces the student's drafts in speculative
+    generation in place of the loss's `gate` (SKD's rollout editing, e.g. under `gate="none"`): a comparison the lab
+    measured and the package does not offer (it never helped)."""
 
     generation_gate: str | None = None
 
     @property
     def _generation_gate(self) -> str:
         return self.generation_gate or super()._generation_gate
-
-    def _eager_terms(self, model, inputs, batch):
-        if not isinstance(self.args.gate_rule, TopKTargetFilterAll):
-            return super()._eager_terms(model, inputs, batch)
-        student_outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-        self.teacher_model.eval()
-        with torch.no_grad():
-            teacher_logits = self.teacher_model(
-                input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
-            ).logits[:, :-1]
-        student_logits = self._shared_logits(student_outputs.logits[:, :-1])
-        teacher_logits = self._shared_logits(teacher_logits)
-        student_log_probs, teacher_log_probs = jsd_log_probs(student_logits), jsd_log_probs(teacher_logits)
-        accepted = batch.verdicts(student_log_probs, teacher_log_probs)
-        target = top_k_log_probs(teacher_log_probs, batch.top_k)
-        weighted = weighted_jsd_from_log_probs(student_log_probs, target, batch.completion.float(), beta=self.beta)
-
-        def sampled() -> torch.Tensor:
-            return sampled_log_probs(student_log_probs, student_logits, batch.sampled_ids, self.temperature)
-
-        return LossTerms(weighted.sum(), accepted, sampled, student_outputs)
 
 
 VARIANTS = {rule.name: rule for rule in (TeacherUncertainTopK, StudentUncertain, TopKTargetFilterAll)}
