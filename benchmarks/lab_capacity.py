@@ -116,9 +116,8 @@ def init_worker(args) -> None:
         lab.GATES[method] = {}
     _STATE["args"] = args
     _STATE["setup"] = lab.make_setup(args)
-    _STATE["setup"]["trainer_class"] = (
-        lab_rules.LabSpecKDTrainer
-    )  # SKD editing (`generation_gate`); else SpecKDTrainer
+    # `SpecKDTrainer`, plus SKD rollout editing under another loss gate (`generation_gate`, set per run in `run`)
+    _STATE["setup"]["trainer_class"] = lab_rules.LabSpecKDTrainer
     _STATE["teacher"] = lab.make_teacher(args.noise, 1.0)
 
 
@@ -181,7 +180,8 @@ def run(job: dict) -> dict:
     start = time.time()
     settings, generation_gate = gate_settings(job["settings"])
     trainer = lab.build_trainer(job["method"], settings, job["seed"], setup, teacher, run_args)
-    trainer.generation_gate = generation_gate
+    if generation_gate is not None:  # (a `LabSpecKDTrainer`: only SpecKD methods name one)
+        trainer.generation_gate = generation_gate
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(EvaluateAtBudgets())
     trainer.train()
