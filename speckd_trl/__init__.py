@@ -26,7 +26,7 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_drop_missing_kerne
 from .config import GateConfigMixin, SpecKDConfig, SpecKDDistillationConfig  # noqa: E402
 from .distillation_trainer import SpecKDDistillationTrainer  # noqa: E402
 from .generation import GenerationStats, speculative_generate, student_generate  # noqa: E402
-from .losses import normalize_loss, weighted_generalized_jsd  # noqa: E402
+from .losses import SparseTeacher, normalize_loss, tail_bucket_target, weighted_generalized_jsd  # noqa: E402
 from .metrics import sequence_rewards  # noqa: E402
 from .reward import TeacherAcceptanceReward  # noqa: E402
 from .rules import (  # noqa: E402
@@ -40,6 +40,7 @@ from .rules import (  # noqa: E402
     register_rule,
     teacher_rank,
 )
+from .teacher_cache import TeacherCache, write_teacher_cache  # noqa: E402
 from .tools.drafter import evaluate_drafter  # noqa: E402
 from .tools.plan import MemoryPlan, PlanConfig, estimate_memory, format_plan  # noqa: E402
 from .trainer import SpecKDTrainer  # noqa: E402
@@ -60,6 +61,10 @@ __all__ = [
     "SpecGate",
     "TopKGate",
     "TeacherAcceptanceReward",
+    "TeacherCache",
+    "SparseTeacher",
+    "tail_bucket_target",
+    "write_teacher_cache",
     "register_rule",
     "GatedBatch",
     "TokenGate",

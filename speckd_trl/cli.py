@@ -13,6 +13,8 @@ speckd-trl --trainer distillation --model_name_or_path ... --teacher_model_name_
     --gate spec --max_completion_length 128 --use_vllm    # on trl.DistillationTrainer (on-policy only, vLLM)
 accelerate launch --config_file examples/accelerate/multi_gpu.yaml -m speckd_trl --config recipe.yaml   # DDP
 accelerate launch --config_file examples/accelerate/multi_cpu.yaml -m speckd_trl --use_cpu --config recipe.yaml
+speckd-trl cache-teacher --config recipe.yaml --teacher_cache cache/   # the teacher's top-K, once (teacher_cache.py)
+speckd-trl --config recipe.yaml --teacher_cache cache/ --lmbda 0     # then train from it, no teacher in memory
 speckd-trl demo                            # the offline SmolLM2 demo (see speckd_trl/demo/app.py)
 speckd-trl plan --teacher t/config.json --student s/config.json --teacher-quant nf4   # will it fit? (speckd_trl/tools/plan.py)
 ```
@@ -140,9 +142,8 @@ def _check_model_path(flag: str, value: str | None) -> None:
         raise CLIError(f"{flag} {value}: no such directory.")
 
 
-def train(script_args, training_args, model_args, trainer_args: TrainerArguments | None = None) -> None:
-    """Build a `SpecKDTrainer` (or, with `--trainer distillation`, a `SpecKDDistillationTrainer`) from parsed
-    arguments, train, and save the student."""
+def build_trainer(script_args, training_args, model_args, trainer_args: TrainerArguments | None = None):
+    """A `SpecKDTrainer` (or, with `--trainer distillation`, a `SpecKDDistillationTrainer`) from parsed arguments."""
     from transformers import AutoTokenizer
     from trl import get_peft_config, get_quantization_config
 
@@ -150,7 +151,9 @@ def train(script_args, training_args, model_args, trainer_args: TrainerArguments
     from .trainer import SpecKDTrainer
 
     _check_model_path("--model_name_or_path", model_args.model_name_or_path)
-    _check_model_path("--teacher_model_name_or_path", training_args.teacher_model_name_or_path)
+    cache_only = getattr(training_args, "teacher_cache", None) is not None and training_args.lmbda == 0
+    if not (cache_only and training_args.teacher_model_name_or_path is None):
+        _check_model_path("--teacher_model_name_or_path", training_args.teacher_model_name_or_path)
     if script_args.dataset_name is None:
         raise CLIError(
             "--dataset_name is required (a dataset name, a local directory or a .json/.jsonl/.parquet file)."
@@ -188,7 +191,7 @@ def train(script_args, training_args, model_args, trainer_args: TrainerArguments
     trainer_class = SpecKDTrainer
     if trainer_args is not None and trainer_args.trainer == "distillation":
         trainer_class = SpecKDDistillationTrainer
-    trainer = trainer_class(
+    return trainer_class(
         model=model_args.model_name_or_path,
         teacher_model=training_args.teacher_model_name_or_path,
         args=training_args,
@@ -197,6 +200,11 @@ def train(script_args, training_args, model_args, trainer_args: TrainerArguments
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
     )
+
+
+def train(script_args, training_args, model_args, trainer_args: TrainerArguments | None = None) -> None:
+    """Build the trainer (`build_trainer`), train, and save the student."""
+    trainer = build_trainer(script_args, training_args, model_args, trainer_args)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
     trainer.accelerator.print(f"Saved the student to {training_args.output_dir}.")
@@ -204,6 +212,32 @@ def train(script_args, training_args, model_args, trainer_args: TrainerArguments
     # multi-process job then exits through `exit_distributed_job` (see there).
     trainer.accelerator.wait_for_everyone()
     trainer.accelerator.end_training()
+
+
+def cache_teacher(script_args, training_args, model_args, trainer_args: TrainerArguments | None = None) -> None:
+    """`speckd-trl cache-teacher --config recipe.yaml`: the training recipe's teacher over its dataset, top-K
+    log-probabilities at every completion position, written to `--teacher_cache` (resumable; `teacher_cache.py`)."""
+    import time
+
+    if trainer_args is not None and trainer_args.trainer != "gkd":
+        raise CLIError("cache-teacher caches dataset completions, which only --trainer gkd (SpecKDTrainer) trains on.")
+    path = training_args.teacher_cache
+    if path is None:
+        raise CLIError(
+            "cache-teacher needs --teacher_cache DIR (where to write the cache; the same key trains from it)."
+        )
+    # the trainer that would train on the recipe, with its teacher loaded and no cache read; nothing is evaluated
+    training_args.teacher_cache, training_args.eval_strategy = None, "no"
+    started = time.time()
+    trainer = build_trainer(script_args, training_args, model_args, trainer_args)
+    cache = trainer.cache_teacher(path)
+    size = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+    positions = cache.positions
+    trainer.accelerator.print(
+        f"Cached the teacher's top {cache.spec.top_k} at {positions} completion positions of {len(cache)} rows in "
+        f"{path} ({size / 2**20:.1f} MiB, {size / max(positions, 1) * 1e6 / 2**30:.2f} GiB per million positions; "
+        f"{time.time() - started:.0f} s). Train from it with --teacher_cache {path} (and --lmbda 0: no teacher)."
+    )
 
 
 def demo(argv: list[str]) -> None:
@@ -312,7 +346,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             plan(argv[1:])
             return 0
         is_demo = argv[:1] == ["demo"]
-        command = argv[1:] if is_demo else argv
+        is_cache = argv[:1] == ["cache-teacher"]
+        command = argv[1:] if is_demo or is_cache else argv
         if "--config" in command:
             value_index = command.index("--config") + 1
             path = command[value_index] if value_index < len(command) else ""
@@ -320,6 +355,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise CLIError(f"--config {path}: no such file.")
         if is_demo:
             demo(command)
+        elif is_cache:
+            trainer = trainer_choice(command)
+            cache_teacher(*parse(make_parser(trainer), command, trainer))
         else:
             trainer = trainer_choice(command)
             train(*parse(make_parser(trainer), command, trainer))

@@ -385,6 +385,18 @@ class SpecKDConfig(GateConfigMixin, GKDConfig):
             float32), `"float32"`, `"bfloat16"` or `"float16"`.
         teacher_bnb_4bit_use_double_quant (`bool`, *optional*, defaults to `True`):
             Quantize the 4-bit teacher's quantization constants too (about 0.4 bits per parameter saved).
+        teacher_cache (`str` or `None`, *optional*, defaults to `None`):
+            A teacher cache (`speckd-trl cache-teacher`): dataset micro-batches in training read the teacher's cached
+            top-K log-probabilities instead of running it, and the divergence runs over the top-K support plus a tail
+            bucket (`losses.tail_bucket_target`, TRL's server-teacher approximation). With `lmbda=0` no teacher is
+            loaded at all; with `lmbda > 0` on-policy batches (and a `mixing="sample"` micro-batch with on-policy
+            rows, and evaluation) use the live teacher, which must then be given. The `topk` gate is exact for
+            `gate_top_k <= K`; `gate="spec"` needs the teacher's probability of every proposal and `seq_kd` the
+            teacher's own completions, so neither works with a cache.
+        teacher_cache_top_k (`int`, *optional*, defaults to `32`):
+            `speckd-trl cache-teacher`: tokens K kept per position.
+        teacher_cache_dtype (`str`, *optional*, defaults to `"float16"`):
+            `speckd-trl cache-teacher`: storage type of the cached log-probabilities, `"float16"` or `"float32"`.
     """
 
     gate_on: str = field(
@@ -457,6 +469,24 @@ class SpecKDConfig(GateConfigMixin, GKDConfig):
         default=True,
         metadata={"help": "Also quantize the 4-bit teacher's quantization constants (nested quantization)."},
     )
+    teacher_cache: str | None = field(
+        default=None,
+        metadata={
+            "help": "A teacher cache directory (`speckd-trl cache-teacher`): dataset batches read the teacher's top-K "
+            "log-probabilities from it (top-K + tail-bucket divergence); with lmbda=0 no teacher is loaded."
+        },
+    )
+    teacher_cache_top_k: int = field(
+        default=32,
+        metadata={"help": "`speckd-trl cache-teacher`: teacher tokens K kept per completion position."},
+    )
+    teacher_cache_dtype: str = field(
+        default="float16",
+        metadata={
+            "help": "`speckd-trl cache-teacher`: storage type of the cached log-probabilities.",
+            "choices": ["float16", "float32"],
+        },
+    )
 
     def __post_init__(self):
         # Our checks run first so that a bad value is reported with its name, value and range.
@@ -481,8 +511,27 @@ class SpecKDConfig(GateConfigMixin, GKDConfig):
                 f"{owner}: max_new_tokens={self.max_new_tokens!r} is not valid; it must be an integer >= 1."
             )
         _check_choice(owner, "mixing", self.mixing, MIXINGS)
+        self._check_teacher_cache()
         _resolve_bf16(self)
         super().__post_init__()
+
+    def _check_teacher_cache(self) -> None:
+        owner = type(self).__name__
+        _check_int(owner, "teacher_cache_top_k", self.teacher_cache_top_k, 1)
+        _check_choice(owner, "teacher_cache_dtype", self.teacher_cache_dtype, ("float16", "float32"))
+        if self.teacher_cache is None:
+            return
+        if not get_rule(self.gate).reads_top_k_only:
+            raise ValueError(
+                f"{owner}: gate={self.gate!r} with teacher_cache={self.teacher_cache!r}: that rule reads more of the "
+                "teacher than its top tokens (the spec rule: the teacher's probability of every proposal), and a "
+                "cache holds only its top-K. Use gate='topk' (exact for gate_top_k <= K) or gate='none'."
+            )
+        if self.seq_kd:
+            raise ValueError(
+                f"{owner}: seq_kd=True with teacher_cache={self.teacher_cache!r}: seq_kd replaces the dataset's "
+                "completions with the teacher's own, which the cache does not hold. Drop one of the two."
+            )
 
     def _reward_term_is_dead(self) -> tuple[str, str] | None:
         dead = super()._reward_term_is_dead()

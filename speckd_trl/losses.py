@@ -178,6 +178,88 @@ def top_k_log_probs(log_probs: torch.Tensor, top_k: int, floor: float = -1e4) ->
     return torch.log_softmax(log_probs.masked_fill(log_probs < threshold, floor), dim=-1)
 
 
+def teacher_top_k(log_probs: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What a sparse teacher keeps of each distribution: its `top_k` tokens, their log-probabilities and the log of the
+    mass outside them (a teacher cache's row, or what a vLLM teacher server returns plus the tail).
+
+    The tail is the log-sum-exp of the tokens left out (not ``log(1 - sum)`` of the kept ones, which cancels badly
+    when the top-k hold nearly all the mass); it is ``-inf`` when `top_k` covers the vocabulary.
+
+    Args:
+        log_probs (`torch.Tensor` of shape `[..., V]`): the teacher's log-probabilities.
+        top_k (`int`): tokens kept, >= 1 (at most ``V`` are).
+
+    Returns:
+        ``ids`` `[..., K]` (long, most likely first), ``values`` `[..., K]`, ``log_tail`` `[...]` with
+        ``K = min(top_k, V)``.
+    """
+    values, ids = log_probs.topk(min(top_k, log_probs.size(-1)), dim=-1)
+    rest = log_probs.scatter(-1, ids, float("-inf"))
+    return ids, values, torch.logsumexp(rest, dim=-1)
+
+
+def sparse_log_probs(ids: torch.Tensor, values: torch.Tensor, vocab_size: int, floor: float = -1e4) -> torch.Tensor:
+    """A sparse teacher as `[..., V]` log-probabilities for the gate: `values` at `ids`, `floor` elsewhere.
+
+    The `topk` rule's verdicts (and `top_k_log_probs` for target filtering) read the same top-k from it as from the
+    full distribution for any k <= K, ties among the kept tokens included (a token left out that ties with the K-th
+    kept one is not seen).
+
+    Args:
+        ids (`torch.LongTensor` of shape `[..., K]`), values (`torch.Tensor` of shape `[..., K]`): `teacher_top_k`'s.
+        vocab_size (`int`): ``V``.
+        floor (`float`): the log-probability of the tokens left out (finite, about 0 in probability).
+
+    Returns:
+        `torch.Tensor` of shape `[..., V]` (float32, or `values`' dtype if wider).
+    """
+    dtype = torch.promote_types(values.dtype, torch.float32)
+    out = torch.full((*ids.shape[:-1], vocab_size), floor, dtype=dtype, device=values.device)
+    return out.scatter_(-1, ids.long(), values.to(dtype))
+
+
+def tail_bucket_target(
+    ids: torch.Tensor,
+    values: torch.Tensor,
+    log_tail: torch.Tensor,
+    student_log_probs: torch.Tensor,
+    floor: float = -1e4,
+) -> torch.Tensor:
+    """The `[..., V]` target that makes the full-vocabulary divergence equal the top-K + tail-bucket one.
+
+    TRL's server teacher (`trl.experimental.server_distillation`, ``loss_add_tail``) compares the two models on
+    ``K + 1`` buckets: the teacher's top-K tokens and the rest, where the teacher has its tail mass ``P`` and the
+    student its own ``S``. That divergence (for every beta) and its gradient with respect to the student's logits
+    equal the full-vocabulary divergence against this target: the top-K tokens keep the teacher's log-probabilities,
+    and every other token ``j`` gets ``log P + log q_j - log S``, the teacher's tail mass spread the way the student
+    spreads its own (the ratio ``p_j / q_j`` is the same on every tail token, so the divergence's derivative with
+    respect to the target sums to 0 over the tail: treating the target as a constant, as the loss paths do, gives
+    the bucket's exact gradient). So the eager and chunked losses, the gate's weights and the normalization run
+    unchanged on a sparse teacher; `tests/test_teacher_cache.py` checks it against a by-hand bucket divergence.
+
+    Args:
+        ids (`torch.LongTensor` of shape `[..., K]`), values (`torch.Tensor` of shape `[..., K]`), log_tail
+            (`torch.Tensor` of shape `[...]`): the sparse teacher (`teacher_top_k`); `log_tail` may be ``-inf``.
+        student_log_probs (`torch.Tensor` of shape `[..., V]`): ``log q`` at the divergence's temperature (read
+            without gradient).
+        floor (`float`): lower bound of every target log-probability (keeps the divergence finite where the teacher's
+            tail is empty).
+
+    Returns:
+        `torch.Tensor` of shape `[..., V]`, in `student_log_probs`' dtype.
+    """
+    student = student_log_probs.detach()
+    ids = ids.long()
+    in_top = torch.zeros_like(student, dtype=torch.bool).scatter_(-1, ids, True)
+    log_student_tail = torch.logsumexp(student.masked_fill(in_top, float("-inf")), dim=-1, keepdim=True)
+    # where the student's tail is empty (K covers the vocabulary) every token is overwritten by the scatter below
+    spread = (
+        log_tail.to(student.dtype).unsqueeze(-1) + student - log_student_tail.clamp_min(torch.finfo(student.dtype).min)
+    )
+    spread = torch.nan_to_num(spread, nan=floor, neginf=floor).clamp_min(floor)
+    return spread.scatter(-1, ids, values.to(student.dtype).clamp_min(floor))
+
+
 def weighted_generalized_jsd(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -426,7 +508,48 @@ class OutputHead:
 
 
 ChunkFn = Callable[[torch.Tensor, torch.Tensor, slice], torch.Tensor]
-TargetFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+TargetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class SparseTeacher:
+    """A teacher known only by its top-K tokens and tail mass at each position (a teacher cache, a teacher server).
+
+    Attributes:
+        ids (`torch.LongTensor` of shape `[..., K]`), values (`torch.Tensor` of shape `[..., K]`), log_tail
+            (`torch.Tensor` of shape `[...]`): as `teacher_top_k` returns them (any integer or float dtype).
+        vocab_size (`int`): ``V``.
+    """
+
+    ids: torch.Tensor
+    values: torch.Tensor
+    log_tail: torch.Tensor
+    vocab_size: int
+
+    def log_probs(self, rows: Any = slice(None)) -> torch.Tensor:
+        """`[n, V]` (or `[..., V]`) log-probabilities the gate reads (`sparse_log_probs`) at `rows`."""
+        return sparse_log_probs(self.ids[rows], self.values[rows], self.vocab_size)
+
+    def target(
+        self, log_probs: torch.Tensor, student_log_probs: torch.Tensor, rows: Any = slice(None)
+    ) -> torch.Tensor:
+        """The divergence's target at `rows` (`tail_bucket_target`: the top-K + tail-bucket divergence)."""
+        return tail_bucket_target(self.ids[rows], self.values[rows], self.log_tail[rows], student_log_probs)
+
+
+@dataclass
+class _HiddenTeacher:
+    """A live teacher in the chunked loss: its final hidden states, projected a chunk of rows at a time."""
+
+    hidden: torch.Tensor  # [N, H_t]
+    head: OutputHead
+    temperature: float
+
+    def log_probs(self, rows: slice) -> torch.Tensor:
+        return jsd_log_probs(self.head.transform(self.head.project(self.hidden[rows])), self.temperature)
+
+    def target(self, log_probs: torch.Tensor, student_log_probs: torch.Tensor, rows: slice) -> torch.Tensor:
+        return log_probs
 
 
 class _ChunkedWeightedJSD(torch.autograd.Function):
@@ -438,9 +561,8 @@ class _ChunkedWeightedJSD(torch.autograd.Function):
         student_hidden: torch.Tensor,  # [N, H_s]
         student_weight: torch.Tensor,  # [V, H_s]
         student_bias: torch.Tensor | None,
-        teacher_hidden: torch.Tensor,  # [N, H_t]
+        teacher: SparseTeacher | _HiddenTeacher,
         student_head: OutputHead,
-        teacher_head: OutputHead,
         chunk_fn: ChunkFn,
         weight_of: Callable[[torch.Tensor], torch.Tensor] | None,
         target_of: TargetFn | None,
@@ -462,9 +584,7 @@ class _ChunkedWeightedJSD(torch.autograd.Function):
         for start in range(0, n_rows, chunk_size):
             rows = slice(start, min(start + chunk_size, n_rows))
             hidden = student_hidden[rows]
-            teacher_log_probs = jsd_log_probs(
-                teacher_head.transform(teacher_head.project(teacher_hidden[rows])), temperature
-            )
+            teacher_log_probs = teacher.log_probs(rows)
             raw = student_head.project(hidden)
             transforms = needs_grad and student_head.transforms
             with torch.set_grad_enabled(transforms):  # autograd only through the logit scale / softcap
@@ -473,8 +593,10 @@ class _ChunkedWeightedJSD(torch.autograd.Function):
             chunk_values = chunk_fn(student_log_probs, teacher_log_probs, rows)
             values.append(chunk_values)
             chunk_weights = (chunk_values if weight_of is None else weight_of(chunk_values)).to(torch.float32)
+            target = teacher.target(teacher_log_probs, student_log_probs, rows)
             if target_of is not None:  # the divergence's target from the chunk's values (target filtering)
-                teacher_log_probs = target_of(teacher_log_probs, chunk_values)
+                target = target_of(teacher_log_probs, chunk_values, target)
+            teacher_log_probs = target
             # D_t and dD_t/d logits in closed form (autograd through the divergence's operations was most of the time)
             divergence, grad_logits = generalized_jsd_and_logit_grad(
                 student_log_probs, teacher_log_probs, beta=beta, grad=needs_grad
@@ -504,14 +626,14 @@ class _ChunkedWeightedJSD(torch.autograd.Function):
         grads = []
         for grad, dtype in zip(ctx.saved_tensors, ctx.dtypes):
             grads.append(None if grad is None else (grad * grad_total).to(dtype))
-        return (*grads[:2], grads[2], None, None, None, None, None, None, None, None, None, None)
+        return (*grads[:2], grads[2], None, None, None, None, None, None, None, None, None)
 
 
 def chunked_weighted_jsd(
     student_hidden: torch.Tensor,
     student_head: OutputHead,
-    teacher_hidden: torch.Tensor,
-    teacher_head: OutputHead,
+    teacher_hidden: torch.Tensor | SparseTeacher,
+    teacher_head: OutputHead | None,
     chunk_fn: ChunkFn,
     *,
     weight_of: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -536,16 +658,20 @@ def chunked_weighted_jsd(
         student_hidden (`torch.Tensor` of shape `[N, H_s]`): the student's final hidden states (after the last norm).
         student_head (`OutputHead`): the student's output layer; its weight and bias get gradients if they require
             them.
-        teacher_hidden (`torch.Tensor` of shape `[N, H_t]`): the teacher's final hidden states at the same positions.
-        teacher_head (`OutputHead`): the teacher's output layer (same vocabulary ``V``).
+        teacher_hidden (`torch.Tensor` of shape `[N, H_t]`): the teacher's final hidden states at the same positions;
+            or a `SparseTeacher` of shape `[N, K]` (a teacher cache's rows): its `sparse_log_probs` are what
+            ``chunk_fn`` reads and its `tail_bucket_target` the divergence's target (the top-K + tail divergence).
+        teacher_head (`OutputHead`): the teacher's output layer (same vocabulary ``V``); `None` with a
+            `SparseTeacher`.
         chunk_fn (`Callable`): ``chunk_fn(student_log_probs [n, V], teacher_log_probs [n, V], rows: slice) -> [n]``,
             a pure function of the chunk's (detached) log-probabilities at ``temperature``: per-row values, e.g. the
             gate's verdicts.
         weight_of (`Callable`, *optional*): ``weight_of(values [n]) -> [n]``, the loss weights ``w_t`` of the
             chunk's rows from ``chunk_fn``'s values; by default the values are the weights.
-        target_of (`Callable`, *optional*): ``target_of(teacher_log_probs [n, V], values [n]) -> [n, V]``, the
-            divergence's target log-probabilities from the teacher's and ``chunk_fn``'s values (target filtering); by
-            default the teacher's.
+        target_of (`Callable`, *optional*): ``target_of(teacher_log_probs [n, V], values [n], target [n, V]) ->
+            [n, V]``, the divergence's target from the teacher's log-probabilities, ``chunk_fn``'s values and the
+            unfiltered target (target filtering); by default the unfiltered target (the teacher's log-probabilities,
+            or a `SparseTeacher`'s tail-bucket target).
         beta (`float`): generalized JSD interpolation in ``[0, 1]``.
         temperature (`float`): softmax temperature of the divergence.
         chunk_size (`int`): rows of logits projected at a time.
@@ -556,20 +682,22 @@ def chunked_weighted_jsd(
     """
     if chunk_size < 1:
         raise ValueError(f"chunked_weighted_jsd: chunk_size={chunk_size} must be >= 1.")
-    if student_head.weight.size(0) != teacher_head.weight.size(0):
+    if isinstance(teacher_hidden, SparseTeacher):
+        teacher, teacher_vocab = teacher_hidden, teacher_hidden.vocab_size
+    else:
+        teacher = _HiddenTeacher(teacher_hidden.detach(), teacher_head, temperature)
+        teacher_vocab = teacher_head.weight.size(0)
+    if student_head.weight.size(0) != teacher_vocab:
         raise ValueError(
             f"chunked_weighted_jsd: the student's output layer has {student_head.weight.size(0)} rows and the "
-            f"teacher's {teacher_head.weight.size(0)}; both models need the same vocabulary."
+            f"teacher's {teacher_vocab}; both models need the same vocabulary."
         )
-    with torch.no_grad():
-        teacher_hidden = teacher_hidden.detach()
     return _ChunkedWeightedJSD.apply(
         student_hidden,
         student_head.weight,
         student_head.bias,
-        teacher_hidden,
+        teacher,
         student_head,
-        teacher_head,
         chunk_fn,
         weight_of,
         target_of,

@@ -36,6 +36,9 @@ class GateRule:
             tokens), and a sampler that filters the distribution (top-p, repetition penalty, ...) biases it.
         draws_uniforms (`bool`): whether the verdict takes one U(0, 1) draw per position (``uniforms``).
         uses_top_k (`bool`): whether the verdict reads ``top_k`` (then it must be below the vocabulary size).
+        reads_top_k_only (`bool`): whether the verdict reads nothing of the teacher but its ``top_k`` most likely
+            tokens, so that a sparse teacher (a teacher cache or server holding its top ``K >= top_k``) gives the
+            same verdicts as the full one.
     """
 
     name: ClassVar[str]
@@ -43,6 +46,7 @@ class GateRule:
     reads_student: ClassVar[bool] = False
     draws_uniforms: ClassVar[bool] = False
     uses_top_k: ClassVar[bool] = False
+    reads_top_k_only: ClassVar[bool] = False
 
     def accept(
         self,
@@ -122,6 +126,7 @@ class TopKGate(GateRule):
 
     name = "topk"
     uses_top_k = True
+    reads_top_k_only = True
 
     def accept(self, student_logits, teacher_logits, proposals, *, top_k, uniforms, normalized=False):
         if top_k < 1:
@@ -186,6 +191,7 @@ class NoGate(GateRule):
 
     name = "none"
     rejects = False
+    reads_top_k_only = True
 
     def accept(self, student_logits, teacher_logits, proposals, *, top_k, uniforms, normalized=False):
         return torch.ones_like(proposals, dtype=torch.bool)

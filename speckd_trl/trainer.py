@@ -54,6 +54,7 @@ from .generation import sampling_only_from
 from .losses import (
     LossTerms,
     OutputHead,
+    SparseTeacher,
     chunked_weighted_jsd,
     jsd_log_probs,
     sampled_log_probs,
@@ -70,6 +71,7 @@ from .models import (
     output_vocab_size,
     prepare_teacher_for_fsdp,
 )
+from .teacher_cache import CacheSpec, TeacherCache, cache_spec, write_teacher_cache
 from .validation import (
     check_4bit_teacher,
     check_dataset,
@@ -148,11 +150,39 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
 
         if teacher_model is None:
             teacher_model = args.teacher_model_name_or_path
-        if teacher_model is None:
+        # With a teacher cache, dataset batches never run the teacher: with lmbda=0 and nothing to evaluate, none is
+        # loaded (a name or path is not even opened); a model passed in is kept for nothing but its checks.
+        cache_only = args.teacher_cache is not None and args.lmbda == 0 and eval_dataset is None
+        if cache_only and isinstance(teacher_model, str):
+            teacher_model = None
+        if teacher_model is None and not cache_only:
+            if args.teacher_cache is not None:
+                why = f"lmbda={args.lmbda} makes on-policy batches" if args.lmbda > 0 else "evaluation runs"
+                raise ValueError(
+                    f"SpecKDTrainer: teacher_cache={args.teacher_cache!r} serves dataset batches only, and {why} that "
+                    "need a live teacher: pass `teacher_model=` (or `teacher_model_name_or_path`), or train with "
+                    "lmbda=0 and no eval_dataset to use the cache alone."
+                )
             raise ValueError(
                 "SpecKDTrainer needs a teacher: pass `teacher_model=` (a model, a name or a local path) or set "
-                "`teacher_model_name_or_path` in SpecKDConfig."
+                "`teacher_model_name_or_path` in SpecKDConfig (or a `teacher_cache` with lmbda=0)."
             )
+        if teacher_model is None:
+            super_kwargs = dict(
+                args=args,
+                data_collator=data_collator,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                compute_metrics=compute_metrics,
+                callbacks=callbacks,
+                optimizers=optimizers,
+                preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+                peft_config=peft_config,
+                formatting_func=formatting_func,
+            )
+            self._init_without_teacher(model, super_kwargs)
+            return
         check_zero3_quantized_teacher(
             args.teacher_load_in_4bit if isinstance(teacher_model, str) else is_quantized(teacher_model)
         )
@@ -223,6 +253,75 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
         self._generation_generator.manual_seed(args.seed + 1_000_003 * (self.accelerator.process_index + 1))
         self._heads_checked = False  # `check_output_head` runs on the first batch of the chunked path
         self._predicting = False  # in a `prediction_step` that returns the logits (see there)
+        self._teacher_cache = self._open_teacher_cache(teacher) if args.teacher_cache is not None else None
+
+    def _init_without_teacher(self, model: Any, kwargs: dict[str, Any]) -> None:
+        """`__init__` when a teacher cache replaces the teacher (lmbda=0, no evaluation): GKD's own `__init__` gets
+        a stand-in that has the student's config and no weights (it is never called), then there is no teacher."""
+        args = kwargs["args"]
+        config = (
+            AutoConfig.from_pretrained(model, trust_remote_code=args.trust_remote_code)
+            if isinstance(model, str)
+            else model.config
+        )
+        super().__init__(model, teacher_model=_NoTeacher(config), **kwargs)
+        self.teacher_model = None
+        check_fsdp_applied(self.accelerator)
+        student = self.accelerator.unwrap_model(self.model)
+        check_zero3_chunked(student, args.loss_path)
+        self._shared_vocab = None
+        self._batch_kinds = BatchKinds(args.seed, lmbda=self.lmbda, seq_kd=self.seq_kd)
+        self._gate = TokenGate(
+            args,
+            temperature=self.temperature,
+            device=self.accelerator.device,
+            seed=args.seed,
+            process_index=self.accelerator.process_index,
+            proposal=args.gate_proposal,
+        )
+        self._generation_generator = torch.Generator()
+        self._generation_generator.manual_seed(args.seed + 1_000_003 * (self.accelerator.process_index + 1))
+        self._heads_checked = False
+        self._predicting = False
+        self._teacher_cache = self._open_teacher_cache(None)
+        n_student, n_cache = output_vocab_size(student), self._teacher_cache.spec.vocab_size
+        if n_cache != n_student:  # a student embedding padded past the tokenizer compares the tokenizer's ids
+            self._shared_vocab = n_cache
+        check_gate_top_k(args, self._shared_vocab or n_student)
+
+    def _open_teacher_cache(self, teacher: nn.Module | None) -> TeacherCache:
+        """`args.teacher_cache`, checked against this run: tokenizer, chat template, dataset, max_length, the
+        divergence's temperature (1), the vocabulary the loss compares, K against the gate's k, and the teacher's
+        config when one is loaded."""
+        args = self.args
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        spec = cache_spec(
+            teacher=teacher if teacher is not None else _NoTeacher(self.model.config),
+            tokenizer=tokenizer,
+            dataset=self.train_dataset,
+            top_k=1,
+            vocab_size=1,
+            max_length=args.max_length,
+        )
+        expect = {
+            name: getattr(spec, name)
+            for name in ("tokenizer_hash", "chat_template_hash", "dataset_fingerprint", "num_rows", "max_length")
+        }
+        expect["temperature"] = 1.0  # SpecKDTrainer's divergence is at temperature 1, as GKD's
+        if teacher is not None:
+            expect["teacher_config_hash"] = spec.teacher_config_hash
+        top_k = max(self._gate.top_k(0, 1), self._gate.top_k(1, 1)) if self._gate.rule.uses_top_k else None
+        cache = TeacherCache.open(args.teacher_cache, expect, top_k=top_k)
+        student = self.accelerator.unwrap_model(self.model)
+        n_loss = self._shared_vocab or output_vocab_size(student)
+        n_cache = cache.spec.vocab_size
+        if teacher is not None and n_cache != n_loss or not (len(tokenizer) <= n_cache <= output_vocab_size(student)):
+            raise ValueError(
+                f"teacher_cache={args.teacher_cache!r} holds log-probabilities over {n_cache} tokens; this run compares "
+                f"{n_loss} (student output {output_vocab_size(student)}, tokenizer {len(tokenizer)}). Build the cache "
+                "again for this student and teacher."
+            )
+        return cache
 
     # ------------------------------------------------------------------ batches
 
@@ -360,30 +459,54 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
             step=self.state.global_step,
             max_steps=self.state.max_steps,
         )
+        cached = self._cached_teacher(model, inputs, completion)
         if self.args.loss_path == "chunked":
-            terms = self._chunked_terms(model, inputs, batch)
+            terms = self._chunked_terms(model, inputs, batch, cached)
         else:
-            terms = self._eager_terms(model, inputs, batch)
+            terms = self._eager_terms(model, inputs, batch, cached)
         loss = batch.reduce(terms, num_items_in_batch)
         batch.record(terms.accepted)
         empty_cache()
         return (loss, terms.outputs) if return_outputs else loss
 
-    def _eager_terms(self, model: nn.Module, inputs: dict[str, Any], batch: GatedBatch) -> LossTerms:
-        """The loss terms from both models' full `[B, T, V]` logits, as GKD computes them."""
+    def _cached_teacher(
+        self, model: nn.Module, inputs: dict[str, Any], completion: torch.Tensor
+    ) -> SparseTeacher | None:
+        """The teacher cache's rows for a training micro-batch of dataset rows, `[B, T, K]`; None where the live
+        teacher is used (no cache; on-policy rows; evaluation)."""
+        if self._teacher_cache is None or not model.training or not isinstance(row_kinds(inputs), str):
+            return None
+        if row_kinds(inputs) != OFF_POLICY:
+            return None
+        return self._teacher_cache.batch(inputs["input_ids"], inputs["attention_mask"], completion)
+
+    def _eager_terms(
+        self, model: nn.Module, inputs: dict[str, Any], batch: GatedBatch, cached: SparseTeacher | None = None
+    ) -> LossTerms:
+        """The loss terms from both models' full `[B, T, V]` logits, as GKD computes them (from a teacher cache's
+        top-K + tail, `cached`, instead of the teacher's logits when given)."""
         student_outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-        self.teacher_model.eval()
-        with torch.no_grad():
-            teacher_logits = self.teacher_model(
-                input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
-            ).logits[:, :-1]
         student_logits = self._shared_logits(student_outputs.logits[:, :-1])
-        teacher_logits = self._shared_logits(teacher_logits)
         # GKD's divergence, split at its log-softmax so that the gate reads the same log-probabilities
-        student_log_probs, teacher_log_probs = jsd_log_probs(student_logits), jsd_log_probs(teacher_logits)
+        student_log_probs = jsd_log_probs(student_logits)
+        target = None
+        if cached is None:
+            self.teacher_model.eval()
+            with torch.no_grad():
+                teacher_logits = self.teacher_model(
+                    input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
+                ).logits[:, :-1]
+            teacher_logits = self._shared_logits(teacher_logits)
+            teacher_log_probs = jsd_log_probs(teacher_logits)
+        else:
+            teacher_log_probs = teacher_logits = cached.log_probs()
+            target = cached.target(teacher_log_probs, student_log_probs)
         accepted = batch.verdicts(student_log_probs, teacher_log_probs)
         weighted = weighted_jsd_from_log_probs(
-            student_log_probs, batch.targets(teacher_log_probs, accepted), batch.weights(accepted), beta=self.beta
+            student_log_probs,
+            batch.targets(teacher_log_probs, accepted, target),
+            batch.weights(accepted),
+            beta=self.beta,
         )
         if not bool(torch.isfinite(weighted).all()):  # [B, T]: cheap; a bad teacher shows here first
             self._check_teacher(teacher_logits)
@@ -393,10 +516,14 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
 
         return LossTerms(weighted.sum(), accepted, sampled, student_outputs)
 
-    def _chunked_terms(self, model: nn.Module, inputs: dict[str, Any], batch: GatedBatch) -> LossTerms:
+    def _chunked_terms(
+        self, model: nn.Module, inputs: dict[str, Any], batch: GatedBatch, cached: SparseTeacher | None = None
+    ) -> LossTerms:
         """The loss terms from both models' final hidden states, on the completion positions only, a chunk at a time
         (the student's outputs hold the logits of the last position only, of every position in a `prediction_step`
-        that returns them)."""
+        that returns them); from a teacher cache's top-K + tail (`cached`) instead of the teacher when given."""
+        if cached is not None:
+            return self._chunked_cached_terms(model, inputs, batch, cached)
         # logits_to_keep=1: each model projects one position; the loss projects the rest chunk by chunk. Both are
         # called through their wrappers (DDP, FSDP2), which gather what they shard. Predictions for `compute_metrics`
         # or `predict` need the student's logits at every position, as GKD returns them (logits_to_keep=0: all).
@@ -452,6 +579,116 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
 
         return LossTerms(weighted_sum, batch.positions(row_verdicts), sampled, student_outputs)
 
+    def _chunked_cached_terms(
+        self, model: nn.Module, inputs: dict[str, Any], batch: GatedBatch, cached: SparseTeacher
+    ) -> LossTerms:
+        """`_chunked_terms` on a teacher cache's rows: the student's hidden states against the cached top-K + tail."""
+        with capture_last_hidden_state(self.accelerator.unwrap_model(model)) as captured:
+            student_outputs = model(
+                input_ids=inputs["input_ids"],
+                attention_mask=inputs["attention_mask"],
+                logits_to_keep=0 if self._predicting else 1,
+            )
+        student_head = self._student_head()
+        if not self._heads_checked:
+            check_output_head(
+                self.accelerator.unwrap_model(model),
+                "student",
+                student_head,
+                captured["hidden"][:, -1],
+                self._shared_logits(student_outputs.logits[:, -1]),
+                remedy=EAGER_REMEDY,
+            )
+            self._heads_checked = True
+        rows = batch.rows
+        student_hidden = captured["hidden"][:, :-1].flatten(0, 1)[rows]
+        teacher_rows = SparseTeacher(
+            cached.ids.flatten(0, 1)[rows],
+            cached.values.flatten(0, 1)[rows],
+            cached.log_tail.flatten()[rows],
+            cached.vocab_size,
+        )
+        weighted_sum, row_verdicts = chunked_weighted_jsd(
+            student_hidden,
+            student_head,
+            teacher_rows,
+            None,
+            batch.chunk_verdicts(rows),
+            weight_of=batch.position_weights,
+            target_of=batch.targets if batch.filters_targets else None,
+            beta=self.beta,
+            chunk_size=self.args.loss_chunk_size,
+        )
+
+        def sampled() -> torch.Tensor:  # differentiable
+            return batch.scatter(
+                sampled_log_probs_from_hidden(
+                    student_hidden, student_head, batch.sampled_ids.flatten()[rows], self.temperature
+                )
+            )
+
+        return LossTerms(weighted_sum, batch.positions(row_verdicts), sampled, student_outputs)
+
+    def _student_head(self) -> OutputHead:
+        """The student's output layer, cut to the tokenizer's ids when the loss compares only those."""
+        head = output_head(self.accelerator.unwrap_model(self.model), "student")
+        n = self._shared_vocab
+        if n is None:
+            return head
+        return dataclasses.replace(head, weight=head.weight[:n], bias=None if head.bias is None else head.bias[:n])
+
+    # ------------------------------------------------------------------ teacher cache
+
+    def cache_teacher(
+        self,
+        path: str,
+        *,
+        top_k: int | None = None,
+        values_dtype: str | None = None,
+        shard_rows: int = 1024,
+        batch_size: int | None = None,
+    ) -> TeacherCache:
+        """Run the teacher over the training dataset, collated as training collates it, and write its top-K
+        log-probabilities at every completion position to `path` (`teacher_cache.write_teacher_cache`; resumable).
+
+        Args:
+            path: the cache directory.
+            top_k: K (default `args.teacher_cache_top_k`).
+            values_dtype: `"float16"` or `"float32"` (default `args.teacher_cache_dtype`).
+            shard_rows: dataset rows per shard (the unit of resuming).
+            batch_size: rows per teacher forward (default `args.per_device_eval_batch_size`).
+
+        Returns:
+            The cache, opened and checked for this trainer.
+        """
+        if self.teacher_model is None:
+            raise ValueError("cache_teacher needs the teacher: build the trainer with `teacher_model=`.")
+        teacher = self.accelerator.unwrap_model(self.teacher_model)
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        vocab_size = self._shared_vocab or output_vocab_size(self.accelerator.unwrap_model(self.model))
+        spec = cache_spec(
+            teacher=teacher,
+            tokenizer=tokenizer,
+            dataset=self.train_dataset,
+            top_k=top_k or self.args.teacher_cache_top_k,
+            vocab_size=vocab_size,
+            max_length=self.args.max_length,
+            values_dtype=values_dtype or self.args.teacher_cache_dtype,
+            shard_rows=shard_rows,
+        )
+        write_teacher_cache(
+            path,
+            teacher=teacher,
+            dataset=self.train_dataset,
+            collate=self.data_collator,
+            spec=spec,
+            batch_size=batch_size or self.args.per_device_eval_batch_size,
+            progress=not self.args.disable_tqdm,
+        )
+        expect = {name: getattr(spec, name) for name in CacheSpec.CHECKED}
+        expect["teacher_config_hash"] = spec.teacher_config_hash
+        return TeacherCache.open(path, expect)
+
     def _output_heads(self) -> tuple[OutputHead, OutputHead]:
         """The student's and the teacher's output layers, for the chunked loss (cut to the tokenizer's ids when the
         two output sizes differ, as `_shared_logits` cuts the eager path's logits)."""
@@ -491,6 +728,18 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
                 "(fp16 overflow: load it in bfloat16 or float32), or its quantization settings."
             )
         return teacher_out
+
+
+class _NoTeacher(nn.Module):
+    """Stands in for the teacher in GKD's `__init__` when a teacher cache replaces it: the student's config, no
+    weights; never called."""
+
+    def __init__(self, config: Any):
+        super().__init__()
+        self.config = config
+
+    def forward(self, *args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("No teacher is loaded: this run reads the teacher cache (teacher_cache, lmbda=0).")
 
 
 def _config_vocab_size(model: Any, args: SpecKDConfig) -> int | None:

@@ -373,14 +373,18 @@ class GatedBatch:
         """Whether rejected positions are distilled toward a filtered target (`reject_target` other than teacher)."""
         return self.gate.args.reject_target != "teacher"
 
-    def targets(self, teacher_log_probs: torch.Tensor, accepted: torch.Tensor) -> torch.Tensor:
-        """The divergence's target log-probabilities `[..., V]` given the verdicts `[...]` (any leading shape): the
-        teacher's, except at rejected positions with ``reject_target="top_k"``, where it is the teacher's top-k
-        (this step's k) renormalized (`losses.top_k_log_probs`)."""
+    def targets(
+        self, teacher_log_probs: torch.Tensor, accepted: torch.Tensor, target: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The divergence's target log-probabilities `[..., V]` given the verdicts `[...]` (any leading shape):
+        `target` (default: the teacher's log-probabilities; a sparse teacher's tail-bucket target), except at
+        rejected positions with ``reject_target="top_k"``, where it is the teacher's top-k (this step's k)
+        renormalized (`losses.top_k_log_probs`)."""
+        target = teacher_log_probs if target is None else target
         if not self.filters_targets:
-            return teacher_log_probs
+            return target
         filtered = top_k_log_probs(teacher_log_probs, self.top_k)
-        return torch.where(accepted.bool().unsqueeze(-1), teacher_log_probs, filtered)
+        return torch.where(accepted.bool().unsqueeze(-1), target, filtered)
 
     def chunk_verdicts(self, rows: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor, slice], torch.Tensor]:
         """`losses.chunked_weighted_jsd`'s ``chunk_fn`` over the completion positions `rows` (`[N]`): the verdicts of

@@ -1,0 +1,357 @@
+"""The teacher cache: its maths (top-K + tail bucket) against by-hand references and TRL's server loss, training from
+a cache against training with the live teacher, and the bad inputs (another teacher, tokenizer, K or dataset, missing
+or damaged shards, an interrupted build)."""
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from speckd_trl import SpecKDConfig
+from speckd_trl.batches import OFF_POLICY
+from speckd_trl.losses import (
+    OutputHead,
+    SparseTeacher,
+    chunked_weighted_jsd,
+    sparse_log_probs,
+    tail_bucket_target,
+    teacher_top_k,
+    weighted_jsd_from_log_probs,
+)
+from speckd_trl.rules import get_rule
+from speckd_trl.teacher_cache import META_FILE, TeacherCache, ids_dtype
+from speckd_trl.tools.testing import (
+    TINY_ARGS,
+    VOCAB_SIZE,
+    collated_batch,
+    loss_gradients_and_window,
+    make_dataset,
+    make_model,
+    make_tokenizer,
+    make_trainer,
+    word_level_tokenizer,
+)
+
+
+def bucket_divergence(student: list[float], teacher: list[float], k: int, beta: float) -> float:
+    """D_beta over the K + 1 buckets (the teacher's top-k tokens, then everything else), by hand, in float64."""
+    top = sorted(range(len(teacher)), key=lambda v: -teacher[v])[:k]
+    rest = [v for v in range(len(teacher)) if v not in top]
+    p = [math.exp(teacher[v]) for v in top] + [sum(math.exp(teacher[v]) for v in rest)]
+    q = [math.exp(student[v]) for v in top] + [sum(math.exp(student[v]) for v in rest)]
+
+    def kl(a, b):
+        return sum(x * math.log(x / y) for x, y in zip(a, b) if x > 0)
+
+    if beta == 0:
+        return kl(p, q)
+    if beta == 1:
+        return kl(q, p)
+    m = [beta * x + (1 - beta) * y for x, y in zip(p, q)]
+    return beta * kl(p, m) + (1 - beta) * kl(q, m)
+
+
+def random_log_probs(*shape, seed=0, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.log_softmax(torch.randn(*shape, generator=g, dtype=torch.float64) * scale, dim=-1)
+
+
+def test_teacher_top_k_keeps_the_top_tokens_and_the_exact_tail():
+    t = random_log_probs(3, 5, 20)
+    ids, values, log_tail = teacher_top_k(t, 4)
+    assert ids.shape == (3, 5, 4)
+    torch.testing.assert_close(values, t.gather(-1, ids))
+    for b in range(3):
+        for i in range(5):
+            rest = [v for v in range(20) if v not in ids[b, i].tolist()]
+            assert log_tail[b, i].item() == pytest.approx(math.log(sum(math.exp(t[b, i, v]) for v in rest)))
+    _, _, empty = teacher_top_k(t, 50)  # K >= V: no tail
+    assert torch.isneginf(empty).all()
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("k", [1, 3, 10])
+def test_tail_bucket_target_gives_the_bucket_divergence_and_its_gradient(beta, k):
+    t = random_log_probs(6, 12, seed=1)
+    logits = torch.randn(6, 12, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 2
+    logits.requires_grad_(True)
+    s = torch.log_softmax(logits, dim=-1)
+    ids, values, log_tail = teacher_top_k(t, k)
+    target = tail_bucket_target(ids, values, log_tail, s)
+    ours = weighted_jsd_from_log_probs(s, target, torch.ones(6, dtype=torch.float64), beta=beta)
+    for row in range(6):
+        assert ours[row].item() == pytest.approx(
+            bucket_divergence(s[row].tolist(), t[row].tolist(), k, beta), rel=1e-9
+        )
+    (grad,) = torch.autograd.grad(ours.sum(), logits, retain_graph=True)
+    # the reference gradient: autograd through the bucket divergence itself (the student's tail mass included)
+    in_top = torch.zeros_like(t, dtype=torch.bool).scatter_(-1, ids, True)
+    q_buckets = torch.cat([s.gather(-1, ids), torch.logsumexp(s.masked_fill(in_top, -math.inf), -1, keepdim=True)], -1)
+    p_buckets = torch.cat([values, log_tail.unsqueeze(-1)], -1)
+    reference = weighted_jsd_from_log_probs(q_buckets, p_buckets, torch.ones(6, dtype=torch.float64), beta=beta)
+    (expected,) = torch.autograd.grad(reference.sum(), logits)
+    torch.testing.assert_close(grad, expected)
+
+
+def test_tail_bucket_target_matches_trls_server_forward_kl():
+    """TRL's own top-k + tail loss (`trl.experimental.server_distillation`, beta=0) on the same top-k."""
+    from trl.experimental.server_distillation.server_distillation_trainer import _add_tail_bucket, _jsd_divergence
+
+    t, s = random_log_probs(4, 7, 30, seed=3), random_log_probs(4, 7, 30, seed=4)
+    ids, values, log_tail = teacher_top_k(t, 5)
+    ours = weighted_jsd_from_log_probs(s, tail_bucket_target(ids, values, log_tail, s), torch.ones(4, 7), beta=0.0)
+    valid = torch.ones_like(values, dtype=torch.bool)
+    student_sparse, support = _add_tail_bucket(s.gather(-1, ids), valid)
+    teacher_sparse, _ = _add_tail_bucket(values, valid)
+    theirs = _jsd_divergence(student_sparse, teacher_sparse, beta=0.0, support_mask=support).sum(-1)
+    torch.testing.assert_close(ours, theirs)
+
+
+def test_with_k_covering_the_vocabulary_the_target_is_the_teacher():
+    t, s = random_log_probs(5, 16, seed=5), random_log_probs(5, 16, seed=6)
+    ids, values, log_tail = teacher_top_k(t, 16)
+    torch.testing.assert_close(tail_bucket_target(ids, values, log_tail, s), t)
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_the_topk_rule_reads_the_same_verdicts_from_the_sparse_teacher(k):
+    t, s = random_log_probs(64, 24, seed=7), random_log_probs(64, 24, seed=8)
+    proposals = s.argmax(-1)
+    ids, values, _ = teacher_top_k(t, 4)
+    rule = get_rule("topk")
+    full = rule.accept(s, t, proposals, top_k=k, uniforms=None, normalized=True)
+    sparse = rule.accept(s, sparse_log_probs(ids, values, 24), proposals, top_k=k, uniforms=None, normalized=True)
+    assert torch.equal(full, sparse) and 0 < int(full.sum()) < 64
+    assert get_rule("topk").reads_top_k_only and not get_rule("spec").reads_top_k_only
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5])
+def test_chunked_path_on_a_sparse_teacher_matches_the_eager_maths(beta):
+    g = torch.Generator().manual_seed(9)
+    hidden = torch.randn(10, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(20, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    t = random_log_probs(10, 20, seed=10)
+    ids, values, log_tail = teacher_top_k(t, 3)
+    weights = torch.rand(10, generator=g, dtype=torch.float64)
+    head = OutputHead(weight=weight, bias=None)
+    total, _ = chunked_weighted_jsd(
+        hidden, head, SparseTeacher(ids, values, log_tail, 20), None, lambda s_, t_, rows: weights[rows],
+        beta=beta, chunk_size=3,
+    )  # fmt: skip
+    grads = torch.autograd.grad(total, (hidden, weight))
+    s = torch.log_softmax(hidden @ weight.t(), dim=-1)
+    eager = weighted_jsd_from_log_probs(s, tail_bucket_target(ids, values, log_tail, s), weights, beta=beta).sum()
+    expected = torch.autograd.grad(eager, (hidden, weight))
+    assert total.item() == pytest.approx(eager.item(), rel=1e-6)  # (the chunked path accumulates in float32)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_ids_are_stored_in_the_smallest_type():
+    assert [ids_dtype(v) for v in (96, 256, 257, 49152, 65536, 151936)] == [
+        "uint8", "uint8", "uint16", "uint16", "uint16", "uint32",
+    ]  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- training from a cache
+
+
+def cached_trainer(tmp_path, cache, *, teacher=None, train_dataset=None, **overrides):
+    """A `SpecKDTrainer` on the tiny student reading `cache`; no teacher unless given."""
+    from speckd_trl import SpecKDTrainer
+
+    tokenizer = make_tokenizer()
+    args = SpecKDConfig(
+        **{**TINY_ARGS, "output_dir": str(tmp_path / "cached"), "teacher_cache": str(cache), **overrides}
+    )
+    return SpecKDTrainer(
+        model=make_model(0, tokenizer),
+        teacher_model=teacher,
+        args=args,
+        train_dataset=train_dataset if train_dataset is not None else make_dataset(),
+        processing_class=tokenizer,
+    )
+
+
+@pytest.fixture
+def full_cache(tmp_path):
+    """A float32 cache of the tiny teacher with K = the vocabulary (no approximation left but storage)."""
+    live = make_trainer(tmp_path / "live", loss_path="eager")
+    live.cache_teacher(str(tmp_path / "cache"), top_k=VOCAB_SIZE, values_dtype="float32", shard_rows=5)
+    return tmp_path / "cache"
+
+
+@pytest.mark.parametrize("loss_path", ["eager", "chunked"])
+@pytest.mark.parametrize("gate", [dict(gate="none"), dict(gate="topk", gate_top_k=20, reject_weight=0.5)])
+def test_a_full_cache_trains_as_the_live_teacher(tmp_path, full_cache, loss_path, gate):
+    settings = dict(loss_path=loss_path, lmbda=0.0, beta=0.5, **gate)
+    live = make_trainer(tmp_path / "live2", **settings)
+    cached = cached_trainer(tmp_path, full_cache, teacher=None, **settings)
+    assert cached.teacher_model is None  # lmbda=0: no teacher loaded at all
+    batch = collated_batch(live, OFF_POLICY, rows=6)
+    loss_l, grads_l, window_l = loss_gradients_and_window(live, batch)
+    loss_c, grads_c, window_c = loss_gradients_and_window(cached, batch)
+    assert loss_c.item() == pytest.approx(loss_l.item(), rel=1e-5)
+    for name in grads_l:
+        torch.testing.assert_close(grads_c[name], grads_l[name], rtol=1e-4, atol=1e-7)
+    assert window_c == window_l
+
+
+@pytest.mark.parametrize("loss_path", ["eager", "chunked"])
+def test_a_small_k_cache_gives_the_by_hand_top_k_plus_tail_loss(tmp_path, loss_path):
+    live = make_trainer(tmp_path / "live", loss_path="eager")
+    live.cache_teacher(str(tmp_path / "cache"), top_k=4, values_dtype="float32", shard_rows=7)
+    cached = cached_trainer(tmp_path, tmp_path / "cache", loss_path=loss_path, lmbda=0.0, beta=0.0, gate="none")
+    batch = collated_batch(cached, OFF_POLICY, rows=5)
+    completion = batch["labels"][:, 1:] != -100
+    loss, _, _ = loss_gradients_and_window(cached, batch, num_items_in_batch=int(completion.sum()))
+    with torch.no_grad():
+        ids, attention = batch["input_ids"], batch["attention_mask"]
+        s = cached.model(input_ids=ids, attention_mask=attention).logits[:, :-1].double().log_softmax(-1)
+        t = live.teacher_model(input_ids=ids, attention_mask=attention).logits[:, :-1].double().log_softmax(-1)
+    by_hand = sum(bucket_divergence(s[b, i].tolist(), t[b, i].tolist(), 4, 0.0) for b, i in completion.nonzero())
+    assert loss.item() == pytest.approx(by_hand / completion.sum().item(), rel=1e-4)
+
+
+def test_float16_storage_costs_little(tmp_path):
+    live = make_trainer(tmp_path / "live", loss_path="eager")
+    live.cache_teacher(str(tmp_path / "c16"), top_k=8, values_dtype="float16")
+    live.cache_teacher(str(tmp_path / "c32"), top_k=8, values_dtype="float32")
+    losses = []
+    for name in ("c16", "c32"):
+        trainer = cached_trainer(tmp_path / name, tmp_path / name, lmbda=0.0, gate="none")
+        losses.append(loss_gradients_and_window(trainer, collated_batch(trainer, OFF_POLICY))[0].item())
+    assert losses[0] == pytest.approx(losses[1], rel=2e-3)
+    info = json.loads((tmp_path / "c16" / META_FILE).read_text())["spec"]
+    assert (info["ids_dtype"], info["values_dtype"]) == ("uint8", "float16")
+
+
+def test_training_from_a_cache_runs_without_a_teacher(tmp_path, full_cache):
+    trainer = cached_trainer(tmp_path, full_cache, lmbda=0.0, max_steps=3, learning_rate=1e-3, logging_steps=1,
+                             gate="topk", gate_top_k=5, reject_target="top_k", reject_weight=1.0)  # fmt: skip
+    trainer.train()
+    assert trainer.teacher_model is None and trainer.state.global_step == 3
+    rates = [e["gate/acceptance_rate"] for e in trainer.state.log_history if "gate/acceptance_rate" in e]
+    assert len(rates) == 3 and all(0.0 <= r <= 1.0 for r in rates)
+
+
+def test_on_policy_batches_use_the_live_teacher(tmp_path, full_cache):
+    trainer = cached_trainer(tmp_path, full_cache, teacher=make_model(1, make_tokenizer()), lmbda=0.5,
+                             max_steps=3, max_new_tokens=4)  # fmt: skip
+    assert trainer.teacher_model is not None
+    trainer.train()
+    assert trainer.state.global_step == 3
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+def test_a_cache_that_does_not_cover_the_gates_k_is_refused(tmp_path):
+    make_trainer(tmp_path / "live").cache_teacher(str(tmp_path / "cache"), top_k=4)
+    with pytest.raises(ValueError, match=r"gate_top_k=5 is larger than the teacher cache's K=4"):
+        cached_trainer(tmp_path, tmp_path / "cache", lmbda=0.0, gate="topk", gate_top_k=5)
+
+
+def test_a_cache_of_another_teacher_is_refused(tmp_path, full_cache):
+    other = make_model(1, make_tokenizer(), layers=3)
+    with pytest.raises(ValueError, match=r"another teacher \(config\)"):
+        cached_trainer(tmp_path, full_cache, teacher=other, lmbda=0.5)
+
+
+def test_a_cache_of_another_tokenizer_is_refused(tmp_path, full_cache):
+    from speckd_trl import SpecKDTrainer
+    from speckd_trl.tools.testing import SPECIALS, WORDS
+
+    tokenizer = word_level_tokenizer(SPECIALS + list(reversed(WORDS)))
+
+    with pytest.raises(ValueError, match="another tokenizer"):
+        SpecKDTrainer(
+            model=make_model(0, tokenizer),
+            args=SpecKDConfig(**TINY_ARGS, output_dir=str(tmp_path / "o"), lmbda=0.0, teacher_cache=str(full_cache)),
+            train_dataset=make_dataset(),
+            processing_class=tokenizer,
+        )
+
+
+def test_a_cache_of_another_dataset_is_refused(tmp_path, full_cache):
+    with pytest.raises(ValueError, match="another dataset"):
+        cached_trainer(tmp_path, full_cache, lmbda=0.0, train_dataset=make_dataset(seed=3))
+
+
+def test_missing_and_damaged_shards_are_named(tmp_path, full_cache):
+    shard = full_cache / "shard-00001"
+    arrow = next(shard.glob("*.arrow"))
+    arrow.write_bytes(arrow.read_bytes()[:40])  # truncated
+    with pytest.raises(ValueError, match="shard shard-00001 is missing or damaged"):
+        TeacherCache.open(full_cache)
+    shutil.rmtree(shard)
+    with pytest.raises(ValueError, match="shard shard-00001 is missing or damaged"):
+        TeacherCache.open(full_cache)
+    (full_cache / META_FILE).unlink()
+    with pytest.raises(ValueError, match="not a teacher cache"):
+        TeacherCache.open(full_cache)
+
+
+def test_an_interrupted_build_resumes_without_recomputing_finished_shards(tmp_path):
+    live = make_trainer(tmp_path / "live")
+    calls = {"n": 0}
+    forward = live.teacher_model.forward
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        if calls.get("fail_at") == calls["n"]:
+            raise KeyboardInterrupt
+        return forward(*args, **kwargs)
+
+    live.teacher_model.forward = counting
+    calls["fail_at"] = 4  # shards of 4 rows, batches of 2: dies in the middle of the second shard
+    with pytest.raises(KeyboardInterrupt):
+        live.cache_teacher(str(tmp_path / "cache"), top_k=8, shard_rows=4, batch_size=2)
+    with pytest.raises(ValueError, match=r"incomplete \(1 of 4 shards\)"):
+        TeacherCache.open(tmp_path / "cache")
+    calls.update(n=0, fail_at=None)
+    cache = live.cache_teacher(str(tmp_path / "cache"), top_k=8, shard_rows=4, batch_size=2)
+    assert calls["n"] == 6  # 3 shards of 2 batches: the finished one was kept
+    assert len(cache) == 16
+    with pytest.raises(ValueError, match="cannot be resumed"):
+        live.cache_teacher(str(tmp_path / "cache"), top_k=16, shard_rows=4)
+
+
+def test_settings_a_cache_cannot_serve_are_refused(tmp_path, full_cache):
+    with pytest.raises(ValueError, match="gate='spec' with teacher_cache"):
+        SpecKDConfig(**TINY_ARGS, output_dir=str(tmp_path), teacher_cache="c", gate="spec")
+    with pytest.raises(ValueError, match="seq_kd=True with teacher_cache"):
+        SpecKDConfig(**TINY_ARGS, output_dir=str(tmp_path), teacher_cache="c", seq_kd=True)
+    from speckd_trl import SpecKDTrainer
+
+    tokenizer = make_tokenizer()
+    with pytest.raises(ValueError, match=r"lmbda=0.5 makes on-policy batches that need a live teacher"):
+        SpecKDTrainer(
+            model=make_model(0, tokenizer),
+            args=SpecKDConfig(**TINY_ARGS, output_dir=str(tmp_path / "o"), lmbda=0.5, teacher_cache=str(full_cache)),
+            train_dataset=make_dataset(),
+            processing_class=tokenizer,
+        )
+
+
+def test_the_cli_caches_then_trains_from_the_cache_with_one_recipe(workspace, tmp_path, capsys):
+    from speckd_trl.cli import main
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"model_name_or_path: {workspace / 'student'}\n"
+        f"teacher_model_name_or_path: {workspace / 'teacher'}\n"
+        f"dataset_name: {workspace / 'train.jsonl'}\n"
+        f"output_dir: {tmp_path / 'out'}\n"
+        f"teacher_cache: {tmp_path / 'cache'}\n"
+        "use_cpu: true\nreport_to: none\nsave_strategy: 'no'\nmax_steps: 2\nper_device_train_batch_size: 2\n"
+        "max_new_tokens: 4\ngate: topk\ngate_top_k: 5\nteacher_cache_top_k: 8\nlmbda: 0.0\n"
+    )
+    assert main(["cache-teacher", "--config", str(recipe)]) == 0
+    assert "Cached the teacher's top 8 at" in capsys.readouterr().out
+    assert main(["--config", str(recipe)]) == 0  # lmbda 0: the teacher in the recipe is not loaded
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    assert main(["--config", str(recipe), "--gate_top_k", "9"]) == 2
+    assert "larger than the teacher cache's K=8" in capsys.readouterr().err
