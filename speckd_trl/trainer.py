@@ -235,6 +235,11 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
             n_out = max(output_vocab_size(student), output_vocab_size(teacher))
             self.generation_config.suppress_tokens = list(range(self._shared_vocab, n_out))
 
+        self._init_gate_state(args)
+        self._teacher_cache = self._open_teacher_cache(teacher) if args.teacher_cache is not None else None
+
+    def _init_gate_state(self, args: SpecKDConfig) -> None:
+        """The batch-kind draw, the gate, speculative generation's generator and the loss paths' flags."""
         # Same draw on every process: all of them generate (or not) together.
         self._batch_kinds = BatchKinds(args.seed, lmbda=self.lmbda, seq_kd=self.seq_kd)
         # The per-token gate: its rule, its draws (one training stream per process, one evaluation stream), its
@@ -253,7 +258,6 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
         self._generation_generator.manual_seed(args.seed + 1_000_003 * (self.accelerator.process_index + 1))
         self._heads_checked = False  # `check_output_head` runs on the first batch of the chunked path
         self._predicting = False  # in a `prediction_step` that returns the logits (see there)
-        self._teacher_cache = self._open_teacher_cache(teacher) if args.teacher_cache is not None else None
 
     def _init_without_teacher(self, model: Any, kwargs: dict[str, Any]) -> None:
         """`__init__` when a teacher cache replaces the teacher (lmbda=0, no evaluation): GKD's own `__init__` gets
@@ -270,19 +274,7 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
         student = self.accelerator.unwrap_model(self.model)
         check_zero3_chunked(student, args.loss_path)
         self._shared_vocab = None
-        self._batch_kinds = BatchKinds(args.seed, lmbda=self.lmbda, seq_kd=self.seq_kd)
-        self._gate = TokenGate(
-            args,
-            temperature=self.temperature,
-            device=self.accelerator.device,
-            seed=args.seed,
-            process_index=self.accelerator.process_index,
-            proposal=args.gate_proposal,
-        )
-        self._generation_generator = torch.Generator()
-        self._generation_generator.manual_seed(args.seed + 1_000_003 * (self.accelerator.process_index + 1))
-        self._heads_checked = False
-        self._predicting = False
+        self._init_gate_state(args)
         self._teacher_cache = self._open_teacher_cache(None)
         n_student, n_cache = output_vocab_size(student), self._teacher_cache.spec.vocab_size
         if n_cache != n_student:  # a student embedding padded past the tokenizer compares the tokenizer's ids
