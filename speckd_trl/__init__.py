@@ -23,7 +23,12 @@ def _drop_missing_kernels_package(record: logging.LogRecord) -> bool:
 
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_drop_missing_kernels_package)
 
-from .config import GateConfigMixin, SpecKDConfig, SpecKDDistillationConfig  # noqa: E402
+from .config import (  # noqa: E402
+    GateConfigMixin,
+    SpecKDConfig,
+    SpecKDDistillationConfig,
+    SpecKDServerDistillationConfig,
+)
 from .distillation_trainer import SpecKDDistillationTrainer  # noqa: E402
 from .generation import GenerationStats, speculative_generate, student_generate  # noqa: E402
 from .losses import SparseTeacher, normalize_loss, tail_bucket_target, weighted_generalized_jsd  # noqa: E402
@@ -40,6 +45,7 @@ from .rules import (  # noqa: E402
     register_rule,
     teacher_rank,
 )
+from .server_trainer import SpecKDServerDistillationTrainer  # noqa: E402
 from .teacher_cache import TeacherCache, write_teacher_cache  # noqa: E402
 from .tools.drafter import evaluate_drafter  # noqa: E402
 from .tools.plan import MemoryPlan, PlanConfig, estimate_memory, format_plan  # noqa: E402
@@ -54,6 +60,8 @@ __all__ = [
     "SpecKDTrainer",
     "SpecKDDistillationConfig",
     "SpecKDDistillationTrainer",
+    "SpecKDServerDistillationConfig",
+    "SpecKDServerDistillationTrainer",
     "GateConfigMixin",
     "GATE_RULES",
     "GateRule",

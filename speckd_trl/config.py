@@ -13,6 +13,7 @@ from transformers.utils import is_torch_bf16_gpu_available
 from transformers.utils.import_utils import is_torch_bf16_available_on_device
 from trl import DistillationConfig
 from trl.experimental.gkd import GKDConfig
+from trl.experimental.server_distillation import ServerDistillationConfig
 
 from .losses import LOSS_PATHS, NORMALIZATIONS
 from .rules import GATE_RULES, GATES, GateRule, get_rule
@@ -302,6 +303,16 @@ class GateConfigMixin:
     def gate_rule(self) -> GateRule:
         """The rule selected by `gate` (`rules.GATE_RULES`)."""
         return get_rule(self.gate, owner=type(self).__name__)
+
+    @property
+    def largest_top_k(self) -> int | None:
+        """The largest k the run reads from the teacher's top tokens (the gate's k over its schedule, which target
+        filtering reads too); None when nothing reads it."""
+        if not (self.gate_rule.uses_top_k or self.reject_target != "teacher"):
+            return None
+        if self.gate_top_k_schedule == "constant":
+            return self.gate_top_k
+        return max(k for k in (self.gate_top_k_start, self.gate_top_k_end) if k is not None)
 
     def gate_top_k_at(self, step: int, max_steps: int) -> int:
         """The `topk` gate's k at optimizer step `step` of `max_steps` (see `gate_top_k_schedule`)."""
@@ -649,3 +660,67 @@ def _leaves_sampling_alone(name: str, value: Any) -> bool:
     """Whether the generation setting `name=value` leaves the sampling distribution as it is (any setting that is not
     a sampling option, e.g. `max_new_tokens`, does)."""
     return name not in NEUTRAL_SAMPLING or value in NEUTRAL_SAMPLING[name]
+
+
+@dataclass
+class SpecKDServerDistillationConfig(SpecKDDistillationConfig, ServerDistillationConfig):
+    """
+    Configuration class for [`SpecKDServerDistillationTrainer`]: TRL's
+    [`~trl.experimental.server_distillation.ServerDistillationConfig`] (the teacher on a vLLM server,
+    `teacher_model_server_url`, `loss_top_k`, `loss_add_tail`) plus the gate's fields, as [`SpecKDDistillationConfig`].
+
+    The server returns the teacher's top `loss_top_k` tokens at every completion position and its log-probability of
+    the sampled token; the gated loss is the forward KL over that top-k plus a tail bucket (TRL's server loss for
+    `beta=0`, `loss_add_tail=True`, the only setting gated here). The `topk` gate needs `gate_top_k <= loss_top_k`;
+    the `spec` rule reads the teacher's probability of the sampled token, which the server returns, at the
+    divergence's `temperature`, so it needs `temperature=1` (where it is the teacher's own). Two defaults differ from
+    TRL's server config, for the gated loss: `beta=0.0` (TRL: 1.0) and `loss_top_k=20` (TRL: 1; vLLM returns at
+    most 20 log-probabilities per token unless the server raises its `max_logprobs`).
+    """
+
+    # ServerDistillationConfig's own default (the student's vLLM server stays off the teacher server's port 8000);
+    # restated because SpecKDDistillationConfig, first among the bases, carries DistillationConfig's 8000
+    vllm_server_port: int = field(
+        default=8001,
+        metadata={"help": "Port of the student vLLM server (the teacher server commonly runs on 8000)."},
+    )
+
+    # the gated server loss: forward KL (TRL's default is 1.0, reverse KL, a top-1 estimator on a server teacher)
+    beta: float = field(
+        default=0.0,
+        metadata={
+            "help": "0 (forward KL over the teacher's top-k plus tail): the only value gated on a server teacher."
+        },
+    )
+    # the gate reads the teacher's top gate_top_k (5 by default) tokens; TRL's default returns only the top 1. 20 is
+    # the most a vLLM server returns by default (its `max_logprobs`)
+    loss_top_k: int = field(
+        default=20,
+        metadata={"help": "Teacher tokens the server returns per position (>= gate_top_k; vLLM's default cap is 20)."},
+    )
+
+    def __post_init__(self):
+        owner = type(self).__name__
+        if self.beta != 0:
+            raise ValueError(
+                f"{owner}: beta={self.beta} is not gated on a server teacher: TRL's server loss for beta > 0 is a "
+                "top-1 estimator, and the gate here weights the forward KL over the top-k plus tail. Use beta=0."
+            )
+        if not self.loss_add_tail:
+            raise ValueError(
+                f"{owner}: loss_add_tail=False is not gated on a server teacher: the gated loss keeps the tail bucket "
+                "(the teacher's mass outside its top-k). Use loss_add_tail=True."
+            )
+        k = self.largest_top_k
+        if k is not None and k > self.loss_top_k:
+            raise ValueError(
+                f"{owner}: the gate reads the teacher's top {k} tokens (gate_top_k) but the server returns only its top "
+                f"loss_top_k={self.loss_top_k}. Set loss_top_k >= {k}, or a smaller gate_top_k."
+            )
+        if self.gate_rule.reads_student and self.temperature != 1.0:
+            raise ValueError(
+                f"{owner}: gate={self.gate!r} with temperature={self.temperature}: the server scores the sampled token "
+                "at the divergence's temperature, and the rule needs the teacher's own probability (temperature 1). "
+                "Use temperature=1, or gate='topk'."
+            )
+        super().__post_init__()

@@ -47,6 +47,7 @@ def test_library_modules_are_the_expected_ones():
         "models.py",
         "reward.py",
         "rules.py",
+        "server_trainer.py",
         "teacher_cache.py",
         "trainer.py",
         "validation.py",

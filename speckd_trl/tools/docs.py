@@ -36,9 +36,12 @@ CONFIGURATION_HEADER = f"""\
 {GENERATED_NOTE}
 
 `SpecKDConfig` extends TRL's `trl.experimental.gkd.GKDConfig` (and with it `SFTConfig` and `TrainingArguments`);
-`SpecKDDistillationConfig` extends TRL's `trl.DistillationConfig`. The tables list only the fields these classes add.
-**Every field of TRL's configs keeps TRL's meaning and default** (see TRL's documentation), with one exception: an
-unset `bf16` means bf16 where the GPU supports it and float32 elsewhere (TRL's `bf16=True` default fails on a CPU).
+`SpecKDDistillationConfig` extends TRL's `trl.DistillationConfig`; `SpecKDServerDistillationConfig` extends
+`trl.experimental.server_distillation.ServerDistillationConfig` (a teacher on a vLLM server). The tables list only
+the fields these classes add (and, for the server config, the defaults it changes). **Every field of TRL's configs
+keeps TRL's meaning and default** (see TRL's documentation), with these exceptions: an unset `bf16` means bf16 where
+the GPU supports it and float32 elsewhere (TRL's `bf16=True` default fails on a CPU); the server config defaults to
+`beta=0.0` and `loss_top_k=20`, the gated server loss.
 
 Every value is checked when the config is built: a bad one raises a `ValueError` that names the field, the value and
 what is allowed. Every field is also a flag of the `speckd-trl` command (`--gate topk`, `--config recipe.yaml` reads
@@ -51,9 +54,14 @@ GKD: [SpecKDTrainer](speckd-trainer.md). The trainer on `DistillationTrainer`:
 
 
 def added_fields(config_class: type, base_class: type) -> list[dataclasses.Field]:
-    """The dataclass fields of `config_class` whose names `base_class` does not have, in declaration order."""
-    inherited = {f.name for f in dataclasses.fields(base_class)}
-    return [f for f in dataclasses.fields(config_class) if f.name not in inherited]
+    """The dataclass fields of `config_class` that `base_class` does not have, or has with another default, in
+    declaration order."""
+    inherited = {f.name: f for f in dataclasses.fields(base_class)}
+    return [
+        f
+        for f in dataclasses.fields(config_class)
+        if f.name not in inherited or default_value(f) != default_value(inherited[f.name])
+    ]
 
 
 def written_annotation(config_class: type, name: str) -> Any:
@@ -120,12 +128,19 @@ def _config_classes() -> list[tuple[type, type, str, str]]:
     """(our config, its TRL base, the base's public name, the trainer it configures)."""
     from trl import DistillationConfig
     from trl.experimental.gkd import GKDConfig
+    from trl.experimental.server_distillation import ServerDistillationConfig
 
-    from speckd_trl import SpecKDConfig, SpecKDDistillationConfig
+    from speckd_trl import SpecKDConfig, SpecKDDistillationConfig, SpecKDServerDistillationConfig
 
     return [
         (SpecKDConfig, GKDConfig, "trl.experimental.gkd.GKDConfig", "SpecKDTrainer"),
         (SpecKDDistillationConfig, DistillationConfig, "trl.DistillationConfig", "SpecKDDistillationTrainer"),
+        (
+            SpecKDServerDistillationConfig,
+            ServerDistillationConfig,
+            "trl.experimental.server_distillation.ServerDistillationConfig",
+            "SpecKDServerDistillationTrainer",
+        ),
     ]
 
 

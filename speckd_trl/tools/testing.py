@@ -329,3 +329,29 @@ class PeakMemory:
             torch.cuda.synchronize()
             return (torch.cuda.max_memory_allocated() - self.base) / 2**20
         return (_status_kib("VmHWM") * 1024 - self.base) / 2**20
+
+
+class LocalTeacherClient:
+    """Stands in for TRL's `VLLMClient` of a teacher server: `get_sequence_logprobs` scores the sequences with a local
+    model and answers in the server's format (top-k log-probabilities sorted, padded with -inf; the log-probability
+    of each actual token, which vLLM's prompt log-probabilities always include). `calls` counts the requests."""
+
+    def __init__(self, model: PreTrainedModel):
+        self.model, self.calls = model, 0
+
+    @torch.no_grad()
+    def get_sequence_logprobs(self, sequences, prompt_lengths, top_logprobs=100, temperature=1.0, **_):
+        self.calls += 1
+        keys = ("logprobs", "logprob_token_ids", "actual_logprobs", "actual_token_ids")
+        out = {key: [] for key in keys}
+        for sequence, prompt_length in zip(sequences, prompt_lengths):
+            ids = torch.tensor([sequence], device=self.model.device)
+            log_probs = torch.log_softmax(self.model(input_ids=ids).logits[0].float() / temperature, dim=-1)
+            scored = log_probs[prompt_length - 1 : len(sequence) - 1]  # predicts positions prompt_length .. end
+            values, top = scored.topk(min(top_logprobs, scored.size(-1)), dim=-1)
+            actual = torch.tensor(sequence[prompt_length:], device=scored.device)
+            out["logprobs"].append(values.tolist())
+            out["logprob_token_ids"].append(top.tolist())
+            out["actual_logprobs"].append(scored.gather(-1, actual.unsqueeze(-1)).tolist())
+            out["actual_token_ids"].append(actual.unsqueeze(-1).tolist())
+        return out

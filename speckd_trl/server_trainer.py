@@ -1,0 +1,211 @@
+"""`SpecKDServerDistillationTrainer`: TRL's `ServerDistillationTrainer` (the teacher on a vLLM server) with the gate.
+
+Wiring only. TRL's trainer does the generation, the server request and its alignment
+(`_get_teacher_token_logprobs_from_server`: the teacher's top `loss_top_k` log-probabilities and token ids at every
+completion position, and its log-probability of the sampled token); here the loss of `compute_loss` is the gated one:
+
+- the teacher is a `losses.SparseTeacher`: its top-k, and the tail mass ``1 - sum`` of their probabilities (the
+  server returns no tail; TRL's ``loss_add_tail`` computes it the same way);
+- the gate reads `losses.sparse_log_probs` of it, with the teacher's log-probability of the sampled token written in
+  (so `topk` is exact for ``gate_top_k <= loss_top_k``, and `spec`, which reads the sampled token only, is exact);
+- the divergence is the forward KL against `losses.tail_bucket_target`: with `gate="none"` it is TRL's top-k + tail
+  server loss (tested against `_compute_server_forward_kl_loss`), normalized as TRL normalizes it (the micro-batch's
+  completion tokens, divided by the accumulation steps);
+- the weights, the reward term, the logs and the checkpointed streams: `weighting.GatedBatch`, `gated_trainer`.
+
+What runs in-process in the tests: everything but the HTTP request, with a client that scores sequences with a local
+teacher the way the server does (`tools.testing.LocalTeacherClient`). The server itself (vLLM, GPU) is checked by the
+GPU script.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from datasets import Dataset, IterableDataset
+from torch import nn
+from transformers import PreTrainedModel, TrainerCallback
+from trl.experimental.server_distillation import ServerDistillationTrainer
+
+from .batches import ON_POLICY
+from .config import SpecKDServerDistillationConfig
+from .data import prompts_from_messages
+from .gated_trainer import GatedTrainerMixin
+from .generation import sampling_only_from
+from .losses import (
+    LossTerms,
+    SparseTeacher,
+    jsd_log_probs,
+    sampled_log_probs,
+    weighted_jsd_from_log_probs,
+)
+from .models import output_vocab_size
+from .validation import check_gate_top_k, check_launch, check_prompt_dataset, named_datasets
+from .weighting import TokenGate
+
+
+def server_sparse_teacher(teacher_result: dict[str, torch.Tensor], required: torch.Tensor, vocab_size: int):
+    """The server's answer as a `SparseTeacher` and the gate's view of it.
+
+    Args:
+        teacher_result: `ServerDistillationTrainer._get_teacher_token_logprobs_from_server`'s dict:
+            ``topk_logprobs`` `[B, T, K]` (``-inf`` where missing), ``topk_token_ids`` `[B, T, K]`,
+            ``actual_logprobs`` `[B, T]` (the sampled token's).
+        required (`torch.BoolTensor` of shape `[B, T]`): the completion positions.
+        vocab_size (`int`): ``V``.
+
+    Returns:
+        The `SparseTeacher` `[B, T, K]` (tail ``log(1 - sum exp(top-k))``) and the gate's `[B, T, V]` log-probabilities
+        (`losses.sparse_log_probs`, the sampled token's log-probability written in).
+
+    Raises:
+        ValueError: where the server returned no top-1 log-probability at a completion position.
+    """
+    values, ids = teacher_result["topk_logprobs"], teacher_result["topk_token_ids"]
+    missing = required & ~torch.isfinite(values[..., 0])
+    if missing.any():
+        raise ValueError(
+            f"The teacher server returned no log-probabilities at {int(missing.sum())} of {int(required.sum())} "
+            "completion positions; check that it serves the same model and tokenizer, and its max_logprobs."
+        )
+    floor = -1e4
+    values = torch.where(required.unsqueeze(-1), values, torch.full_like(values, floor)).clamp_min(floor)
+    log_mass = torch.logsumexp(values, dim=-1).clamp(max=-1e-7)  # as TRL's `_add_tail_bucket`
+    log_tail = torch.log(-torch.expm1(log_mass))
+    teacher = SparseTeacher(ids.long(), values, log_tail, vocab_size)
+    return teacher, teacher.log_probs()
+
+
+class SpecKDServerDistillationTrainer(GatedTrainerMixin, ServerDistillationTrainer):
+    """TRL's [`~trl.experimental.server_distillation.ServerDistillationTrainer`] with the speculative gate: SpecKD from a
+    teacher on a vLLM server (no teacher in this process's memory).
+
+    The student samples every completion (as `DistillationTrainer`); the server scores them and returns the teacher's
+    top `loss_top_k` tokens per position and its log-probability of the sampled token; the teacher verifies each sampled
+    token (`args.gate`) and the forward KL over the top-k plus tail is kept with weight 1 on accepted tokens and
+    `args.reject_weight` on rejected ones. Logs as the other SpecKD trainers (`gate/acceptance_rate`, `reward/mean`).
+
+    Args: as [`~trl.experimental.server_distillation.ServerDistillationTrainer`]; `args` must be a
+    [`SpecKDServerDistillationConfig`]. Chat `messages` rows are turned into `prompt` rows, as in
+    [`SpecKDDistillationTrainer`].
+    """
+
+    _tag_names = ["trl", "server-distillation", "speckd"]
+    _name = "SpecKD-Server-Distillation"
+
+    def __init__(
+        self,
+        model: str | PreTrainedModel | nn.Module,
+        args: SpecKDServerDistillationConfig | None = None,
+        train_dataset: Dataset | IterableDataset | None = None,
+        eval_dataset: Dataset | IterableDataset | dict[str, Dataset | IterableDataset] | None = None,
+        processing_class: Any = None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple[torch.optim.Optimizer | None, torch.optim.lr_scheduler.LambdaLR | None] = (None, None),
+        quantization_config: Any = None,
+        peft_config: Any = None,
+    ):
+        if not isinstance(args, SpecKDServerDistillationConfig):
+            raise TypeError(
+                "SpecKDServerDistillationTrainer needs `args=SpecKDServerDistillationConfig(...)`, got "
+                f"{type(args).__name__}. It accepts every ServerDistillationConfig field."
+            )
+        check_launch(args)
+        for name, dataset in [("train_dataset", train_dataset)] + named_datasets(eval_dataset, "eval_dataset"):
+            check_prompt_dataset(dataset, processing_class, name=name)
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {name: prompts_from_messages(ds) for name, ds in eval_dataset.items()}
+        else:
+            eval_dataset = prompts_from_messages(eval_dataset)
+        super().__init__(
+            model,
+            args=args,
+            train_dataset=prompts_from_messages(train_dataset),
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            quantization_config=quantization_config,
+            peft_config=peft_config,
+        )
+        self._vocab_size = output_vocab_size(self.accelerator.unwrap_model(self.model))
+        check_gate_top_k(args, self._vocab_size)
+        self._gate = TokenGate(
+            args,
+            temperature=args.temperature,
+            device=self.accelerator.device,
+            seed=args.seed,
+            process_index=self.accelerator.process_index,
+        )
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, has_tool_images=False):
+        """TRL's generation, sampling with the trainer's settings only (as `SpecKDDistillationTrainer`)."""
+        with sampling_only_from(self.accelerator.unwrap_model(self.model), self.generation_config):
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, has_tool_images)
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        """The gated forward KL over the server teacher's top-k plus tail, for one micro-batch.
+
+        The first lines are TRL's `ServerDistillationTrainer.compute_loss` (the layout its server request reads);
+        the loss is normalized as TRL's: over this micro-batch's completion tokens, divided by the accumulation steps.
+        """
+        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+        completion_labels = torch.where(completion_mask.bool(), completion_ids, torch.full_like(completion_ids, -100))
+        labels = torch.cat([torch.full_like(prompt_ids, -100), completion_labels], dim=1)
+        server_inputs = {
+            **inputs,
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "prompt_attention_mask": prompt_mask,
+        }
+        student_outputs = model(input_ids=input_ids, attention_mask=attention_mask)
+        prompt_length = self._compute_prompt_length(server_inputs)
+        teacher_result = self._get_teacher_token_logprobs_from_server(server_inputs, prompt_length)
+        length = teacher_result["actual_logprobs"].shape[1]
+        logits = student_outputs.logits[:, prompt_length - 1 : -1][:, :length, : self._vocab_size]
+        tokens = input_ids[:, prompt_length:][:, :length]
+        completion = labels[:, prompt_length:][:, :length] != -100
+
+        student_log_probs = jsd_log_probs(logits, self.temperature)  # the divergence's, as TRL's
+        teacher, teacher_view = server_sparse_teacher(teacher_result, completion, self._vocab_size)
+        actual = teacher_result["actual_logprobs"]
+        if self._gate.rule.reads_student and bool((completion & ~torch.isfinite(actual)).any()):
+            raise ValueError(
+                f"gate={self.args.gate!r} reads the teacher's log-probability of every sampled token, and the teacher "
+                "server returned none at some completion positions; check the server's prompt log-probabilities."
+            )
+        actual = torch.where(completion, actual, torch.zeros_like(actual)).clamp_min(-1e4)
+        teacher_view = teacher_view.scatter(-1, tokens.unsqueeze(-1), actual.unsqueeze(-1).to(teacher_view.dtype))
+        batch = self._gate.batch(
+            ON_POLICY,
+            completion,
+            tokens,
+            training=model.training,
+            step=self.state.global_step,
+            max_steps=self.state.max_steps,
+        )
+        # the gate reads the student at temperature 1 (its rule applies the sampling temperature), as the other trainers
+        log_probs_t1 = student_log_probs if self.temperature == 1.0 else jsd_log_probs(logits)
+        accepted = batch.verdicts(log_probs_t1, teacher_view)
+        target = batch.targets(teacher_view, accepted, teacher.target(teacher_view, student_log_probs))
+        weighted = weighted_jsd_from_log_probs(student_log_probs, target, batch.weights(accepted), beta=0.0)
+
+        def sampled() -> torch.Tensor:  # the reward term's log q_tau(x_t), differentiable
+            return sampled_log_probs(log_probs_t1, logits, tokens, self.temperature)
+
+        loss = batch.reduce(LossTerms(weighted.sum(), accepted, sampled, student_outputs), None)
+        batch.record(accepted)
+        if model.training:  # TRL's server path normalizes per micro-batch and scales for accumulation itself
+            loss = loss / getattr(self, "current_gradient_accumulation_steps", 1)  # (1 outside the Trainer loop)
+        return (loss, student_outputs) if return_outputs else loss

@@ -1,0 +1,135 @@
+"""`SpecKDServerDistillationTrainer` in-process: TRL's server request and alignment, with a client that scores the
+sequences with a local teacher the way the vLLM server does (`LocalTeacherClient`). The server itself (vLLM on a GPU)
+is not reachable here; the GPU script runs it."""
+
+import math
+
+import pytest
+import torch
+from trl.experimental.server_distillation import ServerDistillationConfig, ServerDistillationTrainer
+
+from speckd_trl import SpecKDServerDistillationConfig, SpecKDServerDistillationTrainer
+from speckd_trl.tools.testing import (
+    TINY_ARGS,
+    VOCAB_SIZE,
+    LocalTeacherClient,
+    make_dataset,
+    make_model,
+    make_prompt_dataset,
+    make_tokenizer,
+)
+
+
+@pytest.fixture
+def local_teacher(monkeypatch):
+    """The tiny teacher behind every `VLLMClient` the trainers build (TRL imports the class at `__init__`)."""
+    teacher = make_model(1, make_tokenizer()).eval()
+    monkeypatch.setattr("trl.generation.vllm_client.VLLMClient", lambda *args, **kwargs: LocalTeacherClient(teacher))
+    return teacher
+
+
+SERVER_ARGS = dict(teacher_model_server_url="http://teacher.invalid:8000", max_completion_length=6, beta=0.0)
+
+
+def server_trainer(tmp_path, ours=True, **overrides):
+    tokenizer = make_tokenizer()
+    config = SpecKDServerDistillationConfig if ours else ServerDistillationConfig
+    args = config(
+        **{**TINY_ARGS, **SERVER_ARGS, "output_dir": str(tmp_path / ("ours" if ours else "trl")), **overrides}
+    )
+    trainer = (SpecKDServerDistillationTrainer if ours else ServerDistillationTrainer)(
+        model=make_model(0, tokenizer),
+        args=args,
+        train_dataset=make_dataset() if ours else make_prompt_dataset(),
+        processing_class=tokenizer,
+    )
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1  # set by the Trainer's loop, read by TRL's server loss
+    return trainer
+
+
+def server_batch(rows=4, prompt_len=5, completion_len=6, seed=0):
+    """A generation batch as `DistillationTrainer` makes it: prompts left-padded, completions right-padded."""
+    g = torch.Generator().manual_seed(seed)
+    prompt_ids = torch.randint(4, VOCAB_SIZE, (rows, prompt_len), generator=g)
+    completion_ids = torch.randint(4, VOCAB_SIZE, (rows, completion_len), generator=g)
+    prompt_mask, completion_mask = torch.ones_like(prompt_ids), torch.ones_like(completion_ids)
+    for r in range(rows):
+        prompt_mask[r, : r % 3] = 0
+        completion_mask[r, completion_len - r % 2 * 2 :] = 0
+    prompt_ids = prompt_ids.masked_fill(prompt_mask == 0, 0)
+    completion_ids = completion_ids.masked_fill(completion_mask == 0, 0)
+    return dict(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
+                completion_mask=completion_mask)  # fmt: skip
+
+
+def test_with_gate_none_the_loss_and_gradients_are_trls(tmp_path, local_teacher):
+    batch = server_batch()
+    results = []
+    for ours in (True, False):
+        extra = dict(gate="none") if ours else {}
+        trainer = server_trainer(tmp_path, ours=ours, loss_top_k=8, **extra)
+        trainer.model.zero_grad()
+        loss = trainer.compute_loss(trainer.model, batch)
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.clone() for n, p in trainer.model.named_parameters()}))
+    (ours_loss, ours_grads), (trl_loss, trl_grads) = results
+    assert ours_loss == pytest.approx(trl_loss, rel=1e-5)
+    for name in trl_grads:
+        torch.testing.assert_close(ours_grads[name], trl_grads[name], rtol=1e-4, atol=1e-7)
+
+
+def test_the_topk_gate_matches_a_by_hand_reference_on_the_local_teacher(tmp_path, local_teacher):
+    k_gate, k_server, reject_weight = 3, 8, 0.25
+    trainer = server_trainer(
+        tmp_path, loss_top_k=k_server, gate="topk", gate_top_k=k_gate, reject_weight=reject_weight
+    )
+    batch = server_batch(seed=1)
+    loss = trainer.compute_loss(trainer.model, batch).item()
+    with torch.no_grad():
+        total, tokens, accepted = 0.0, 0, 0
+        for r in range(batch["prompt_ids"].size(0)):
+            ids = torch.cat([batch["prompt_ids"][r][batch["prompt_mask"][r].bool()],
+                             batch["completion_ids"][r][batch["completion_mask"][r].bool()]])  # fmt: skip
+            n_prompt = int(batch["prompt_mask"][r].sum())
+            s = trainer.model(input_ids=ids[None]).logits[0].double().log_softmax(-1)
+            t = local_teacher(input_ids=ids[None]).logits[0].double().log_softmax(-1)
+            for pos in range(n_prompt - 1, len(ids) - 1):
+                teacher, student = t[pos].tolist(), s[pos].tolist()
+                top = sorted(range(VOCAB_SIZE), key=lambda v: -teacher[v])
+                ok = int(ids[pos + 1]) in top[:k_gate]
+                p = [math.exp(teacher[v]) for v in top[:k_server]]
+                q = [math.exp(student[v]) for v in top[:k_server]]
+                p, q = p + [1 - sum(p)], q + [1 - sum(q)]
+                total += (1.0 if ok else reject_weight) * sum(x * math.log(x / y) for x, y in zip(p, q))
+                tokens, accepted = tokens + 1, accepted + ok
+    assert 0 < accepted < tokens
+    assert loss == pytest.approx(total / tokens, rel=1e-4)
+
+
+@pytest.mark.parametrize("gate", [dict(gate="topk", gate_top_k=4), dict(gate="spec")])
+def test_it_trains_with_the_local_teacher(tmp_path, local_teacher, gate):
+    trainer = server_trainer(tmp_path, loss_top_k=8, max_steps=2, logging_steps=1, learning_rate=1e-3,
+                             per_device_train_batch_size=4, **gate)  # fmt: skip
+    trainer.train()
+    rates = [e["gate/acceptance_rate"] for e in trainer.state.log_history if "gate/acceptance_rate" in e]
+    assert trainer.state.global_step == 2 and len(rates) == 2 and all(0 <= r <= 1 for r in rates)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(beta=0.5), "beta=0.5 is not gated on a server teacher"),
+        (dict(loss_add_tail=False), "loss_add_tail=False is not gated"),
+        (dict(loss_top_k=4, gate_top_k=5), r"reads the teacher's top 5 tokens .* loss_top_k=4"),
+        (dict(gate="spec", temperature=0.7), "gate='spec' with temperature=0.7"),
+    ],
+)
+def test_settings_the_server_cannot_serve_are_refused(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        SpecKDServerDistillationConfig(**{**TINY_ARGS, **SERVER_ARGS, "output_dir": str(tmp_path), **overrides})
+
+
+def test_the_defaults_are_the_gated_loss(tmp_path):
+    args = SpecKDServerDistillationConfig(**TINY_ARGS, output_dir=str(tmp_path), teacher_model_server_url="http://t")
+    assert (args.beta, args.loss_top_k, args.loss_add_tail, args.vllm_server_port) == (0.0, 20, True, 8001)
