@@ -63,11 +63,15 @@ CONFIGS = {
     "lora-eager-ckpt-off": ("lora", "eager", False, True, 4, 512, VOCAB),
     "full-eager-off-v8k": ("full", "eager", False, False, 4, 512, 8000),
     "lora-chunked-off-nf4": ("lora", "chunked", False, False, 2, 512, VOCAB),
+    # "-cache": dataset batches from a teacher cache (K = CACHE_TOP_K), built before the baseline; no teacher loaded
+    "lora-chunked-off-cache": ("lora", "chunked", False, False, 2, 512, VOCAB),
+    "full-eager-off-cache": ("full", "eager", False, False, 2, 512, VOCAB),
     # smaller ones, for tests/test_plan.py
     "test-full-eager-off": ("full", "eager", False, False, 2, 256, VOCAB),
     "test-lora-chunked-off": ("lora", "chunked", False, False, 2, 256, VOCAB),
     "test-lora-eager-on": ("lora", "eager", True, False, 2, 256, VOCAB),
     "test-full-chunked-on": ("full", "chunked", True, False, 2, 256, VOCAB),
+    "test-lora-chunked-off-cache": ("lora", "chunked", False, False, 2, 256, VOCAB),
     # --sharded: parameters, gradients and optimizer states dominate (short sequences, chunked loss)
     "shard-full": ("full", "chunked", False, False, 1, 128, 8000),
     "shard-lora": ("lora", "chunked", False, False, 1, 128, 8000),
@@ -83,6 +87,7 @@ SHARDED = ["shard-full", "shard-lora"]
 # (engine, processes) measured per configuration by --sharded; engine None: one plain process
 SHARDED_RUNS = [(None, 1), ("ddp", 2), ("fsdp2", 2)]
 NEW_TOKENS = 32
+CACHE_TOP_K = 32
 
 
 def qwen2_config(shape: dict, vocab: int, max_positions: int) -> dict:
@@ -113,10 +118,36 @@ def plan_config(name: str, teacher: dict | None = None, student: dict | None = N
         optimizer="adamw",
         loss_path=loss_path,
         dtype="float32",
+        teacher_cache_top_k=CACHE_TOP_K if name.endswith("-cache") else 0,
     )
 
 
 # ----------------------------------------------------------------------------- one measurement (child process)
+
+
+def cached_dataset(cfg, build, tokenizer, batch: dict):
+    """The rows of `batch` as a tokenized dataset, and a teacher cache of them (K = `cfg.teacher_cache_top_k`) made by
+    a `SpecKDTrainer` with the teacher, in a temporary directory. Built before the baseline and freed: the measured
+    run reads the cache from disk and loads no teacher."""
+    import gc
+
+    from datasets import Dataset
+
+    from speckd_trl import SpecKDConfig, SpecKDTrainer
+
+    completion = (batch["labels"] != -100).long()
+    # the collator finds the prompt by `completion_mask` (its text, required by the checks, is not read at lmbda=0)
+    rows = Dataset.from_dict({"input_ids": batch["input_ids"].tolist(), "completion_mask": completion.tolist(),
+                              "prompt": ["(random tokens)"] * len(completion)})  # fmt: skip
+    path = tempfile.mkdtemp(prefix="plan-check-cache-")
+    args = SpecKDConfig(output_dir=tempfile.mkdtemp(), report_to="none", use_cpu=True, bf16=False, lmbda=0.0,
+                        max_length=cfg.seq_len)  # fmt: skip
+    trainer = SpecKDTrainer(model=build(0, cfg.student), teacher_model=build(1, cfg.teacher), args=args,
+                            train_dataset=rows, processing_class=tokenizer)  # fmt: skip
+    trainer.cache_teacher(path, top_k=cfg.teacher_cache_top_k, shard_rows=len(rows))
+    del trainer
+    gc.collect()
+    return rows, path
 
 
 def run_steps(cfg, steps: int, on_measure_start=None, engine: str | None = None, on_built=None) -> float:
@@ -142,14 +173,18 @@ def run_steps(cfg, steps: int, on_measure_start=None, engine: str | None = None,
         config.pad_token_id, config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
         return AutoModelForCausalLM.from_config(config)
 
-    teacher = None
+    vocab = load_model_config(cfg.student).vocab_size
+    batch = random_batch(cfg.batch_size, cfg.seq_len, cfg.prompt_tokens, vocab)
+    teacher, dataset, cache = None, make_dataset(4), None
     if cfg.teacher_quant == "nf4":  # saved before the baseline; SpecKDTrainer loads it in NF4 as a user's run does
         teacher = tempfile.mkdtemp(prefix="plan-check-teacher-")
         build(1, cfg.teacher).save_pretrained(teacher)
+    if cfg.teacher_cache_top_k:  # on disk before the baseline, as a user's cache-teacher run before training
+        dataset, cache = cached_dataset(cfg, build, tokenizer, batch)
     if on_measure_start is not None:
         on_measure_start()
     student = build(0, cfg.student)
-    if teacher is None:
+    if teacher is None and cache is None:
         teacher = build(1, cfg.teacher)
     on_policy = cfg.lmbda >= 1.0
     args = SpecKDConfig(
@@ -168,6 +203,8 @@ def run_steps(cfg, steps: int, on_measure_start=None, engine: str | None = None,
         beta=0.5,
         learning_rate=1e-4,
         teacher_load_in_4bit=cfg.teacher_quant == "nf4",
+        teacher_cache=cache,
+        max_length=cfg.seq_len if cache else 1024,
         **({"accelerator_config": {"use_configured_state": True}} if engine == "fsdp2" else {}),
     )
     peft_config = None
@@ -177,7 +214,7 @@ def run_steps(cfg, steps: int, on_measure_start=None, engine: str | None = None,
         model=student,
         teacher_model=teacher,
         args=args,
-        train_dataset=make_dataset(4),
+        train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=peft_config,
     )
@@ -196,8 +233,6 @@ def run_steps(cfg, steps: int, on_measure_start=None, engine: str | None = None,
         del student
     if on_built is not None:
         on_built()
-    vocab = load_model_config(cfg.student).vocab_size
-    batch = random_batch(cfg.batch_size, cfg.seq_len, cfg.prompt_tokens, vocab)
     if not on_policy:
         batch[KIND_KEY] = OFF_POLICY  # a dataset batch; without the key training_step generates (lmbda=1)
     loss = None

@@ -300,6 +300,9 @@ def make_plan_parser():
                         "optimizer states of student and unquantized teacher over the processes (default: ddp).")  # fmt: skip
     parser.add_argument("--teacher-offload", "--teacher_offload", action="store_true",
                         help="Teacher weights kept in host memory, streamed to the GPU on each forward pass.")  # fmt: skip
+    parser.add_argument("--teacher-cache-top-k", "--teacher_cache_top_k", type=int, default=0,
+                        help="Dataset batches read a teacher cache of this K (speckd-trl cache-teacher) instead of "
+                        "running the teacher; with --lmbda 0 no teacher is loaded (default: 0, no cache).")  # fmt: skip
     parser.add_argument("--budget-gib", type=float, default=24.0, help="GPU memory in GiB (default: 24).")
     parser.add_argument("--reserve-gib", type=float, default=DEFAULT_RESERVE_GIB,
                         help=f"GiB kept free for the CUDA context and fragmentation (default: {DEFAULT_RESERVE_GIB:g}).")  # fmt: skip
@@ -333,6 +336,7 @@ def plan(argv: list[str]) -> None:
         num_processes=args.num_processes,
         engine=args.engine,
         teacher_offload=args.teacher_offload,
+        teacher_cache_top_k=args.teacher_cache_top_k,
     )
     print(format_plan(estimate_memory(config), budget_gib=args.budget_gib, reserve_gib=args.reserve_gib))
 

@@ -185,7 +185,14 @@ def test_plan_errors_are_one_line(argv, message, capsys):
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to reset the peak RSS")
 @pytest.mark.parametrize(
-    "name", ["test-full-eager-off", "test-lora-chunked-off", "test-lora-eager-on", "test-full-chunked-on"]
+    "name",
+    [
+        "test-full-eager-off",
+        "test-lora-chunked-off",
+        "test-lora-eager-on",
+        "test-full-chunked-on",
+        "test-lora-chunked-off-cache",
+    ],
 )
 def test_estimate_is_within_25_percent_of_the_measured_peak(name):
     row = _plan_check().run_child(name, steps=2)

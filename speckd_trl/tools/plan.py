@@ -45,6 +45,13 @@ The model, term by term (``b`` = bytes per element of the compute dtype: 4 float
   layer. Generation happens before the training forward pass and its cache is freed before it, so the KV cache and
   the activations / logits are never alive at once.
 
+- **Teacher cache** (``teacher_cache_top_k = K > 0``, `SpecKDConfig.teacher_cache`): dataset batches read the
+  teacher's top-K log-probabilities from disk instead of running it: the off-policy step has no teacher forward
+  pass and no teacher hidden states; per completion token it holds the cached rows (``12 K + 4`` B: int64 ids,
+  float32 values, the tail); the eager path's teacher logits become the float32 sparse view (``4`` B instead of
+  ``b`` per ``[B, T, V]`` element) and its log-probabilities the tail-bucket target (one of the ``k_eager``
+  temporaries); the chunked path's tiles are as many. With ``lmbda = 0`` no teacher is loaded: teacher weights 0.
+
 Peak = teacher weights + student weights + trainable state (weights, moments) + the largest phase: the training
 step of an off-policy batch (``T = seq_len``, ``N = seq_len - prompt_len`` per row), that of an on-policy batch
 (``T = prompt_len + max_new_tokens``, ``N = max_new_tokens``), or on-policy generation. Gradients are counted in the
@@ -247,6 +254,7 @@ class PlanConfig:
     num_processes: int = 1
     engine: str = "ddp"
     teacher_offload: bool = False
+    teacher_cache_top_k: int = 0
 
     def __post_init__(self):
         for name, allowed in (
@@ -259,6 +267,8 @@ class PlanConfig:
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"PlanConfig: {name}={getattr(self, name)!r} is not valid; use one of {allowed}.")
+        if self.teacher_cache_top_k < 0:
+            raise ValueError(f"PlanConfig: teacher_cache_top_k={self.teacher_cache_top_k} must be >= 0 (0: no cache).")
         if self.engine == "zero3" and self.teacher_quant != "none":
             raise ValueError(
                 f"PlanConfig: teacher_quant={self.teacher_quant!r} with engine='zero3': the trainers refuse a quantized "
@@ -416,17 +426,25 @@ def _teacher_transient(shape: ModelShape, tokens: int, b: int) -> float:
 
 
 def _logits(
-    cfg: PlanConfig, teacher: ModelShape, student: ModelShape, rows: int, tokens: int, completion: int
+    cfg: PlanConfig,
+    teacher: ModelShape,
+    student: ModelShape,
+    rows: int,
+    tokens: int,
+    completion: int,
+    cached: bool = False,
 ) -> float:
     b = DTYPE_BYTES[cfg.dtype]
     vocab = student.vocab_size
+    cache_rows = rows * tokens * (12 * cfg.teacher_cache_top_k + 4) if cached else 0  # ids, values, tail
     if cfg.loss_path == "eager":
-        return rows * tokens * vocab * (2 * b + 4 * K_EAGER[b])
+        teacher_logits = 4 if cached else b  # the cache's float32 sparse view stands where the teacher's logits were
+        return rows * tokens * vocab * (b + teacher_logits + 4 * K_EAGER[b]) + cache_rows
     n = rows * completion
     chunk = min(cfg.loss_chunk_size, n)
-    total = M_CHUNK * chunk * vocab * 4 + n * (
-        (student.hidden_size + teacher.hidden_size) * b + 4 * student.hidden_size
-    )
+    teacher_hidden = 0 if cached else teacher.hidden_size * b
+    total = M_CHUNK * chunk * vocab * 4 + n * (student.hidden_size * b + teacher_hidden + 4 * student.hidden_size)
+    total += cache_rows
     if cfg.student_mode == "full":  # the output layer's float32 gradient, made in the forward pass (see losses.py)
         total += 4 * vocab * student.hidden_size
     return total
@@ -527,7 +545,13 @@ def estimate_memory(
     rows = config.batch_size
     notes: list[str] = []
 
-    terms: dict[str, float] = {"teacher weights": _weight_bytes(teacher, config.teacher_quant, b)}
+    cached = config.teacher_cache_top_k > 0
+    teacher_loaded = not (cached and config.lmbda == 0.0)  # the cache alone: no teacher in memory
+    terms: dict[str, float] = {
+        "teacher weights": _weight_bytes(teacher, config.teacher_quant, b) if teacher_loaded else 0.0
+    }
+    if not teacher_loaded:
+        notes.append(f"Teacher cache (K={config.teacher_cache_top_k}) and lmbda=0: no teacher is loaded.")
     student_quant = "nf4" if config.student_mode == "qlora" else "none"
     terms["student weights"] = _weight_bytes(student, student_quant, b)
     if config.student_mode == "full":
@@ -547,8 +571,8 @@ def estimate_memory(
         phases["off-policy step"] = {
             "gradients": gradients,
             "activations": _activations(student, rows * t, b, config.gradient_checkpointing)
-            + _teacher_transient(teacher, rows * t, b),
-            "logits (both models)": _logits(config, teacher, student, rows, t, t - prompt),
+            + (0.0 if cached else _teacher_transient(teacher, rows * t, b)),
+            "logits (both models)": _logits(config, teacher, student, rows, t, t - prompt, cached),
         }
     kv = 0.0
     if config.lmbda > 0.0:
