@@ -96,7 +96,7 @@ def heal_data(base_dir: Path, out: Path, *, samples_per_prompt: int, max_new_tok
 
 def healed_student(base_dir: Path, cache: Path, *, layers: tuple[int, ...] = HEAL_LAYERS, steps: int = 200,
                    learning_rate: float = 1e-4, samples_per_prompt: int = 8, max_new_tokens: int = 96,
-                   seed: int = 0, max_fraction: float = 0.65, task_prompts: tuple = ()) -> Path:  # fmt: skip
+                   seed: int = 0, max_fraction: float = 0.75, task_prompts: tuple = ()) -> Path:  # fmt: skip
     """The student of `base_dir`'s `layers`, healed; built once, cached under `cache` (returns its directory).
 
     `task_prompts` (conversations without their answers) add the base model's own answers to them to the heal data:
@@ -114,7 +114,9 @@ def healed_student(base_dir: Path, cache: Path, *, layers: tuple[int, ...] = HEA
     if is_complete_checkpoint(out):
         return out
     started = time.time()
-    data = heal_data(base_dir, cache / f"heal-data-{key}", samples_per_prompt=samples_per_prompt,
+    data_parts = [str(base_dir), HEAL_PROMPTS, samples_per_prompt, max_new_tokens, seed]  # any cut shares the text
+    data_key = _key(*data_parts, *([task_prompts] if task_prompts else []))
+    data = heal_data(base_dir, cache / f"heal-text-{data_key}", samples_per_prompt=samples_per_prompt,
                      max_new_tokens=max_new_tokens, seed=seed, task_prompts=task_prompts)  # fmt: skip
     data_s = time.time() - started
     cut = layer_subset(base_dir, list(layers), cache / f"cut-{key}", max_fraction=max_fraction)
@@ -153,10 +155,57 @@ def healed_student(base_dir: Path, cache: Path, *, layers: tuple[int, ...] = HEA
     return out
 
 
+def parse_layers(spec: str) -> tuple[int, ...]:
+    """`"0-4,20-29"` -> (0, 1, 2, 3, 4, 20, ..., 29)."""
+    layers = []
+    for part in spec.split(","):
+        first, _, last = part.strip().partition("-")
+        layers.extend(range(int(first), int(last or first) + 1))
+    return tuple(layers)
+
+
+def block_scan(
+    base_dir: Path, rows, n_drop: int, *, texts: int = 48, max_length: int = 128
+) -> list[tuple[float, int]]:
+    """KL(full || cut) per token on `texts` heal conversations for every cut that drops `n_drop` consecutive layers
+    (the first and last layers always kept), best first: `[(kl, first dropped layer), ...]`. The cheap way to choose
+    which block to drop (the angular-distance rule of layer-pruning work, measured on the output instead)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).eval()
+    step = max(1, len(rows) // texts)
+    chats = [tokenizer.apply_chat_template(r["messages"], tokenize=False) for r in list(rows)[::step][:texts]]
+    enc = tokenizer(chats, return_tensors="pt", padding=True, truncation=True, max_length=max_length,
+                    add_special_tokens=False)  # fmt: skip
+    mask = enc["attention_mask"].bool()
+    layers = list(model.model.layers)
+
+    def log_probs(keep):
+        model.model.layers = torch.nn.ModuleList(layers[i] for i in keep)
+        for index, layer in enumerate(model.model.layers):
+            layer.self_attn.layer_idx = index
+        model.config.num_hidden_layers = len(keep)
+        with torch.no_grad():
+            return torch.log_softmax(model(**enc).logits, -1)
+
+    full = log_probs(range(len(layers)))
+    scores = []
+    for first in range(1, len(layers) - n_drop):
+        cut = log_probs([i for i in range(len(layers)) if not first <= i < first + n_drop])
+        scores.append(((full.exp() * (full - cut)).sum(-1)[mask].mean().item(), first))
+    return sorted(scores)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache-dir", default=None, help="The demo's cache (default: the user cache).")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default).")
+    parser.add_argument("--layers", default=None, help="kept layers, e.g. '0-4,20-29' (default: HEAL_LAYERS).")
+    parser.add_argument(
+        "--scan", default="", help="e.g. '10,15': print, per number of dropped layers, the best blocks to drop."
+    )
     args = parser.parse_args()
     import torch
 
@@ -168,7 +217,19 @@ def main() -> None:
 
     cache = Path(args.cache_dir).expanduser() if args.cache_dir else hub.cache_dir()
     base = hub.smollm2_checkpoint(cache)
-    student = healed_student(base, cache)
+    if args.scan:
+        from speckd_trl.demo.app import _key
+
+        parts = [str(base), HEAL_PROMPTS, 8, 96, 0]
+        rows = heal_data(base, cache / f"heal-text-{_key(*parts)}", samples_per_prompt=8, max_new_tokens=96, seed=0)
+        for n_drop in (int(n) for n in args.scan.split(",")):
+            scores = block_scan(base, rows, n_drop)
+            best = ", ".join(f"drop {s}-{s + n_drop - 1}: {kl:.2f}" for kl, s in scores[:5])
+            print(json.dumps({"n_drop": n_drop, "kl_by_first_dropped": {s: round(kl, 3) for kl, s in scores}}))
+            print(f"drop {n_drop} layers, best (KL per token): {best}")
+        return
+    layers = parse_layers(args.layers) if args.layers else HEAL_LAYERS
+    student = healed_student(base, cache, layers=layers)
     sizes = {
         f"{name}_params_m": round(sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(str(path)).parameters())
                                   / 1e6, 1)

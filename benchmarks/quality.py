@@ -69,6 +69,10 @@ SPECKD_METHODS = {
     "speckd-topk-sched": dict(
         gate="topk", gate_top_k_schedule="linear", gate_top_k_start=50, gate_top_k_end=5, reject_weight=0.1
     ),
+    # the topk gate with dataset batches read from a teacher cache (`--teacher-cache DIR`, benchmarks/teacher_cache.py)
+    "speckd-topk-cache": dict(gate="topk", gate_top_k=5, reject_weight=0.1),
+    # target filtering (the lab's one setting that beats GKD): a rejected position learns the teacher's top-k
+    "speckd-topk-filter": dict(gate="topk", gate_top_k=5, reject_target="top_k", reject_weight=1.0),
     # the warm gate (the capacity lab's best variant): full weight at first, the defaults' reject_weight at the end
     "speckd-topk-warm": dict(
         gate="topk", gate_top_k=5, reject_weight_schedule="linear", reject_weight_start=1.0, reject_weight_end=0.5
@@ -306,6 +310,18 @@ def main():
         "competent model without the skill; benchmarks/heal.py, generic heal text); 'healed-task': the same cut "
         "healed on generic text and on the untuned model's own answers to 128 of the task's train prompts.",
     )
+    parser.add_argument(
+        "--heal-layers",
+        default=None,
+        help="With --student healed*: the untuned model's layers kept in the student, e.g. '0-4,20-29' (default: "
+        "heal.HEAL_LAYERS; `python benchmarks/heal.py --scan 15` ranks the blocks to drop).",
+    )
+    parser.add_argument(
+        "--teacher-cache",
+        default=None,
+        help="A teacher cache of the demo's train rows (benchmarks/teacher_cache.py --root DIR makes DIR/k32-float16): "
+        "methods ending in '-cache' read their dataset batches from it instead of running the teacher.",
+    )
     parser.add_argument("--lora-r", type=int, default=None, help="LoRA rank (default: 32 for subset, 16 for base).")
     parser.add_argument("--batch-size", type=int, default=None, help="batch size (default: the demo's).")
     parser.add_argument(
@@ -379,11 +395,13 @@ def main():
     cache = Path(args.cache_dir).expanduser() if args.cache_dir else hub.cache_dir()
     teacher_dir, student_dir, data, _ = prepare(config, cache)
     if args.student.startswith("healed"):
-        from heal import healed_student
+        from heal import HEAL_LAYERS, healed_student, parse_layers
 
         task = args.student == "healed-task"  # the base's own answers to train prompts join the heal text
         prompts = tuple(tuple(m[:-1]) for m in data["train"].select(range(128))["messages"]) if task else ()
-        student_dir = healed_student(student_dir, cache, samples_per_prompt=4 if task else 8, task_prompts=prompts)
+        layers = parse_layers(args.heal_layers) if args.heal_layers else HEAL_LAYERS
+        student_dir = healed_student(student_dir, cache, layers=layers, samples_per_prompt=4 if task else 8,
+                                     task_prompts=prompts)  # fmt: skip
     cuda = torch.cuda.is_available()
     load_args = SpecKDConfig(output_dir=args.output_dir, use_cpu=not cuda, teacher_load_in_4bit=True, report_to="none")
     heldout = data["eval"] if args.heldout == "demo" else heldout_rows(config, args.heldout, args.items)
@@ -398,6 +416,11 @@ def main():
         "eval": heldout,
         "settings": json.loads(args.settings) if args.settings else {},
     }
+    for method in methods:
+        if method.endswith("-cache"):
+            if not args.teacher_cache:
+                parser.error(f"--methods {method} reads a teacher cache: pass --teacher-cache DIR")
+            setup["settings"][method] = {**setup["settings"].get(method, {}), "teacher_cache": args.teacher_cache}
     setup["examples"] = answer_positions(setup["tokenizer"], setup["eval"])
     setup["teacher_logits"] = answer_logits(setup["teacher"], setup["examples"])  # once: the teacher never changes
     log("ARGS " + json.dumps(vars(args)))

@@ -120,3 +120,98 @@ def test_fsdp2_on_gpus_trains_shards_the_teacher_and_matches_one_process(tmp_pat
         assert "still sharded by FSDP2" in record["sharded_head_error"]
         if n > 1:
             assert "not supported under FSDP with several processes" in record["speculative_error"]
+
+
+def test_a_teacher_cache_made_on_cuda_trains_a_bf16_student_without_a_teacher(tmp_path):
+    """The cache built by the NF4 teacher on the GPU; training from it (bf16 LoRA student) loads no teacher and
+    matches the live loss on the same batch (the top-K + tail approximation at K = the vocabulary: none)."""
+    from speckd_trl.batches import KIND_KEY, OFF_POLICY
+    from speckd_trl.tools.testing import VOCAB_SIZE
+
+    tokenizer = make_tokenizer()
+    make_model(1, tokenizer).save_pretrained(tmp_path / "teacher")
+    common = dict(output_dir=str(tmp_path / "out"), bf16=True, report_to="none", lmbda=0.0, max_steps=2,
+                  per_device_train_batch_size=4, gate="topk", gate_top_k=5)  # fmt: skip
+    peft = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
+    live = SpecKDTrainer(model=make_model(0, tokenizer), teacher_model=str(tmp_path / "teacher"),
+                         args=SpecKDConfig(**common, teacher_load_in_4bit=True), train_dataset=make_dataset(),
+                         processing_class=tokenizer, peft_config=peft)  # fmt: skip
+    live.cache_teacher(str(tmp_path / "cache"), top_k=VOCAB_SIZE, values_dtype="float32")
+    cached = SpecKDTrainer(model=make_model(0, tokenizer), args=SpecKDConfig(**common, teacher_cache=str(tmp_path / "cache")),
+                           train_dataset=make_dataset(), processing_class=tokenizer, peft_config=peft)  # fmt: skip
+    assert cached.teacher_model is None
+    batch = {**live.data_collator([live.train_dataset[i] for i in range(4)]), KIND_KEY: OFF_POLICY}
+    batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
+    losses = []
+    for trainer in (live, cached):
+        trainer.model.train()
+        losses.append(trainer.compute_loss(trainer.model, dict(batch)).item())
+    assert losses[1] == pytest.approx(losses[0], rel=2e-2)  # bf16 student; the NF4 teacher's values cached
+    cached.train()
+    assert cached.state.global_step == 2
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM for the teacher server")
+def test_the_server_trainer_against_a_real_vllm_teacher_server(tmp_path):
+    """`trl vllm-serve` hosts the tiny teacher; the gated server trainer's loss on a batch equals the one computed
+    with `LocalTeacherClient` on the same teacher (vLLM's prompt log-probabilities against a local forward)."""
+    import os
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from speckd_trl import SpecKDServerDistillationConfig, SpecKDServerDistillationTrainer
+    from speckd_trl.tools.testing import LocalTeacherClient, free_port, make_prompt_dataset
+
+    tokenizer = make_tokenizer()
+    teacher = make_model(1, tokenizer)
+    teacher.save_pretrained(tmp_path / "teacher")
+    tokenizer.save_pretrained(tmp_path / "teacher")
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "trl.scripts.vllm_serve",
+            "--model",
+            str(tmp_path / "teacher"),
+            "--port",
+            str(port),
+            "--gpu_memory_utilization",
+            "0.2",
+            "--max_model_len",
+            "256",
+        ],  # fmt: skip
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": "0"},
+    )
+    try:
+        for _ in range(180):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health/", timeout=1)
+                break
+            except OSError:
+                time.sleep(1)
+        args = SpecKDServerDistillationConfig(output_dir=str(tmp_path / "out"), report_to="none", max_steps=2,
+                                              teacher_model_server_url=f"http://127.0.0.1:{port}", loss_top_k=8,
+                                              per_device_train_batch_size=4, max_completion_length=6)  # fmt: skip
+        trainer = SpecKDServerDistillationTrainer(model=make_model(0, tokenizer), args=args,
+                                                  train_dataset=make_prompt_dataset(), processing_class=tokenizer)  # fmt: skip
+        trainer.current_gradient_accumulation_steps = 1
+        g = torch.Generator().manual_seed(0)
+        batch = {
+            "prompt_ids": torch.randint(4, 96, (4, 5), generator=g).cuda(),
+            "prompt_mask": torch.ones(4, 5, dtype=torch.long).cuda(),
+            "completion_ids": torch.randint(4, 96, (4, 6), generator=g).cuda(),
+            "completion_mask": torch.ones(4, 6, dtype=torch.long).cuda(),
+        }
+        trainer.model.train()
+        served = trainer.compute_loss(trainer.model, dict(batch)).item()
+        trainer.teacher_client = LocalTeacherClient(teacher.cuda().eval())
+        local = trainer.compute_loss(trainer.model, dict(batch)).item()
+        assert served == pytest.approx(local, rel=1e-2)
+        trainer.train()
+        assert trainer.state.global_step == 2
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
