@@ -13,8 +13,9 @@ defaults (`gate="topk"`, k=5, chunked loss).
   trainer, `--steps` training steps: `training_step` + `optimizer.step` on collated train batches) and the median
   step time after one warm-up step, `live` (the NF4 teacher runs on every batch) against `cache` (K = the default 32,
   no teacher loaded), and their ratios;
-- `disk`: caches of the whole train set at K = 8, 32, 128 (float16 values, ids in the smallest type) and K=32 in
-  float32: size on disk, completion positions, GiB per million positions, build time;
+- `disk`: caches of the whole train set at K = 8, 32, 128 (float16 values, ids in the smallest type) and K=32 and 128
+  in float32 (the K=128 float32 one from the teacher, the others truncated from it: the same values, the tail to float rounding): size on disk,
+  completion positions, GiB per million positions, build time;
 - `precision and approximation`: the loss of a few train batches from each cache against the live teacher's (relative
   difference), and float16 against float32 storage at K=32.
 
@@ -133,14 +134,59 @@ def run_child(arm: str, cache_path: str, steps: int, cache_dir: str | None) -> d
 # ----------------------------------------------------------------------------- the parent
 
 
+def truncated_cache(source: Path, target: Path, k: int, values_dtype: str) -> None:
+    """A cache of `k` <= K tokens (and `values_dtype`) written from a larger one, without the teacher: the top-k of a
+    top-K row are its first k, and the tail grows by the K - k values dropped (exact)."""
+    import dataclasses
+
+    import numpy as np
+    import torch
+    from datasets import Dataset
+
+    from speckd_trl.teacher_cache import TeacherCache, _shard_features, _shard_name, _write_meta
+
+    cache = TeacherCache.open(source)
+    spec = dataclasses.replace(cache.spec, top_k=k, values_dtype=values_dtype)
+    target.mkdir(parents=True, exist_ok=True)
+    shards, positions = {}, {}
+    for index, shard in enumerate(cache._shards):
+        columns = {"key": list(shard["key"]), "ids": [], "values": [], "log_tail": []}
+        for row in shard:
+            values = torch.as_tensor(np.stack(row["values"]).astype(np.float32)) if len(row["log_tail"]) else None
+            if values is None:
+                columns["ids"].append([]), columns["values"].append([]), columns["log_tail"].append([])
+                continue
+            tail = torch.as_tensor(np.asarray(row["log_tail"], dtype=np.float32))
+            tail = torch.logsumexp(torch.cat([values[:, k:], tail[:, None]], dim=1), dim=1)
+            columns["ids"].append(np.stack(row["ids"])[:, :k].tolist())
+            columns["values"].append(values[:, :k].tolist())
+            columns["log_tail"].append(tail.tolist())
+        name = _shard_name(index)
+        Dataset.from_dict(columns, features=_shard_features(spec)).save_to_disk(str(target / name))
+        shards[name] = len(shard)
+        positions[name] = sum(len(t) for t in columns["log_tail"])
+    _write_meta(target, spec, shards, positions, complete=True)
+
+
 def build_caches(teacher_trainer, root: Path, log) -> dict:
-    """Caches of the train set at each K (float16) and K=32 in float32: {name: row}."""
+    """The largest cache (K=128, float32) from the teacher, then the others truncated from it: {name: row}."""
+    from speckd_trl.teacher_cache import TeacherCache
+
     rows = {}
-    for k, dtype in [(k, "float16") for k in DISK_KS] + [(DEFAULT_K, "float32")]:
+    largest = f"k{max(DISK_KS)}-float32"
+    plan = [(max(DISK_KS), "float32")] + [(k, "float16") for k in DISK_KS] + [(DEFAULT_K, "float32")]
+    for k, dtype in plan:
         name = f"k{k}-{dtype}"
         path = root / name
+        if name in rows:
+            continue
         started = time.time()
-        cache = teacher_trainer.cache_teacher(str(path), top_k=k, values_dtype=dtype)
+        if name == largest:
+            cache = teacher_trainer.cache_teacher(str(path), top_k=k, values_dtype=dtype)
+        else:
+            if not (path / "speckd_teacher_cache.json").is_file():
+                truncated_cache(root / largest, path, k, dtype)
+            cache = TeacherCache.open(path)
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
         rows[name] = {
             "k": k,
@@ -151,9 +197,11 @@ def build_caches(teacher_trainer, root: Path, log) -> dict:
             "mib": size / 2**20,
             "gib_per_million_positions": size / cache.positions * 1e6 / 2**30,
             "build_s": round(time.time() - started, 1),
+            "from": "teacher" if name == largest else largest,
         }
         log(f"  cache {name}: {rows[name]['mib']:.1f} MiB for {cache.positions} positions "
-            f"({rows[name]['gib_per_million_positions']:.3f} GiB per million), {rows[name]['build_s']} s")  # fmt: skip
+            f"({rows[name]['gib_per_million_positions']:.3f} GiB per million), {rows[name]['build_s']} s "
+            f"(from the {rows[name]['from']})")  # fmt: skip
     return rows
 
 

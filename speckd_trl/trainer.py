@@ -256,7 +256,7 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
         # `on_policy_generation` on leaves the gate's draws unchanged.
         self._generation_generator = torch.Generator()
         self._generation_generator.manual_seed(args.seed + 1_000_003 * (self.accelerator.process_index + 1))
-        self._heads_checked = False  # `check_output_head` runs on the first batch of the chunked path
+        self._heads_checked: set[str] = set()  # `check_output_head` runs on each model's first chunked batch
         self._predicting = False  # in a `prediction_step` that returns the logits (see there)
 
     def _init_without_teacher(self, model: Any, kwargs: dict[str, Any]) -> None:
@@ -302,8 +302,7 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
         expect["temperature"] = 1.0  # SpecKDTrainer's divergence is at temperature 1, as GKD's
         if teacher is not None:
             expect["teacher_config_hash"] = spec.teacher_config_hash
-        top_k = max(self._gate.top_k(0, 1), self._gate.top_k(1, 1)) if self._gate.rule.uses_top_k else None
-        cache = TeacherCache.open(args.teacher_cache, expect, top_k=top_k)
+        cache = TeacherCache.open(args.teacher_cache, expect, top_k=args.largest_top_k)
         student = self.accelerator.unwrap_model(self.model)
         n_loss = self._shared_vocab or output_vocab_size(student)
         n_cache = cache.spec.vocab_size
@@ -478,9 +477,6 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
         """The loss terms from both models' full `[B, T, V]` logits, as GKD computes them (from a teacher cache's
         top-K + tail, `cached`, instead of the teacher's logits when given)."""
         student_outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-        student_logits = self._shared_logits(student_outputs.logits[:, :-1])
-        # GKD's divergence, split at its log-softmax so that the gate reads the same log-probabilities
-        student_log_probs = jsd_log_probs(student_logits)
         target = None
         if cached is None:
             self.teacher_model.eval()
@@ -489,8 +485,12 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
                     input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
                 ).logits[:, :-1]
             teacher_logits = self._shared_logits(teacher_logits)
+        student_logits = self._shared_logits(student_outputs.logits[:, :-1])
+        # GKD's divergence, split at its log-softmax so that the gate reads the same log-probabilities
+        student_log_probs = jsd_log_probs(student_logits)
+        if cached is None:
             teacher_log_probs = jsd_log_probs(teacher_logits)
-        else:
+        else:  # the cached top-K as the gate reads it, and the tail-bucket target of the divergence
             teacher_log_probs = teacher_logits = cached.log_probs()
             target = cached.target(teacher_log_probs, student_log_probs)
         accepted = batch.verdicts(student_log_probs, teacher_log_probs)
@@ -513,9 +513,7 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
     ) -> LossTerms:
         """The loss terms from both models' final hidden states, on the completion positions only, a chunk at a time
         (the student's outputs hold the logits of the last position only, of every position in a `prediction_step`
-        that returns them); from a teacher cache's top-K + tail (`cached`) instead of the teacher when given."""
-        if cached is not None:
-            return self._chunked_cached_terms(model, inputs, batch, cached)
+        that returns them); against a teacher cache's top-K + tail (`cached`) instead of the teacher when given."""
         # logits_to_keep=1: each model projects one position; the loss projects the rest chunk by chunk. Both are
         # called through their wrappers (DDP, FSDP2), which gather what they shard. Predictions for `compute_metrics`
         # or `predict` need the student's logits at every position, as GKD returns them (logits_to_keep=0: all).
@@ -525,35 +523,42 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
                 attention_mask=inputs["attention_mask"],
                 logits_to_keep=0 if self._predicting else 1,
             )
-        self.teacher_model.eval()
-        with torch.no_grad(), capture_last_hidden_state(self.accelerator.unwrap_model(self.teacher_model)) as teacher:
-            teacher_outputs = self.teacher_model(
-                input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], logits_to_keep=1
-            )
-        teacher_hidden = self._check_teacher(teacher["hidden"])
+        checks = [("student", model, captured["hidden"], student_outputs)]
+        if cached is None:
+            self.teacher_model.eval()
+            with torch.no_grad(), capture_last_hidden_state(self.accelerator.unwrap_model(self.teacher_model)) as t:
+                teacher_outputs = self.teacher_model(
+                    input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], logits_to_keep=1
+                )
+            teacher_hidden = self._check_teacher(t["hidden"])
+            checks.append(("teacher", self.teacher_model, teacher_hidden, teacher_outputs))
         # after the forwards: under FSDP2 the output layers are gathered then (`models.output_head`)
-        student_head, teacher_head = self._output_heads()
-        if not self._heads_checked:  # once: the heads against the logits both forwards returned (last position)
-            for role, wrapped, head, hidden, outputs in (
-                ("student", model, student_head, captured["hidden"], student_outputs),
-                ("teacher", self.teacher_model, teacher_head, teacher_hidden, teacher_outputs),
-            ):
+        student_head, teacher_head = self._output_heads() if cached is None else (self._student_head(), None)
+        heads = {"student": student_head, "teacher": teacher_head}
+        for role, wrapped, hidden, outputs in checks:  # once per model: its head against the logits it returned
+            if role not in self._heads_checked:
                 check_output_head(
                     self.accelerator.unwrap_model(wrapped),
                     role,
-                    head,
+                    heads[role],
                     hidden[:, -1],
                     self._shared_logits(outputs.logits[:, -1]),
                     remedy=EAGER_REMEDY,
                 )
-            self._heads_checked = True
+                self._heads_checked.add(role)
         rows = batch.rows
         student_hidden = captured["hidden"][:, :-1].flatten(0, 1)[rows]
-        teacher_hidden = teacher_hidden[:, :-1].flatten(0, 1)[rows]
+        if cached is None:
+            teacher_rows = teacher_hidden[:, :-1].flatten(0, 1)[rows]
+        else:
+            flat = (
+                t.flatten(0, 1) if t.dim() > 2 else t.flatten() for t in (cached.ids, cached.values, cached.log_tail)
+            )
+            teacher_rows = SparseTeacher(*(t[rows] for t in flat), cached.vocab_size)
         weighted_sum, row_verdicts = chunked_weighted_jsd(
             student_hidden,
             student_head,
-            teacher_hidden,
+            teacher_rows,
             teacher_head,
             batch.chunk_verdicts(rows),  # the gate's verdicts on each chunk's log-probabilities
             weight_of=batch.position_weights,
@@ -570,64 +575,6 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
             )
 
         return LossTerms(weighted_sum, batch.positions(row_verdicts), sampled, student_outputs)
-
-    def _chunked_cached_terms(
-        self, model: nn.Module, inputs: dict[str, Any], batch: GatedBatch, cached: SparseTeacher
-    ) -> LossTerms:
-        """`_chunked_terms` on a teacher cache's rows: the student's hidden states against the cached top-K + tail."""
-        with capture_last_hidden_state(self.accelerator.unwrap_model(model)) as captured:
-            student_outputs = model(
-                input_ids=inputs["input_ids"],
-                attention_mask=inputs["attention_mask"],
-                logits_to_keep=0 if self._predicting else 1,
-            )
-        student_head = self._student_head()
-        if not self._heads_checked:
-            check_output_head(
-                self.accelerator.unwrap_model(model),
-                "student",
-                student_head,
-                captured["hidden"][:, -1],
-                self._shared_logits(student_outputs.logits[:, -1]),
-                remedy=EAGER_REMEDY,
-            )
-            self._heads_checked = True
-        rows = batch.rows
-        student_hidden = captured["hidden"][:, :-1].flatten(0, 1)[rows]
-        teacher_rows = SparseTeacher(
-            cached.ids.flatten(0, 1)[rows],
-            cached.values.flatten(0, 1)[rows],
-            cached.log_tail.flatten()[rows],
-            cached.vocab_size,
-        )
-        weighted_sum, row_verdicts = chunked_weighted_jsd(
-            student_hidden,
-            student_head,
-            teacher_rows,
-            None,
-            batch.chunk_verdicts(rows),
-            weight_of=batch.position_weights,
-            target_of=batch.targets if batch.filters_targets else None,
-            beta=self.beta,
-            chunk_size=self.args.loss_chunk_size,
-        )
-
-        def sampled() -> torch.Tensor:  # differentiable
-            return batch.scatter(
-                sampled_log_probs_from_hidden(
-                    student_hidden, student_head, batch.sampled_ids.flatten()[rows], self.temperature
-                )
-            )
-
-        return LossTerms(weighted_sum, batch.positions(row_verdicts), sampled, student_outputs)
-
-    def _student_head(self) -> OutputHead:
-        """The student's output layer, cut to the tokenizer's ids when the loss compares only those."""
-        head = output_head(self.accelerator.unwrap_model(self.model), "student")
-        n = self._shared_vocab
-        if n is None:
-            return head
-        return dataclasses.replace(head, weight=head.weight[:n], bias=None if head.bias is None else head.bias[:n])
 
     # ------------------------------------------------------------------ teacher cache
 
@@ -684,16 +631,17 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
     def _output_heads(self) -> tuple[OutputHead, OutputHead]:
         """The student's and the teacher's output layers, for the chunked loss (cut to the tokenizer's ids when the
         two output sizes differ, as `_shared_logits` cuts the eager path's logits)."""
-        heads = (
-            output_head(self.accelerator.unwrap_model(self.model), "student"),
-            self._teacher_head(),
-        )
+        return self._student_head(), self._shared_head(self._teacher_head())
+
+    def _student_head(self) -> OutputHead:
+        """The student's output layer, cut as `_output_heads` cuts it."""
+        return self._shared_head(output_head(self.accelerator.unwrap_model(self.model), "student"))
+
+    def _shared_head(self, head: OutputHead) -> OutputHead:
         n = self._shared_vocab
         if n is None:
-            return heads
-        return tuple(
-            dataclasses.replace(h, weight=h.weight[:n], bias=None if h.bias is None else h.bias[:n]) for h in heads
-        )
+            return head
+        return dataclasses.replace(head, weight=head.weight[:n], bias=None if head.bias is None else head.bias[:n])
 
     def _teacher_head(self) -> OutputHead:
         """The teacher's output layer, read without a gradient (gathered whole where it is sharded)."""

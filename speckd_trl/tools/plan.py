@@ -620,7 +620,10 @@ def format_plan(plan: MemoryPlan, budget_gib: float = 24.0, reserve_gib: float =
     student_mode = cfg.student_mode if cfg.student_mode == "full" else f"{cfg.student_mode} r={cfg.lora_r}"
     lines = [
         f"teacher: {t.name}: {t.num_parameters / 1e9:.2f}B parameters, {t.num_layers} layers, hidden {t.hidden_size}, "
-        f"vocab {t.vocab_size}, {cfg.teacher_quant}",
+        f"vocab {t.vocab_size}, {cfg.teacher_quant}"
+        + (
+            f", dataset batches from a teacher cache of K={cfg.teacher_cache_top_k}" if cfg.teacher_cache_top_k else ""
+        ),
         f"student: {s.name}: {s.num_parameters / 1e9:.2f}B parameters, {s.num_layers} layers, hidden {s.hidden_size}, "
         f"{student_mode} ({plan.trainable_parameters / 1e6:.1f}M trainable), {cfg.optimizer}",
         f"batch {cfg.batch_size} x {cfg.seq_len} tokens (prompt {cfg.prompt_tokens}), max_new_tokens "
