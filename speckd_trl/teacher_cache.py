@@ -153,6 +153,11 @@ def cache_spec(
         raise ValueError(f"teacher_cache_top_k={top_k} must be >= 1.")
     if shard_rows < 1:
         raise ValueError(f"shard_rows={shard_rows} must be >= 1.")
+    if not hasattr(dataset, "__len__"):
+        raise ValueError(
+            f"A teacher cache needs a dataset with a length and row indices (a `datasets.Dataset`), got "
+            f"{type(dataset).__name__}; load the dataset without streaming."
+        )
     config = teacher.config
     quantization = getattr(config, "quantization_config", None)
     first = next(iter(teacher.parameters()), None)
