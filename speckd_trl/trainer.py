@@ -602,6 +602,12 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
         """
         if self.teacher_model is None:
             raise ValueError("cache_teacher needs the teacher: build the trainer with `teacher_model=`.")
+        if self.accelerator.num_processes > 1:
+            raise ValueError(
+                f"cache_teacher runs on one process ({self.accelerator.num_processes} here would write the same "
+                "shards): run `speckd-trl cache-teacher` without `accelerate launch`; training from the cache may then "
+                "use every process."
+            )
         teacher = self.accelerator.unwrap_model(self.teacher_model)
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
         vocab_size = self._shared_vocab or output_vocab_size(self.accelerator.unwrap_model(self.model))
