@@ -65,6 +65,18 @@ from .weighting import TokenGate
 EAGER_REMEDY = "use SpecKDTrainer with loss_path='eager' (lmbda=1 distills on-policy only, as here)"
 
 
+def prompt_datasets(train_dataset: Any, eval_dataset: Any, processing_class: Any) -> tuple[Any, Any]:
+    """The datasets checked for on-policy training (`validation.check_prompt_dataset`) and chat `messages` rows
+    turned into `prompt` rows (`data.prompts_from_messages`); `eval_dataset` may be a dict of datasets."""
+    for name, dataset in [("train_dataset", train_dataset)] + named_datasets(eval_dataset, "eval_dataset"):
+        check_prompt_dataset(dataset, processing_class, name=name)
+    if isinstance(eval_dataset, dict):
+        eval_dataset = {name: prompts_from_messages(ds) for name, ds in eval_dataset.items()}
+    else:
+        eval_dataset = prompts_from_messages(eval_dataset)
+    return prompts_from_messages(train_dataset), eval_dataset
+
+
 class SpecKDDistillationTrainer(GatedTrainerMixin, DistillationTrainer):
     """TRL's [`~trl.DistillationTrainer`] with the speculative gate: SpecKD for on-policy-only distillation.
 
@@ -123,8 +135,7 @@ class SpecKDDistillationTrainer(GatedTrainerMixin, DistillationTrainer):
             )
         # Bad input fails here, before any model is loaded or any step runs (as in `SpecKDTrainer`).
         check_launch(args)
-        for name, dataset in [("train_dataset", train_dataset)] + named_datasets(eval_dataset, "eval_dataset"):
-            check_prompt_dataset(dataset, processing_class, name=name)
+        train_dataset, eval_dataset = prompt_datasets(train_dataset, eval_dataset, processing_class)
         check_zero3_quantized_teacher(
             "quantization_config" in (args.teacher_model_init_kwargs or {})
             if isinstance(teacher_model, str)
@@ -138,15 +149,11 @@ class SpecKDDistillationTrainer(GatedTrainerMixin, DistillationTrainer):
                 getattr(processing_class, "tokenizer", processing_class),
                 getattr(teacher_tokenizer, "tokenizer", teacher_tokenizer),
             )
-        if isinstance(eval_dataset, dict):
-            eval_dataset = {name: prompts_from_messages(ds) for name, ds in eval_dataset.items()}
-        else:
-            eval_dataset = prompts_from_messages(eval_dataset)
         super().__init__(
             model,
             teacher_model=teacher_model,
             args=args,
-            train_dataset=prompts_from_messages(train_dataset),
+            train_dataset=train_dataset,
             eval_dataset=eval_dataset,
             processing_class=processing_class,
             callbacks=callbacks,

@@ -30,7 +30,7 @@ from trl.experimental.server_distillation import ServerDistillationTrainer
 
 from .batches import ON_POLICY
 from .config import SpecKDServerDistillationConfig
-from .data import prompts_from_messages
+from .distillation_trainer import prompt_datasets
 from .gated_trainer import GatedTrainerMixin
 from .generation import sampling_only_from
 from .losses import (
@@ -41,7 +41,7 @@ from .losses import (
     weighted_jsd_from_log_probs,
 )
 from .models import output_vocab_size
-from .validation import check_gate_top_k, check_launch, check_prompt_dataset, named_datasets
+from .validation import check_gate_top_k, check_launch
 from .weighting import TokenGate
 
 
@@ -112,16 +112,11 @@ class SpecKDServerDistillationTrainer(GatedTrainerMixin, ServerDistillationTrain
                 f"{type(args).__name__}. It accepts every ServerDistillationConfig field."
             )
         check_launch(args)
-        for name, dataset in [("train_dataset", train_dataset)] + named_datasets(eval_dataset, "eval_dataset"):
-            check_prompt_dataset(dataset, processing_class, name=name)
-        if isinstance(eval_dataset, dict):
-            eval_dataset = {name: prompts_from_messages(ds) for name, ds in eval_dataset.items()}
-        else:
-            eval_dataset = prompts_from_messages(eval_dataset)
+        train_dataset, eval_dataset = prompt_datasets(train_dataset, eval_dataset, processing_class)
         super().__init__(
             model,
             args=args,
-            train_dataset=prompts_from_messages(train_dataset),
+            train_dataset=train_dataset,
             eval_dataset=eval_dataset,
             processing_class=processing_class,
             callbacks=callbacks,

@@ -167,21 +167,21 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
                 "SpecKDTrainer needs a teacher: pass `teacher_model=` (a model, a name or a local path) or set "
                 "`teacher_model_name_or_path` in SpecKDConfig (or a `teacher_cache` with lmbda=0)."
             )
+        gkd_kwargs = dict(
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+            peft_config=peft_config,
+            formatting_func=formatting_func,
+        )
         if teacher_model is None:
-            super_kwargs = dict(
-                args=args,
-                data_collator=data_collator,
-                train_dataset=train_dataset,
-                eval_dataset=eval_dataset,
-                processing_class=processing_class,
-                compute_metrics=compute_metrics,
-                callbacks=callbacks,
-                optimizers=optimizers,
-                preprocess_logits_for_metrics=preprocess_logits_for_metrics,
-                peft_config=peft_config,
-                formatting_func=formatting_func,
-            )
-            self._init_without_teacher(model, super_kwargs)
+            self._init_without_teacher(model, gkd_kwargs)
             return
         check_zero3_quantized_teacher(
             args.teacher_load_in_4bit if isinstance(teacher_model, str) else is_quantized(teacher_model)
@@ -203,21 +203,7 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
         teacher_vocab_size = teacher_config.vocab_size
         teacher_config.vocab_size = _config_vocab_size(model, args) or teacher_vocab_size
         try:
-            super().__init__(
-                model,
-                teacher_model=teacher_model,
-                args=args,
-                data_collator=data_collator,
-                train_dataset=train_dataset,
-                eval_dataset=eval_dataset,
-                processing_class=processing_class,
-                compute_metrics=compute_metrics,
-                callbacks=callbacks,
-                optimizers=optimizers,
-                preprocess_logits_for_metrics=preprocess_logits_for_metrics,
-                peft_config=peft_config,
-                formatting_func=formatting_func,
-            )
+            super().__init__(model, teacher_model=teacher_model, **gkd_kwargs)
         finally:
             args.teacher_model_init_kwargs = init_kwargs
             teacher_config.vocab_size = teacher_vocab_size
