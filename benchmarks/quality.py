@@ -467,6 +467,8 @@ def report(rows, methods, args, title, started, log=print):
     baselines = [b for b in ("gkd", "speckd-none", "sft") if b in methods]
     pairs = [(m, b) for b in baselines for m in methods if m != b and (m.startswith("speckd") or b == "sft")]
     pairs = [(m, b) for m, b in pairs if not (b == "speckd-none" and m == "gkd")]
+    # a run from a teacher cache against the same method with the live teacher
+    pairs += [(m, m[: -len("-cache")]) for m in methods if m.endswith("-cache") and m[: -len("-cache")] in methods]
     if pairs:
         log("\npaired per seed (method - baseline), mean +- 95% t half-width; * : the interval excludes 0")
         log("| method - baseline | exact match % | answer NLL | seeds higher exact |")
