@@ -328,7 +328,8 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             return (torch.cuda.max_memory_allocated() - self.base) / 2**20
-        return (_status_kib("VmHWM") * 1024 - self.base) / 2**20
+        # (a page or two may leave the resident set between the reset and the read of the base: never below 0)
+        return max(0.0, (_status_kib("VmHWM") * 1024 - self.base) / 2**20)
 
 
 class LocalTeacherClient:
