@@ -134,6 +134,26 @@ class CacheSpec:
         return (self.num_rows + self.shard_rows - 1) // self.shard_rows
 
 
+def run_fields(*, tokenizer: Any, dataset: Any, max_length: int | None, teacher: Any = None) -> dict[str, Any]:
+    """The `CacheSpec` fields a training run determines (tokenizer, chat template, dataset, max_length, and the
+    teacher's config when there is a teacher): what a cache must match to serve the run."""
+    if not hasattr(dataset, "__len__"):
+        raise ValueError(
+            f"A teacher cache needs a dataset with a length and row indices (a `datasets.Dataset`), got "
+            f"{type(dataset).__name__}; load the dataset without streaming."
+        )
+    fields_ = {
+        "tokenizer_hash": tokenizer_hash(tokenizer),
+        "chat_template_hash": _sha(getattr(tokenizer, "chat_template", None)),
+        "dataset_fingerprint": dataset_fingerprint(dataset),
+        "num_rows": len(dataset),
+        "max_length": max_length,
+    }
+    if teacher is not None:
+        fields_["teacher_config_hash"] = config_hash(teacher.config)
+    return fields_
+
+
 def cache_spec(
     *,
     teacher: Any,
@@ -153,24 +173,14 @@ def cache_spec(
         raise ValueError(f"teacher_cache_top_k={top_k} must be >= 1.")
     if shard_rows < 1:
         raise ValueError(f"shard_rows={shard_rows} must be >= 1.")
-    if not hasattr(dataset, "__len__"):
-        raise ValueError(
-            f"A teacher cache needs a dataset with a length and row indices (a `datasets.Dataset`), got "
-            f"{type(dataset).__name__}; load the dataset without streaming."
-        )
     config = teacher.config
     quantization = getattr(config, "quantization_config", None)
     first = next(iter(teacher.parameters()), None)
     precision = "nf4" if quantization is not None else str(getattr(first, "dtype", "none")).replace("torch.", "")
     return CacheSpec(
         teacher=str(getattr(config, "_name_or_path", "") or type(teacher).__name__),
-        teacher_config_hash=config_hash(config),
         teacher_dtype=precision,
-        tokenizer_hash=tokenizer_hash(tokenizer),
-        chat_template_hash=_sha(getattr(tokenizer, "chat_template", None)),
-        dataset_fingerprint=dataset_fingerprint(dataset),
-        num_rows=len(dataset),
-        max_length=max_length,
+        **run_fields(tokenizer=tokenizer, dataset=dataset, max_length=max_length, teacher=teacher),
         top_k=min(top_k, vocab_size),
         temperature=float(temperature),
         vocab_size=vocab_size,

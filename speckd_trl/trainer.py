@@ -71,7 +71,7 @@ from .models import (
     output_vocab_size,
     prepare_teacher_for_fsdp,
 )
-from .teacher_cache import CacheSpec, TeacherCache, cache_spec, write_teacher_cache
+from .teacher_cache import TeacherCache, cache_spec, run_fields, write_teacher_cache
 from .validation import (
     check_4bit_teacher,
     check_dataset,
@@ -273,21 +273,10 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
         config when one is loaded."""
         args = self.args
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
-        spec = cache_spec(
-            teacher=teacher if teacher is not None else _NoTeacher(self.model.config),
-            tokenizer=tokenizer,
-            dataset=self.train_dataset,
-            top_k=1,
-            vocab_size=1,
-            max_length=args.max_length,
+        expect = run_fields(
+            tokenizer=tokenizer, dataset=self.train_dataset, max_length=args.max_length, teacher=teacher
         )
-        expect = {
-            name: getattr(spec, name)
-            for name in ("tokenizer_hash", "chat_template_hash", "dataset_fingerprint", "num_rows", "max_length")
-        }
         expect["temperature"] = 1.0  # SpecKDTrainer's divergence is at temperature 1, as GKD's
-        if teacher is not None:
-            expect["teacher_config_hash"] = spec.teacher_config_hash
         cache = TeacherCache.open(args.teacher_cache, expect, top_k=args.largest_top_k)
         student = self.accelerator.unwrap_model(self.model)
         n_loss = self._shared_vocab or output_vocab_size(student)
@@ -616,9 +605,8 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
             batch_size=batch_size or self.args.per_device_eval_batch_size,
             progress=not self.args.disable_tqdm,
         )
-        expect = {name: getattr(spec, name) for name in CacheSpec.CHECKED}
-        expect["teacher_config_hash"] = spec.teacher_config_hash
-        return TeacherCache.open(path, expect)
+        return TeacherCache.open(path, run_fields(tokenizer=tokenizer, dataset=self.train_dataset,
+                                                  max_length=self.args.max_length, teacher=teacher))  # fmt: skip
 
     def _output_heads(self) -> tuple[OutputHead, OutputHead]:
         """The student's and the teacher's output layers, for the chunked loss (cut to the tokenizer's ids when the
