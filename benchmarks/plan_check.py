@@ -313,7 +313,7 @@ def measure(name: str, steps: int, overrides: dict | None = None, engine: str | 
             _reset_peak()  # the whole models built before sharding (a GPU never holds them: loaded on the CPU) out
 
         loss = run_steps(cfg, steps, on_measure_start=start, engine=engine, on_built=after_build)
-        measured = max(memory.peak_mib(), 0.0) * 2**20
+        measured = memory.peak_mib() * 2**20  # (never below 0: `PeakMemory`)
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
         plan = estimate_memory(replace(cfg, num_processes=world, engine=engine))
         return {

@@ -440,9 +440,8 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
     ) -> SparseTeacher | None:
         """The teacher cache's rows for a training micro-batch of dataset rows, `[B, T, K]`; None where the live
         teacher is used (no cache; on-policy rows; evaluation)."""
-        if self._teacher_cache is None or not model.training or not isinstance(row_kinds(inputs), str):
-            return None
-        if row_kinds(inputs) != OFF_POLICY:
+        kind = row_kinds(inputs)  # (a bool tensor for a mixed micro-batch)
+        if self._teacher_cache is None or not model.training or not isinstance(kind, str) or kind != OFF_POLICY:
             return None
         return self._teacher_cache.batch(inputs["input_ids"], inputs["attention_mask"], completion)
 
