@@ -45,6 +45,7 @@ import dataclasses
 import json
 import os
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -269,7 +270,7 @@ def plot(table, path, title):
             ax.set_yscale("log")
             label += ", log scale"
         ax.set_title(label, fontsize=10)
-    fig.suptitle(title)
+    fig.suptitle(textwrap.fill(title, 150), fontsize=10)  # a long list of logs stays on the page
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
