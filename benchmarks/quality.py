@@ -201,7 +201,8 @@ def run_one(method, seed, setup, args) -> dict:
     student = trainer.model
     student.generation_config.eos_token_id = setup["tokenizer"].eos_token_id
     exact = evaluate(student, setup["tokenizer"], setup["eval"], max_new_tokens=config.max_new_tokens, desc=method)
-    row = {"method": method, "seed": seed, "split": args.heldout, "exact_match": exact, "train_s": round(train_s, 1)}
+    row = {"method": method, "seed": seed, "split": args.heldout, "exact_match": exact, "train_s": round(train_s, 1),
+           "teacher": teacher_label(args)}  # fmt: skip
     row["settings"] = setup["settings"].get(method, {})
     row.update(heldout_metrics(student, setup["examples"], setup["teacher_logits"]))
     history = trainer.state.log_history
@@ -216,20 +217,36 @@ def run_one(method, seed, setup, args) -> dict:
 
 
 def log_references(setup, teacher_dir: Path, args, log) -> None:
-    """Exact match of the untrained student and of the full-precision teacher on the held-out split (`REF` lines)."""
+    """Exact match of the untrained student, the full-precision teacher and the teacher as the distillers read it
+    (`--teacher-quant`) on the held-out split (`REF` lines)."""
     from transformers import AutoModelForCausalLM
 
     from speckd_trl.demo import evaluate
 
     max_new_tokens = setup["config"].max_new_tokens
-    for name, path in (("student before", setup["student_dir"]), ("teacher", teacher_dir)):
-        model = AutoModelForCausalLM.from_pretrained(str(path))
+    models = [("student before", setup["student_dir"]), ("teacher", teacher_dir)]
+    if args.teacher_quant != "none":  # the teacher the distillers read, beside the full-precision one
+        models.append((f"teacher as distilled from ({teacher_label(args)})", setup["teacher"]))
+    for name, path in models:
+        model = path if not isinstance(path, (str, Path)) else AutoModelForCausalLM.from_pretrained(str(path))
         model.generation_config.eos_token_id = setup["tokenizer"].eos_token_id
         exact = evaluate(model, setup["tokenizer"], setup["eval"], max_new_tokens=max_new_tokens, desc=name)
         row = {"model": name, "split": args.heldout, "items": len(setup["eval"]), "exact_match": exact}
         if name == "student before":  # its starting answer loss and acceptance, as measured after training
             row.update(heldout_metrics(model, setup["examples"], setup["teacher_logits"]))
         log("REF " + json.dumps(row))
+
+
+def teacher_skip(args) -> list[str] | None:
+    return [m.strip() for m in args.teacher_skip.split(",") if m.strip()] or None
+
+
+def teacher_label(args) -> str:
+    """The distillers' teacher as loaded, for titles and tables (older logs: NF4, double quantization)."""
+    quant = getattr(args, "teacher_quant", "nf4")
+    label = {"none": "float32", "int8": "int8", "nf4": "NF4", "fp4": "FP4"}[quant]
+    skip = getattr(args, "teacher_skip", "")
+    return f"{label} teacher" + (f" ({len(skip.split(','))} modules float32)" if skip and quant != "none" else "")
 
 
 def summarize(rows, methods):
@@ -323,6 +340,19 @@ def main():
         help="A teacher cache of the demo's train rows (benchmarks/teacher_cache.py --root DIR makes DIR/k32-float16): "
         "methods ending in '-cache' read their dataset batches from it instead of running the teacher.",
     )
+    parser.add_argument(
+        "--teacher-quant",
+        default="nf4",
+        choices=("none", "int8", "nf4", "fp4"),
+        help="How the distillers' teacher is loaded (SpecKDConfig.teacher_quantization; 'none': float32). Every "
+        "report names it; REF lines give both this teacher and the float32 one.",
+    )
+    parser.add_argument(
+        "--teacher-skip",
+        default="",
+        help="Comma-separated teacher modules kept in float32 when quantized (teacher_quantization_skip_modules), "
+        "e.g. from `speckd-trl check-teacher --sensitivity`.",
+    )
     parser.add_argument("--lora-r", type=int, default=None, help="LoRA rank (default: 32 for subset, 16 for base).")
     parser.add_argument("--batch-size", type=int, default=None, help="batch size (default: the demo's).")
     parser.add_argument(
@@ -404,14 +434,16 @@ def main():
         student_dir = healed_student(student_dir, cache, layers=layers, samples_per_prompt=4 if task else 8,
                                      task_prompts=prompts)  # fmt: skip
     cuda = torch.cuda.is_available()
-    load_args = SpecKDConfig(output_dir=args.output_dir, use_cpu=not cuda, teacher_load_in_4bit=True, report_to="none")
+    load_args = SpecKDConfig(output_dir=args.output_dir, use_cpu=not cuda, report_to="none",
+                             teacher_quantization=args.teacher_quant, teacher_bnb_4bit_use_double_quant=True,
+                             teacher_quantization_skip_modules=teacher_skip(args))  # fmt: skip
     heldout = data["eval"] if args.heldout == "demo" else heldout_rows(config, args.heldout, args.items)
     if args.heldout == "demo" and args.items:
         heldout = heldout.select(range(min(args.items, len(heldout))))
     setup = {
         "config": config,
         "student_dir": student_dir,
-        "teacher": load_teacher(str(teacher_dir), load_args),  # NF4, shared by every run (never trained)
+        "teacher": load_teacher(str(teacher_dir), load_args),  # as --teacher-quant says, shared by every run
         "tokenizer": AutoTokenizer.from_pretrained(str(student_dir)),
         "train": data["train"],
         "eval": heldout,
@@ -437,7 +469,8 @@ def main():
             log("RUN " + json.dumps(row))
 
     title = (
-        f"{'cuda' if cuda else 'cpu'}: {args.student} student, LoRA r={config.lora_r}, {args.steps} steps x batch "
+        f"{'cuda' if cuda else 'cpu'}: {teacher_label(args)}, {args.student} student, LoRA r={config.lora_r}, "
+        f"{args.steps} steps x batch "
         f"{config.batch_size}, lmbda {args.lmbda}, beta {args.beta}, {len(setup['eval'])} {args.heldout} prompts"
     )
     report(rows, methods, args, title, started, log=log)

@@ -15,6 +15,7 @@ accelerate launch --config_file examples/accelerate/multi_gpu.yaml -m speckd_trl
 accelerate launch --config_file examples/accelerate/multi_cpu.yaml -m speckd_trl --use_cpu --config recipe.yaml
 speckd-trl cache-teacher --config recipe.yaml --teacher_cache cache/   # the teacher's top-K, once (teacher_cache.py)
 speckd-trl --config recipe.yaml --teacher_cache cache/ --lmbda 0     # then train from it, no teacher in memory
+speckd-trl check-teacher --config recipe.yaml   # what quantizing the teacher costs it (tools/teacher_check.py)
 speckd-trl demo                            # the offline SmolLM2 demo (see speckd_trl/demo/app.py)
 speckd-trl plan --teacher t/config.json --student s/config.json --teacher-quant nf4   # will it fit? (speckd_trl/tools/plan.py)
 ```
@@ -240,6 +241,55 @@ def cache_teacher(script_args, training_args, model_args, trainer_args: TrainerA
     )
 
 
+def check_teacher(argv: list[str]) -> None:
+    """`speckd-trl check-teacher --config recipe.yaml [--check_samples 64] [--check_sensitivity]`: the recipe's teacher
+    as configured (`teacher_quantization`, `teacher_load_in_4bit`) against its full-precision self on the recipe's
+    dataset rows: KL per completion token, top-1 agreement, memory, a verdict (`tools/teacher_check.py`)."""
+    import argparse
+
+    from transformers import AutoTokenizer
+
+    from .tools.teacher_check import check_teacher as measure
+    from .tools.teacher_check import format_report
+
+    extra = argparse.ArgumentParser(
+        prog="speckd-trl check-teacher",
+        add_help=False,
+        description="Load the recipe's teacher in full precision and as configured (teacher_quantization, "
+        "teacher_load_in_4bit, teacher_quantization_skip_modules, teacher_bnb_4bit_*), compare them on the first "
+        "rows of --dataset_name: KL per completion token, top-1 agreement, memory, a verdict. Takes every training "
+        "flag (listed below) and these:",
+    )
+    extra.add_argument("--check_samples", type=int, default=64, help="dataset rows to compare the teachers on")
+    extra.add_argument("--check_batch_size", type=int, default=8, help="rows per forward pass")
+    extra.add_argument(
+        "--check_sensitivity",
+        action="store_true",
+        help="also rank the decoder layers by the KL that rounding each alone to 4 bits costs",
+    )
+    if "-h" in argv or "--help" in argv:
+        extra.print_help()
+        print()
+    options, rest = extra.parse_known_args(argv)
+    script_args, training_args, model_args, _ = parse(make_parser("gkd"), rest, "gkd")
+    teacher = training_args.teacher_model_name_or_path
+    if teacher is None:
+        raise CLIError("check-teacher needs --teacher_model_name_or_path (the teacher to check).")
+    _check_model_path("--teacher_model_name_or_path", teacher)
+    if script_args.dataset_name is None:
+        raise CLIError("check-teacher needs --dataset_name (the rows to compare the teachers on).")
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_args.model_name_or_path or teacher, trust_remote_code=training_args.trust_remote_code
+    )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    dataset = load_train_dataset(script_args.dataset_name, script_args.dataset_config)[script_args.dataset_train_split]
+    report = measure(teacher, training_args, dataset, tokenizer, samples=options.check_samples,
+                     batch_size=options.check_batch_size, sensitivity=options.check_sensitivity)  # fmt: skip
+    for line in format_report(report, training_args.teacher_quantization_skip_modules):
+        print(line)
+
+
 def demo(argv: list[str]) -> None:
     """`speckd-trl demo [--config examples/demo.yaml] [--field value ...]`: the offline SmolLM2 demo."""
     from trl import TrlParser
@@ -266,6 +316,11 @@ def make_plan_parser():
     parser.add_argument(
         "--teacher-quant", choices=TEACHER_QUANTS, default="none", help="Teacher weights (default: none)."
     )
+    parser.add_argument("--teacher-no-double-quant", "--teacher_no_double_quant", action="store_true",
+                        help="A 4-bit teacher without double quantization (teacher_bnb_4bit_use_double_quant=False).")  # fmt: skip
+    parser.add_argument("--teacher-full-layers", "--teacher_full_layers", type=int, default=0,
+                        help="Decoder layers of a quantized teacher kept in full precision "
+                        "(teacher_quantization_skip_modules; default: 0).")  # fmt: skip
     parser.add_argument(
         "--student-mode", choices=STUDENT_MODES, default="lora", help="Student training (default: lora)."
     )
@@ -321,6 +376,8 @@ def plan(argv: list[str]) -> None:
         teacher=args.teacher,
         student=args.student,
         teacher_quant=args.teacher_quant,
+        teacher_double_quant=not args.teacher_no_double_quant,
+        teacher_full_layers=args.teacher_full_layers,
         student_mode=args.student_mode,
         lora_r=args.lora_r,
         batch_size=args.batch_size,
@@ -351,7 +408,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         is_demo = argv[:1] == ["demo"]
         is_cache = argv[:1] == ["cache-teacher"]
-        command = argv[1:] if is_demo or is_cache else argv
+        is_check = argv[:1] == ["check-teacher"]
+        command = argv[1:] if is_demo or is_cache or is_check else argv
         if "--config" in command:
             value_index = command.index("--config") + 1
             path = command[value_index] if value_index < len(command) else ""
@@ -359,6 +417,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise CLIError(f"--config {path}: no such file.")
         if is_demo:
             demo(command)
+        elif is_check:
+            check_teacher(command)
         elif is_cache:
             trainer = trainer_choice(command)
             cache_teacher(*parse(make_parser(trainer), command, trainer))

@@ -24,6 +24,9 @@ GATE_PROPOSALS = ("greedy", "sample")
 SCHEDULES = ("constant", "linear")
 REJECT_TARGETS = ("teacher", "top_k")
 BNB_4BIT_QUANT_TYPES = ("nf4", "fp4")
+# how a teacher given as a name or path is loaded (`models.teacher_quantization_config`); "auto": the 4-bit setting
+# with teacher_load_in_4bit=True, else none
+TEACHER_QUANTIZATIONS = ("auto", "none", "int8", "nf4", "fp4")
 BNB_COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 ON_POLICY_GENERATIONS = ("student", "speculative")
 MIXINGS = ("batch", "sample")
@@ -388,7 +391,17 @@ class SpecKDConfig(GateConfigMixin, GKDConfig):
             the rest keep their `seq_kd` / dataset completions. Both draws come from a generator seeded with `seed`
             that advances identically on every process.
         teacher_load_in_4bit (`bool`, *optional*, defaults to `False`):
-            Load a teacher given as a name or path in 4-bit with bitsandbytes.
+            Load a teacher given as a name or path in 4-bit with bitsandbytes (`teacher_quantization="nf4"`, or
+            `teacher_bnb_4bit_quant_type`). `speckd-trl check-teacher` measures what it costs the teacher first.
+        teacher_quantization (`str`, *optional*, defaults to `"auto"`):
+            How a teacher given as a name or path is loaded: `"none"` (its own dtype), `"int8"` (bitsandbytes 8-bit),
+            `"nf4"` / `"fp4"` (bitsandbytes 4-bit, with the `teacher_bnb_4bit_*` settings), or `"auto"`: 4-bit as
+            `teacher_load_in_4bit` says, else none. A `transformers` `QuantizationConfig` object (HQQ, torchao, GPTQ,
+            ...) is used as it is (Python API only).
+        teacher_quantization_skip_modules (`list[str]` or `None`, *optional*, defaults to `None`):
+            Teacher modules kept in full precision when it is quantized, as module-name prefixes (e.g.
+            `["model.layers.0", "model.layers.29.mlp"]`; transformers' `llm_int8_skip_modules`, output layer always
+            kept). `speckd-trl check-teacher --check_sensitivity` ranks the decoder layers by what quantizing each costs.
         teacher_bnb_4bit_quant_type (`str`, *optional*, defaults to `"nf4"`):
             4-bit data type of the teacher: `"nf4"` or `"fp4"`.
         teacher_bnb_4bit_compute_dtype (`str`, *optional*, defaults to `"auto"`):
@@ -464,6 +477,23 @@ class SpecKDConfig(GateConfigMixin, GKDConfig):
         default=False,
         metadata={"help": "Load a teacher given as a name or path in 4-bit (bitsandbytes)."},
     )
+    teacher_quantization: str = field(
+        default="auto",
+        metadata={
+            "help": "How a teacher given as a name or path is loaded: 'none', 'int8' (bitsandbytes 8-bit), 'nf4' or "
+            "'fp4' (bitsandbytes 4-bit), or 'auto' (4-bit as teacher_load_in_4bit says, else none). "
+            "`speckd-trl check-teacher` measures what a setting costs the teacher.",
+            "choices": list(TEACHER_QUANTIZATIONS),
+        },
+    )
+    teacher_quantization_skip_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Teacher modules kept in full precision when it is quantized, as name prefixes (e.g. "
+            "model.layers.0); the output layer is always kept. `speckd-trl check-teacher --check_sensitivity` ranks "
+            "the layers."
+        },
+    )
     teacher_bnb_4bit_quant_type: str = field(
         default="nf4",
         metadata={"help": "4-bit data type of the teacher: 'nf4' or 'fp4'.", "choices": list(BNB_4BIT_QUANT_TYPES)},
@@ -508,6 +538,7 @@ class SpecKDConfig(GateConfigMixin, GKDConfig):
         _check_choice(owner, "loss_path", self.loss_path, LOSS_PATHS)
         _check_choice(owner, "teacher_bnb_4bit_quant_type", self.teacher_bnb_4bit_quant_type, BNB_4BIT_QUANT_TYPES)
         _check_choice(owner, "teacher_bnb_4bit_compute_dtype", self.teacher_bnb_4bit_compute_dtype, BNB_COMPUTE_DTYPES)
+        self._check_teacher_quantization()
         _check_int(owner, "loss_chunk_size", self.loss_chunk_size, 1)
         _check_choice(owner, "on_policy_generation", self.on_policy_generation, ON_POLICY_GENERATIONS)
         _check_int(
@@ -525,6 +556,57 @@ class SpecKDConfig(GateConfigMixin, GKDConfig):
         self._check_teacher_cache()
         _resolve_bf16(self)
         super().__post_init__()
+
+    def _check_teacher_quantization(self) -> None:
+        owner, value = type(self).__name__, self.teacher_quantization
+        if not isinstance(value, str):
+            from transformers.utils.quantization_config import QuantizationConfigMixin
+
+            if not isinstance(value, QuantizationConfigMixin):
+                raise ValueError(
+                    f"{owner}: teacher_quantization={value!r} is neither one of {', '.join(TEACHER_QUANTIZATIONS)} "
+                    "nor a transformers QuantizationConfig (e.g. BitsAndBytesConfig, HqqConfig, TorchAoConfig)."
+                )
+        else:
+            _check_choice(owner, "teacher_quantization", value, TEACHER_QUANTIZATIONS)
+        if self.teacher_load_in_4bit and self.teacher_quantization_method not in ("nf4", "fp4"):
+            raise ValueError(
+                f"{owner}: teacher_load_in_4bit=True with teacher_quantization={value!r}: the two disagree. Drop "
+                f"teacher_load_in_4bit, or set teacher_quantization to 'nf4' / 'fp4' / 'auto'."
+            )
+        skip = self.teacher_quantization_skip_modules
+        if skip is not None:
+            if isinstance(skip, str) or not all(isinstance(name, str) and name for name in skip):
+                raise ValueError(
+                    f"{owner}: teacher_quantization_skip_modules={skip!r} must be a list of module names, e.g. "
+                    "['model.layers.0', 'model.layers.29']."
+                )
+            if self.teacher_quantization_method == "none":
+                raise ValueError(
+                    f"{owner}: teacher_quantization_skip_modules={skip!r} keeps modules of a quantized teacher in full "
+                    "precision, but the teacher is not quantized (teacher_quantization='none', or 'auto' without "
+                    "teacher_load_in_4bit). Set teacher_quantization, or drop the list."
+                )
+
+    def to_dict(self) -> dict[str, Any]:
+        """`TrainingArguments.to_dict`, with a `QuantizationConfig` object in `teacher_quantization` as its own dict
+        (the config is saved and logged as JSON)."""
+        data = super().to_dict()
+        if not isinstance(self.teacher_quantization, str):
+            data["teacher_quantization"] = self.teacher_quantization.to_dict()
+        return data
+
+    @property
+    def teacher_quantization_method(self) -> str:
+        """How a teacher given by name is loaded: "none", "int8", "nf4", "fp4", or a QuantizationConfig's
+        `quant_method` (e.g. "hqq") for an object; "auto" resolved."""
+        value = self.teacher_quantization
+        if not isinstance(value, str):
+            method = getattr(value, "quant_method", "custom")
+            return str(getattr(method, "value", method))
+        if value == "auto":
+            return self.teacher_bnb_4bit_quant_type if self.teacher_load_in_4bit else "none"
+        return value
 
     def _check_teacher_cache(self) -> None:
         owner = type(self).__name__

@@ -40,11 +40,38 @@ def is_quantized(model: Any) -> bool:
     )
 
 
+def teacher_quantization_config(args: SpecKDConfig) -> Any:
+    """The `quantization_config` a teacher given by name is loaded with, or None for full precision.
+
+    `args.teacher_quantization` (resolved by `SpecKDConfig.teacher_quantization_method`): ``"int8"`` is bitsandbytes'
+    LLM.int8(), ``"nf4"`` / ``"fp4"`` bitsandbytes 4-bit with the `teacher_bnb_4bit_*` settings, a transformers
+    `QuantizationConfig` object is returned as it is. `args.teacher_quantization_skip_modules` become bitsandbytes'
+    `llm_int8_skip_modules`, with the output layer added: transformers keeps it unquantized only while that list is
+    unset, and the chunked loss reads it as a plain linear layer.
+    """
+    method = args.teacher_quantization_method
+    if not isinstance(args.teacher_quantization, str):
+        return args.teacher_quantization
+    if method == "none":
+        return None
+    skip = args.teacher_quantization_skip_modules
+    skip = None if skip is None else sorted({"lm_head", *skip})
+    if method == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=method,
+        bnb_4bit_compute_dtype=_compute_dtype(args),
+        bnb_4bit_use_double_quant=args.teacher_bnb_4bit_use_double_quant,
+        llm_int8_skip_modules=skip,
+    )
+
+
 def teacher_init_kwargs(args: SpecKDConfig) -> dict[str, Any]:
     """`from_pretrained` keyword arguments for the teacher, from `args.teacher_model_init_kwargs`.
 
-    Unlike `GKDTrainer`, a missing ``"dtype"`` key is fine (it defaults to ``"auto"``), and with
-    `args.teacher_load_in_4bit` a `BitsAndBytesConfig` and a k-bit device map are added.
+    Unlike `GKDTrainer`, a missing ``"dtype"`` key is fine (it defaults to ``"auto"``), and a quantized teacher
+    (`args.teacher_quantization`, `args.teacher_load_in_4bit`) gets its `quantization_config` and a device map.
     """
     kwargs = dict(args.teacher_model_init_kwargs or {})
     dtype = kwargs.get("dtype", "auto")
@@ -57,14 +84,15 @@ def teacher_init_kwargs(args: SpecKDConfig) -> dict[str, Any]:
         dtype = getattr(torch, dtype)
     kwargs["dtype"] = dtype
     kwargs.setdefault("trust_remote_code", args.trust_remote_code)
-    if args.teacher_load_in_4bit:
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=args.teacher_bnb_4bit_quant_type,
-            bnb_4bit_compute_dtype=_compute_dtype(args),
-            bnb_4bit_use_double_quant=args.teacher_bnb_4bit_use_double_quant,
-        )
-        # bitsandbytes weights cannot be moved after loading: place them on this process's training device now
+    quantization = teacher_quantization_config(args)
+    if quantization is not None:
+        if "quantization_config" in kwargs:
+            raise ValueError(
+                f"teacher_model_init_kwargs has a quantization_config and teacher_quantization="
+                f"{args.teacher_quantization_method!r} asks for another: keep one of the two."
+            )
+        kwargs["quantization_config"] = quantization
+        # quantized weights cannot be moved after loading: place them on this process's training device now
         kwargs.setdefault("device_map", {"": args.device})
     return kwargs
 
@@ -80,7 +108,7 @@ def _compute_dtype(args: SpecKDConfig) -> torch.dtype:
 
 
 def load_teacher(name_or_path: str, args: SpecKDConfig) -> PreTrainedModel:
-    """Load the teacher from a hub id or a local directory, in 4-bit when `args.teacher_load_in_4bit` is set.
+    """Load the teacher from a hub id or a local directory, quantized as `args.teacher_quantization` says.
 
     Raises:
         ValueError: when `name_or_path` cannot be loaded, with the path and the reason.

@@ -86,6 +86,7 @@ from .validation import (
     check_zero3_chunked,
     check_zero3_quantized_teacher,
     named_datasets,
+    quantization_setting,
 )
 from .weighting import GatedBatch, TokenGate
 
@@ -103,7 +104,7 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
     `gate/acceptance_rate*` and `reward/mean`, `reward/std` (per-sequence means).
 
     Args: the same as [`~trl.experimental.gkd.GKDTrainer`]; `args` must be a [`SpecKDConfig`]. `teacher_model` may be a
-    model, a name or a local path (loaded in 4-bit when `args.teacher_load_in_4bit`), or `None` to use
+    model, a name or a local path (quantized as `args.teacher_quantization` says), or `None` to use
     `args.teacher_model_name_or_path`. `processing_class` is required and must have a pad token.
     """
 
@@ -184,13 +185,15 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
             self._init_without_teacher(model, gkd_kwargs)
             return
         check_zero3_quantized_teacher(
-            args.teacher_load_in_4bit if isinstance(teacher_model, str) else is_quantized(teacher_model)
+            args.teacher_quantization_method != "none"
+            if isinstance(teacher_model, str)
+            else is_quantized(teacher_model)
         )
         # the teacher's own tokenizer, read from where it is (or was) loaded from, for the id-by-id comparison
         teacher_tokenizer = load_teacher_tokenizer(teacher_model, args)
         if isinstance(teacher_model, str):
-            if args.teacher_load_in_4bit:
-                check_4bit_teacher(args.device)
+            if args.teacher_quantization_method in ("int8", "nf4", "fp4"):
+                check_4bit_teacher(args.device, quantization_setting(args))
             teacher_model = load_teacher(teacher_model, args)
         else:
             check_loaded_teacher(teacher_model, args)

@@ -84,36 +84,53 @@ def check_fsdp_generation(args: Any, accelerator: Any) -> None:
         )
 
 
-def check_4bit_teacher(device: torch.device | str) -> None:
-    """Raise if a 4-bit teacher cannot be loaded here: bitsandbytes missing, or a device it has no kernels for."""
+def check_4bit_teacher(device: torch.device | str, setting: str = "teacher_load_in_4bit=True") -> None:
+    """Raise if a bitsandbytes teacher (`setting`: what asked for it) cannot be loaded here: bitsandbytes missing, or a
+    device it has no kernels for."""
     if not bitsandbytes_available():
         raise ImportError(
-            "teacher_load_in_4bit=True needs the bitsandbytes package, which is not installed. Install it with "
-            "`pip install bitsandbytes`, or set teacher_load_in_4bit=False."
+            f"{setting} needs the bitsandbytes package, which is not installed. Install it with "
+            "`pip install bitsandbytes`, or load the teacher in full precision (teacher_quantization='none')."
         )
     device_type = torch.device(device).type
     if device_type not in BNB_4BIT_DEVICES:
         raise ValueError(
-            f"teacher_load_in_4bit=True is not supported on device {device_type!r}: bitsandbytes has 4-bit kernels "
-            f"for {', '.join(BNB_4BIT_DEVICES)} only. Train on one of those, or set teacher_load_in_4bit=False."
+            f"{setting} is not supported on device {device_type!r}: bitsandbytes has kernels for "
+            f"{', '.join(BNB_4BIT_DEVICES)} only. Train on one of those, or load the teacher in full precision "
+            "(teacher_quantization='none')."
         )
+
+
+def quantization_setting(args: Any) -> str:
+    """How the config asks for a quantized teacher, as the user wrote it (for error messages)."""
+    if args.teacher_load_in_4bit and args.teacher_quantization == "auto":
+        return "teacher_load_in_4bit=True"
+    return f"teacher_quantization={args.teacher_quantization_method!r}"
 
 
 def check_loaded_teacher(teacher: Any, args: Any) -> None:
     """Raise for settings that apply only to a teacher given as a name or path when the teacher is a loaded model.
 
-    - `teacher_load_in_4bit=True` on a teacher that is not quantized: it cannot be applied to a loaded model, and the
+    - `teacher_load_in_4bit=True` (or another `teacher_quantization`) on a teacher that is not quantized: it cannot be applied to a loaded model, and the
       teacher would stay in full precision (an out-of-memory on the GPU it was meant to fit, or silently more memory).
     - `teacher_model_init_kwargs`: loading arguments for a model that is already loaded.
     """
-    if args.teacher_load_in_4bit and not is_quantized(teacher):
+    method = args.teacher_quantization_method
+    if method != "none" and not is_quantized(teacher):
         path = getattr(teacher, "name_or_path", None) or "path/to/teacher"
+        example = (
+            "BitsAndBytesConfig(load_in_8bit=True)"
+            if method == "int8"
+            else f"BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='{method}')"
+            if method in ("nf4", "fp4")
+            else "the QuantizationConfig you passed"
+        )
         raise ValueError(
-            f"teacher_load_in_4bit=True loads a teacher given as a name or path in 4-bit, but the teacher passed is an "
+            f"{quantization_setting(args)} quantizes a teacher given as a name or path, but the teacher passed is an "
             f"already loaded {type(teacher).__name__} in {getattr(teacher, 'dtype', 'full precision')}, which it "
             f"cannot quantize: it would train in full precision. Pass its name or path instead "
-            f"(teacher_model={path!r}), or load it in 4-bit yourself: AutoModelForCausalLM.from_pretrained({path!r}, "
-            "quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4'))."
+            f"(teacher_model={path!r}), or load it quantized yourself: AutoModelForCausalLM.from_pretrained({path!r}, "
+            f"quantization_config={example})."
         )
     if args.teacher_model_init_kwargs is not None:
         raise ValueError(

@@ -66,12 +66,18 @@ def test_demo_pipeline_end_to_end_on_a_tiny_model(tiny_llama, tmp_path, monkeypa
         batch_size=4,
         lora_r=4,
         max_new_tokens=3,
-        teacher_load_in_4bit=True,
+        teacher_load_in_4bit=student_init == "base",  # NF4 on one run, full precision on the other
         drafter_prompts=4,
         drafter_assistant_tokens=2,
     )
     summary = run_demo(config)
-    assert set(summary["accuracy"]) == {"teacher", "student before", "student after"}
+    if student_init == "base":  # the teacher the student learned from, beside the full-precision one
+        teachers = {"teacher (full precision)", "teacher as distilled from (NF4)"}
+        assert summary["teacher_loaded_as"] == "NF4"
+    else:
+        teachers = {"teacher"}
+        assert summary["teacher_loaded_as"] == "full precision"
+    assert set(summary["accuracy"]) == teachers | {"student before", "student after"}
     accuracy = summary["accuracy"]
     assert summary["student_gain_points"] == round(100 * (accuracy["student after"] - accuracy["student before"]), 1)
     out = tmp_path / "speckd-demo"

@@ -135,12 +135,20 @@ def test_teacher_tokenizer_that_differs_token_by_token(tmp_path, passed_as):
     assert "'user' vs 'assistant'" in str(err.value)
 
 
-def test_4bit_flag_with_a_loaded_teacher(tmp_path):
-    """`teacher_load_in_4bit` cannot quantize a loaded model: an error, not a full-precision teacher."""
+@pytest.mark.parametrize(
+    "kwargs, setting, example",
+    [
+        ({"teacher_load_in_4bit": True}, "teacher_load_in_4bit=True", "BitsAndBytesConfig(load_in_4bit=True"),
+        ({"teacher_quantization": "int8"}, "teacher_quantization='int8'", "BitsAndBytesConfig(load_in_8bit=True)"),
+    ],
+)
+def test_4bit_flag_with_a_loaded_teacher(tmp_path, kwargs, setting, example):
+    """`teacher_load_in_4bit` / `teacher_quantization` cannot quantize a loaded model: an error, not a full-precision
+    teacher."""
     tokenizer = make_tokenizer()
-    with pytest.raises(ValueError, match=r"teacher_load_in_4bit=True loads a teacher given as a name or path") as err:
-        make(tokenizer, make_model(0, tokenizer), make_model(1, tokenizer), teacher_load_in_4bit=True, output_dir="x")
-    assert "quantization_config=BitsAndBytesConfig(load_in_4bit=True" in str(err.value)
+    with pytest.raises(ValueError, match=rf"{re.escape(setting)} quantizes a teacher given as a name or path") as err:
+        make(tokenizer, make_model(0, tokenizer), make_model(1, tokenizer), **kwargs, output_dir="x")
+    assert f"quantization_config={example}" in str(err.value)
 
 
 def loaded_in_4bit(path, seed: int, tokenizer):

@@ -100,6 +100,32 @@ def test_4bit_nf4_teacher_from_a_saved_directory(tmp_path, loss_path):
     assert layers and all(m.weight.quant_type == "nf4" for m in layers)
 
 
+@pytest.mark.parametrize(
+    "quantization, skip, layer_class",
+    [("int8", None, "Linear8bitLt"), ("nf4", ["model.layers.0"], "Linear4bit"), ("fp4", None, "Linear4bit")],
+)
+def test_teacher_quantization_loads_and_trains(tmp_path, quantization, skip, layer_class):
+    """`teacher_quantization` beyond `teacher_load_in_4bit`: int8, FP4, and NF4 with a decoder layer kept in float32
+    (`teacher_quantization_skip_modules`); the output layer stays a plain linear layer for the chunked loss."""
+    bnb = pytest.importorskip("bitsandbytes")
+    tokenizer = make_tokenizer()
+    teacher_dir = tmp_path / "teacher"
+    make_model(1, tokenizer).save_pretrained(teacher_dir)
+    trainer, logs, changed = run(tmp_path / "out", teacher=str(teacher_dir), teacher_quantization=quantization,
+                                 teacher_quantization_skip_modules=skip, lmbda=0.5, max_steps=2)  # fmt: skip
+    check_logs(logs)
+    assert changed
+    teacher = trainer.teacher_model
+    for index, layer in enumerate(teacher.model.layers):
+        kept = skip is not None and f"model.layers.{index}" in skip
+        classes = {type(m).__name__ for m in layer.modules() if isinstance(m, torch.nn.Linear)}
+        assert classes == ({"Linear"} if kept else {layer_class}), (index, classes)
+    assert type(teacher.lm_head) is torch.nn.Linear
+    if layer_class == "Linear4bit":
+        quantized = [m for m in teacher.modules() if isinstance(m, bnb.nn.Linear4bit)]
+        assert all(m.weight.quant_type == quantization for m in quantized)
+
+
 def test_checkpoint_resumes(tmp_path):
     run(tmp_path, lmbda=0.5, save_strategy="steps", save_steps=2, max_steps=2)
     assert (tmp_path / "checkpoint-2").is_dir()

@@ -97,6 +97,21 @@ class DemoConfig:
     )
     max_new_tokens: int = field(default=8, metadata={"help": "Generation length for on-policy batches and eval."})
     teacher_load_in_4bit: bool = field(default=True, metadata={"help": "Quantize the teacher to NF4 for distilling."})
+    teacher_quantization: str = field(
+        default="auto",
+        metadata={
+            "help": "How the distilling teacher is loaded (SpecKDConfig.teacher_quantization): 'none', 'int8', "
+            "'nf4', 'fp4', or 'auto' (NF4 with teacher_load_in_4bit, else none). Its accuracy as loaded is reported "
+            "beside the full-precision teacher's."
+        },
+    )
+    teacher_quantization_skip_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Teacher modules kept in full precision when quantized (SpecKDConfig's field of that name; "
+            "`speckd-trl check-teacher --check_sensitivity` ranks the layers)."
+        },
+    )
     eval_drafter: bool = field(
         default=True,
         metadata={
@@ -274,7 +289,8 @@ def _drafter_line(name: str, result: dict[str, float]) -> str:
 
 
 def distill(teacher_dir: Path, student_dir: Path, train, config: DemoConfig, out: Path):
-    """Distill with `SpecKDTrainer`: NF4 teacher, LoRA student (all linear layers plus the RMSNorm weights)."""
+    """Distill with `SpecKDTrainer`: the teacher as `teacher_quantization` says (NF4 by default), LoRA student (all
+    linear layers plus the RMSNorm weights)."""
     from peft import LoraConfig
     from transformers import AutoTokenizer
 
@@ -291,7 +307,9 @@ def distill(teacher_dir: Path, student_dir: Path, train, config: DemoConfig, out
         gate=config.gate,
         gate_top_k=config.gate_top_k,
         reject_weight=config.reject_weight,
-        teacher_load_in_4bit=config.teacher_load_in_4bit,
+        teacher_load_in_4bit=config.teacher_load_in_4bit and config.teacher_quantization == "auto",
+        teacher_quantization=config.teacher_quantization,
+        teacher_quantization_skip_modules=config.teacher_quantization_skip_modules,
     )
     peft_config = LoraConfig(
         r=config.lora_r,
@@ -311,9 +329,37 @@ def distill(teacher_dir: Path, student_dir: Path, train, config: DemoConfig, out
         for name, param in trainer.model.named_parameters():
             if "norm" in name and "lora_" not in name:
                 param.requires_grad_(True)
-    print(f"[distill] {config.distill_steps} SpecKD steps, gate={config.gate}, lmbda={config.lmbda}")
+    print(
+        f"[distill] {config.distill_steps} SpecKD steps, gate={config.gate}, lmbda={config.lmbda}, teacher loaded as "
+        f"{teacher_label(args)}"
+    )
     trainer.train()
     return trainer, tokenizer
+
+
+def teacher_label(args) -> str:
+    """How the distilling teacher is loaded, in a few words: "float32", "NF4", "NF4, 4 modules in float32", ..."""
+    method = args.teacher_quantization_method
+    label = {"none": "full precision", "int8": "int8", "nf4": "NF4", "fp4": "FP4"}.get(method, method)
+    skip = args.teacher_quantization_skip_modules
+    return label + (f", {len(skip)} modules in full precision" if skip and method != "none" else "")
+
+
+def teacher_as_distilled_accuracy(trainer, teacher_dir: Path, data, data_key: str, config: DemoConfig) -> float:
+    """Accuracy on the eval split of the teacher the student learned from (as the trainer loaded it), cached next to
+    the teacher by how it was loaded."""
+    args = trainer.args
+    how = (args.teacher_quantization_method, args.teacher_bnb_4bit_use_double_quant,
+           args.teacher_quantization_skip_modules)  # fmt: skip
+    record = teacher_dir / f"eval-{_key(data_key, config.max_new_tokens, how)}.json"
+    if record.is_file():
+        return json.loads(record.read_text())["accuracy"]
+    teacher = trainer.accelerator.unwrap_model(trainer.teacher_model)
+    tokenizer = trainer.processing_class
+    teacher.generation_config.eos_token_id = tokenizer.eos_token_id
+    accuracy = evaluate(teacher, tokenizer, data, max_new_tokens=config.max_new_tokens, desc="eval teacher as used")
+    record.write_text(json.dumps({"accuracy": accuracy, "loaded": teacher_label(args)}))
+    return accuracy
 
 
 def plot(history: list[dict[str, Any]], accuracies: dict[str, float], path: Path) -> None:
@@ -340,7 +386,9 @@ def plot(history: list[dict[str, Any]], accuracies: dict[str, float], path: Path
     if ax_rate.lines:
         ax_rate.legend()
     names = list(accuracies)
-    ax_acc.bar(names, [100 * accuracies[n] for n in names], color=["#555", "#c66", "#2a7"])
+    colors = {"student before": "#c66", "student after": "#2a7"}
+    ax_acc.bar(range(len(names)), [100 * accuracies[n] for n in names], color=[colors.get(n, "#555") for n in names])
+    ax_acc.set_xticks(range(len(names)), [n.replace(" (", "\n(") for n in names], fontsize=8)
     for i, name in enumerate(names):
         ax_acc.text(i, 100 * accuracies[name] + 1, f"{100 * accuracies[name]:.0f}%", ha="center")
     ax_acc.set(ylabel="held-out exact match (%)", title="Accuracy", ylim=(0, 100))
@@ -411,9 +459,18 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         student_before, student_tokenizer = _load(student_dir)
         drafter["before"] = measure_drafter(student_before, teacher_dir, student_tokenizer, data["eval"], config)
         del student_before
-    print("[5/6] distillation with SpecKDTrainer (NF4 teacher, LoRA student)")
+    print("[5/6] distillation with SpecKDTrainer (LoRA student)")
     trainer, tokenizer = distill(teacher_dir, student_dir, data["train"], config, out)
     print("[6/6] evaluation and outputs")
+    used = teacher_label(trainer.args)
+    if trainer.args.teacher_quantization_method != "none":  # the teacher the student learned from, beside the other
+        accuracies = {
+            "teacher (full precision)": accuracies.pop("teacher"),
+            f"teacher as distilled from ({used})": teacher_as_distilled_accuracy(
+                trainer, teacher_dir, data["eval"], data_key, config
+            ),
+            **accuracies,
+        }
     student = trainer.model
     student.generation_config.eos_token_id = tokenizer.eos_token_id
     accuracies["student after"] = evaluate(
@@ -432,6 +489,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     gain = accuracies["student after"] - accuracies["student before"]
     summary = {
         "accuracy": accuracies,
+        "teacher_loaded_as": used,
         "student_gain_points": round(100 * gain, 1),
         "acceptance_rate_curve": rates,
         "parameters": {

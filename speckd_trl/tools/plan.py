@@ -19,8 +19,11 @@ The model, term by term (``b`` = bytes per element of the compute dtype: 4 float
 - **Teacher weights**: ``P * b`` unquantized; 8-bit: 1 B per linear parameter (the per-row scales are negligible);
   NF4 with double quantization (our default): 4 bits + an 8-bit absmax per 64-block + a float32 constant per 256
   absmax = 0.5159 B per linear parameter; the embeddings, output layer and norms stay in the compute dtype (this
-  reproduces the 5.32 GiB measured on an H100 for the 8B-shaped NF4 teacher: 5.31 GiB). The bf16 copy of one
-  weight that bitsandbytes dequantizes during the forward pass is not counted.
+  reproduces the 5.32 GiB measured on an H100 for the 8B-shaped NF4 teacher: 5.31 GiB); FP4 the same; without double
+  quantization (``teacher_double_quant=False``) a float32 absmax per 64-block: 0.5625 B. ``teacher_full_layers``
+  decoder layers kept in full precision (`SpecKDConfig.teacher_quantization_skip_modules`, as `speckd-trl
+  check-teacher --check_sensitivity` suggests) count ``b`` per linear parameter (every layer of a model has the same
+  size). The bf16 copy of one weight that bitsandbytes dequantizes during the forward pass is not counted.
 - **Student weights**: ``P * b`` (full and LoRA); QLoRA: as the NF4 teacher.
 - **Trainable state**: full: gradients ``P * b`` and AdamW's two moments ``2 * P * b`` (`torch.optim.AdamW` keeps
   them in the parameter's dtype; 8 B per parameter in float32); LoRA / QLoRA: rank ``r`` on every linear layer of
@@ -113,7 +116,7 @@ from typing import Any
 
 GIB = 2**30
 DEFAULT_RESERVE_GIB = 2.0  # CUDA context, allocator fragmentation: kept free by `fits`
-TEACHER_QUANTS = ("none", "8bit", "nf4")
+TEACHER_QUANTS = ("none", "8bit", "int8", "nf4", "fp4")  # "int8" is "8bit": SpecKDConfig.teacher_quantization's name
 STUDENT_MODES = ("full", "lora", "qlora")
 OPTIMIZERS = ("adamw", "adamw_8bit", "sgd")
 LOSS_PATHS = ("eager", "chunked")
@@ -121,6 +124,7 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 ENGINES = ("ddp", "fsdp2", "zero3")
 
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes, 8-bit absmax per 64, fp32 per 256 absmax
+NF4_SINGLE_BYTES_PER_PARAM = 0.5 + 4 / 64  # 4-bit codes, float32 absmax per 64 (no double quantization)
 INT8_BYTES_PER_PARAM = 1.0
 
 # Calibrated constants (see the module docstring).
@@ -238,6 +242,8 @@ class PlanConfig:
     teacher: Any
     student: Any
     teacher_quant: str = "none"
+    teacher_double_quant: bool = True
+    teacher_full_layers: int = 0
     student_mode: str = "lora"
     lora_r: int = 16
     batch_size: int = 2
@@ -267,6 +273,15 @@ class PlanConfig:
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"PlanConfig: {name}={getattr(self, name)!r} is not valid; use one of {allowed}.")
+        if self.teacher_quant == "int8":
+            self.teacher_quant = "8bit"
+        if not isinstance(self.teacher_full_layers, int) or self.teacher_full_layers < 0:
+            raise ValueError(f"PlanConfig: teacher_full_layers={self.teacher_full_layers!r} must be an integer >= 0.")
+        if self.teacher_full_layers and self.teacher_quant == "none":
+            raise ValueError(
+                f"PlanConfig: teacher_full_layers={self.teacher_full_layers} keeps layers of a quantized teacher in full "
+                "precision, but teacher_quant='none'."
+            )
         if self.teacher_cache_top_k < 0:
             raise ValueError(f"PlanConfig: teacher_cache_top_k={self.teacher_cache_top_k} must be >= 0 (0: no cache).")
         if self.engine == "zero3" and self.teacher_quant != "none":
@@ -378,8 +393,8 @@ def _changes(cfg: PlanConfig, base_batch: int | None = None) -> list[tuple[str, 
         changes.append(("--loss-path chunked", {"loss_path": "chunked"}))
     if not cfg.gradient_checkpointing:
         changes.append(("--gradient-checkpointing", {"gradient_checkpointing": True}))
-    if cfg.teacher_quant != "nf4":
-        changes.append(("--teacher-quant nf4", {"teacher_quant": "nf4"}))
+    if cfg.teacher_quant not in ("nf4", "fp4"):
+        changes.append(("--teacher-quant nf4", {"teacher_quant": "nf4", "teacher_full_layers": 0}))
     if cfg.student_mode == "full":
         changes.append(("--student-mode lora", {"student_mode": "lora"}))
         if cfg.optimizer == "adamw":
@@ -396,14 +411,22 @@ def _changes(cfg: PlanConfig, base_batch: int | None = None) -> list[tuple[str, 
     return changes
 
 
-def _weight_bytes(shape: ModelShape, quant: str, b: int) -> float:
-    """Bytes of a model's weights: decoder linear layers quantized as `quant`, everything else in the dtype."""
-    rest = shape.num_parameters - shape.linear_parameters
-    if quant == "nf4":
-        return shape.linear_parameters * NF4_BYTES_PER_PARAM + rest * b
-    if quant == "8bit":
-        return shape.linear_parameters * INT8_BYTES_PER_PARAM + rest * b
-    return shape.num_parameters * b
+def _weight_bytes(shape: ModelShape, quant: str, b: int, *, double_quant: bool = True, full_layers: int = 0) -> float:
+    """Bytes of a model's weights: decoder linear layers quantized as `quant` (but `full_layers` of them), everything
+    else in the dtype."""
+    if quant == "none":
+        return shape.num_parameters * b
+    full = shape.linear_parameters * min(full_layers, shape.num_layers) / shape.num_layers
+    rest = shape.num_parameters - shape.linear_parameters + full
+    quantized = shape.linear_parameters - full
+    if quant in ("nf4", "fp4"):
+        return quantized * (NF4_BYTES_PER_PARAM if double_quant else NF4_SINGLE_BYTES_PER_PARAM) + rest * b
+    return quantized * INT8_BYTES_PER_PARAM + rest * b
+
+
+def _teacher_weight_bytes(cfg: PlanConfig, teacher: ModelShape, b: int) -> float:
+    return _weight_bytes(teacher, cfg.teacher_quant, b, double_quant=cfg.teacher_double_quant,
+                         full_layers=cfg.teacher_full_layers)  # fmt: skip
 
 
 def layer_activation_bytes(shape: ModelShape, b: int) -> float:
@@ -506,22 +529,22 @@ def _apply_layout(
     if cfg.teacher_offload:
         host = terms["teacher weights"]
         terms["teacher weights"] = 0.0
-        streamed = _teacher_streamed_bytes(teacher, cfg.teacher_quant, b)
+        streamed = _teacher_streamed_bytes(cfg, teacher, b)
         for values in phases.values():
             if "gradients" in values:  # the training steps run the teacher's forward pass
                 values["teacher streamed from host"] = streamed
-        whole = _weight_bytes(teacher, cfg.teacher_quant, b)
+        whole = _teacher_weight_bytes(cfg, teacher, b)
         notes.append(f"Teacher offloaded: {host / GIB:.2f} GiB of its weights per process in host memory; every "
                      f"teacher forward pass copies all {whole / GIB:.2f} GiB of them to the GPU (about "
                      f"{whole / (25 * GIB):.2f} s at 25 GB/s PCIe, per step; more with speculative generation), "
                      "with its input/output layers and two decoder layers on the GPU at a time (not measured here).")  # fmt: skip
 
 
-def _teacher_streamed_bytes(teacher: ModelShape, quant: str, b: int) -> float:
+def _teacher_streamed_bytes(cfg: PlanConfig, teacher: ModelShape, b: int) -> float:
     """An offloaded teacher's weights on the GPU at once: its root unit (embedding, output layer, norms: held through
     the forward pass) and two decoder layers (the running one and the next, prefetched)."""
     root = (teacher.num_parameters - teacher.linear_parameters) * b
-    layer = (_weight_bytes(teacher, quant, b) - root) / teacher.num_layers
+    layer = (_teacher_weight_bytes(cfg, teacher, b) - root) / teacher.num_layers
     return root + 2 * layer
 
 
@@ -547,9 +570,7 @@ def estimate_memory(
 
     cached = config.teacher_cache_top_k > 0
     teacher_loaded = not (cached and config.lmbda == 0.0)  # the cache alone: no teacher in memory
-    terms: dict[str, float] = {
-        "teacher weights": _weight_bytes(teacher, config.teacher_quant, b) if teacher_loaded else 0.0
-    }
+    terms: dict[str, float] = {"teacher weights": _teacher_weight_bytes(config, teacher, b) if teacher_loaded else 0.0}
     if not teacher_loaded:
         notes.append(f"Teacher cache (K={config.teacher_cache_top_k}) and lmbda=0: no teacher is loaded.")
     student_quant = "nf4" if config.student_mode == "qlora" else "none"
@@ -621,6 +642,8 @@ def format_plan(plan: MemoryPlan, budget_gib: float = 24.0, reserve_gib: float =
     lines = [
         f"teacher: {t.name}: {t.num_parameters / 1e9:.2f}B parameters, {t.num_layers} layers, hidden {t.hidden_size}, "
         f"vocab {t.vocab_size}, {cfg.teacher_quant}"
+        + (" (no double quantization)" if cfg.teacher_quant in ("nf4", "fp4") and not cfg.teacher_double_quant else "")
+        + (f", {cfg.teacher_full_layers} layers in full precision" if cfg.teacher_full_layers else "")
         + (
             f", dataset batches from a teacher cache of K={cfg.teacher_cache_top_k}" if cfg.teacher_cache_top_k else ""
         ),

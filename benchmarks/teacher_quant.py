@@ -1,0 +1,295 @@
+"""The teacher as it really teaches: the demo's tuned SmolLM2-135M teacher loaded each way, side by side, in one run.
+
+    python benchmarks/teacher_quant.py --heldout test --threads 1             # every setting that runs here
+    python benchmarks/teacher_quant.py --settings float32,nf4,nf4-skip4 --heldout validation --items 200
+
+A student distils the teacher as it is loaded, not the teacher in the model card. For each setting this loads the
+tuned teacher of the quality benchmark (`benchmarks/quality.py`: the demo's SmolLM2-135M-Instruct tuned 60 steps on
+reasoning-gym sums) and measures, on the held-out split (`quality.heldout_rows`: `test` is the 500 items the quality
+tables report on):
+
+- `exact match`: greedy answers equal to the reference (8 new tokens, as the quality benchmark);
+- `KL`: the forward KL from the float32 teacher per answer token, teacher-forced on the reference answers (nats);
+- `top-1`: the share of those positions where both rank the same token first;
+- `weights MiB`: `model.get_memory_footprint()` (parameters and buffers, quantization constants included);
+- `peak MiB`: the process's peak above the start while loading the setting and running one answer pass
+  (`PeakMemory`; resident set on a CPU, noisy: run with `MALLOC_MMAP_THRESHOLD_=1048576`).
+
+Settings (`SETTINGS`; every 4-bit setting runs with float32 compute):
+
+- `float32`, `int8` (bitsandbytes LLM.int8()), `nf4` (single quantization), `nf4-double` (NF4 with double
+  quantization: what `teacher_load_in_4bit=True` loaded before this benchmark), `fp4`;
+- `nf4-skipN`: NF4 with the N decoder layers kept in float32 that a measured per-layer sensitivity ranks first
+  (`speckd_trl.tools.teacher_check.layer_sensitivity`: KL when only that layer is rounded to NF4, on the first
+  `--calibration` *train* rows, never the held-out ones), i.e. `teacher_quantization_skip_modules`;
+- `nf4-first-last`: NF4 with the first 2 and last 2 layers in float32 (the hand-picked choice, for comparison);
+- `qlora`: a teacher tuned in NF4 with LoRA (QLoRA: the skill lives in full-precision adapters; same data, steps and
+  batch as the demo's teacher tune, LoRA r=16 on every linear layer, learning rate `--qlora-lr`), used as NF4 + LoRA;
+- `hqq4` (HQQ 4-bit, group 64) and `torchao-int4` (torchao int4 weight-only, group 64): calibration-free 4-bit
+  through transformers' quantization configs, when their packages are installed (a missing package is a SKIP line).
+
+Prints a table, one `ROW` JSON line per setting, a final JSON line, and saves a plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # quality.py: held-out rows and answer positions
+
+FIRST_LAST = ["model.layers.0", "model.layers.1", "model.layers.28", "model.layers.29"]
+SETTINGS = (
+    "float32",
+    "int8",
+    "nf4",
+    "nf4-double",
+    "fp4",
+    "nf4-first-last",
+    "nf4-skip2",
+    "nf4-skip4",
+    "nf4-skip8",
+    "qlora",
+    "hqq4",
+    "torchao-int4",
+)
+
+
+def speckd_args(setting: str, ranking: list[str], output_dir: str):
+    """The `SpecKDConfig` a bitsandbytes setting is loaded with (None for the others)."""
+    from speckd_trl import SpecKDConfig
+
+    common = dict(output_dir=output_dir, use_cpu=True, report_to="none", teacher_bnb_4bit_compute_dtype="float32")
+    if setting == "float32":
+        return SpecKDConfig(**common, teacher_quantization="none")
+    if setting in ("int8", "nf4", "fp4"):
+        return SpecKDConfig(**common, teacher_quantization=setting, teacher_bnb_4bit_use_double_quant=False)
+    if setting == "nf4-double":
+        return SpecKDConfig(**common, teacher_quantization="nf4", teacher_bnb_4bit_use_double_quant=True)
+    if setting == "nf4-first-last":
+        return SpecKDConfig(**common, teacher_quantization="nf4", teacher_bnb_4bit_use_double_quant=False,
+                            teacher_quantization_skip_modules=FIRST_LAST)  # fmt: skip
+    if setting.startswith("nf4-skip"):
+        keep = ranking[: int(setting[len("nf4-skip") :])]
+        return SpecKDConfig(**common, teacher_quantization="nf4", teacher_bnb_4bit_use_double_quant=False,
+                            teacher_quantization_skip_modules=keep)  # fmt: skip
+    return None
+
+
+def other_config(setting: str):
+    """A transformers quantization config for the settings outside bitsandbytes; ImportError when not installed."""
+    import torch
+
+    if setting == "hqq4":
+        import hqq  # noqa: F401  (transformers only says "not available" otherwise)
+        from transformers import HqqConfig
+
+        return HqqConfig(nbits=4, group_size=64)
+    if setting == "torchao-int4":
+        import torchao  # noqa: F401
+        from torchao.quantization import IntxWeightOnlyConfig
+        from torchao.quantization.granularity import PerGroup
+        from transformers import TorchAoConfig
+
+        return TorchAoConfig(IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(64)))
+    raise ValueError(setting)
+
+
+def qlora_teacher(base: Path, train, cache: Path, *, steps: int, lr: float, batch_size: int, seed: int) -> Path:
+    """LoRA adapters tuned on an NF4 base (QLoRA), the demo teacher's data, steps and batch; cached."""
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from speckd_trl.demo.app import _key
+
+    out = cache / f"qlora-teacher-{_key(str(base), steps, lr, batch_size, seed)}"
+    if (out / "adapter_config.json").is_file():
+        return out
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(base), quantization_config=bnb, device_map={"": "cpu"})
+    pairs = train.map(
+        lambda row: {"prompt": row["messages"][:-1], "completion": row["messages"][-1:]},
+        remove_columns=train.column_names,
+    )
+    args = SFTConfig(output_dir=str(out) + ".run", max_steps=steps, learning_rate=lr, per_device_train_batch_size=batch_size,
+                     lr_scheduler_type="cosine", warmup_steps=max(1, steps // 10), logging_steps=5, save_strategy="no",
+                     report_to="none", seed=seed, use_cpu=True, bf16=False)  # fmt: skip
+    peft = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear")
+    trainer = SFTTrainer(model=model, args=args, train_dataset=pairs, peft_config=peft)
+    print(f"[qlora] tuning LoRA r=16 on the NF4 base for {steps} steps, lr {lr}", flush=True)
+    trainer.train()
+    trainer.model.save_pretrained(str(out))
+    return out
+
+
+def load_setting(setting: str, teacher_dir: Path, ranking: list[str], args, setup) -> tuple:
+    """(model, how it was loaded, in words)."""
+    from transformers import AutoModelForCausalLM
+
+    from speckd_trl.models import load_teacher
+
+    loading = speckd_args(setting, ranking, args.output_dir)
+    if loading is not None:
+        model = load_teacher(str(teacher_dir), loading)
+        skip = loading.teacher_quantization_skip_modules
+        return model, f"teacher_quantization={loading.teacher_quantization_method}" + (
+            f", kept {skip}" if skip else ""
+        )
+    if setting == "qlora":
+        import torch
+        from peft import PeftModel
+        from transformers import BitsAndBytesConfig
+
+        adapter = qlora_teacher(setup["base"], setup["train"], setup["cache"], steps=setup["config"].teacher_steps,
+                                lr=args.qlora_lr, batch_size=setup["config"].batch_size, seed=0)  # fmt: skip
+        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+        base = AutoModelForCausalLM.from_pretrained(
+            str(setup["base"]), quantization_config=bnb, device_map={"": "cpu"}
+        )
+        return PeftModel.from_pretrained(base, str(adapter)).eval(), f"NF4 base + LoRA tuned on it ({adapter.name})"
+    config = other_config(setting)
+    model = AutoModelForCausalLM.from_pretrained(str(teacher_dir), quantization_config=config, device_map="cpu")
+    return model, type(config).__name__
+
+
+def answer_kl(reference, logits) -> tuple[float, float, int]:
+    """Summed KL(reference || model) and top-1 agreements over the answer positions, and the position count."""
+    kl, agree, n = 0.0, 0, 0
+    for ref, out in zip(reference, logits, strict=True):
+        log_p, log_q = ref.log_softmax(-1), out.log_softmax(-1)
+        kl += (log_p.exp() * (log_p - log_q)).sum().item()
+        agree += (log_p.argmax(-1) == log_q.argmax(-1)).sum().item()
+        n += ref.shape[0]
+    return kl, agree, n
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--settings", default=",".join(SETTINGS), help=f"some of {SETTINGS}")
+    parser.add_argument("--heldout", default="test", choices=("demo", "validation", "test"))
+    parser.add_argument("--items", type=int, default=None, help="only the first N held-out items")
+    parser.add_argument("--calibration", type=int, default=64, help="train rows of the per-layer sensitivity")
+    parser.add_argument("--qlora-lr", type=float, default=5e-4, help="learning rate of the QLoRA teacher's tune")
+    parser.add_argument("--cache-dir", default=None, help="The demo's cache (default: the user cache).")
+    parser.add_argument("--output-dir", default="/tmp/speckd-teacher-quant")
+    parser.add_argument("--plot", default=os.path.join(os.path.dirname(__file__), "teacher_quant.png"))
+    parser.add_argument("--log", default="", help="also append the lines, the table and the final JSON here")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    args = parser.parse_args()
+    settings = [s.strip() for s in args.settings.split(",") if s.strip()]
+    unknown = [s for s in settings if s not in SETTINGS]
+    if unknown:
+        parser.error(f"unknown settings {unknown}; choose from {', '.join(SETTINGS)}")
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+        if args.log:
+            with open(args.log, "a") as handle:
+                handle.write(line + "\n")
+
+    import torch
+    from quality import answer_logits, answer_positions, heldout_rows
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from speckd_trl.demo import DemoConfig, evaluate, hub, prepare
+    from speckd_trl.tools.teacher_check import completion_batches, completion_logits, layer_sensitivity
+    from speckd_trl.tools.testing import PeakMemory
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.time()
+    config = DemoConfig(student_init="base", lora_r=16)  # the quality benchmark's transfer regime
+    cache = Path(args.cache_dir).expanduser() if args.cache_dir else hub.cache_dir()
+    teacher_dir, base_dir, data, _ = prepare(config, cache)
+    tokenizer = AutoTokenizer.from_pretrained(str(teacher_dir))
+    heldout = data["eval"] if args.heldout == "demo" else heldout_rows(config, args.heldout, args.items)
+    if args.heldout == "demo" and args.items:
+        heldout = heldout.select(range(min(args.items, len(heldout))))
+    examples = answer_positions(tokenizer, heldout)
+    log("ARGS " + json.dumps(vars(args)))
+
+    full = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32)
+    reference = answer_logits(full, examples)
+    ranking = []
+    if any(s.startswith("nf4-skip") for s in settings):
+        calibration = completion_batches(data["train"], tokenizer, samples=args.calibration, batch_size=8,
+                                         max_length=None)  # fmt: skip
+        scores = layer_sensitivity(full, calibration, quant_type="nf4", reference=completion_logits(full, calibration))
+        ranking = [name for name, _ in scores]
+        log("SENSITIVITY " + json.dumps({"calibration_rows": args.calibration, "kl_by_layer": scores}))
+    del full
+    gc.collect()
+    setup = {"base": base_dir, "train": data["train"], "cache": cache, "config": config}
+
+    rows = []
+    for setting in settings:
+        meter = PeakMemory("cpu")
+        meter.start()
+        try:
+            model, how = load_setting(setting, teacher_dir, ranking, args, setup)
+        except ImportError as err:
+            log("SKIP " + json.dumps({"setting": setting, "why": f"{type(err).__name__}: {err}"}))
+            continue
+        logits = answer_logits(model, examples)
+        peak = meter.peak_mib()
+        kl, agree, n = answer_kl(reference, logits)
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        exact = evaluate(model, tokenizer, heldout, max_new_tokens=config.max_new_tokens, desc=setting)
+        row = {"setting": setting, "loaded": how, "split": args.heldout, "items": len(heldout),
+               "exact_match": exact, "kl_per_token": kl / n, "top1_agreement": agree / n, "answer_tokens": n,
+               "weights_mib": model.get_memory_footprint() / 2**20, "peak_mib": peak}  # fmt: skip
+        rows.append(row)
+        log("ROW " + json.dumps(row))
+        del model, logits
+        gc.collect()
+    report(rows, args, started, log)
+
+
+def report(rows, args, started, log) -> None:
+    title = f"cpu: the demo's tuned SmolLM2-135M teacher loaded each way, {rows[0]['items']} {args.heldout} items"
+    log(f"\n{title}")
+    log("| setting | loaded as | exact match % | KL(fp32 || this) / answer token | top-1 agreement % | weights MiB |")
+    log("|---|---|---|---|---|---|")
+    for r in rows:
+        log(f"| {r['setting']} | {r['loaded']} | {100 * r['exact_match']:.1f} | {r['kl_per_token']:.4f} | "
+            f"{100 * r['top1_agreement']:.1f} | {r['weights_mib']:.1f} |")  # fmt: skip
+    plot(rows, args.plot, title)
+    log(f"plot: {args.plot}   wall time {time.time() - started:.0f} s")
+    log(json.dumps({"title": title, "args": vars(args), "rows": rows}))
+
+
+def plot(rows, path, title) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_acc, ax_mem) = plt.subplots(1, 2, figsize=(13, 4.2))
+    names = [r["setting"] for r in rows]
+    ax_acc.bar(range(len(rows)), [100 * r["exact_match"] for r in rows], color="#2a7")
+    ax_acc.set_xticks(range(len(rows)), names, rotation=30, ha="right", fontsize=8)
+    ax_acc.set_title("teacher's held-out exact match (%)", fontsize=10)
+    for x, r in enumerate(rows):
+        ax_acc.text(x, 100 * r["exact_match"] + 0.5, f"{100 * r['exact_match']:.1f}", ha="center", fontsize=7)
+    ax_mem.scatter([r["weights_mib"] for r in rows], [100 * r["exact_match"] for r in rows])
+    for r in rows:
+        ax_mem.annotate(r["setting"], (r["weights_mib"], 100 * r["exact_match"]), fontsize=7)
+    ax_mem.set(xlabel="weights (MiB)", ylabel="exact match (%)", title="skill against memory")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

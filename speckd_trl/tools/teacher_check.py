@@ -1,0 +1,254 @@
+"""What quantizing the teacher costs it, measured before training: `speckd-trl check-teacher`.
+
+    speckd-trl check-teacher --config recipe.yaml                      # the recipe's teacher, as configured vs full
+    speckd-trl check-teacher --config recipe.yaml --check_sensitivity  # + which decoder layers to keep in full precision
+
+A student distils the teacher *as loaded*: an NF4 copy of a small teacher can be far worse than the teacher itself
+(SmolLM2-135M tuned on sums: 59.8% exact match in float32, 44.0% in NF4; docs/one-gpu.md). This loads the recipe's
+teacher twice, in full precision and as `teacher_quantization` / `teacher_load_in_4bit` say, runs both over a sample
+of the recipe's dataset rows (collated as training collates them) and compares them at the completion positions:
+
+- `teacher_price`: the forward KL from the full-precision teacher to the configured one per completion token
+  (nats) and how often both rank the same token first (top-1 agreement);
+- the weights' memory of each (`get_memory_footprint`) and the peak above the start while loading it and running the
+  sample (`PeakMemory`: CUDA's allocator, or the process's resident set on a CPU);
+- `layer_sensitivity` (`--check_sensitivity`): the same KL with only one decoder layer's linear layers rounded to
+  the 4-bit type (bitsandbytes' own quantize / dequantize, in a full-precision copy), layer by layer, largest first:
+  the layers to keep in full precision with `teacher_quantization_skip_modules`.
+
+The verdict's thresholds (`VERDICTS`) are rules of thumb from the measured SmolLM2 points (int8: KL 0.009, 58.0%;
+NF4: KL 0.12, 44.0%), not guarantees: the teacher's task accuracy as loaded is the measure that counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+# (largest KL per completion token, verdict), first match wins
+VERDICTS = (
+    (0.02, "negligible: the configured teacher teaches what the full-precision one does"),
+    (
+        0.06,
+        "noticeable: check the teacher's task accuracy as loaded; keep its most sensitive layers in full "
+        "precision (--check_sensitivity) or use teacher_quantization='int8'",
+    ),  # fmt: skip
+    (
+        float("inf"),
+        "large: the student will learn a worse teacher. Prefer teacher_quantization='int8', keep the most "
+        "sensitive layers in full precision (--check_sensitivity), or a teacher cache built from the "
+        "full-precision teacher (speckd-trl cache-teacher)",
+    ),  # fmt: skip
+)
+
+
+@dataclass
+class TeacherPrice:
+    """The configured teacher against the full-precision one at `positions` completion tokens."""
+
+    kl_per_token: float  # mean KL(full || configured), nats
+    top1_agreement: float  # share of positions where both rank the same token first
+    positions: int
+
+    @property
+    def verdict(self) -> str:
+        return next(text for limit, text in VERDICTS if self.kl_per_token < limit)
+
+
+def completion_batches(dataset: Any, tokenizer: Any, *, samples: int, batch_size: int, max_length: int | None) -> list:
+    """The first `samples` rows of a training dataset, collated as `SpecKDTrainer` collates them (TRL's
+    `DataCollatorForChatML` after `data.prepare_prompt_completion`): dicts of `input_ids`, `attention_mask`, `labels`
+    (`-100` outside the completions), each `[batch_size, T]`."""
+    from trl.experimental.utils import DataCollatorForChatML
+
+    from ..data import collator_max_length, prepare_prompt_completion
+
+    if samples < 1:
+        raise ValueError(f"samples={samples} must be at least 1 (dataset rows to compare the teachers on).")
+    rows = prepare_prompt_completion(dataset, tokenizer, max_length)
+    rows = rows.select(range(min(samples, len(rows))))
+    collate = DataCollatorForChatML(tokenizer=tokenizer, max_length=collator_max_length(max_length, tokenizer))
+    batches = []
+    for start in range(0, len(rows), batch_size):
+        batch = collate([rows[i] for i in range(start, min(start + batch_size, len(rows)))])
+        batches.append({key: batch[key] for key in ("input_ids", "attention_mask", "labels")})
+    return batches
+
+
+def _completion_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Float32 logits `[n, V]` that predict the completion tokens (the labels shifted by one)."""
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        logits = model(
+            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+        ).logits
+    mask = batch["labels"][:, 1:] != -100
+    return logits[:, :-1][mask.to(logits.device)].float().cpu()
+
+
+def completion_logits(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
+    """`_completion_logits` of every batch (the reference teacher's, kept to compare others with)."""
+    model.eval()
+    return [_completion_logits(model, batch) for batch in batches]
+
+
+def teacher_price(
+    reference: list[torch.Tensor], candidate: nn.Module, batches: Iterable[dict[str, torch.Tensor]]
+) -> TeacherPrice:
+    """KL(reference || candidate) per completion token and top-1 agreement.
+
+    Args:
+        reference (`list[torch.Tensor]`, each `[n_b, V]`): the full-precision teacher's `completion_logits`.
+        candidate (`nn.Module`): the teacher as configured.
+        batches: the batches `reference` was computed on, in the same order.
+    """
+    candidate.eval()
+    kl_sum, agree, positions = 0.0, 0, 0
+    for ref, batch in zip(reference, batches, strict=True):
+        logits = _completion_logits(candidate, batch)
+        width = min(ref.shape[-1], logits.shape[-1])  # a padded embedding: compare the shared ids
+        log_p, log_q = ref[:, :width].log_softmax(-1), logits[:, :width].log_softmax(-1)
+        kl_sum += (log_p.exp() * (log_p - log_q)).sum().item()
+        agree += (log_p.argmax(-1) == log_q.argmax(-1)).sum().item()
+        positions += ref.shape[0]
+    if positions == 0:
+        raise ValueError("The sampled rows have no completion tokens to compare the teachers on.")
+    return TeacherPrice(kl_per_token=kl_sum / positions, top1_agreement=agree / positions, positions=positions)
+
+
+def fake_quantize_(linear: nn.Linear, quant_type: str = "nf4", blocksize: int = 64) -> torch.Tensor:
+    """Round `linear.weight` in place to what bitsandbytes' 4-bit `quant_type` stores (its own quantize and dequantize,
+    blocks of `blocksize`); returns the original weight, to restore."""
+    import bitsandbytes.functional as F
+
+    original = linear.weight.data
+    packed, state = F.quantize_4bit(original.float(), blocksize=blocksize, quant_type=quant_type)
+    linear.weight.data = F.dequantize_4bit(packed, state).to(original.dtype).view_as(original)
+    return original
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a causal LM (`model.model.layers` for Llama, Qwen, Mistral, ...)."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(
+            f"--check_sensitivity needs the decoder layers of the {type(model).__name__} at model.model.layers "
+            "(as Llama, Qwen and Mistral keep them); this model has none there."
+        )
+    return layers
+
+
+def layer_sensitivity(
+    model: nn.Module, batches: list[dict[str, torch.Tensor]], *, quant_type: str = "nf4", reference=None
+) -> list[tuple[str, float]]:
+    """KL(full || full with one decoder layer's linear layers rounded to `quant_type`) per completion token, for every
+    decoder layer, largest first: ``[("model.layers.3", 0.031), ...]``; the names are prefixes that
+    `teacher_quantization_skip_modules` takes. `model` is a full-precision teacher, left as it was."""
+    reference = reference if reference is not None else completion_logits(model, batches)
+    prefix = next(name for name, module in model.named_modules() if module is decoder_layers(model))
+    scores = []
+    for index, layer in enumerate(decoder_layers(model)):
+        linears = [m for m in layer.modules() if isinstance(m, nn.Linear)]
+        originals = [fake_quantize_(m, quant_type) for m in linears]
+        try:
+            scores.append((f"{prefix}.{index}", teacher_price(reference, model, batches).kl_per_token))
+        finally:
+            for module, weight in zip(linears, originals):
+                module.weight.data = weight
+    return sorted(scores, key=lambda item: -item[1])
+
+
+@dataclass
+class LoadedTeacher:
+    """A teacher loaded one way, with what it cost."""
+
+    label: str
+    model: nn.Module
+    weights_mib: float
+    peak_mib: float
+
+
+def load_measured(label: str, load, device: torch.device | str) -> LoadedTeacher:
+    """`load()` under `PeakMemory`: the peak is counted from the start of loading (weights, any full-precision copy
+    made while quantizing)."""
+    from .testing import PeakMemory
+
+    meter = PeakMemory(device)
+    meter.start()
+    model = load()
+    return LoadedTeacher(label, model, model.get_memory_footprint() / 2**20, meter.peak_mib())
+
+
+def check_teacher(
+    teacher: str,
+    args: Any,
+    dataset: Any,
+    tokenizer: Any,
+    *,
+    samples: int = 64,
+    batch_size: int = 8,
+    sensitivity: bool = False,
+) -> dict[str, Any]:
+    """Load `teacher` at full precision and as `args` configures it, compare them on `samples` rows of `dataset`.
+
+    Returns a dict with ``price`` (`TeacherPrice`), ``full`` and ``configured`` (`LoadedTeacher`, models dropped)
+    and, with `sensitivity`, ``sensitivity`` (`layer_sensitivity` of the full-precision teacher).
+
+    A recipe that loads the teacher in full precision is compared with a second full-precision load: KL 0.
+
+    Raises:
+        ValueError: when the teacher cannot be loaded both ways (a checkpoint stored quantized, a load that fails).
+    """
+    import copy
+
+    from ..models import is_quantized, load_teacher
+
+    method = args.teacher_quantization_method
+    full_args = copy.copy(args)  # the same loading arguments, unquantized
+    full_args.teacher_quantization, full_args.teacher_load_in_4bit = "none", False
+    full_args.teacher_quantization_skip_modules = None
+    batches = completion_batches(
+        dataset, tokenizer, samples=samples, batch_size=batch_size, max_length=args.max_length
+    )
+    full = load_measured("full precision", lambda: load_teacher(teacher, full_args), args.device)
+    if is_quantized(full.model):
+        raise ValueError(
+            f"The teacher at {teacher!r} is stored quantized (its config.json has a quantization_config), so it cannot "
+            "be loaded in full precision to compare with: check the full-precision checkpoint it was made from."
+        )
+    full.model.to(args.device)
+    reference = completion_logits(full.model, batches)
+    report: dict[str, Any] = {}
+    if sensitivity:
+        quant_type = method if method in ("nf4", "fp4") else "nf4"
+        report["sensitivity"] = layer_sensitivity(full.model, batches, quant_type=quant_type, reference=reference)
+    full.model = None
+    configured = load_measured(f"as configured ({method})", lambda: load_teacher(teacher, args), args.device)
+    report["price"] = teacher_price(reference, configured.model, batches)
+    configured.model = None
+    rows = sum(batch["input_ids"].shape[0] for batch in batches)
+    report.update(full=full, configured=configured, samples=rows, method=method)
+    return report
+
+
+def format_report(report: dict[str, Any], skip: list[str] | None = None) -> Iterator[str]:
+    """The lines `speckd-trl check-teacher` prints."""
+    price: TeacherPrice = report["price"]
+    yield f"teacher as configured ({report['method']}{', keeping ' + ', '.join(skip) if skip else ''}) vs full "
+    yield f"precision, at {price.positions} completion tokens of {report['samples']} dataset rows:"
+    yield f"  KL(full || configured) per token  {price.kl_per_token:.4f} nats"
+    yield f"  top-1 agreement                   {100 * price.top1_agreement:.1f}%"
+    for loaded in (report["full"], report["configured"]):
+        yield f"  {loaded.label:<33} weights {loaded.weights_mib:8.1f} MiB, peak while loading {loaded.peak_mib:8.1f} MiB"
+    if "sensitivity" in report:
+        yield "decoder layers by KL when only that layer is rounded to 4 bits (largest first):"
+        for name, kl in report["sensitivity"]:
+            yield f"  {name:<24} {kl:.4f}"
+        top = [name for name, _ in report["sensitivity"][:4]]
+        yield f"keep the most sensitive in full precision, e.g. --teacher_quantization_skip_modules {' '.join(top)}"
+    yield f"verdict: {price.verdict}"
