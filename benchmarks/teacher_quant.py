@@ -12,8 +12,9 @@ tables report on):
 - `KL`: the forward KL from the float32 teacher per answer token, teacher-forced on the reference answers (nats);
 - `top-1`: the share of those positions where both rank the same token first;
 - `weights MiB`: `model.get_memory_footprint()` (parameters and buffers, quantization constants included);
-- `peak MiB`: the process's peak above the start while loading the setting and running one answer pass
-  (`PeakMemory`; resident set on a CPU, noisy: run with `MALLOC_MMAP_THRESHOLD_=1048576`).
+- `peak MiB`: the process's peak above the start while loading the setting and running the first held-out item's
+  answer pass (`PeakMemory`; resident set on a CPU: run with `MALLOC_MMAP_THRESHOLD_=1048576`; a full-precision
+  copy made while quantizing counts).
 
 Settings (`SETTINGS`; every 4-bit setting runs with float32 compute):
 
@@ -25,8 +26,15 @@ Settings (`SETTINGS`; every 4-bit setting runs with float32 compute):
 - `nf4-first-last`: NF4 with the first 2 and last 2 layers in float32 (the hand-picked choice, for comparison);
 - `qlora`: a teacher tuned in NF4 with LoRA (QLoRA: the skill lives in full-precision adapters; same data, steps and
   batch as the demo's teacher tune, LoRA r=16 on every linear layer, learning rate `--qlora-lr`), used as NF4 + LoRA;
-- `hqq4` (HQQ 4-bit, group 64) and `torchao-int4` (torchao int4 weight-only, group 64): calibration-free 4-bit
-  through transformers' quantization configs, when their packages are installed (a missing package is a SKIP line).
+- 4-bit outside bitsandbytes, each when its package is installed (a missing package is a SKIP line):
+  `hqq4` (HQQ, group 64, its optimizer; through HQQ's own `AutoHQQHFModel`: transformers 5.24's `HqqConfig` raises
+  "not available yet" when it would quantize), `hqq4-g32-rtn` (HQQ, group 32, plain min-max rounding with a float
+  zero point: the grid of the GGUF Q4_1 file the base model was dequantized from), `gptq4` (GPTQ through
+  `GPTQConfig`, group 64, calibrated on the first 32 train conversations; `gptqmodel` declares torch >= 2.14.1, so
+  it is installed with `--no-deps` plus its pure-Python requirements), `torchao-int4` (torchao's
+  `IntxWeightOnlyConfig`, int4 weights per group of 64, through `TorchAoConfig`; its `Int4WeightOnlyConfig` has no
+  CPU path in 0.18), `quanto-int4` (`QuantoConfig(weights="int4")`). `get_memory_footprint` does not see inside
+  torchao's and quanto's tensor types: their `weights MiB` counts the bytes of every parameter's stored tensors.
 
 Prints a table, one `ROW` JSON line per setting, a final JSON line, and saves a plot.
 """
@@ -59,8 +67,12 @@ SETTINGS = (
     "nf4-skip8",
     "qlora",
     "hqq4",
+    "hqq4-g32-rtn",
+    "gptq4",
     "torchao-int4",
+    "quanto-int4",
 )
+EXTRA_PACKAGES = "pip install hqq torchao optimum-quanto; gptqmodel: see the module docstring"
 
 
 def speckd_args(setting: str, ranking: list[str], output_dir: str):
@@ -84,23 +96,62 @@ def speckd_args(setting: str, ranking: list[str], output_dir: str):
     return None
 
 
-def other_config(setting: str):
+def other_config(setting: str, calibration_texts: list[str], tokenizer):
     """A transformers quantization config for the settings outside bitsandbytes; ImportError when not installed."""
     import torch
 
-    if setting == "hqq4":
-        import hqq  # noqa: F401  (transformers only says "not available" otherwise)
-        from transformers import HqqConfig
-
-        return HqqConfig(nbits=4, group_size=64)
     if setting == "torchao-int4":
         import torchao  # noqa: F401
-        from torchao.quantization import IntxWeightOnlyConfig
-        from torchao.quantization.granularity import PerGroup
+        from torchao.quantization import IntxWeightOnlyConfig, PerGroup
         from transformers import TorchAoConfig
 
         return TorchAoConfig(IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(64)))
+    if setting == "quanto-int4":
+        import optimum.quanto  # noqa: F401
+        from transformers import QuantoConfig
+
+        return QuantoConfig(weights="int4")
+    if setting == "gptq4":
+        import gptqmodel  # noqa: F401
+        from transformers import GPTQConfig
+
+        return GPTQConfig(bits=4, group_size=64, dataset=calibration_texts, tokenizer=tokenizer)
     raise ValueError(setting)
+
+
+def hqq_quantize(model, *, group_size: int, plain_rounding: bool):
+    """HQQ 4-bit through HQQ's own API (transformers 5.24's HqqConfig cannot quantize); ImportError when missing."""
+    import torch
+    from hqq.core.quantize import BaseQuantizeConfig, HQQBackend, HQQLinear
+    from hqq.models.hf.base import AutoHQQHFModel
+
+    HQQLinear.set_backend(HQQBackend.PYTORCH)
+    config = BaseQuantizeConfig(nbits=4, group_size=group_size)
+    if plain_rounding:  # min-max rounding with a float zero point, no HQQ optimization
+        config["weight_quant_params"]["optimize"] = False
+        config["weight_quant_params"]["round_zero"] = False
+    AutoHQQHFModel.quantize_model(model, quant_config=config, compute_dtype=torch.float32, device="cpu")
+    return model
+
+
+def stored_mib(model) -> float:
+    """MiB of every parameter's and buffer's stored tensors, looking inside tensor subclasses (torchao, quanto) and
+    HQQ's metadata, where `get_memory_footprint` sees only the logical shape or nothing."""
+    import torch
+
+    def size(t) -> int:
+        names = getattr(t, "__tensor_flatten__", None)
+        if names is not None and type(t) is not torch.nn.Parameter and type(t) is not torch.Tensor:
+            return sum(size(getattr(t, n)) for n in t.__tensor_flatten__()[0])
+        return t.numel() * t.element_size()
+
+    total = sum(size(p.data if isinstance(p, torch.nn.Parameter) else p) for p in model.parameters())
+    total += sum(size(b) for b in model.buffers())
+    for module in model.modules():
+        for value in (getattr(module, "meta", None) or {}).values():  # HQQLinear keeps scales and zeros here
+            if torch.is_tensor(value):
+                total += size(value)
+    return total / 2**20
 
 
 def qlora_teacher(base: Path, train, cache: Path, *, steps: int, lr: float, batch_size: int, seed: int) -> Path:
@@ -157,7 +208,16 @@ def load_setting(setting: str, teacher_dir: Path, ranking: list[str], args, setu
             str(setup["base"]), quantization_config=bnb, device_map={"": "cpu"}
         )
         return PeftModel.from_pretrained(base, str(adapter)).eval(), f"NF4 base + LoRA tuned on it ({adapter.name})"
-    config = other_config(setting)
+    if setting.startswith("hqq4"):
+        import hqq  # noqa: F401  (ImportError before loading anything)
+        import torch
+
+        model = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32)
+        group, plain = (32, True) if setting == "hqq4-g32-rtn" else (64, False)
+        hqq_quantize(model, group_size=group, plain_rounding=plain)
+        return model, f"HQQ 4-bit, group {group}" + (", plain rounding" if plain else "")
+    texts = [setup["tokenizer"].apply_chat_template(m, tokenize=False) for m in setup["train"][:32]["messages"]]
+    config = other_config(setting, texts, setup["tokenizer"])
     model = AutoModelForCausalLM.from_pretrained(str(teacher_dir), quantization_config=config, device_map="cpu")
     return model, type(config).__name__
 
@@ -229,7 +289,7 @@ def main():
         log("SENSITIVITY " + json.dumps({"calibration_rows": args.calibration, "kl_by_layer": scores}))
     del full
     gc.collect()
-    setup = {"base": base_dir, "train": data["train"], "cache": cache, "config": config}
+    setup = {"base": base_dir, "train": data["train"], "cache": cache, "config": config, "tokenizer": tokenizer}
 
     rows = []
     for setting in settings:
@@ -238,16 +298,19 @@ def main():
         try:
             model, how = load_setting(setting, teacher_dir, ranking, args, setup)
         except ImportError as err:
-            log("SKIP " + json.dumps({"setting": setting, "why": f"{type(err).__name__}: {err}"}))
+            why = f"{type(err).__name__}: {err} ({EXTRA_PACKAGES})"
+            log("SKIP " + json.dumps({"setting": setting, "why": why}))
             continue
-        logits = answer_logits(model, examples)
+        answer_logits(model, examples[:1])  # one answer pass: the peak is the loading's and one forward's
         peak = meter.peak_mib()
+        logits = answer_logits(model, examples)
         kl, agree, n = answer_kl(reference, logits)
         model.generation_config.eos_token_id = tokenizer.eos_token_id
         exact = evaluate(model, tokenizer, heldout, max_new_tokens=config.max_new_tokens, desc=setting)
         row = {"setting": setting, "loaded": how, "split": args.heldout, "items": len(heldout),
                "exact_match": exact, "kl_per_token": kl / n, "top1_agreement": agree / n, "answer_tokens": n,
-               "weights_mib": model.get_memory_footprint() / 2**20, "peak_mib": peak}  # fmt: skip
+               "weights_mib": model.get_memory_footprint() / 2**20, "stored_mib": stored_mib(model),
+               "peak_mib": peak}  # fmt: skip
         rows.append(row)
         log("ROW " + json.dumps(row))
         del model, logits
@@ -258,14 +321,24 @@ def main():
 def report(rows, args, started, log) -> None:
     title = f"cpu: the demo's tuned SmolLM2-135M teacher loaded each way, {rows[0]['items']} {args.heldout} items"
     log(f"\n{title}")
-    log("| setting | loaded as | exact match % | KL(fp32 || this) / answer token | top-1 agreement % | weights MiB |")
-    log("|---|---|---|---|---|---|")
+    log("| setting | loaded as | exact match % (95% CI) | KL(fp32 \\|\\| this) / answer token | top-1 agreement % | "
+        "weights MiB (stored) | peak MiB |")  # fmt: skip
+    log("|---|---|---|---|---|---|---|")
     for r in rows:
-        log(f"| {r['setting']} | {r['loaded']} | {100 * r['exact_match']:.1f} | {r['kl_per_token']:.4f} | "
-            f"{100 * r['top1_agreement']:.1f} | {r['weights_mib']:.1f} |")  # fmt: skip
+        low, high = wilson(r["exact_match"], r["items"])
+        log(f"| {r['setting']} | {r['loaded']} | {100 * r['exact_match']:.1f} ({100 * low:.1f}-{100 * high:.1f}) | "
+            f"{r['kl_per_token']:.4f} | {100 * r['top1_agreement']:.1f} | {r['weights_mib']:.0f} "
+            f"({r.get('stored_mib', r['weights_mib']):.0f}) | {r['peak_mib']:.0f} |")  # fmt: skip
     plot(rows, args.plot, title)
     log(f"plot: {args.plot}   wall time {time.time() - started:.0f} s")
     log(json.dumps({"title": title, "args": vars(args), "rows": rows}))
+
+
+def wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% Wilson interval of a proportion `p` measured on `n` items (one model, no seeds: the items vary)."""
+    center = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * ((p * (1 - p) + z * z / (4 * n)) / n) ** 0.5 / (1 + z * z / n)
+    return center - half, center + half
 
 
 def plot(rows, path, title) -> None:
@@ -281,9 +354,10 @@ def plot(rows, path, title) -> None:
     ax_acc.set_title("teacher's held-out exact match (%)", fontsize=10)
     for x, r in enumerate(rows):
         ax_acc.text(x, 100 * r["exact_match"] + 0.5, f"{100 * r['exact_match']:.1f}", ha="center", fontsize=7)
-    ax_mem.scatter([r["weights_mib"] for r in rows], [100 * r["exact_match"] for r in rows])
-    for r in rows:
-        ax_mem.annotate(r["setting"], (r["weights_mib"], 100 * r["exact_match"]), fontsize=7)
+    mib = [r.get("stored_mib", r["weights_mib"]) for r in rows]
+    ax_mem.scatter(mib, [100 * r["exact_match"] for r in rows])
+    for r, x in zip(rows, mib):
+        ax_mem.annotate(r["setting"], (x, 100 * r["exact_match"]), fontsize=7)
     ax_mem.set(xlabel="weights (MiB)", ylabel="exact match (%)", title="skill against memory")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()

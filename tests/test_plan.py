@@ -304,3 +304,39 @@ def test_plan_cli_per_process(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([*argv, "--engine", "fsdp"])
     assert exit_info.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "quant, double, skip",
+    [("nf4", True, 0), ("nf4", False, 0), ("fp4", True, 0), ("int8", True, 0), ("nf4", False, 1), ("int8", True, 2)],
+)
+def test_teacher_weights_match_what_bitsandbytes_holds(tmp_path, quant, double, skip):
+    """Every `teacher_quantization` setting (`teacher_quant`, double quantization, layers kept in full precision): the
+    planner's teacher weights against the footprint of the same model loaded that way (bitsandbytes' CPU backend)."""
+    pytest.importorskip("bitsandbytes")
+    from speckd_trl import SpecKDConfig
+    from speckd_trl.models import load_teacher
+    from speckd_trl.tools.teacher_check import weights_bytes
+    from speckd_trl.tools.testing import make_model, make_tokenizer
+
+    tokenizer = make_tokenizer()
+    make_model(1, tokenizer, layers=3).save_pretrained(tmp_path / "teacher")
+    args = SpecKDConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", teacher_quantization=quant,
+                        teacher_bnb_4bit_use_double_quant=double, teacher_bnb_4bit_compute_dtype="float32",
+                        teacher_quantization_skip_modules=[f"model.layers.{i}" for i in range(skip)] or None)  # fmt: skip
+    loaded = load_teacher(str(tmp_path / "teacher"), args)
+    plan = estimate_memory(PlanConfig(teacher=str(tmp_path / "teacher"), student=str(tmp_path / "teacher"),
+                                      teacher_quant=quant, teacher_double_quant=double, teacher_full_layers=skip,
+                                      dtype="float32"))  # fmt: skip
+    assert plan.terms["teacher weights"] == pytest.approx(weights_bytes(loaded), rel=0.01)
+
+
+def test_teacher_full_layers_needs_a_quantized_teacher(shapes):
+    with pytest.raises(ValueError, match="teacher_full_layers=2 keeps layers of a quantized teacher"):
+        PlanConfig(teacher=shapes["8b"], student=shapes["1b"], teacher_full_layers=2)
+    nf4 = estimate_memory(PlanConfig(teacher=shapes["8b"], student=shapes["1b"], teacher_quant="nf4"))
+    kept = estimate_memory(PlanConfig(teacher=shapes["8b"], student=shapes["1b"], teacher_quant="nf4",
+                                      teacher_full_layers=4))  # fmt: skip
+    per_layer = shapes["8b"].linear_parameters / shapes["8b"].num_layers
+    extra = kept.terms["teacher weights"] - nf4.terms["teacher weights"]
+    assert extra == pytest.approx(4 * per_layer * (2 - (0.5 + 1 / 64 + 4 / (64 * 256))))

@@ -16,10 +16,11 @@ The model, term by term (``b`` = bytes per element of the compute dtype: 4 float
   (``AutoModelForCausalLM.from_config``, no memory) and its parameters counted, split into the linear layers of the
   decoder (what bitsandbytes quantizes and LoRA adapts), the input embedding, the output layer (0 when tied) and the
   rest (norms).
-- **Teacher weights**: ``P * b`` unquantized; 8-bit: 1 B per linear parameter (the per-row scales are negligible);
+- **Teacher weights**: ``P * b`` unquantized; 8-bit: 1 B per linear weight plus a float32 scale per output row;
   NF4 with double quantization (our default): 4 bits + an 8-bit absmax per 64-block + a float32 constant per 256
   absmax = 0.5159 B per linear parameter; the embeddings, output layer and norms stay in the compute dtype (this
-  reproduces the 5.32 GiB measured on an H100 for the 8B-shaped NF4 teacher: 5.31 GiB); FP4 the same; without double
+  reproduces the 5.32 GiB measured on an H100 for the 8B-shaped NF4 teacher: 5.31 GiB); biases stay unquantized;
+  FP4 the same; without double
   quantization (``teacher_double_quant=False``) a float32 absmax per 64-block: 0.5625 B. ``teacher_full_layers``
   decoder layers kept in full precision (`SpecKDConfig.teacher_quantization_skip_modules`, as `speckd-trl
   check-teacher --check_sensitivity` suggests) count ``b`` per linear parameter (every layer of a model has the same
@@ -151,6 +152,8 @@ class ModelShape:
     embedding_parameters: int
     output_parameters: int  # 0 when tied to the embedding
     lora_parameters_per_rank: int  # sum of (in + out) over the decoder's linear layers
+    linear_biases: int = 0  # the biases among `linear_parameters` (bitsandbytes keeps them unquantized)
+    linear_rows: int = 0  # sum of out_features over the decoder's linear layers (LLM.int8() keeps a scale per row)
 
     @property
     def other_parameters(self) -> int:
@@ -201,11 +204,13 @@ def model_shape(source: Any, name: str | None = None) -> ModelShape:
     output = model.get_output_embeddings()
     tied = output is not None and output.weight is embedding
     output_parameters = 0 if output is None or tied else sum(p.numel() for p in output.parameters())
-    linear = lora_per_rank = 0
+    linear = lora_per_rank = biases = rows = 0
     for module in model.modules():
         if isinstance(module, nn.Linear) and module is not output:
             linear += sum(p.numel() for p in module.parameters())
             lora_per_rank += module.in_features + module.out_features
+            biases += 0 if module.bias is None else module.bias.numel()
+            rows += module.out_features
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
@@ -224,6 +229,8 @@ def model_shape(source: Any, name: str | None = None) -> ModelShape:
         embedding_parameters=embedding.numel(),
         output_parameters=output_parameters,
         lora_parameters_per_rank=lora_per_rank,
+        linear_biases=biases,
+        linear_rows=rows,
     )
 
 
@@ -416,12 +423,13 @@ def _weight_bytes(shape: ModelShape, quant: str, b: int, *, double_quant: bool =
     else in the dtype."""
     if quant == "none":
         return shape.num_parameters * b
-    full = shape.linear_parameters * min(full_layers, shape.num_layers) / shape.num_layers
-    rest = shape.num_parameters - shape.linear_parameters + full
-    quantized = shape.linear_parameters - full
+    kept = min(full_layers, shape.num_layers) / shape.num_layers  # every decoder layer has the same size
+    weights = shape.linear_parameters - shape.linear_biases
+    quantized = weights * (1 - kept)
+    rest = shape.num_parameters - quantized  # embeddings, norms, output layer, biases, kept layers
     if quant in ("nf4", "fp4"):
         return quantized * (NF4_BYTES_PER_PARAM if double_quant else NF4_SINGLE_BYTES_PER_PARAM) + rest * b
-    return quantized * INT8_BYTES_PER_PARAM + rest * b
+    return quantized * INT8_BYTES_PER_PARAM + shape.linear_rows * (1 - kept) * 4 + rest * b  # float32 row scales
 
 
 def _teacher_weight_bytes(cfg: PlanConfig, teacher: ModelShape, b: int) -> float:

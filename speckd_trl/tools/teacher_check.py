@@ -10,7 +10,7 @@ of the recipe's dataset rows (collated as training collates them) and compares t
 
 - `teacher_price`: the forward KL from the full-precision teacher to the configured one per completion token
   (nats) and how often both rank the same token first (top-1 agreement);
-- the weights' memory of each (`get_memory_footprint`) and the peak above the start while loading it and running the
+- the weights' memory of each (`weights_bytes`: quantization constants included) and the peak above the start while loading it and running the
   sample (`PeakMemory`: CUDA's allocator, or the process's resident set on a CPU);
 - `layer_sensitivity` (`--check_sensitivity`): the same KL with only one decoder layer's linear layers rounded to
   the 4-bit type (bitsandbytes' own quantize / dequantize, in a full-precision copy), layer by layer, largest first:
@@ -163,6 +163,26 @@ def layer_sensitivity(
     return sorted(scores, key=lambda item: -item[1])
 
 
+def weights_bytes(model: nn.Module) -> int:
+    """Bytes of a model's weights as held in memory: `get_memory_footprint` (parameters and buffers) plus what it
+    misses, the quantization constants bitsandbytes keeps beside its weights (4-bit: each block's absmax and, with
+    double quantization, their own constants; 8-bit: the per-row scales)."""
+    total = model.get_memory_footprint()
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        state = getattr(weight, "quant_state", None)
+        extras = []
+        if state is not None:
+            extras += [state.absmax, getattr(state, "offset", None)]
+            nested = getattr(state, "state2", None)
+            extras += [nested.absmax] if nested is not None else []
+        scales = getattr(weight, "SCB", None)
+        if scales is not None and not any(scales is b for b in module.buffers()):
+            extras.append(scales)
+        total += sum(t.numel() * t.element_size() for t in extras if torch.is_tensor(t))
+    return total
+
+
 @dataclass
 class LoadedTeacher:
     """A teacher loaded one way, with what it cost."""
@@ -181,7 +201,7 @@ def load_measured(label: str, load, device: torch.device | str) -> LoadedTeacher
     meter = PeakMemory(device)
     meter.start()
     model = load()
-    return LoadedTeacher(label, model, model.get_memory_footprint() / 2**20, meter.peak_mib())
+    return LoadedTeacher(label, model, weights_bytes(model) / 2**20, meter.peak_mib())
 
 
 def check_teacher(
