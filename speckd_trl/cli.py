@@ -215,6 +215,45 @@ def train(script_args, training_args, model_args, trainer_args: TrainerArguments
     trainer.accelerator.end_training()
 
 
+CACHE_TEACHER_HELP = """\
+Run the training recipe's teacher once over its training dataset (each row collated exactly as training collates
+it) and write its top-K log-probabilities at every completion token to --teacher_cache DIR, shard by shard
+(resumable: rerun the same command after an interruption). Then train from it without the teacher in memory:
+    speckd-trl --config recipe.yaml --teacher_cache DIR --lmbda 0
+See docs/teacher-cache.md.
+
+The keys that matter (every other key of the recipe is read as training reads it):
+  --teacher_cache DIR           where the cache goes (required; the same key trains from it)
+  --teacher_cache_top_k K       teacher tokens kept per position (default 32); the topk gate needs gate_top_k <= K
+  --teacher_cache_dtype         storage of the log-probabilities: float16 (default) or float32
+  --teacher_model_name_or_path  the teacher; the cache records its name, a fingerprint of its weights and the
+                                precision it ran in (teacher_quantization / teacher_load_in_4bit), and training
+                                refuses it for another teacher
+  --model_name_or_path          the student: its tokenizer and chat template tokenize the rows
+  --dataset_name, --dataset_train_split, --max_length
+                                the rows: training refuses a cache of other rows or another max_length
+  --per_device_eval_batch_size  rows per teacher forward pass
+
+One process only (not under `accelerate launch`); a second cache-teacher on the same DIR is refused while the first
+writes ("in use by another process").
+"""
+
+
+def make_cache_teacher_parser(trainer: str = "gkd"):
+    """`make_parser` for `speckd-trl cache-teacher`: the same flags, its own usage line and description."""
+    import argparse
+
+    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        """The description as written, the flags with their defaults."""
+
+    parser = make_parser(trainer)
+    parser.prog, parser.description, parser.formatter_class = "speckd-trl cache-teacher", CACHE_TEACHER_HELP, Formatter
+    parser.usage = (
+        "speckd-trl cache-teacher --config recipe.yaml --teacher_cache DIR [--teacher_cache_top_k K] [training flags]"
+    )
+    return parser
+
+
 def cache_teacher(script_args, training_args, model_args, trainer_args: TrainerArguments | None = None) -> None:
     """`speckd-trl cache-teacher --config recipe.yaml`: the training recipe's teacher over its dataset, top-K
     log-probabilities at every completion position, written to `--teacher_cache` (resumable; `teacher_cache.py`)."""
@@ -421,7 +460,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             check_teacher(command)
         elif is_cache:
             trainer = trainer_choice(command)
-            cache_teacher(*parse(make_parser(trainer), command, trainer))
+            cache_teacher(*parse(make_cache_teacher_parser(trainer), command, trainer))
         else:
             trainer = trainer_choice(command)
             train(*parse(make_parser(trainer), command, trainer))

@@ -16,7 +16,7 @@ from trl.experimental.gkd import GKDConfig
 from trl.experimental.server_distillation import ServerDistillationConfig
 
 from .losses import LOSS_PATHS, NORMALIZATIONS
-from .rules import GATE_RULES, GATES, GateRule, get_rule
+from .rules import GATE_RULES, GATES, GateRule, check_teacher_reads, get_rule
 
 
 GATE_ON = ("both", "on_policy", "off_policy")
@@ -421,6 +421,11 @@ class SpecKDConfig(GateConfigMixin, GKDConfig):
             `speckd-trl cache-teacher`: tokens K kept per position.
         teacher_cache_dtype (`str`, *optional*, defaults to `"float16"`):
             `speckd-trl cache-teacher`: storage type of the cached log-probabilities, `"float16"` or `"float32"`.
+        teacher_cache_check_teacher (`bool`, *optional*, defaults to `True`):
+            Check that `teacher_cache` was made by this run's teacher: a fingerprint of its weights (embeddings,
+            norms, output layer; the same in any precision, so a cache of the float32 teacher serves its NF4 copy)
+            against the loaded teacher, or, when none is loaded (`lmbda=0`), its name or path against
+            `teacher_model_name_or_path`. Set `False` after moving or renaming the teacher on purpose.
     """
 
     gate_on: str = field(
@@ -528,6 +533,14 @@ class SpecKDConfig(GateConfigMixin, GKDConfig):
             "choices": ["float16", "float32"],
         },
     )
+    teacher_cache_check_teacher: bool = field(
+        default=True,
+        metadata={
+            "help": "Check that teacher_cache was made by this run's teacher (a fingerprint of its weights when one "
+            "is loaded, else its name or path against teacher_model_name_or_path). False after moving or renaming "
+            "the teacher on purpose."
+        },
+    )
 
     def __post_init__(self):
         # Our checks run first so that a bad value is reported with its name, value and range.
@@ -614,12 +627,12 @@ class SpecKDConfig(GateConfigMixin, GKDConfig):
         _check_choice(owner, "teacher_cache_dtype", self.teacher_cache_dtype, ("float16", "float32"))
         if self.teacher_cache is None:
             return
-        if not get_rule(self.gate).reads_top_k_only:
-            raise ValueError(
-                f"{owner}: gate={self.gate!r} with teacher_cache={self.teacher_cache!r}: that rule reads more of the "
-                "teacher than its top tokens (the spec rule: the teacher's probability of every proposal), and a "
-                "cache holds only its top-K. Use gate='topk' (exact for gate_top_k <= K) or gate='none'."
-            )
+        check_teacher_reads(
+            get_rule(self.gate, owner),
+            frozenset({"top_k"}),
+            owner=owner,
+            teacher=f"teacher_cache={self.teacher_cache!r} (the teacher's top-K tokens only)",
+        )
         if self.seq_kd:
             raise ValueError(
                 f"{owner}: seq_kd=True with teacher_cache={self.teacher_cache!r}: seq_kd replaces the dataset's "
@@ -793,11 +806,22 @@ class SpecKDServerDistillationConfig(SpecKDDistillationConfig, ServerDistillatio
                 f"{owner}: loss_add_tail=False is not gated on a server teacher: the gated loss keeps the tail bucket "
                 "(the teacher's mass outside its top-k). Use loss_add_tail=True."
             )
+        check_teacher_reads(
+            self.gate_rule,
+            frozenset({"top_k", "proposal"}),
+            owner=owner,
+            teacher="a teacher server (its top loss_top_k tokens and the sampled token's log-probability only)",
+        )
+        # The server cuts its top-k with torch.topk, which keeps an arbitrary subset of the tokens tied at the cut: a
+        # tie at the gate's k-th place is resolved toward the lower id only inside the returned set, so k must stay
+        # below loss_top_k (see `server_trainer.server_sparse_teacher`).
         k = self.largest_top_k
-        if k is not None and k > self.loss_top_k:
+        if k is not None and k >= self.loss_top_k:
             raise ValueError(
                 f"{owner}: the gate reads the teacher's top {k} tokens (gate_top_k) but the server returns only its top "
-                f"loss_top_k={self.loss_top_k}. Set loss_top_k >= {k}, or a smaller gate_top_k."
+                f"loss_top_k={self.loss_top_k}, cut at an arbitrary token where several tie (common in bf16/fp16), so "
+                f"ties at the k-th place could not go to the lower id as the topk rule says. Set loss_top_k >= {k + 1}, "
+                "or a smaller gate_top_k."
             )
         if self.gate_rule.reads_student and self.temperature != 1.0:
             raise ValueError(

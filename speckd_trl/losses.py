@@ -182,6 +182,12 @@ def teacher_top_k(log_probs: torch.Tensor, top_k: int) -> tuple[torch.Tensor, to
     """What a sparse teacher keeps of each distribution: its `top_k` tokens, their log-probabilities and the log of the
     mass outside them (a teacher cache's row, or what a vLLM teacher server returns plus the tail).
 
+    The tokens are the `topk` rule's top-k, in its order: value descending, then id ascending (`rules.teacher_rank`).
+    ``torch.topk`` alone keeps an arbitrary subset of the tokens tied at the k-th value (and lists ties in no fixed
+    order), which with bf16/fp16 logits would keep a high-id tied token and drop a lower one; here the tied places go
+    to the lowest ids, so the first ``k <= K`` of a row are exactly the rule's top-k and a sparse view gives the full
+    teacher's `topk` verdicts for any ``gate_top_k <= K``, ties included.
+
     The tail is the log-sum-exp of the tokens left out (not ``log(1 - sum)`` of the kept ones, which cancels badly
     when the top-k hold nearly all the mass); it is ``-inf`` when `top_k` covers the vocabulary.
 
@@ -190,20 +196,63 @@ def teacher_top_k(log_probs: torch.Tensor, top_k: int) -> tuple[torch.Tensor, to
         top_k (`int`): tokens kept, >= 1 (at most ``V`` are).
 
     Returns:
-        ``ids`` `[..., K]` (long, most likely first), ``values`` `[..., K]`, ``log_tail`` `[...]` with
+        ``ids`` `[..., K]` (long, in the rule's order), ``values`` `[..., K]`, ``log_tail`` `[...]` with
         ``K = min(top_k, V)``.
     """
-    values, ids = log_probs.topk(min(top_k, log_probs.size(-1)), dim=-1)
+    k = min(top_k, log_probs.size(-1))
+    values, ids = log_probs.topk(k, dim=-1)
+    ids = _lowest_ids_on_ties(log_probs, values, ids)
+    # the rule's order: id ascending, then a stable sort by value descending
+    ids = ids.sort(dim=-1).values
+    values = log_probs.gather(-1, ids)
+    values, order = values.sort(dim=-1, descending=True, stable=True)
+    ids = ids.gather(-1, order)
     rest = log_probs.scatter(-1, ids, float("-inf"))
     return ids, values, torch.logsumexp(rest, dim=-1)
+
+
+TIE_ROWS_PER_SCAN = 256
+
+
+def _lowest_ids_on_ties(log_probs: torch.Tensor, values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """`ids` `[..., K]` (``torch.topk``'s) with the places of the tokens tied at the K-th value given to the lowest
+    tied ids. Only the rows where more tokens tie at the K-th value than it has places for change; the `[n, V]` scan
+    runs on those rows alone."""
+    threshold = values[..., -1:]
+    tied = log_probs == threshold  # [..., V]
+    places = ids.size(-1) - (values > threshold).sum(dim=-1)  # [...] places left for the tied tokens
+    crossing = tied.sum(dim=-1) > places
+    if not bool(crossing.any()):
+        return ids
+    rows = crossing.nonzero(as_tuple=True)
+    vocab, k = log_probs.size(-1), ids.size(-1)
+    positions = torch.arange(vocab, device=log_probs.device)
+    tied = tied[rows]  # [R, V]
+    # the lowest tied ids first (the others at V, past every id), K of them per row; 256 rows at a time, so that the
+    # [rows, V] ids stay small beside the logits (bf16 logits tie at the K-th place in many rows)
+    lowest = torch.cat(
+        [
+            torch.where(chunk, positions, vocab).topk(k, dim=-1, largest=False).values
+            for chunk in tied.split(TIE_ROWS_PER_SCAN)
+        ]
+    )
+    row_values, row_ids = values[rows], ids[rows]
+    above = row_values > threshold[rows]
+    # the tokens above the threshold first (torch.topk lists them first, by value), then the lowest tied ids
+    slot = torch.arange(k, device=ids.device) - above.sum(dim=-1, keepdim=True)
+    fixed = torch.where(slot >= 0, lowest.gather(-1, slot.clamp(min=0)), row_ids)
+    ids = ids.clone()
+    ids[rows] = fixed
+    return ids
 
 
 def sparse_log_probs(ids: torch.Tensor, values: torch.Tensor, vocab_size: int, floor: float = -1e4) -> torch.Tensor:
     """A sparse teacher as `[..., V]` log-probabilities for the gate: `values` at `ids`, `floor` elsewhere.
 
-    The `topk` rule's verdicts (and `top_k_log_probs` for target filtering) read the same top-k from it as from the
-    full distribution for any k <= K, ties among the kept tokens included (a token left out that ties with the K-th
-    kept one is not seen).
+    The `topk` rule's verdicts read the same top-k from it as from the full distribution for any k <= K, ties
+    included, when the K tokens are the rule's own top-K (`teacher_top_k` keeps the lowest ids among the tokens tied
+    at the K-th value, as the rule ranks them). Target filtering (`top_k_log_probs`) keeps every token tied at the
+    k-th value, so it reads the same only where that tie does not reach past the K-th place.
 
     Args:
         ids (`torch.LongTensor` of shape `[..., K]`), values (`torch.Tensor` of shape `[..., K]`): `teacher_top_k`'s.

@@ -42,6 +42,10 @@ class TeacherAcceptanceReward:
     plain prompt as text with the tokenizer's default special tokens. The completion is taken as the policy's own
     token ids (``completion_ids``), never re-tokenized from text.
 
+    The teacher ranks the tokenizer's ids only, as `SpecKDTrainer` compares them: a teacher whose embedding is padded
+    past the tokenizer (Qwen) has logits for ids no token reaches, and they are cut off before the verdict (a sampled
+    padding id, which is no token, is rejected).
+
     Rules: any rule of `rules.GATE_RULES` that reads only the teacher (``topk``, with ``top_k``). A rule that reads the
     student's probabilities (``spec``) is refused: TRL's reward contract passes the sampled ids, not the policy's
     probabilities of them, so ``min(1, p/q)`` cannot be computed. A rule that never rejects (``none``) is refused too:
@@ -109,9 +113,13 @@ class TeacherAcceptanceReward:
 
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        quantization = "nf4" if load_in_4bit else "none"  # `models.load_teacher` reads the resolved method
         loading = SimpleNamespace(
             teacher_model_init_kwargs=teacher_model_init_kwargs,
             trust_remote_code=False,
+            teacher_quantization=quantization,
+            teacher_quantization_method=quantization,
+            teacher_quantization_skip_modules=None,
             teacher_load_in_4bit=load_in_4bit,
             teacher_bnb_4bit_quant_type="nf4",
             teacher_bnb_4bit_compute_dtype="auto",
@@ -140,11 +148,12 @@ class TeacherAcceptanceReward:
         that accepts everything."""
         if teacher_tokenizer is not None:
             check_same_tokens(self.tokenizer, getattr(teacher_tokenizer, "tokenizer", teacher_tokenizer))
-        n_teacher = self.vocab_size = check_covers_tokenizer(self.teacher, "teacher", self.tokenizer)
-        if self.rule.uses_top_k and not 1 <= self.top_k < n_teacher:
+        self.vocab_size = check_covers_tokenizer(self.teacher, "teacher", self.tokenizer)
+        self.ranked_size = n_ranked = len(self.tokenizer)  # the ids the teacher ranks (padding rows cut off)
+        if self.rule.uses_top_k and not 1 <= self.top_k < n_ranked:
             raise ValueError(
-                f"TeacherAcceptanceReward: top_k={self.top_k} must be >= 1 and below the teacher's vocabulary size "
-                f"{n_teacher} (with k >= {n_teacher} every token is accepted)."
+                f"TeacherAcceptanceReward: top_k={self.top_k} must be >= 1 and below the tokenizer's vocabulary size "
+                f"{n_ranked} (with k >= {n_ranked} every token is accepted)."
             )
 
     @property
@@ -216,15 +225,18 @@ class TeacherAcceptanceReward:
         device = self.device
         # right padding: the real tokens keep positions 0..len-1, so no position ids are needed
         logits = self.teacher(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+        # [M, V'] with V' the tokenizer's ids: the padding rows of a padded embedding are never ranked
         teacher_logits = logits[
-            torch.tensor(row_index, device=device), torch.tensor(position, device=device)
-        ]  # [M, V]
+            torch.tensor(row_index, device=device), torch.tensor(position, device=device), : self.ranked_size
+        ]
         proposals_t = torch.tensor(proposals, device=device)  # [M]
+        real = proposals_t < self.ranked_size  # a sampled padding id is no token: rejected
         uniforms = None
         if self.rule.draws_uniforms:
             uniforms = uniform(proposals_t.shape, device, self.generator)
         # the student's logits are never read: `reads_student` rules are refused at construction
-        verdict = self.rule.accept(teacher_logits, teacher_logits, proposals_t, top_k=self.top_k, uniforms=uniforms)
+        ranked = proposals_t.clamp(max=self.ranked_size - 1)
+        verdict = self.rule.accept(teacher_logits, teacher_logits, ranked, top_k=self.top_k, uniforms=uniforms) & real
         verdict = verdict.cpu().split([len(completion_ids[i]) for i in rows])
         for i, v in zip(rows, verdict, strict=True):
             verdicts[i] = v

@@ -36,9 +36,11 @@ class GateRule:
             tokens), and a sampler that filters the distribution (top-p, repetition penalty, ...) biases it.
         draws_uniforms (`bool`): whether the verdict takes one U(0, 1) draw per position (``uniforms``).
         uses_top_k (`bool`): whether the verdict reads ``top_k`` (then it must be below the vocabulary size).
-        reads_top_k_only (`bool`): whether the verdict reads nothing of the teacher but its ``top_k`` most likely
-            tokens, so that a sparse teacher (a teacher cache or server holding its top ``K >= top_k``) gives the
-            same verdicts as the full one.
+        teacher_reads (`frozenset[str]`): what the verdict reads of the teacher, among `TEACHER_READS`: ``"top_k"``
+            (its ``top_k`` most likely tokens, ties toward the lower id, and their log-probabilities), ``"proposal"``
+            (its log-probability of the proposed token), ``"full"`` (anything else: its whole distribution, the
+            default). A partly known teacher (a teacher cache, a teacher server) serves only the rules whose reads it
+            holds (`check_teacher_reads`); declare the least the rule needs.
     """
 
     name: ClassVar[str]
@@ -46,7 +48,7 @@ class GateRule:
     reads_student: ClassVar[bool] = False
     draws_uniforms: ClassVar[bool] = False
     uses_top_k: ClassVar[bool] = False
-    reads_top_k_only: ClassVar[bool] = False
+    teacher_reads: ClassVar[frozenset[str]] = frozenset({"full"})
 
     def accept(
         self,
@@ -103,6 +105,15 @@ class GateRule:
 
 GATE_RULES: dict[str, type[GateRule]] = {}
 
+# What a rule may read of the teacher at a position (`GateRule.teacher_reads`), and how errors name it. A loaded
+# teacher offers everything ("full"); a teacher cache its top-K ("top_k"); a teacher server its top-k and its
+# log-probability of the sampled token ("top_k", "proposal").
+TEACHER_READS = {
+    "top_k": "the teacher's top-k tokens",
+    "proposal": "the teacher's log-probability of the proposed token",
+    "full": "the teacher's whole distribution",
+}
+
 
 def register_rule(rule: type[GateRule]) -> type[GateRule]:
     """Class decorator: make `rule` selectable as ``gate=rule.name`` (configs, trainers, generation)."""
@@ -119,6 +130,31 @@ def get_rule(name: str, owner: str = "gate") -> GateRule:
     return GATE_RULES[name]()
 
 
+def check_teacher_reads(rule: GateRule, offers: frozenset[str] | set[str], *, owner: str, teacher: str) -> None:
+    """Raise unless `rule` reads only what a partly known teacher `offers` (keys of `TEACHER_READS`).
+
+    Args:
+        rule: the run's gate rule.
+        offers: what the teacher holds (``{"full"}`` holds everything).
+        owner: who asks (the config or class named in the error).
+        teacher: what the teacher is, for the error (e.g. ``"a teacher cache (its top-K tokens)"``).
+
+    Raises:
+        ValueError: naming the rule, what it reads that the teacher lacks, and the rules that would work.
+    """
+    if "full" in offers:
+        return
+    missing = sorted(set(rule.teacher_reads) - set(offers))
+    if not missing:
+        return
+    fits = [name for name, r in GATE_RULES.items() if set(r.teacher_reads) <= set(offers)]
+    raise ValueError(
+        f"{owner}: gate={rule.name!r} reads {' and '.join(TEACHER_READS.get(m, m) for m in missing)}, which "
+        f"{teacher} does not hold. Use a gate that reads only what it holds ({', '.join(map(repr, fits))}), or a "
+        "loaded teacher."
+    )
+
+
 @register_rule
 class TopKGate(GateRule):
     """``"topk"``: accept iff ``x_t`` is among the teacher's ``top_k`` most likely tokens (ties toward the lower token
@@ -126,7 +162,7 @@ class TopKGate(GateRule):
 
     name = "topk"
     uses_top_k = True
-    reads_top_k_only = True
+    teacher_reads = frozenset({"top_k"})
 
     def accept(self, student_logits, teacher_logits, proposals, *, top_k, uniforms, normalized=False):
         if top_k < 1:
@@ -162,6 +198,7 @@ class SpecGate(GateRule):
     name = "spec"
     reads_student = True
     draws_uniforms = True
+    teacher_reads = frozenset({"proposal"})
 
     def accept(self, student_logits, teacher_logits, proposals, *, top_k, uniforms, normalized=False):
         idx = proposals.unsqueeze(-1)
@@ -191,7 +228,7 @@ class NoGate(GateRule):
 
     name = "none"
     rejects = False
-    reads_top_k_only = True
+    teacher_reads = frozenset()
 
     def accept(self, student_logits, teacher_logits, proposals, *, top_k, uniforms, normalized=False):
         return torch.ones_like(proposals, dtype=torch.bool)

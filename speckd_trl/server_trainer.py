@@ -7,7 +7,9 @@ completion position, and its log-probability of the sampled token); here the los
 - the teacher is a `losses.SparseTeacher`: its top-k, and the tail mass ``1 - sum`` of their probabilities (the
   server returns no tail; TRL's ``loss_add_tail`` computes it the same way);
 - the gate reads `losses.sparse_log_probs` of it, with the teacher's log-probability of the sampled token written in
-  (so `topk` is exact for ``gate_top_k <= loss_top_k``, and `spec`, which reads the sampled token only, is exact);
+  (what a rule may read of a server teacher: ``{"top_k", "proposal"}``, `rules.GateRule.teacher_reads`, checked by
+  `SpecKDServerDistillationConfig`): `spec`, which reads the sampled token only, is exact, and `topk` is exact for
+  ``gate_top_k < loss_top_k`` (ties: see `server_sparse_teacher`);
 - the divergence is the forward KL against `losses.tail_bucket_target`: with `gate="none"` it is TRL's top-k + tail
   server loss (tested against `_compute_server_forward_kl_loss`), normalized as TRL normalizes it (the micro-batch's
   completion tokens, divided by the accumulation steps);
@@ -54,6 +56,14 @@ def server_sparse_teacher(teacher_result: dict[str, torch.Tensor], required: tor
             ``actual_logprobs`` `[B, T]` (the sampled token's).
         required (`torch.BoolTensor` of shape `[B, T]`): the completion positions.
         vocab_size (`int`): ``V``.
+
+    Ties. The server cuts its top-K with ``torch.topk``, which keeps an arbitrary subset of the tokens tied at the
+    K-th value, in no fixed order. The gate's `topk` rule ranks the returned tokens (and the sampled one) by value,
+    then id (`rules.teacher_rank`), so a tie at the gate's k-th place goes to the lower id exactly as on the full
+    teacher whenever the tied tokens are all returned, i.e. unless the tie reaches the K-th place (``K - k + 1`` or
+    more tokens tied at the k-th value: none with ``k = 5``, ``K = 20`` short of 16-way ties). With ``k = K`` it
+    always reaches it, and the returned set is no longer the rule's top-k: `SpecKDServerDistillationConfig` refuses
+    ``gate_top_k >= loss_top_k`` for that reason (the server cannot be asked for the rule's order).
 
     Returns:
         The `SparseTeacher` `[B, T, K]` (tail ``log(1 - sum exp(top-k))``) and the gate's `[B, T, V]` log-probabilities

@@ -12,21 +12,30 @@ holds the vocabulary), their log-probabilities and the log of the mass outside t
 *key*: a hash of its token ids, by which training finds it (so shuffling, batching and padding do not matter, and a
 row tokenized differently is a clear miss, never a wrong row).
 
-Building it (`write_teacher_cache`) runs the teacher shard by shard; an interrupted build resumes where it stopped,
-keeping the finished shards. Training opens it with `TeacherCache.open`, which checks it against what the training
-run uses (tokenizer, chat template, dataset, K, temperature, vocabulary; the teacher's config when a teacher is
-loaded) and that every shard is there and whole.
+Building it (`write_teacher_cache`) runs the teacher shard by shard, holding a lock on the directory (a second writer
+is refused at once); an interrupted build resumes where it stopped, keeping the finished shards, each of which
+records the teacher that wrote it. Training opens it with `TeacherCache.open`, which checks it against what the
+training run uses (tokenizer, chat template, dataset, K, temperature, vocabulary; the teacher's config and a
+fingerprint of its weights when a teacher is loaded, its name or path when none is: `check_teacher`) and that every
+shard is there, whole and of the same teacher.
+
+The teacher's identity: its name or path (a local directory as an absolute path), the precision it ran in, and
+`weights_fingerprint`, samples of the weights a quantized load leaves in full precision (embeddings, norms, output
+layer), so that the float32 teacher and its NF4 copy are the same teacher.
 
 The loss on a cached teacher is the divergence over the top-K support plus a tail bucket (TRL's server teacher's
-approximation: `losses.tail_bucket_target`); the `topk` gate is exact for ``gate_top_k <= K``.
+approximation: `losses.tail_bucket_target`); the top-K is the `topk` rule's (ties toward the lower id,
+`losses.teacher_top_k`), so the `topk` gate is exact for ``gate_top_k <= K``, ties included.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
 import shutil
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -34,14 +43,19 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers.utils import logging
 
 from .losses import SparseTeacher, jsd_log_probs, teacher_top_k
 
 
 META_FILE = "speckd_teacher_cache.json"
-CACHE_FORMAT = 1
+LOCK_FILE = "speckd_teacher_cache.lock"  # held by the one process that writes the cache
+CACHE_FORMAT = 2  # 2: the teacher's weights fingerprint, per-shard teachers, the rule's top-K order
+READABLE_FORMATS = (1, 2)  # a format-1 cache has no fingerprint: `check_teacher` refuses it against a loaded teacher
 VALUE_DTYPES = ("float16", "float32")
 LOG_FLOOR = -1e4  # stored log-probabilities are clamped here (float16 holds it; its -65504 limit is far below)
+
+logger = logging.get_logger(__name__)
 
 
 def row_key(token_ids: Iterable[int]) -> str:
@@ -89,6 +103,124 @@ def config_hash(config: Any) -> str:
     return _sha(values)
 
 
+def teacher_name(name_or_path: str) -> str:
+    """A teacher's name as a cache records it: a local directory as its absolute path, a hub id as given."""
+    path = Path(name_or_path).expanduser()
+    return str(path.resolve()) if name_or_path and path.is_dir() else name_or_path
+
+
+def model_name(model: Any) -> str:
+    """The name or path a loaded model came from (`teacher_name`), or its class name when it was built in memory."""
+    name = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+    return teacher_name(name) if name else type(model).__name__
+
+
+def teacher_precision(model: Any) -> str:
+    """The precision a loaded model runs in: its quantization (``"nf4"``, ``"fp4"``, ``"int8"``, or another method's
+    name), else the dtype of its weights (``"float32"``, ``"bfloat16"``, ...)."""
+    quantization = getattr(getattr(model, "config", None), "quantization_config", None)
+    if quantization is not None:
+        q = quantization if isinstance(quantization, dict) else quantization.to_dict()
+        if q.get("load_in_4bit"):
+            return str(q.get("bnb_4bit_quant_type", "nf4"))
+        if q.get("load_in_8bit"):
+            return "int8"
+        return str(q.get("quant_method", "quantized"))
+    first = next((p for p in model.parameters() if p.is_floating_point()), None)
+    return str(getattr(first, "dtype", "none")).replace("torch.", "")
+
+
+FINGERPRINT_SAMPLES = {"embedding": 1024, "norm": 32}  # values sampled per tensor (at fixed random places)
+FINGERPRINT_RTOL = 2.0**-6  # across dtypes: two bfloat16 steps (a float32 value against its float16/bfloat16 copy)
+FINGERPRINT_ATOL = 1e-6  # float16's smallest normal is 6e-5: below it a copy keeps only absolute precision
+
+
+def _fingerprint_tensors(model: Any) -> list[tuple[str, torch.Tensor]]:
+    """The weights a quantized load keeps in full precision, by role: the input and (untied) output embeddings, then
+    every norm's weight in module order. bitsandbytes (and GPTQ, AWQ, ...) quantize the decoder's linear layers
+    only; a tensor that is not floating point here (a quantized output layer) is left out."""
+    tensors = []
+    embed_in = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    embed_out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for role, module in (("input_embeddings", embed_in), ("output_embeddings", embed_out)):
+        weight = getattr(module, "weight", None)
+        if weight is None or not weight.is_floating_point():
+            continue
+        if tensors and weight is tensors[0][1]:  # tied to the input embedding
+            continue
+        tensors.append((role, weight))
+    norms = [m for m in model.modules() if type(m).__name__.lower().endswith("norm")]
+    for index, module in enumerate(norms):
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.is_floating_point():
+            tensors.append((f"norm.{index}", weight))
+    return tensors
+
+
+@torch.no_grad()
+def weights_fingerprint(model: Any) -> dict[str, dict[str, Any]] | None:
+    """A fingerprint of a teacher's weights that does not depend on the precision it was loaded in.
+
+    For each tensor of `_fingerprint_tensors` (embeddings, norms, output layer: what bitsandbytes leaves unquantized),
+    its shape, dtype and values at fixed random places (`FINGERPRINT_SAMPLES`, drawn from a fixed seed, so the same
+    places for the same shape), as float32. Cheap for an 8B NF4 model (a few thousand values read); compared by
+    `fingerprint_mismatch`.
+
+    Returns:
+        role -> ``{"shape", "dtype", "values"}`` (values: base64 of float32 bytes), or None when a tensor is not in
+        this process whole (sharded under FSDP or ZeRO-3, or on the meta device): the caller then compares names.
+    """
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch build without torch.distributed
+        DTensor = ()  # noqa: N806
+    out = {}
+    for role, weight in _fingerprint_tensors(model):
+        if isinstance(weight, DTensor) or weight.is_meta or weight.numel() == 0 or hasattr(weight, "ds_shape"):
+            return None
+        flat = weight.detach().reshape(-1)
+        count = FINGERPRINT_SAMPLES["embedding" if role.endswith("embeddings") else "norm"]
+        generator = torch.Generator().manual_seed(0)
+        places = torch.randint(flat.numel(), (min(count, flat.numel()),), generator=generator)
+        values = flat[places.to(flat.device)].float().cpu().numpy()
+        out[role] = {
+            "shape": list(weight.shape),
+            "dtype": str(weight.dtype).replace("torch.", ""),
+            "values": base64.b64encode(values.astype("<f4").tobytes()).decode(),
+        }
+    return out
+
+
+def fingerprint_mismatch(cached: dict[str, Any], run: dict[str, Any]) -> str | None:
+    """None when two `weights_fingerprint`s name the same checkpoint; else what differs.
+
+    Tensors of the same dtype must match exactly; of different dtypes (the float32 teacher against its copy in
+    bfloat16 or float16, as a 4-bit load may keep them), within two bfloat16 steps (`FINGERPRINT_RTOL`). An output
+    layer that one of the two quantized is left out."""
+    roles = set(cached) | set(run)
+    if "input_embeddings" not in set(cached) & set(run):
+        return "no input embedding to compare"
+    for role in sorted(roles):
+        if role not in cached or role not in run:
+            if role == "output_embeddings":
+                continue
+            return f"{role} is in only one of them"
+        a, b = cached[role], run[role]
+        if a["shape"] != b["shape"]:
+            return f"{role} has shape {a['shape']} in the cache, {b['shape']} here"
+        x = np.frombuffer(base64.b64decode(a["values"]), dtype="<f4")
+        y = np.frombuffer(base64.b64decode(b["values"]), dtype="<f4")
+        if a["dtype"] == b["dtype"]:
+            same = np.array_equal(x, y)
+        else:
+            same = bool(
+                np.all(np.abs(x - y) <= FINGERPRINT_ATOL + FINGERPRINT_RTOL * np.maximum(np.abs(x), np.abs(y)))
+            )
+        if not same:
+            return f"{role} ({a['dtype']} in the cache, {b['dtype']} here) holds other values"
+    return None
+
+
 def dataset_fingerprint(dataset: Any) -> str:
     """A hash of a dataset's rows, in order (content, not the `datasets` cache fingerprint, which is random for a
     dataset built in memory)."""
@@ -102,9 +234,9 @@ def dataset_fingerprint(dataset: Any) -> str:
 class CacheSpec:
     """What a teacher cache is valid for (its metadata file, with the shards' row counts)."""
 
-    teacher: str  # name or path of the teacher that made it
+    teacher: str  # name or path of the teacher that made it (`teacher_name`: a local directory's absolute path)
     teacher_config_hash: str
-    teacher_dtype: str  # the precision it ran in (informative: "nf4", "float32", ...)
+    teacher_dtype: str  # the precision it was written at (`teacher_precision`: "nf4", "float32", ...)
     tokenizer_hash: str
     chat_template_hash: str
     dataset_fingerprint: str
@@ -116,6 +248,7 @@ class CacheSpec:
     ids_dtype: str
     values_dtype: str
     shard_rows: int
+    teacher_fingerprint: dict[str, Any] | None = None  # `weights_fingerprint` (None: format 1, or a sharded teacher)
     format: int = CACHE_FORMAT
 
     # the fields a training run must match, and how to name each in an error
@@ -173,13 +306,10 @@ def cache_spec(
         raise ValueError(f"teacher_cache_top_k={top_k} must be >= 1.")
     if shard_rows < 1:
         raise ValueError(f"shard_rows={shard_rows} must be >= 1.")
-    config = teacher.config
-    quantization = getattr(config, "quantization_config", None)
-    first = next(iter(teacher.parameters()), None)
-    precision = "nf4" if quantization is not None else str(getattr(first, "dtype", "none")).replace("torch.", "")
     return CacheSpec(
-        teacher=str(getattr(config, "_name_or_path", "") or type(teacher).__name__),
-        teacher_dtype=precision,
+        teacher=model_name(teacher),
+        teacher_dtype=teacher_precision(teacher),
+        teacher_fingerprint=weights_fingerprint(teacher),
         **run_fields(tokenizer=tokenizer, dataset=dataset, max_length=max_length, teacher=teacher),
         top_k=min(top_k, vocab_size),
         temperature=float(temperature),
@@ -198,7 +328,7 @@ def _read_spec(path: Path) -> tuple[CacheSpec, dict[str, Any]]:
             "started). Build one with `speckd-trl cache-teacher`."
         )
     meta = json.loads(meta_path.read_text())
-    if meta.get("spec", {}).get("format") != CACHE_FORMAT:
+    if meta.get("spec", {}).get("format") not in READABLE_FORMATS:
         raise ValueError(
             f"teacher_cache={str(path)!r}: cache format {meta.get('spec', {}).get('format')!r}, this speckd-trl "
             f"reads format {CACHE_FORMAT}; build it again with `speckd-trl cache-teacher`."
@@ -207,11 +337,32 @@ def _read_spec(path: Path) -> tuple[CacheSpec, dict[str, Any]]:
     return CacheSpec(**{k: v for k, v in meta["spec"].items() if k in names}), meta
 
 
+def fingerprint_digest(spec: CacheSpec) -> str:
+    """A short hash of the spec's teacher (its weights' fingerprint, or its name when it has none): what each shard
+    records as the teacher that wrote it."""
+    return _sha(spec.teacher_fingerprint if spec.teacher_fingerprint is not None else spec.teacher)
+
+
 def _write_meta(
-    path: Path, spec: CacheSpec, shards: dict[str, int], positions: dict[str, int], complete: bool
+    path: Path,
+    spec: CacheSpec,
+    shards: dict[str, int],
+    positions: dict[str, int],
+    complete: bool,
+    shard_teachers: dict[str, str] | None = None,
 ) -> None:
+    """Write the metadata file atomically. `shard_teachers`: shard -> `fingerprint_digest` of the teacher that wrote
+    it (every shard the spec's teacher when None)."""
+    if shard_teachers is None:
+        shard_teachers = dict.fromkeys(shards, fingerprint_digest(spec))
     tmp = path / (META_FILE + ".tmp")
-    meta = {"spec": asdict(spec), "shards": shards, "positions": positions, "complete": complete}
+    meta = {
+        "spec": asdict(spec),
+        "shards": shards,
+        "positions": positions,
+        "shard_teachers": {name: shard_teachers.get(name) for name in shards},
+        "complete": complete,
+    }
     tmp.write_text(json.dumps(meta, indent=1))
     os.replace(tmp, path / META_FILE)
 
@@ -247,8 +398,10 @@ def write_teacher_cache(
 ) -> Path:
     """Run `teacher` over `dataset` and write its top-K at every completion position to `path`, shard by shard.
 
-    Resumable: shards already on disk are kept (after checking that the cache there was made with the same `spec`),
-    the rest computed; a shard is written to a temporary directory and renamed when whole.
+    Resumable: shards already on disk are kept (after checking that the cache there was made with the same `spec`,
+    the same teacher's weights included, and that each of them records that teacher), the rest computed; a shard is
+    written to a temporary directory and renamed when whole. One writer at a time: the build holds a lock on
+    `path` (`LOCK_FILE`), and a second one is refused at once.
 
     Args:
         path: the cache directory (created).
@@ -263,31 +416,113 @@ def write_teacher_cache(
 
     Returns:
         The cache directory.
-    """
-    from datasets import Dataset
-    from tqdm.auto import tqdm
 
+    Raises:
+        ValueError: another process is writing `path`; `path` holds something else, or a cache of other settings
+            or of another teacher.
+    """
     path = Path(path)
     if len(dataset) != spec.num_rows:
         raise ValueError(f"write_teacher_cache: the dataset has {len(dataset)} rows, the spec {spec.num_rows}.")
-    vocab_size = vocab_size or spec.vocab_size
-    if path.exists() and (path / META_FILE).is_file():
-        existing, meta = _read_spec(path)
-        if existing != spec:
-            differ = [f.name for f in fields(CacheSpec) if getattr(existing, f.name) != getattr(spec, f.name)]
-            raise ValueError(
-                f"teacher_cache={str(path)!r} holds a cache made with other settings ({', '.join(differ)} differ), "
-                "so it cannot be resumed: remove the directory or choose another path."
-            )
-        shards, positions = dict(meta["shards"]), dict(meta.get("positions", {}))
-    elif path.exists() and any(path.iterdir()):
+    if path.exists() and not (path / META_FILE).is_file() and any(p.name != LOCK_FILE for p in path.iterdir()):
         raise ValueError(
             f"teacher_cache={str(path)!r} exists and is not a teacher cache; choose an empty or new directory."
         )
-    else:
-        path.mkdir(parents=True, exist_ok=True)
-        shards, positions = {}, {}
-    _write_meta(path, spec, shards, positions, complete=False)
+    path.mkdir(parents=True, exist_ok=True)
+    lock = _writer_lock(path)
+    try:
+        state = _resume_state(path, spec)
+        _write_shards(
+            path, teacher, dataset, collate, spec, batch_size, vocab_size or spec.vocab_size, progress, state
+        )
+    finally:
+        lock.release()
+    return path
+
+
+def _writer_lock(path: Path) -> Any:
+    """The cache directory's lock, acquired at once, or the error that another process holds it."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(path / LOCK_FILE))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise ValueError(
+            f"teacher_cache={str(path)!r} is in use by another process (it holds {LOCK_FILE} there): another "
+            "`speckd-trl cache-teacher` is writing this cache. Wait for it to finish (a rerun then resumes or finds "
+            "the cache done), or write to another directory."
+        ) from None
+    return lock
+
+
+def _in_use(path: Path) -> bool:
+    """Whether another process holds the cache directory's lock (is writing it now)."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(path / LOCK_FILE))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return True
+    except OSError:  # a read-only directory: nobody writes there
+        return False
+    lock.release()
+    return False
+
+
+def _resume_state(path: Path, spec: CacheSpec) -> tuple[dict[str, int], dict[str, int], dict[str, str]]:
+    """The finished shards of a build to resume at `path` (rows, positions, teacher per shard; empty for a new one).
+
+    Raises:
+        ValueError: the cache there has other settings, another teacher, or shards that another teacher wrote.
+    """
+    if not (path / META_FILE).is_file():
+        return {}, {}, {}
+    existing, meta = _read_spec(path)
+    if existing != spec:
+        differ = [f.name for f in fields(CacheSpec) if getattr(existing, f.name) != getattr(spec, f.name)]
+        if "teacher_fingerprint" in differ and existing.teacher_fingerprint is not None:
+            raise ValueError(
+                f"teacher_cache={str(path)!r} holds shards of another teacher ({existing.teacher!r} at "
+                f"{existing.teacher_dtype}; this build's teacher {spec.teacher!r} at {spec.teacher_dtype} has other "
+                "weights), so it cannot be resumed: remove the directory or choose another path."
+            )
+        raise ValueError(
+            f"teacher_cache={str(path)!r} holds a cache made with other settings ({', '.join(differ)} differ), "
+            "so it cannot be resumed: remove the directory or choose another path."
+        )
+    shards, positions = dict(meta["shards"]), dict(meta.get("positions", {}))
+    teachers = dict(meta.get("shard_teachers", {}))
+    digest = fingerprint_digest(spec)
+    others = [name for name in sorted(shards) if _shard_ok(path, name, shards) and teachers.get(name) != digest]
+    if others:
+        raise ValueError(
+            f"teacher_cache={str(path)!r}: {len(others)} finished shard(s) ({', '.join(others[:3])}) were written by "
+            f"another teacher than this build's ({spec.teacher!r}), so the build cannot resume on them: remove the "
+            "directory and build it again."
+        )
+    return shards, positions, teachers
+
+
+def _write_shards(
+    path: Path,
+    teacher: Any,
+    dataset: Any,
+    collate: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]],
+    spec: CacheSpec,
+    batch_size: int,
+    vocab_size: int,
+    progress: bool,
+    state: tuple[dict[str, int], dict[str, int], dict[str, str]],
+) -> None:
+    """`write_teacher_cache`'s work, under its lock: the shards not finished yet, then the metadata."""
+    from datasets import Dataset
+    from tqdm.auto import tqdm
+
+    shards, positions, teachers = state
+    digest = fingerprint_digest(spec)
+    _write_meta(path, spec, shards, positions, complete=False, shard_teachers=teachers)
     features = _shard_features(spec)
     device = next(teacher.parameters()).device
     was_training = teacher.training
@@ -322,15 +557,93 @@ def write_teacher_cache(
         os.replace(tmp, path / name)
         shards[name] = stop - start
         positions[name] = sum(len(t) for t in columns["log_tail"])
-        _write_meta(path, spec, shards, positions, complete=len(shards) == spec.num_shards)
+        teachers[name] = digest
+        _write_meta(path, spec, shards, positions, len(shards) == spec.num_shards, shard_teachers=teachers)
     bar.close()
     teacher.train(was_training)
-    _write_meta(path, spec, shards, positions, complete=True)
-    return path
+    _write_meta(path, spec, shards, positions, complete=True, shard_teachers=teachers)
 
 
 def _shard_ok(path: Path, name: str, shards: dict[str, int]) -> bool:
     return name in shards and (path / name / "dataset_info.json").is_file()
+
+
+def check_teacher(path: Path, spec: CacheSpec, *, teacher: Any = None, name: str | None = None) -> None:
+    """Raise unless the cache at `path` (its `spec`) was made by the run's teacher.
+
+    With a loaded `teacher`: its `weights_fingerprint` against the cache's (`fingerprint_mismatch`; the same checkpoint
+    in any precision matches). A teacher sharded across processes has none here: its name is compared instead. With
+    only a `name` (the run's ``teacher_model_name_or_path``, not loaded): the names (`teacher_name`: a local directory
+    as its absolute path). With neither: nothing to compare.
+
+    Raises:
+        ValueError: naming both teachers, and the fix or the override (``teacher_cache_check_teacher=False``).
+    """
+    where = f"teacher_cache={str(path)!r}"
+    fix = (
+        "Build the cache again with this run's teacher (`speckd-trl cache-teacher` with the training recipe), or set "
+        "teacher_cache_check_teacher=False if it is this teacher, moved or renamed on purpose."
+    )
+    if teacher is not None:
+        run = weights_fingerprint(teacher)
+        if run is None:  # sharded here: its name stands for it
+            name = model_name(teacher)
+        elif spec.teacher_fingerprint is None:
+            raise ValueError(
+                f"{where} records no fingerprint of its teacher's weights (cache format {spec.format}, written by an "
+                f"older speckd-trl), so it cannot be checked against this run's teacher {model_name(teacher)!r}. {fix}"
+            )
+        else:
+            differs = fingerprint_mismatch(spec.teacher_fingerprint, run)
+            if differs is not None:
+                raise ValueError(
+                    f"{where} was made by another teacher: the cache's {spec.teacher!r} ({spec.teacher_dtype}), this "
+                    f"run's {model_name(teacher)!r} ({teacher_precision(teacher)}); their weights differ ({differs}). "
+                    f"{fix}"
+                )
+            if model_name(teacher) != spec.teacher:
+                warnings.warn(
+                    f"{where} was made by {spec.teacher!r} and this run's teacher is {model_name(teacher)!r}: their "
+                    "embeddings, norms and output layer match (the same checkpoint, moved, or a fine-tune that changed "
+                    "only the other weights, e.g. a merged LoRA adapter: then build the cache again).",
+                    stacklevel=3,
+                )
+            return
+    if name is not None and teacher_name(name) != spec.teacher:
+        raise ValueError(
+            f"{where} was made by the teacher {spec.teacher!r}, and this run's teacher is {teacher_name(name)!r} "
+            f"(teacher_model_name_or_path, compared by name: it is not loaded). {fix}"
+        )
+
+
+def report_cache_teacher(cache: TeacherCache, teacher: Any = None, *, checked: bool = True) -> None:
+    """Log which teacher the cache holds and at what precision, beside the run's live teacher when there is one (a
+    float32 cache beside an NF4 live teacher is the same teacher, read at two precisions); warn when the teacher
+    check was turned off."""
+    spec = cache.spec
+    line = f"teacher_cache={str(cache.path)!r}: the teacher {spec.teacher!r} at {spec.teacher_dtype} (K={spec.top_k})"
+    if teacher is not None:
+        line += f"; the live teacher {model_name(teacher)!r} at {teacher_precision(teacher)}"
+    if not checked:
+        logger.warning(f"{line}. teacher_cache_check_teacher=False: not checked to be this run's teacher.")
+    elif teacher is not None and teacher_precision(teacher) != spec.teacher_dtype:
+        logger.warning(f"{line}: dataset batches read the cached precision, the others the live one.")
+    else:
+        logger.info(line)
+
+
+def _check_shard_teachers(path: Path, spec: CacheSpec, meta: dict[str, Any]) -> None:
+    """Raise when a shard records another teacher than the cache's (format 1 records none: not checked)."""
+    teachers = meta.get("shard_teachers")
+    if teachers is None:
+        return
+    digest = fingerprint_digest(spec)
+    others = sorted(name for name in meta["shards"] if teachers.get(name) != digest)
+    if others:
+        raise ValueError(
+            f"teacher_cache={str(path)!r}: {len(others)} shard(s) ({', '.join(others[:3])}) were written by another "
+            f"teacher than the cache's {spec.teacher!r}. Remove the directory and build the cache again."
+        )
 
 
 class TeacherCache:
@@ -348,7 +661,15 @@ class TeacherCache:
                 self._where.setdefault(key, (s, i))
 
     @classmethod
-    def open(cls, path: str | os.PathLike, expect: dict[str, Any] | None = None, *, top_k: int | None = None):
+    def open(
+        cls,
+        path: str | os.PathLike,
+        expect: dict[str, Any] | None = None,
+        *,
+        top_k: int | None = None,
+        teacher: Any = None,
+        teacher_name: str | None = None,
+    ):
         """Open the cache at `path`, checking it is whole and valid for a run with the `expect`ed `CacheSpec` values.
 
         Args:
@@ -356,9 +677,12 @@ class TeacherCache:
             expect: `CacheSpec` field -> the training run's value (e.g. ``tokenizer_hash``, ``dataset_fingerprint``,
                 ``teacher_config_hash`` when a teacher is loaded); a field left out is not checked.
             top_k: the largest k the run's gate or target filtering reads; must be <= the cache's K.
+            teacher: the run's loaded teacher, checked against the cache's by its weights (`check_teacher`).
+            teacher_name: the run's teacher name or path when none is loaded, checked against the cache's.
 
         Raises:
-            ValueError: naming the mismatch, or the missing or damaged shard, and what to do.
+            ValueError: naming the mismatch (another teacher: both named), or the missing or damaged shard, and what
+                to do.
         """
         from datasets import load_from_disk
 
@@ -373,6 +697,7 @@ class TeacherCache:
                     f"run uses ({field_name}: cache {cached!r}, run {value!r}). Build the cache again for this run "
                     "(`speckd-trl cache-teacher` with the training recipe), or train with the settings it was made for."
                 )
+        check_teacher(path, spec, teacher=teacher, name=teacher_name)
         if top_k is not None and top_k > spec.top_k:
             raise ValueError(
                 f"gate_top_k={top_k} is larger than the teacher cache's K={spec.top_k} ({str(path)!r}): the cache "
@@ -381,10 +706,16 @@ class TeacherCache:
             )
         if not meta.get("complete"):
             done = len(meta.get("shards", {}))
+            if _in_use(path):
+                raise ValueError(
+                    f"teacher_cache={str(path)!r} is incomplete ({done} of {spec.num_shards} shards) and in use by "
+                    "another process, which is writing it now: wait for its `speckd-trl cache-teacher` to finish."
+                )
             raise ValueError(
                 f"teacher_cache={str(path)!r} is incomplete ({done} of {spec.num_shards} shards): its build was "
                 "interrupted. Run the same `speckd-trl cache-teacher` command again; it resumes."
             )
+        _check_shard_teachers(path, spec, meta)
         shards = []
         for index in range(spec.num_shards):
             name = _shard_name(index)

@@ -71,7 +71,7 @@ from .models import (
     output_vocab_size,
     prepare_teacher_for_fsdp,
 )
-from .teacher_cache import TeacherCache, cache_spec, run_fields, write_teacher_cache
+from .teacher_cache import TeacherCache, cache_spec, report_cache_teacher, run_fields, write_teacher_cache
 from .validation import (
     check_4bit_teacher,
     check_dataset,
@@ -154,6 +154,7 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
         # With a teacher cache, dataset batches never run the teacher: with lmbda=0 and nothing to evaluate, none is
         # loaded (a name or path is not even opened); a model passed in is kept for nothing but its checks.
         cache_only = args.teacher_cache is not None and args.lmbda == 0 and eval_dataset is None
+        named_teacher = teacher_model if isinstance(teacher_model, str) else None  # the cache checks it by name
         if cache_only and isinstance(teacher_model, str):
             teacher_model = None
         if teacher_model is None and not cache_only:
@@ -182,7 +183,7 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
             formatting_func=formatting_func,
         )
         if teacher_model is None:
-            self._init_without_teacher(model, gkd_kwargs)
+            self._init_without_teacher(model, gkd_kwargs, named_teacher)
             return
         check_zero3_quantized_teacher(
             args.teacher_quantization_method != "none"
@@ -248,9 +249,10 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
         self._heads_checked: set[str] = set()  # `check_output_head` runs on each model's first chunked batch
         self._predicting = False  # in a `prediction_step` that returns the logits (see there)
 
-    def _init_without_teacher(self, model: Any, kwargs: dict[str, Any]) -> None:
+    def _init_without_teacher(self, model: Any, kwargs: dict[str, Any], teacher_name: str | None = None) -> None:
         """`__init__` when a teacher cache replaces the teacher (lmbda=0, no evaluation): GKD's own `__init__` gets
-        a stand-in that has the student's config and no weights (it is never called), then there is no teacher."""
+        a stand-in that has the student's config and no weights (it is never called), then there is no teacher.
+        `teacher_name`: the teacher the run names (not loaded), which the cache must have been made by."""
         args = kwargs["args"]
         config = (
             AutoConfig.from_pretrained(model, trust_remote_code=args.trust_remote_code)
@@ -264,23 +266,31 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
         check_zero3_chunked(student, args.loss_path)
         self._shared_vocab = None
         self._init_gate_state(args)
-        self._teacher_cache = self._open_teacher_cache(None)
+        self._teacher_cache = self._open_teacher_cache(None, teacher_name)
         n_student, n_cache = output_vocab_size(student), self._teacher_cache.spec.vocab_size
         if n_cache != n_student:  # a student embedding padded past the tokenizer compares the tokenizer's ids
             self._shared_vocab = n_cache
         check_gate_top_k(args, self._shared_vocab or n_student)
 
-    def _open_teacher_cache(self, teacher: nn.Module | None) -> TeacherCache:
+    def _open_teacher_cache(self, teacher: nn.Module | None, teacher_name: str | None = None) -> TeacherCache:
         """`args.teacher_cache`, checked against this run: tokenizer, chat template, dataset, max_length, the
-        divergence's temperature (1), the vocabulary the loss compares, K against the gate's k, and the teacher's
-        config when one is loaded."""
+        divergence's temperature (1), the vocabulary the loss compares, K against the gate's k, and the teacher (its
+        config and weights when one is loaded, else `teacher_name`; `args.teacher_cache_check_teacher`)."""
         args = self.args
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
         expect = run_fields(
             tokenizer=tokenizer, dataset=self.train_dataset, max_length=args.max_length, teacher=teacher
         )
         expect["temperature"] = 1.0  # SpecKDTrainer's divergence is at temperature 1, as GKD's
-        cache = TeacherCache.open(args.teacher_cache, expect, top_k=args.largest_top_k)
+        check = args.teacher_cache_check_teacher
+        cache = TeacherCache.open(
+            args.teacher_cache,
+            expect,
+            top_k=args.largest_top_k,
+            teacher=teacher if check else None,
+            teacher_name=teacher_name if check else None,
+        )
+        report_cache_teacher(cache, teacher, checked=check)
         student = self.accelerator.unwrap_model(self.model)
         n_loss = self._shared_vocab or output_vocab_size(student)
         n_cache = cache.spec.vocab_size
@@ -400,6 +410,27 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
         finally:
             self._predicting = False
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        """`Trainer.evaluate`; refused on a trainer without a teacher (`_check_can_evaluate`)."""
+        self._check_can_evaluate("evaluate")
+        return super().evaluate(*args, **kwargs)
+
+    def predict(self, *args: Any, **kwargs: Any) -> Any:
+        """`Trainer.predict`; refused on a trainer without a teacher (`_check_can_evaluate`)."""
+        self._check_can_evaluate("predict")
+        return super().predict(*args, **kwargs)
+
+    def _check_can_evaluate(self, method: str) -> None:
+        """Evaluation needs the live teacher: its loss compares the student with the teacher on the evaluation rows,
+        and a teacher cache holds the training rows only (by choice: rows of the same keys would serve, but a
+        held-out set never is among them). A trainer reading only the cache (lmbda=0, no teacher) refuses it."""
+        if self.teacher_model is None:
+            raise ValueError(
+                f"SpecKDTrainer.{method}() needs the teacher, and this trainer has none: it reads teacher_cache="
+                f"{self.args.teacher_cache!r} (lmbda=0), which holds the training rows only. Pass `teacher_model=` "
+                "(dataset batches still read the cache), or evaluate the saved student without SpecKD's loss."
+            )
 
     # ------------------------------------------------------------------ loss
 
@@ -607,8 +638,9 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
             batch_size=batch_size or self.args.per_device_eval_batch_size,
             progress=not self.args.disable_tqdm,
         )
-        return TeacherCache.open(path, run_fields(tokenizer=tokenizer, dataset=self.train_dataset,
-                                                  max_length=self.args.max_length, teacher=teacher))  # fmt: skip
+        expect = run_fields(tokenizer=tokenizer, dataset=self.train_dataset, max_length=self.args.max_length,
+                            teacher=teacher)  # fmt: skip
+        return TeacherCache.open(path, expect, teacher=teacher)
 
     def _output_heads(self) -> tuple[OutputHead, OutputHead]:
         """The student's and the teacher's output layers, for the chunked loss (cut to the tokenizer's ids when the

@@ -7,11 +7,18 @@ import math
 import pytest
 import torch
 
-from speckd_trl import GATE_RULES, GateRule, SpecKDConfig, SpecKDDistillationConfig, SpecKDDistillationTrainer
+from speckd_trl import (
+    GATE_RULES,
+    GateRule,
+    SpecKDConfig,
+    SpecKDDistillationConfig,
+    SpecKDDistillationTrainer,
+    SpecKDServerDistillationConfig,
+)
 from speckd_trl.batches import OFF_POLICY, ON_POLICY
 from speckd_trl.generation import speculative_generate
 from speckd_trl.losses import jsd_log_probs
-from speckd_trl.rules import accept_mask
+from speckd_trl.rules import accept_mask, get_rule
 from speckd_trl.tools.testing import (
     TINY_ARGS,
     collated_batch,
@@ -142,3 +149,50 @@ def test_skd_generation_verifies_and_replaces_with_the_rule(confident):
         logits = teacher(input_ids=sequences).logits[:, prompts.size(1) - 1 : -1]
     completion = sequences[:, prompts.size(1) :]
     assert bool(reference(logits, completion, torch.ones_like(completion, dtype=torch.bool)).all())
+
+
+class EntropyGate(GateRule):
+    """Accept iff the proposal's surprisal under the teacher is at most the teacher's entropy: it reads the whole
+    distribution, and declares nothing narrower (`teacher_reads` keeps its default, ``{"full"}``)."""
+
+    name = "entropy"
+
+    def accept(self, student_logits, teacher_logits, proposals, *, top_k, uniforms, normalized=False):
+        log_p = teacher_logits.float() if normalized else torch.log_softmax(teacher_logits.float(), dim=-1)
+        entropy = -(log_p.exp() * log_p).sum(-1)
+        return -log_p.gather(-1, proposals.unsqueeze(-1)).squeeze(-1) <= entropy
+
+
+class TopTwoGate(EntropyGate):
+    """Accept iff the proposal is among the teacher's two best tokens; declares that it reads only its top-k."""
+
+    name = "top_two"
+    teacher_reads = frozenset({"top_k"})
+
+    def accept(self, student_logits, teacher_logits, proposals, *, top_k, uniforms, normalized=False):
+        return get_rule("topk").accept(student_logits, teacher_logits, proposals, top_k=2, uniforms=None)
+
+
+@pytest.fixture
+def partial_rules(monkeypatch):
+    for rule in (EntropyGate, TopTwoGate):
+        monkeypatch.setitem(GATE_RULES, rule.name, rule)
+
+
+def test_a_rule_reading_the_whole_teacher_is_refused_where_the_teacher_is_partial(tmp_path, partial_rules):
+    """What a rule reads is declared once (`GateRule.teacher_reads`); a server teacher (top-k and the sampled
+    token's log-probability) and a teacher cache (top-K) refuse a rule that reads more, naming it and what it lacks.
+    A loaded teacher serves it."""
+    server = dict(**TINY_ARGS, output_dir=str(tmp_path), teacher_model_server_url="http://teacher.invalid:8000")
+    with pytest.raises(ValueError, match=r"gate='entropy' reads the teacher's whole distribution, which a teacher "
+                       r"server .* does not hold. Use a gate that reads only what it holds \('topk', 'spec', "
+                       r"'none', 'top_two'\)"):  # fmt: skip
+        SpecKDServerDistillationConfig(**server, gate="entropy")
+    with pytest.raises(ValueError, match=r"gate='entropy' reads the teacher's whole distribution, which "
+                       r"teacher_cache='c' \(the teacher's top-K tokens only\) does not hold"):  # fmt: skip
+        SpecKDConfig(output_dir=str(tmp_path), **TINY_ARGS, gate="entropy", teacher_cache="c")
+    with pytest.raises(ValueError, match=r"gate='spec' reads the teacher's log-probability of the proposed token"):
+        SpecKDConfig(output_dir=str(tmp_path), **TINY_ARGS, gate="spec", teacher_cache="c")
+    SpecKDServerDistillationConfig(**server, gate="top_two")  # declared top-k only: served by both
+    SpecKDConfig(output_dir=str(tmp_path), **TINY_ARGS, gate="top_two", teacher_cache="c")
+    SpecKDConfig(output_dir=str(tmp_path), **TINY_ARGS, gate="entropy")  # a loaded teacher holds everything

@@ -122,6 +122,8 @@ def test_it_trains_with_the_local_teacher(tmp_path, local_teacher, gate):
         (dict(beta=0.5), "beta=0.5 is not gated on a server teacher"),
         (dict(loss_add_tail=False), "loss_add_tail=False is not gated"),
         (dict(loss_top_k=4, gate_top_k=5), r"reads the teacher's top 5 tokens .* loss_top_k=4"),
+        # ties at the k-th place: the server's top-k is cut at an arbitrary tied token (#34)
+        (dict(loss_top_k=5, gate_top_k=5), r"top 5 tokens .* loss_top_k=5, cut at an arbitrary token .* >= 6"),
         (dict(gate="spec", temperature=0.7), "gate='spec' with temperature=0.7"),
     ],
 )
@@ -133,3 +135,24 @@ def test_settings_the_server_cannot_serve_are_refused(tmp_path, overrides, messa
 def test_the_defaults_are_the_gated_loss(tmp_path):
     args = SpecKDServerDistillationConfig(**TINY_ARGS, output_dir=str(tmp_path), teacher_model_server_url="http://t")
     assert (args.beta, args.loss_top_k, args.loss_add_tail, args.vllm_server_port) == (0.0, 20, True, 8001)
+
+
+def test_ties_inside_the_returned_set_go_to_the_lower_id(tmp_path):
+    """The server lists its top-K in torch.topk's order (ties in no fixed order); with gate_top_k < loss_top_k the
+    gate ranks the returned tokens itself, so a tie at the k-th place goes to the lower id as on the full teacher."""
+    from speckd_trl.rules import get_rule
+    from speckd_trl.server_trainer import server_sparse_teacher
+
+    logits = torch.full((1, 1, 40), -5.0)
+    logits[..., [30, 12, 20, 7, 25]] = torch.tensor([3.0, 1.0, 1.0, 1.0, 1.0])  # 4 tokens tie at places 2-5
+    full = torch.log_softmax(logits, dim=-1)
+    order = torch.tensor([30, 25, 20, 12, 7, 0])  # as a server may list them: ties by descending id
+    result = {"topk_logprobs": full[..., order], "topk_token_ids": order.expand(1, 1, 6),
+              "actual_logprobs": full[..., 0]}  # fmt: skip
+    _, view = server_sparse_teacher(result, torch.ones(1, 1, dtype=torch.bool), 40)
+    rule = get_rule("topk")
+    for k in (2, 3, 4):
+        for token in (7, 12, 20, 25, 30):
+            proposal = torch.tensor([[token]])
+            expected = rule.accept(full, full, proposal, top_k=k, uniforms=None, normalized=True)
+            assert torch.equal(rule.accept(view, view, proposal, top_k=k, uniforms=None, normalized=True), expected)

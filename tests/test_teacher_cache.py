@@ -124,7 +124,7 @@ def test_the_topk_rule_reads_the_same_verdicts_from_the_sparse_teacher(k):
     full = rule.accept(s, t, proposals, top_k=k, uniforms=None, normalized=True)
     sparse = rule.accept(s, sparse_log_probs(ids, values, 24), proposals, top_k=k, uniforms=None, normalized=True)
     assert torch.equal(full, sparse) and 0 < int(full.sum()) < 64
-    assert get_rule("topk").reads_top_k_only and not get_rule("spec").reads_top_k_only
+    assert get_rule("topk").teacher_reads == {"top_k"} and get_rule("spec").teacher_reads == {"proposal"}
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.5])
@@ -158,8 +158,8 @@ def test_ids_are_stored_in_the_smallest_type():
 # ---------------------------------------------------------------------------- training from a cache
 
 
-def cached_trainer(tmp_path, cache, *, teacher=None, train_dataset=None, **overrides):
-    """A `SpecKDTrainer` on the tiny student reading `cache`; no teacher unless given."""
+def cached_trainer(tmp_path, cache, *, teacher=None, train_dataset=None, student=None, **overrides):
+    """A `SpecKDTrainer` on the tiny student (unless given) reading `cache`; no teacher unless given."""
     from speckd_trl import SpecKDTrainer
 
     tokenizer = make_tokenizer()
@@ -167,7 +167,7 @@ def cached_trainer(tmp_path, cache, *, teacher=None, train_dataset=None, **overr
         **{**TINY_ARGS, "output_dir": str(tmp_path / "cached"), "teacher_cache": str(cache), **overrides}
     )
     return SpecKDTrainer(
-        model=make_model(0, tokenizer),
+        model=student if student is not None else make_model(0, tokenizer),
         teacher_model=teacher,
         args=args,
         train_dataset=train_dataset if train_dataset is not None else make_dataset(),
@@ -320,7 +320,10 @@ def test_an_interrupted_build_resumes_without_recomputing_finished_shards(tmp_pa
 
 
 def test_settings_a_cache_cannot_serve_are_refused(tmp_path, full_cache):
-    with pytest.raises(ValueError, match="gate='spec' with teacher_cache"):
+    with pytest.raises(
+        ValueError,
+        match=r"gate=.spec. reads the teacher.s log-probability of the proposed token, which teacher_cache=.c.",
+    ):
         SpecKDConfig(**TINY_ARGS, output_dir=str(tmp_path), teacher_cache="c", gate="spec")
     with pytest.raises(ValueError, match="seq_kd=True with teacher_cache"):
         SpecKDConfig(**TINY_ARGS, output_dir=str(tmp_path), teacher_cache="c", seq_kd=True)
@@ -355,3 +358,196 @@ def test_the_cli_caches_then_trains_from_the_cache_with_one_recipe(workspace, tm
     assert (tmp_path / "out" / "model.safetensors").is_file()
     assert main(["--config", str(recipe), "--gate_top_k", "9"]) == 2
     assert "larger than the teacher cache's K=8" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- ties, identity, lock, evaluation (#34)
+
+
+def tied_log_probs(*shape, seed=0):
+    """Log-probabilities with many exact ties, as bf16/fp16 logits have: logits on a 0.25 grid."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.log_softmax((torch.randn(*shape, generator=g) * 6).round() / 4, dim=-1)
+
+
+@pytest.mark.parametrize("k", [1, 3, 8, 32])
+def test_the_cached_top_k_is_the_rules_on_exact_ties(k):
+    """Written in the topk rule's order (value descending, then id ascending): the first K of a stable sort. So a
+    sparse view with gate_top_k == K gives the live teacher's verdicts. torch.topk alone keeps other tied ids."""
+    t = tied_log_probs(4, 16, 96, seed=k)
+    ids, values, log_tail = teacher_top_k(t, k)
+    expected = torch.sort(t, dim=-1, descending=True, stable=True).indices[..., :k]
+    assert torch.equal(ids, expected)
+    torch.testing.assert_close(values, t.gather(-1, expected))
+    rest = t.scatter(-1, expected, float("-inf")).logsumexp(-1)
+    torch.testing.assert_close(log_tail, rest)
+    # every proposal that ties at the k-th place, and every other token: the same verdicts
+    rule = get_rule("topk")
+    proposals = torch.arange(96).expand(4, 16, 96).permute(2, 0, 1)  # [96, 4, 16]: each token at each position
+    view = sparse_log_probs(ids, values, 96).expand(96, -1, -1, -1)
+    full = rule.accept(t, t.expand(96, -1, -1, -1), proposals, top_k=k, uniforms=None, normalized=True)
+    sparse = rule.accept(view, view, proposals, top_k=k, uniforms=None, normalized=True)
+    assert torch.equal(full, sparse)
+
+
+def tied_teacher(seed=1):
+    """A tiny teacher whose output layer has 4 distinct rows, repeated: every logit ties with 23 others."""
+    model = make_model(seed, make_tokenizer())
+    with torch.no_grad():
+        weight = model.get_output_embeddings().weight
+        weight.copy_(weight[torch.arange(VOCAB_SIZE) % 4] * 5)
+    return model
+
+
+@pytest.mark.parametrize("loss_path", ["eager", "chunked"])
+def test_a_cache_with_gate_top_k_equal_to_k_gives_the_live_verdicts_on_ties(tmp_path, loss_path):
+    teacher, student = tied_teacher(1), tied_teacher(0)  # the student proposes the lowest id of its best group
+    settings = dict(loss_path=loss_path, lmbda=0.0, gate="topk", gate_top_k=3)
+    live = make_trainer(tmp_path / "live", teacher=teacher, student=student, **settings)
+    live.cache_teacher(str(tmp_path / "cache"), top_k=3, values_dtype="float32")
+    cached = cached_trainer(tmp_path, tmp_path / "cache", student=student, **settings)
+    batch = collated_batch(live, OFF_POLICY, rows=8)
+    with torch.no_grad():  # the ties are there: 24 tokens (or more) share the best logit at every position
+        logits = teacher(input_ids=batch["input_ids"]).logits
+        assert bool(((logits == logits.max(-1, keepdim=True).values).sum(-1) >= 24).all())
+    _, _, window_live = loss_gradients_and_window(live, batch)
+    _, _, window_cached = loss_gradients_and_window(cached, batch)
+    assert window_cached == window_live and 0 < window_live["accepted_off"] < window_live["gated_off"]
+
+
+def test_a_live_teacher_with_other_weights_is_refused_and_the_override_warns(tmp_path, full_cache, caplog):
+    other = make_model(2, make_tokenizer())  # the same config as the cache's teacher (seed 1), other weights
+    with pytest.raises(ValueError, match=r"was made by another teacher: .*their weights differ \(input_embeddings"):
+        cached_trainer(tmp_path, full_cache, teacher=other, lmbda=0.5)
+    with pytest.raises(ValueError, match="another teacher"):  # lmbda 0: a teacher passed in is still checked
+        cached_trainer(tmp_path, full_cache, teacher=other, lmbda=0.0)
+    trainer = cached_trainer(tmp_path, full_cache, teacher=other, lmbda=0.5, teacher_cache_check_teacher=False)
+    assert trainer._teacher_cache is not None
+    assert "not checked to be this run's teacher" in caplog.text
+    cached_trainer(tmp_path, full_cache, teacher=make_model(1, make_tokenizer()), lmbda=0.5)  # the same weights
+
+
+def test_the_fingerprint_names_the_checkpoint_not_its_precision(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from speckd_trl.teacher_cache import fingerprint_mismatch, teacher_precision, weights_fingerprint
+
+    tokenizer = make_tokenizer()
+    teacher, other = make_model(1, tokenizer), make_model(2, tokenizer)
+    teacher.save_pretrained(tmp_path / "t")
+    written = weights_fingerprint(teacher)  # float32
+    for dtype in (torch.bfloat16, torch.float16):
+        nf4 = AutoModelForCausalLM.from_pretrained(
+            tmp_path / "t",
+            quantization_config=BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
+            ),
+            device_map={"": "cpu"},
+            dtype=dtype,
+        )
+        assert teacher_precision(nf4) == "nf4" and nf4.get_input_embeddings().weight.dtype == dtype
+        assert fingerprint_mismatch(written, weights_fingerprint(nf4)) is None
+        assert "input_embeddings" in fingerprint_mismatch(weights_fingerprint(other), weights_fingerprint(nf4))
+    assert fingerprint_mismatch(written, weights_fingerprint(teacher.to(torch.bfloat16))) is None
+
+
+def test_a_cache_records_its_teacher_and_precision(tmp_path, full_cache):
+    info = json.loads((full_cache / META_FILE).read_text())
+    assert info["spec"]["teacher_dtype"] == "float32" and info["spec"]["teacher_fingerprint"]["input_embeddings"]
+    assert set(info["shard_teachers"]) == set(info["shards"]) and len(set(info["shard_teachers"].values())) == 1
+
+
+def test_a_resumed_build_refuses_shards_of_another_teacher(tmp_path):
+    live = make_trainer(tmp_path / "live")
+    forward, calls = live.teacher_model.forward, {"n": 0}
+
+    def dies_in_the_second_shard(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return forward(*args, **kwargs)
+
+    live.teacher_model.forward = dies_in_the_second_shard
+    with pytest.raises(KeyboardInterrupt):
+        live.cache_teacher(str(tmp_path / "cache"), top_k=8, shard_rows=4, batch_size=2)
+    # the teacher's directory got new weights (same config) before the rerun
+    other = make_trainer(tmp_path / "other", teacher=make_model(2, make_tokenizer()))
+    with pytest.raises(ValueError, match=r"holds shards of another teacher .* cannot be resumed"):
+        other.cache_teacher(str(tmp_path / "cache"), top_k=8, shard_rows=4, batch_size=2)
+    # a finished shard that records another teacher than the cache's is refused too (resume and open)
+    meta = json.loads((tmp_path / "cache" / META_FILE).read_text())
+    meta["shard_teachers"]["shard-00000"] = "0123456789abcdef"
+    (tmp_path / "cache" / META_FILE).write_text(json.dumps(meta))
+    live.teacher_model.forward = forward
+    with pytest.raises(ValueError, match=r"1 finished shard\(s\) \(shard-00000\) were written by another teacher"):
+        live.cache_teacher(str(tmp_path / "cache"), top_k=8, shard_rows=4, batch_size=2)
+    meta["complete"] = True
+    (tmp_path / "cache" / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"shard\(s\) \(shard-00000\) were written by another teacher"):
+        TeacherCache.open(tmp_path / "cache")
+
+
+def test_a_second_writer_is_refused_at_once(tmp_path):
+    import subprocess
+    import sys
+
+    from speckd_trl.teacher_cache import LOCK_FILE
+
+    live = make_trainer(tmp_path / "live")
+    (tmp_path / "cache").mkdir()
+    holder = subprocess.Popen(  # another process, holding the lock as a running cache-teacher does
+        [sys.executable, "-c", "import sys, time; from filelock import FileLock; lock = FileLock(sys.argv[1]); lock.acquire(); "
+         "print('held', flush=True); time.sleep(60)", str(tmp_path / "cache" / LOCK_FILE)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ValueError, match="is in use by another process"):
+            live.cache_teacher(str(tmp_path / "cache"), top_k=8)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert len(live.cache_teacher(str(tmp_path / "cache"), top_k=8)) == 16  # free again
+
+
+def test_evaluation_without_a_teacher_says_it_needs_one(tmp_path, full_cache):
+    trainer = cached_trainer(tmp_path, full_cache, lmbda=0.0)
+    assert trainer.teacher_model is None
+    for method in (trainer.evaluate, trainer.predict):
+        with pytest.raises(ValueError, match=r"needs the teacher, and this trainer has none.*teacher_model="):
+            method(trainer.train_dataset)
+
+
+def test_cache_teacher_help_says_what_it_does(capsys):
+    from speckd_trl.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["cache-teacher", "--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0
+    assert out.startswith("usage: speckd-trl cache-teacher --config recipe.yaml --teacher_cache DIR")
+    assert "top-K log-probabilities at every completion token" in out
+    for key in ("--teacher_cache_top_k", "--teacher_cache_dtype", "--teacher_model_name_or_path", "--max_length"):
+        assert key in out.split("options:")[0]
+
+
+def test_the_cli_refuses_a_cache_of_another_teacher_by_name(workspace, tmp_path, capsys):
+    from speckd_trl.cli import main
+
+    make_model(2, make_tokenizer()).save_pretrained(workspace / "teacher-b")
+    make_tokenizer().save_pretrained(workspace / "teacher-b")
+    common = (
+        f"model_name_or_path: {workspace / 'student'}\ndataset_name: {workspace / 'train.jsonl'}\n"
+        f"output_dir: {tmp_path / 'out'}\nteacher_cache: {tmp_path / 'cache'}\nuse_cpu: true\nreport_to: none\n"
+        "save_strategy: 'no'\nmax_steps: 1\nper_device_train_batch_size: 2\ngate: topk\ngate_top_k: 5\n"
+        "teacher_cache_top_k: 8\nlmbda: 0.0\n"
+    )
+    recipe_a, recipe_b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    recipe_a.write_text(common + f"teacher_model_name_or_path: {workspace / 'teacher'}\n")
+    recipe_b.write_text(common + f"teacher_model_name_or_path: {workspace / 'teacher-b'}\n")
+    assert main(["cache-teacher", "--config", str(recipe_a)]) == 0
+    capsys.readouterr()
+    assert main(["--config", str(recipe_b)]) == 2  # lmbda 0: teacher B is not loaded, its name is compared
+    err = capsys.readouterr().err
+    assert "was made by the teacher" in err and str(workspace / "teacher") in err and "teacher-b" in err
+    assert main(["--config", str(recipe_b), "--teacher_cache_check_teacher", "false"]) == 0

@@ -1,6 +1,7 @@
 """`TeacherAcceptanceReward`: the teacher's verdict as a TRL reward function (GRPO's ``reward_funcs``)."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -205,3 +206,32 @@ def test_grpo_trains_with_the_teacher_reward_and_logs_it(tokenizer, teacher, tmp
         assert "rewards/length_reward/mean" in entry
     changed = any(not torch.equal(before[n], p) for n, p in policy.named_parameters())
     assert changed, "GRPO did not update the policy"
+
+
+def test_a_padded_teacher_ranks_the_tokenizers_ids_only(tokenizer):
+    """A teacher embedding padded past the tokenizer (as Qwen's), whose padding logits are the highest: the reward
+    ranks the tokenizer's ids only, as SpecKDTrainer compares them, so the teacher's best real token is accepted."""
+    teacher = make_model(1, tokenizer, vocab_size=128).eval()
+    n = len(tokenizer)
+    teacher.get_output_embeddings().register_forward_hook(
+        lambda module, args, logits: logits.index_fill(-1, torch.arange(n, 128), 1e4)
+    )
+    prompts = text_prompts(2)
+    completions = []
+    for prompt in prompts:  # the teacher's own greedy tokens among the real ids
+        ids = tokenizer(prompt)["input_ids"]
+        for _ in range(4):
+            with torch.no_grad():
+                logits = teacher(input_ids=torch.tensor([ids])).logits[0, -1]
+            assert logits.argmax() >= n  # a padding row scores highest
+            ids = ids + [int(logits[:n].argmax())]
+        completions.append(ids[-4:])
+    reward = TeacherAcceptanceReward(teacher, tokenizer, top_k=1)
+    assert reward(prompts=prompts, completion_ids=completions) == [1.0, 1.0]
+
+    def real_ids_only(input_ids):
+        return SimpleNamespace(logits=teacher(input_ids=input_ids).logits[..., :n])
+
+    random = random_completions(2, tokenizer, seed=3)  # and any k: the by-hand count over the tokenizer's ids
+    got = TeacherAcceptanceReward(teacher, tokenizer, top_k=5)(prompts=prompts, completion_ids=random)
+    assert got == pytest.approx(by_hand(real_ids_only, tokenizer, prompts, random, 5), abs=1e-6)
