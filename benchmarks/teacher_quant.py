@@ -26,6 +26,7 @@ Settings (`SETTINGS`; every 4-bit setting runs with float32 compute):
 - `nf4-first-last`: NF4 with the first 2 and last 2 layers in float32 (the hand-picked choice, for comparison);
 - `qlora`: a teacher tuned in NF4 with LoRA (QLoRA: the skill lives in full-precision adapters; same data, steps and
   batch as the demo's teacher tune, LoRA r=16 on every linear layer, learning rate `--qlora-lr`), used as NF4 + LoRA;
+  `qlora-float32-base`: the same adapters on the float32 base (what the QLoRA tune taught, without NF4's rounding);
 - 4-bit outside bitsandbytes, each when its package is installed (a missing package is a SKIP line):
   `hqq4` (HQQ, group 64, its optimizer; through HQQ's own `AutoHQQHFModel`: transformers 5.24's `HqqConfig` raises
   "not available yet" when it would quantize), `hqq4-g32-rtn` (HQQ, group 32, plain min-max rounding with a float
@@ -36,7 +37,8 @@ Settings (`SETTINGS`; every 4-bit setting runs with float32 compute):
   CPU path in 0.18), `quanto-int4` (`QuantoConfig(weights="int4")`). `get_memory_footprint` does not see inside
   torchao's and quanto's tensor types: their `weights MiB` counts the bytes of every parameter's stored tensors.
 
-Prints a table, one `ROW` JSON line per setting, a final JSON line, and saves a plot.
+Prints a table, one `ROW` JSON line per setting, a final JSON line, and saves a plot. `--delta-only` prints one
+`DELTA` line instead: the size of the teacher's tune against NF4's rounding error (`tuning_delta`).
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ SETTINGS = (
     "nf4-skip4",
     "nf4-skip8",
     "qlora",
+    "qlora-float32-base",
     "hqq4",
     "hqq4-g32-rtn",
     "gptq4",
@@ -196,13 +199,16 @@ def load_setting(setting: str, teacher_dir: Path, ranking: list[str], args, setu
         return model, f"teacher_quantization={loading.teacher_quantization_method}" + (
             f", kept {skip}" if skip else ""
         )
-    if setting == "qlora":
+    if setting.startswith("qlora"):
         import torch
         from peft import PeftModel
         from transformers import BitsAndBytesConfig
 
         adapter = qlora_teacher(setup["base"], setup["train"], setup["cache"], steps=setup["config"].teacher_steps,
                                 lr=args.qlora_lr, batch_size=setup["config"].batch_size, seed=0)  # fmt: skip
+        if setting == "qlora-float32-base":  # the same adapters on the unquantized base: the tune's own skill
+            base = AutoModelForCausalLM.from_pretrained(str(setup["base"]), dtype=torch.float32)
+            return PeftModel.from_pretrained(base, str(adapter)).eval(), "float32 base + the QLoRA adapters"
         bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
         base = AutoModelForCausalLM.from_pretrained(
             str(setup["base"]), quantization_config=bnb, device_map={"": "cpu"}
@@ -220,6 +226,38 @@ def load_setting(setting: str, teacher_dir: Path, ranking: list[str], args, setu
     config = other_config(setting, texts, setup["tokenizer"])
     model = AutoModelForCausalLM.from_pretrained(str(teacher_dir), quantization_config=config, device_map="cpu")
     return model, type(config).__name__
+
+
+def tuning_delta(base_dir: Path, teacher_dir: Path) -> dict[str, float]:
+    """How the teacher's tune compares with NF4's rounding, over the decoder's linear weights (root mean squares):
+    the tune's change of the weights, NF4's rounding error of the tuned weights (bitsandbytes, blocks of 64), and
+    the error left in the tune's change once both models are rounded (NF4(teacher) - NF4(base) against the change)."""
+    import bitsandbytes.functional as F
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    def nf4(weight):
+        packed, state = F.quantize_4bit(weight, blocksize=64, quant_type="nf4")
+        return F.dequantize_4bit(packed, state).view_as(weight)
+
+    base = dict(AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).named_parameters())
+    teacher = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32)
+    sums = dict(weight=0.0, delta=0.0, rounding=0.0, delta_error=0.0)
+    for name, param in teacher.named_parameters():
+        if param.dim() != 2 or ".layers." not in name:
+            continue
+        weight, before = param.data, base[name].data
+        rounded = nf4(weight)
+        sums["weight"] += weight.pow(2).sum().item()
+        sums["delta"] += (weight - before).pow(2).sum().item()
+        sums["rounding"] += (rounded - weight).pow(2).sum().item()
+        sums["delta_error"] += ((rounded - nf4(before)) - (weight - before)).pow(2).sum().item()
+    return {
+        "tune_change_over_weight": (sums["delta"] / sums["weight"]) ** 0.5,
+        "nf4_rounding_over_weight": (sums["rounding"] / sums["weight"]) ** 0.5,
+        "nf4_rounding_over_tune_change": (sums["rounding"] / sums["delta"]) ** 0.5,
+        "tune_change_error_after_nf4_over_tune_change": (sums["delta_error"] / sums["delta"]) ** 0.5,
+    }
 
 
 def answer_kl(reference, logits) -> tuple[float, float, int]:
@@ -245,6 +283,11 @@ def main():
     parser.add_argument("--plot", default=os.path.join(os.path.dirname(__file__), "teacher_quant.png"))
     parser.add_argument("--log", default="", help="also append the lines, the table and the final JSON here")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument(
+        "--delta-only",
+        action="store_true",
+        help="only compare the teacher's tune with NF4's rounding (`tuning_delta`: a DELTA line), load no setting",
+    )
     args = parser.parse_args()
     settings = [s.strip() for s in args.settings.split(",") if s.strip()]
     unknown = [s for s in settings if s not in SETTINGS]
@@ -277,6 +320,9 @@ def main():
         heldout = heldout.select(range(min(args.items, len(heldout))))
     examples = answer_positions(tokenizer, heldout)
     log("ARGS " + json.dumps(vars(args)))
+    if args.delta_only:
+        log("DELTA " + json.dumps(tuning_delta(base_dir, teacher_dir)))
+        return
 
     full = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32)
     reference = answer_logits(full, examples)
