@@ -237,6 +237,13 @@ def log_references(setup, teacher_dir: Path, args, log) -> None:
         log("REF " + json.dumps(row))
 
 
+def teacher_order(method: str) -> int:  # a sort key: float32 first, then int8, then the 4-bit ones
+    teacher = method.split(" @ ")[-1]
+    return next(
+        (i for i, t in enumerate(("float32", "int8", "NF4 teacher (", "NF4", "FP4")) if teacher.startswith(t)), 9
+    )
+
+
 def teacher_skip(args) -> list[str] | None:
     return [m.strip() for m in args.teacher_skip.split(",") if m.strip()] or None
 
@@ -371,6 +378,12 @@ def main():
     parser.add_argument("--log", default="", help="also append the RUN lines, the tables and the final JSON here.")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default).")
     parser.add_argument(
+        "--by-teacher",
+        action="store_true",
+        help="With --from-logs: keep runs of different teachers (--teacher-quant) apart, each paired with the float32 "
+        "teacher's runs of the same method (logs from before --teacher-quant: the NF4 teacher).",
+    )
+    parser.add_argument(
         "--from-logs",
         nargs="+",
         help="Train nothing: summarize the `RUN {...}` lines of earlier runs' logs (e.g. runs split over processes).",
@@ -393,6 +406,10 @@ def main():
     if args.from_logs:
         rows = [json.loads(line[4:]) for path in args.from_logs for line in open(path) if line.startswith("RUN {")]
         rows = [r for r in rows if r["method"] in methods and r["seed"] in seeds]
+        if args.by_teacher:  # one row per method and teacher, each paired with the float32 teacher's
+            for r in rows:
+                r["method"] = f"{r['method']} @ {r.get('teacher', 'NF4 teacher')}"
+            methods = sorted({r["method"] for r in rows}, key=lambda m: (m.split(" @ ")[0], teacher_order(m)))
         report(
             rows,
             methods,
@@ -501,6 +518,9 @@ def report(rows, methods, args, title, started, log=print):
     baselines = [b for b in ("gkd", "speckd-none", "sft") if b in methods]
     pairs = [(m, b) for b in baselines for m in methods if m != b and (m.startswith("speckd") or b == "sft")]
     pairs = [(m, b) for m, b in pairs if not (b == "speckd-none" and m == "gkd")]
+    # a run with another teacher against the same method with the float32 teacher (--by-teacher)
+    pairs += [(m, f"{m.split(' @ ')[0]} @ float32 teacher") for m in methods
+              if " @ " in m and not m.endswith("@ float32 teacher") and f"{m.split(' @ ')[0]} @ float32 teacher" in methods]  # fmt: skip
     # a run from a teacher cache against the same method with the live teacher
     pairs += [(m, m[: -len("-cache")]) for m in methods if m.endswith("-cache") and m[: -len("-cache")] in methods]
     if pairs:
