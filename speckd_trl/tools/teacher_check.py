@@ -193,14 +193,16 @@ class LoadedTeacher:
     peak_mib: float
 
 
-def load_measured(label: str, load, device: torch.device | str) -> LoadedTeacher:
-    """`load()` under `PeakMemory`: the peak is counted from the start of loading (weights, any full-precision copy
-    made while quantizing)."""
+def load_measured(label: str, load, device: torch.device | str, batch: dict[str, torch.Tensor]) -> LoadedTeacher:
+    """`load()` and one forward pass over `batch` under `PeakMemory`: the peak counts the weights (a checkpoint
+    mapped from disk is read in by the forward), any full-precision copy made while quantizing, and one batch's
+    activations."""
     from .testing import PeakMemory
 
     meter = PeakMemory(device)
     meter.start()
     model = load()
+    _completion_logits(model.eval(), batch)
     return LoadedTeacher(label, model, weights_bytes(model) / 2**20, meter.peak_mib())
 
 
@@ -235,20 +237,21 @@ def check_teacher(
     batches = completion_batches(
         dataset, tokenizer, samples=samples, batch_size=batch_size, max_length=args.max_length
     )
-    full = load_measured("full precision", lambda: load_teacher(teacher, full_args), args.device)
+    full = load_measured("full precision", lambda: load_teacher(teacher, full_args).to(args.device), args.device,
+                         batches[0])  # fmt: skip
     if is_quantized(full.model):
         raise ValueError(
             f"The teacher at {teacher!r} is stored quantized (its config.json has a quantization_config), so it cannot "
             "be loaded in full precision to compare with: check the full-precision checkpoint it was made from."
         )
-    full.model.to(args.device)
     reference = completion_logits(full.model, batches)
     report: dict[str, Any] = {}
     if sensitivity:
         quant_type = method if method in ("nf4", "fp4") else "nf4"
         report["sensitivity"] = layer_sensitivity(full.model, batches, quant_type=quant_type, reference=reference)
     full.model = None
-    configured = load_measured(f"as configured ({method})", lambda: load_teacher(teacher, args), args.device)
+    configured = load_measured(f"as configured ({method})", lambda: load_teacher(teacher, args), args.device,
+                               batches[0])  # fmt: skip
     report["price"] = teacher_price(reference, configured.model, batches)
     configured.model = None
     rows = sum(batch["input_ids"].shape[0] for batch in batches)
@@ -256,19 +259,28 @@ def check_teacher(
     return report
 
 
-def format_report(report: dict[str, Any], skip: list[str] | None = None) -> Iterator[str]:
-    """The lines `speckd-trl check-teacher` prints."""
+def format_report(report: dict[str, Any], skip: list[str] | None = None, *, show_layers: int = 10) -> Iterator[str]:
+    """The lines `speckd-trl check-teacher` prints (the `show_layers` most sensitive decoder layers)."""
     price: TeacherPrice = report["price"]
-    yield f"teacher as configured ({report['method']}{', keeping ' + ', '.join(skip) if skip else ''}) vs full "
-    yield f"precision, at {price.positions} completion tokens of {report['samples']} dataset rows:"
+    kept = f", keeping {', '.join(skip)} in full precision" if skip else ""
+    yield (
+        f"the teacher as configured ({report['method']}{kept}) against its full-precision self, at "
+        f"{price.positions} completion tokens of {report['samples']} dataset rows:"
+    )
     yield f"  KL(full || configured) per token  {price.kl_per_token:.4f} nats"
     yield f"  top-1 agreement                   {100 * price.top1_agreement:.1f}%"
     for loaded in (report["full"], report["configured"]):
-        yield f"  {loaded.label:<33} weights {loaded.weights_mib:8.1f} MiB, peak while loading {loaded.peak_mib:8.1f} MiB"
+        yield (
+            f"  {loaded.label:<33} weights {loaded.weights_mib:8.1f} MiB, peak (load + one batch) "
+            f"{loaded.peak_mib:8.1f} MiB"
+        )
     if "sensitivity" in report:
-        yield "decoder layers by KL when only that layer is rounded to 4 bits (largest first):"
-        for name, kl in report["sensitivity"]:
+        scores = report["sensitivity"]
+        yield "decoder layers by the KL of rounding that layer alone to 4 bits (largest first):"
+        for name, kl in scores[:show_layers]:
             yield f"  {name:<24} {kl:.4f}"
-        top = [name for name, _ in report["sensitivity"][:4]]
+        if len(scores) > show_layers:
+            yield f"  ... {len(scores) - show_layers} more, each at most {scores[show_layers][1]:.4f}"
+        top = [name for name, _ in scores[:4]]
         yield f"keep the most sensitive in full precision, e.g. --teacher_quantization_skip_modules {' '.join(top)}"
     yield f"verdict: {price.verdict}"
