@@ -414,7 +414,8 @@ class SpecKDConfig(GateConfigMixin, GKDConfig):
             top-K log-probabilities instead of running it, and the divergence runs over the top-K support plus a tail
             bucket (`losses.tail_bucket_target`, TRL's server-teacher approximation). With `lmbda=0` no teacher is
             loaded at all; with `lmbda > 0` on-policy batches (and a `mixing="sample"` micro-batch with on-policy
-            rows, and evaluation) use the live teacher, which must then be given. The `topk` gate is exact for
+            rows, and evaluation) use the live teacher, which must then be given, cut to the same top-K + tail
+            bucket, so that every batch is on one loss scale. The `topk` gate is exact for
             `gate_top_k <= K`; `gate="spec"` needs the teacher's probability of every proposal and `seq_kd` the
             teacher's own completions, so neither works with a cache.
         teacher_cache_top_k (`int`, *optional*, defaults to `32`):
@@ -519,7 +520,8 @@ class SpecKDConfig(GateConfigMixin, GKDConfig):
         default=None,
         metadata={
             "help": "A teacher cache directory (`speckd-trl cache-teacher`): dataset batches read the teacher's top-K "
-            "log-probabilities from it (top-K + tail-bucket divergence); with lmbda=0 no teacher is loaded."
+            "log-probabilities from it (top-K + tail-bucket divergence; on-policy batches cut the live teacher the "
+            "same way); with lmbda=0 no teacher is loaded."
         },
     )
     teacher_cache_top_k: int = field(

@@ -246,7 +246,13 @@ def _lowest_ids_on_ties(log_probs: torch.Tensor, values: torch.Tensor, ids: torc
     return ids
 
 
-def sparse_log_probs(ids: torch.Tensor, values: torch.Tensor, vocab_size: int, floor: float = -1e4) -> torch.Tensor:
+def sparse_log_probs(
+    ids: torch.Tensor,
+    values: torch.Tensor,
+    vocab_size: int,
+    floor: float = -1e4,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
     """A sparse teacher as `[..., V]` log-probabilities for the gate: `values` at `ids`, `floor` elsewhere.
 
     The `topk` rule's verdicts read the same top-k from it as from the full distribution for any k <= K, ties
@@ -258,13 +264,42 @@ def sparse_log_probs(ids: torch.Tensor, values: torch.Tensor, vocab_size: int, f
         ids (`torch.LongTensor` of shape `[..., K]`), values (`torch.Tensor` of shape `[..., K]`): `teacher_top_k`'s.
         vocab_size (`int`): ``V``.
         floor (`float`): the log-probability of the tokens left out (finite, about 0 in probability).
+        valid (`torch.BoolTensor` of shape `[..., K]`, *optional*): the slots that hold a token of the ``V``; the
+            others (an id past the vocabulary, `no_token_slots`) are left out, as the tokens not in the top-K. With
+            it, values below `floor` read as `floor`.
 
     Returns:
         `torch.Tensor` of shape `[..., V]` (float32, or `values`' dtype if wider).
     """
     dtype = torch.promote_types(values.dtype, torch.float32)
     out = torch.full((*ids.shape[:-1], vocab_size), floor, dtype=dtype, device=values.device)
-    return out.scatter_(-1, ids.long(), values.to(dtype))
+    if valid is None:
+        return out.scatter_(-1, ids.long(), values.to(dtype))
+    # a slot that is no token writes `floor` at an id in range (amax: never over a real value written there)
+    ids, values = _slots_in_range(ids, valid), torch.where(valid, values.to(dtype), floor)
+    return out.scatter_reduce_(-1, ids, values, reduce="amax")
+
+
+def no_token_slots(ids: torch.Tensor, vocab_size: int) -> torch.Tensor | None:
+    """The slots of a sparse teacher that hold a token of the loss's vocabulary, `[..., K]` bool; `None` when all
+    do.
+
+    A teacher whose output is larger than the student's (a padded embedding: Qwen2.5-7B's 152064 rows against
+    Qwen2.5-0.5B's 151936) may list ids ``>= V`` among its top-K. They are no token the student has (it puts no
+    probability on them), so their mass belongs to the tail bucket: the slot is dropped (`valid` of
+    `sparse_log_probs`, `tail_bucket_target`, `SparseTeacher`) and the tail computed from the other slots holds it.
+
+    Args:
+        ids (`torch.LongTensor` of shape `[..., K]`): the teacher's top-K ids.
+        vocab_size (`int`): ``V``, the loss's vocabulary.
+    """
+    valid = ids < vocab_size
+    return None if bool(valid.all()) else valid
+
+
+def _slots_in_range(ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """`ids` `[..., K]` with the slots that are no token pointed at id 0 (their writes are then masked out)."""
+    return torch.where(valid, ids.long(), torch.zeros_like(ids, dtype=torch.long))
 
 
 def tail_bucket_target(
@@ -273,6 +308,7 @@ def tail_bucket_target(
     log_tail: torch.Tensor,
     student_log_probs: torch.Tensor,
     floor: float = -1e4,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The `[..., V]` target that makes the full-vocabulary divergence equal the top-K + tail-bucket one.
 
@@ -293,20 +329,31 @@ def tail_bucket_target(
             without gradient).
         floor (`float`): lower bound of every target log-probability (keeps the divergence finite where the teacher's
             tail is empty).
+        valid (`torch.BoolTensor` of shape `[..., K]`, *optional*): the slots that hold a token of the ``V``
+            (`no_token_slots`); the others are not in the top-K, and their mass must be in `log_tail`.
 
     Returns:
         `torch.Tensor` of shape `[..., V]`, in `student_log_probs`' dtype.
     """
     student = student_log_probs.detach()
     ids = ids.long()
-    in_top = torch.zeros_like(student, dtype=torch.bool).scatter_(-1, ids, True)
+    if valid is None:
+        in_top = torch.zeros_like(student, dtype=torch.bool).scatter_(-1, ids, True)
+    else:  # a count of the real slots at each id (the slots that are no token add 0 at id 0)
+        ids = _slots_in_range(ids, valid)
+        in_top = torch.zeros_like(student).scatter_add_(-1, ids, valid.to(student.dtype)) > 0
     log_student_tail = torch.logsumexp(student.masked_fill(in_top, float("-inf")), dim=-1, keepdim=True)
     # where the student's tail is empty (K covers the vocabulary) every token is overwritten by the scatter below
     spread = (
         log_tail.to(student.dtype).unsqueeze(-1) + student - log_student_tail.clamp_min(torch.finfo(student.dtype).min)
     )
     spread = torch.nan_to_num(spread, nan=floor, neginf=floor).clamp_min(floor)
-    return spread.scatter(-1, ids, values.to(student.dtype).clamp_min(floor))
+    values = values.to(student.dtype).clamp_min(floor)
+    if valid is None:
+        return spread.scatter(-1, ids, values)
+    # the top-K's values over -inf at their ids; a slot that is no token writes -inf (amax: changes nothing)
+    values = torch.where(valid, values, float("-inf"))
+    return spread.masked_fill(in_top, float("-inf")).scatter_reduce(-1, ids, values, reduce="amax")
 
 
 def weighted_generalized_jsd(
@@ -568,22 +615,66 @@ class SparseTeacher:
         ids (`torch.LongTensor` of shape `[..., K]`), values (`torch.Tensor` of shape `[..., K]`), log_tail
             (`torch.Tensor` of shape `[...]`): as `teacher_top_k` returns them (any integer or float dtype).
         vocab_size (`int`): ``V``.
+        valid (`torch.BoolTensor` of shape `[..., K]`, *optional*): the slots that hold a token of the ``V``
+            (`no_token_slots`: a teacher server may list ids past the student's vocabulary); `None`: all do.
     """
 
     ids: torch.Tensor
     values: torch.Tensor
     log_tail: torch.Tensor
     vocab_size: int
+    valid: torch.Tensor | None = None
 
     def log_probs(self, rows: Any = slice(None)) -> torch.Tensor:
         """`[n, V]` (or `[..., V]`) log-probabilities the gate reads (`sparse_log_probs`) at `rows`."""
-        return sparse_log_probs(self.ids[rows], self.values[rows], self.vocab_size)
+        return sparse_log_probs(self.ids[rows], self.values[rows], self.vocab_size, valid=self._valid(rows))
 
     def target(
         self, log_probs: torch.Tensor, student_log_probs: torch.Tensor, rows: Any = slice(None)
     ) -> torch.Tensor:
         """The divergence's target at `rows` (`tail_bucket_target`: the top-K + tail-bucket divergence)."""
-        return tail_bucket_target(self.ids[rows], self.values[rows], self.log_tail[rows], student_log_probs)
+        return tail_bucket_target(
+            self.ids[rows], self.values[rows], self.log_tail[rows], student_log_probs, valid=self._valid(rows)
+        )
+
+    def _valid(self, rows: Any) -> torch.Tensor | None:
+        return None if self.valid is None else self.valid[rows]
+
+
+def sparse_teacher_from_hidden(
+    hidden: torch.Tensor,
+    head: OutputHead,
+    top_k_of: Callable[[torch.Tensor], SparseTeacher],
+    *,
+    chunk_size: int = 256,
+    temperature: float = 1.0,
+) -> SparseTeacher:
+    """A live teacher's sparse view at `N` positions from its final hidden states, for the chunked loss: its logits
+    projected `chunk_size` rows at a time (never `[N, V]` at once), normalized (`jsd_log_probs`) and cut by
+    `top_k_of` (e.g. `teacher_cache.TeacherCache.live`: the cache's top-K + tail, as stored).
+
+    Args:
+        hidden (`torch.Tensor` of shape `[N, H]`): the teacher's final hidden states (read without gradient).
+        head (`OutputHead`): the teacher's output layer (``V`` rows).
+        top_k_of (`Callable`): ``top_k_of(log_probs [n, V]) -> SparseTeacher [n, K]``.
+        chunk_size (`int`): rows of logits projected at a time.
+        temperature (`float`): softmax temperature of the log-probabilities.
+
+    Returns:
+        A `SparseTeacher` of shape `[N, K]`.
+    """
+    teacher = _HiddenTeacher(hidden.detach(), head, temperature)
+    with torch.no_grad():
+        parts = [
+            top_k_of(teacher.log_probs(slice(start, start + chunk_size)))
+            for start in range(0, max(hidden.size(0), 1), chunk_size)  # (one empty chunk when N = 0)
+        ]
+    return SparseTeacher(
+        torch.cat([p.ids for p in parts]),
+        torch.cat([p.values for p in parts]),
+        torch.cat([p.log_tail for p in parts]),
+        head.weight.size(0),
+    )
 
 
 @dataclass

@@ -5,7 +5,9 @@ Wiring only. TRL's trainer does the generation, the server request and its align
 completion position, and its log-probability of the sampled token); here the loss of `compute_loss` is the gated one:
 
 - the teacher is a `losses.SparseTeacher`: its top-k, and the tail mass ``1 - sum`` of their probabilities (the
-  server returns no tail; TRL's ``loss_add_tail`` computes it the same way);
+  server returns no tail; TRL's ``loss_add_tail`` computes it the same way); ids past the student's vocabulary (a
+  teacher with a larger padded vocabulary) are no token: dropped from the top-k, their mass in the tail
+  (`server_sparse_teacher`), never counted by the gate (`check_top_k_decidable` where they leave it too few);
 - the gate reads `losses.sparse_log_probs` of it, with the teacher's log-probability of the sampled token written in
   (what a rule may read of a server teacher: ``{"top_k", "proposal"}``, `rules.GateRule.teacher_reads`, checked by
   `SpecKDServerDistillationConfig`): `spec`, which reads the sampled token only, is exact, and `topk` is exact for
@@ -39,6 +41,7 @@ from .losses import (
     LossTerms,
     SparseTeacher,
     jsd_log_probs,
+    no_token_slots,
     sampled_log_probs,
     weighted_jsd_from_log_probs,
 )
@@ -65,14 +68,20 @@ def server_sparse_teacher(teacher_result: dict[str, torch.Tensor], required: tor
     always reaches it, and the returned set is no longer the rule's top-k: `SpecKDServerDistillationConfig` refuses
     ``gate_top_k >= loss_top_k`` for that reason (the server cannot be asked for the rule's order).
 
+    Ids past the student's vocabulary. A teacher whose output is padded beyond the student's (Qwen2.5-7B's 152064 rows
+    against Qwen2.5-0.5B's 151936) may return ids ``>= V``. The student puts no probability on them, so their mass
+    goes to the tail bucket, exactly: their slots are dropped (`losses.no_token_slots`) and the tail ``1 - sum`` is
+    taken over the other slots. The gate never counts them either (the view has the ``V`` ids only).
+
     Returns:
-        The `SparseTeacher` `[B, T, K]` (tail ``log(1 - sum exp(top-k))``) and the gate's `[B, T, V]` log-probabilities
-        (`losses.sparse_log_probs`, the sampled token's log-probability written in).
+        The `SparseTeacher` `[B, T, K]` (tail ``log(1 - sum exp(top-k))`` over the slots of ids ``< V``) and the
+        gate's `[B, T, V]` log-probabilities (`losses.sparse_log_probs`, the sampled token's log-probability written
+        in).
 
     Raises:
         ValueError: where the server returned no top-1 log-probability at a completion position.
     """
-    values, ids = teacher_result["topk_logprobs"], teacher_result["topk_token_ids"]
+    values, ids = teacher_result["topk_logprobs"], teacher_result["topk_token_ids"].long()
     missing = required & ~torch.isfinite(values[..., 0])
     if missing.any():
         raise ValueError(
@@ -81,10 +90,43 @@ def server_sparse_teacher(teacher_result: dict[str, torch.Tensor], required: tor
         )
     floor = -1e4
     values = torch.where(required.unsqueeze(-1), values, torch.full_like(values, floor)).clamp_min(floor)
-    log_mass = torch.logsumexp(values, dim=-1).clamp(max=-1e-7)  # as TRL's `_add_tail_bucket`
+    valid = no_token_slots(ids, vocab_size)
+    in_vocab = values if valid is None else values.masked_fill(~valid, float("-inf"))
+    log_mass = torch.logsumexp(in_vocab, dim=-1).clamp(max=-1e-7)  # as TRL's `_add_tail_bucket`
     log_tail = torch.log(-torch.expm1(log_mass))
-    teacher = SparseTeacher(ids.long(), values, log_tail, vocab_size)
+    teacher = SparseTeacher(ids, values, log_tail, vocab_size, valid)
     return teacher, teacher.log_probs()
+
+
+def check_top_k_decidable(teacher: SparseTeacher, tokens: torch.Tensor, gated: torch.Tensor, top_k: int) -> None:
+    """Refuse a top-k verdict the server's answer cannot decide. Where ids past the student's vocabulary take slots of
+    the returned top-K (`server_sparse_teacher`), fewer than `top_k` student tokens may be left in it; a sampled token
+    that is not among them then has an unknown rank among the student's tokens (its own log-probability is known, not
+    how many tokens left out lie above it).
+
+    Args:
+        teacher (`SparseTeacher` of shape `[B, T, K]`): `server_sparse_teacher`'s.
+        tokens (`torch.LongTensor` of shape `[B, T]`), gated (`torch.BoolTensor` of shape `[B, T]`): the sampled
+            tokens and the positions the gate verifies.
+        top_k (`int`): the rule's k at this step.
+
+    Raises:
+        ValueError: naming both vocabulary sizes and the `loss_top_k` that would serve.
+    """
+    if teacher.valid is None:
+        return
+    real = teacher.valid.sum(dim=-1)  # [B, T] student tokens returned
+    returned = ((teacher.ids == tokens.unsqueeze(-1)) & teacher.valid).any(dim=-1)
+    undecided = gated & (real < top_k) & ~returned
+    if bool(undecided.any()):
+        padded = int((~teacher.valid).sum(dim=-1)[gated].max())
+        raise ValueError(
+            f"The teacher server returned ids past the student's vocabulary (the student has {teacher.vocab_size} "
+            f"tokens, the teacher's ids reach {int(teacher.ids.max()) + 1} or more: a padded embedding): up to "
+            f"{padded} of its top loss_top_k={teacher.ids.size(-1)} are no student token, leaving fewer than "
+            f"gate_top_k={top_k} student tokens at {int(undecided.sum())} gated positions, where the gate cannot "
+            f"rank the sampled token. Set loss_top_k >= {top_k + padded} (and the server's max_logprobs with it)."
+        )
 
 
 class SpecKDServerDistillationTrainer(GatedTrainerMixin, ServerDistillationTrainer):
@@ -200,6 +242,8 @@ class SpecKDServerDistillationTrainer(GatedTrainerMixin, ServerDistillationTrain
             step=self.state.global_step,
             max_steps=self.state.max_steps,
         )
+        if "top_k" in self._gate.rule.teacher_reads:  # ids past the student's vocabulary took some of the slots
+            check_top_k_decidable(teacher, tokens, batch.gated, batch.top_k)
         # the gate reads the student at temperature 1 (its rule applies the sampling temperature), as the other trainers
         log_probs_t1 = student_log_probs if self.temperature == 1.0 else jsd_log_probs(logits)
         accepted = batch.verdicts(log_probs_t1, teacher_view)

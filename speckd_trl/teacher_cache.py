@@ -9,8 +9,9 @@ A cache is a directory: `speckd_teacher_cache.json` (what it is valid for, and i
 dataset per shard of rows, `shard-00000/`, ... Each row holds, for every completion position of one dataset row
 (collated exactly as training collates it), the teacher's top-K token ids (the smallest unsigned integer type that
 holds the vocabulary), their log-probabilities and the log of the mass outside them (float16 by default), and the row's
-*key*: a hash of its token ids, by which training finds it (so shuffling, batching and padding do not matter, and a
-row tokenized differently is a clear miss, never a wrong row).
+*key*: a hash of its token ids, by which training finds it (so the trainer's sampler may shuffle, and batching and
+padding do not matter; a row tokenized differently is a clear miss, never a wrong row). The dataset's rows and their
+order as given must be the cache's (`dataset_fingerprint`): a dataset reordered before training is another dataset.
 
 Building it (`write_teacher_cache`) runs the teacher shard by shard, holding a lock on the directory (a second writer
 is refused at once); an interrupted build resumes where it stopped, keeping the finished shards, each of which
@@ -24,8 +25,10 @@ The teacher's identity: its name or path (a local directory as an absolute path)
 layer), so that the float32 teacher and its NF4 copy are the same teacher.
 
 The loss on a cached teacher is the divergence over the top-K support plus a tail bucket (TRL's server teacher's
-approximation: `losses.tail_bucket_target`); the top-K is the `topk` rule's (ties toward the lower id,
-`losses.teacher_top_k`), so the `topk` gate is exact for ``gate_top_k <= K``, ties included.
+approximation: `losses.tail_bucket_target`), a lower bound of the full divergence; the top-K is the `topk` rule's
+(ties toward the lower id, `losses.teacher_top_k`), so the `topk` gate is exact for ``gate_top_k <= K``, ties
+included. A run that reads a cache cuts its live teacher the same way on the other batches (`TeacherCache.live`,
+`cached_top_k`): one loss scale.
 """
 
 from __future__ import annotations
@@ -337,6 +340,25 @@ def _read_spec(path: Path) -> tuple[CacheSpec, dict[str, Any]]:
     return CacheSpec(**{k: v for k, v in meta["spec"].items() if k in names}), meta
 
 
+def cached_top_k(log_probs: torch.Tensor, spec: CacheSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The teacher's log-probabilities as a cache of `spec` holds them: its top K (`losses.teacher_top_k`, the `topk`
+    rule's order), their values and the log of the tail mass, clamped at `LOG_FLOOR` and rounded to the storage type
+    (`spec.values_dtype`). What `write_teacher_cache` stores, and what a run reading the cache makes of its live
+    teacher (`TeacherCache.live`), so that both give the same loss on the same rows.
+
+    Args:
+        log_probs (`torch.Tensor` of shape `[..., V]`): the teacher's log-probabilities at the cache's temperature.
+        spec (`CacheSpec`): the cache's K and storage type.
+
+    Returns:
+        ``ids`` `[..., K]` (long), ``values`` `[..., K]` and ``log_tail`` `[...]` (float32, as read back).
+    """
+    ids, values, log_tail = teacher_top_k(log_probs, spec.top_k)
+    stored = getattr(torch, spec.values_dtype)
+    values, log_tail = (t.clamp_min(LOG_FLOOR).to(stored).float() for t in (values, log_tail))
+    return ids, values, log_tail
+
+
 def fingerprint_digest(spec: CacheSpec) -> str:
     """A short hash of the spec's teacher (its weights' fingerprint, or its name when it has none): what each shard
     records as the teacher that wrote it."""
@@ -540,13 +562,13 @@ def _write_shards(
             logits = teacher(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1, :vocab_size]
             log_probs = jsd_log_probs(logits, spec.temperature)
             completion = batch["labels"][:, 1:].to(device) != -100
-            ids, values, log_tail = teacher_top_k(log_probs, spec.top_k)
+            ids, values, log_tail = cached_top_k(log_probs, spec)
             for b in range(input_ids.size(0)):
                 at = completion[b]
                 columns["key"].append(row_key(input_ids[b][attention_mask[b].bool()].tolist()))
                 columns["ids"].append(ids[b][at].cpu().numpy().astype(spec.ids_dtype))
-                columns["values"].append(values[b][at].clamp_min(LOG_FLOOR).float().cpu().numpy())
-                columns["log_tail"].append(log_tail[b][at].clamp_min(LOG_FLOOR).float().cpu().numpy())
+                columns["values"].append(values[b][at].cpu().numpy())
+                columns["log_tail"].append(log_tail[b][at].cpu().numpy())
             bar.update(len(rows))
         name = _shard_name(index)
         tmp = path / (name + ".tmp")
@@ -737,6 +759,25 @@ class TeacherCache:
 
     def __len__(self) -> int:
         return self.spec.num_rows
+
+    def live(self, log_probs: torch.Tensor) -> SparseTeacher:
+        """A live teacher cut as this cache cuts it (`cached_top_k`: the same K, ties, floor and storage rounding):
+        what a run that reads the cache uses on every other batch (on-policy, mixed, evaluation), so that its loss is
+        the same top-K + tail divergence whether a row comes from the cache or from the teacher.
+
+        Args:
+            log_probs (`torch.Tensor` of shape `[..., V]`): the live teacher's log-probabilities (temperature 1, the
+                cache's ``V`` ids).
+
+        Returns:
+            A `SparseTeacher` of shape `[..., K]`.
+        """
+        if log_probs.size(-1) != self.spec.vocab_size:
+            raise ValueError(
+                f"teacher_cache={str(self.path)!r} holds {self.spec.vocab_size} ids per position, and the live "
+                f"teacher's log-probabilities here have {log_probs.size(-1)}: build the cache for this teacher."
+            )
+        return SparseTeacher(*cached_top_k(log_probs, self.spec), self.spec.vocab_size)
 
     def batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion: torch.Tensor) -> SparseTeacher:
         """The cached teacher at a micro-batch's completion positions.

@@ -59,6 +59,7 @@ from .losses import (
     jsd_log_probs,
     sampled_log_probs,
     sampled_log_probs_from_hidden,
+    sparse_teacher_from_hidden,
     weighted_jsd_from_log_probs,
 )
 from .models import (
@@ -473,7 +474,8 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
         self, model: nn.Module, inputs: dict[str, Any], completion: torch.Tensor
     ) -> SparseTeacher | None:
         """The teacher cache's rows for a training micro-batch of dataset rows, `[B, T, K]`; None where the live
-        teacher is used (no cache; on-policy rows; evaluation)."""
+        teacher is used (no cache; on-policy rows; evaluation). With a cache the loss paths cut the live teacher to
+        the same top-K + tail (`TeacherCache.live`): one loss scale on every batch."""
         kind = row_kinds(inputs)  # (a bool tensor for a mixed micro-batch)
         if self._teacher_cache is None or not model.training or not isinstance(kind, str) or kind != OFF_POLICY:
             return None
@@ -483,7 +485,8 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
         self, model: nn.Module, inputs: dict[str, Any], batch: GatedBatch, cached: SparseTeacher | None = None
     ) -> LossTerms:
         """The loss terms from both models' full `[B, T, V]` logits, as GKD computes them (from a teacher cache's
-        top-K + tail, `cached`, instead of the teacher's logits when given)."""
+        top-K + tail, `cached`, instead of the teacher's logits when given; with a cache, the live teacher's are cut
+        to the same top-K + tail)."""
         student_outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
         target = None
         if cached is None:
@@ -498,8 +501,12 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
         student_log_probs = jsd_log_probs(student_logits)
         if cached is None:
             teacher_log_probs = jsd_log_probs(teacher_logits)
-        else:  # the cached top-K as the gate reads it, and the tail-bucket target of the divergence
-            teacher_log_probs = teacher_logits = cached.log_probs()
+            if self._teacher_cache is not None:  # one loss scale: the live teacher cut as the cache is (`live`)
+                cached = self._teacher_cache.live(teacher_log_probs)
+        else:
+            teacher_logits = None
+        if cached is not None:  # the top-K as the gate reads it, and the tail-bucket target of the divergence
+            teacher_log_probs = cached.log_probs()
             target = cached.target(teacher_log_probs, student_log_probs)
         accepted = batch.verdicts(student_log_probs, teacher_log_probs)
         weighted = weighted_jsd_from_log_probs(
@@ -509,7 +516,7 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
             beta=self.beta,
         )
         if not bool(torch.isfinite(weighted).all()):  # [B, T]: cheap; a bad teacher shows here first
-            self._check_teacher(teacher_logits)
+            self._check_teacher(teacher_log_probs if teacher_logits is None else teacher_logits)
 
         def sampled() -> torch.Tensor:  # differentiable
             return sampled_log_probs(student_log_probs, student_logits, batch.sampled_ids, self.temperature)
@@ -521,7 +528,8 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
     ) -> LossTerms:
         """The loss terms from both models' final hidden states, on the completion positions only, a chunk at a time
         (the student's outputs hold the logits of the last position only, of every position in a `prediction_step`
-        that returns them); against a teacher cache's top-K + tail (`cached`) instead of the teacher when given."""
+        that returns them); against a teacher cache's top-K + tail (`cached`) instead of the teacher when given, and
+        with a cache against the live teacher cut to the same top-K + tail."""
         # logits_to_keep=1: each model projects one position; the loss projects the rest chunk by chunk. Both are
         # called through their wrappers (DDP, FSDP2), which gather what they shard. Predictions for `compute_metrics`
         # or `predict` need the student's logits at every position, as GKD returns them (logits_to_keep=0: all).
@@ -558,6 +566,10 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
         student_hidden = captured["hidden"][:, :-1].flatten(0, 1)[rows]
         if cached is None:
             teacher_rows = teacher_hidden[:, :-1].flatten(0, 1)[rows]
+            if self._teacher_cache is not None:  # one loss scale: the live teacher cut as the cache is (`live`)
+                teacher_rows = sparse_teacher_from_hidden(
+                    teacher_rows, teacher_head, self._teacher_cache.live, chunk_size=self.args.loss_chunk_size
+                )
         else:
             flat = (
                 t.flatten(0, 1) if t.dim() > 2 else t.flatten() for t in (cached.ids, cached.values, cached.log_tail)

@@ -3,6 +3,7 @@ sequences with a local teacher the way the vLLM server does (`LocalTeacherClient
 is not reachable here; the GPU script runs it."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -156,3 +157,82 @@ def test_ties_inside_the_returned_set_go_to_the_lower_id(tmp_path):
             proposal = torch.tensor([[token]])
             expected = rule.accept(full, full, proposal, top_k=k, uniforms=None, normalized=True)
             assert torch.equal(rule.accept(view, view, proposal, top_k=k, uniforms=None, normalized=True), expected)
+
+
+# ---------------------------------------------------------------------------- a teacher with a larger padded vocabulary
+
+
+class PaddedTeacher(torch.nn.Module):
+    """The tiny teacher with `extra` padding rows after its `VOCAB_SIZE` outputs (a teacher whose embedding is padded
+    beyond the student's, as Qwen2.5-7B's 152064 against Qwen2.5-0.5B's 151936), scoring above every real token."""
+
+    def __init__(self, model, extra=4):
+        super().__init__()
+        self.model, self.extra = model, extra
+
+    @property
+    def device(self):
+        return self.model.device
+
+    def forward(self, input_ids):
+        logits = self.model(input_ids=input_ids).logits
+        above = logits.max(dim=-1, keepdim=True).values + 0.05 * torch.arange(1, self.extra + 1)
+        return SimpleNamespace(logits=torch.cat([logits, above], dim=-1))
+
+
+@pytest.fixture
+def padded_teacher(monkeypatch):
+    teacher = PaddedTeacher(make_model(1, make_tokenizer()).eval())
+    monkeypatch.setattr("trl.generation.vllm_client.VLLMClient", lambda *args, **kwargs: LocalTeacherClient(teacher))
+    return teacher
+
+
+@pytest.mark.parametrize("gate", [dict(gate="none"), dict(gate="topk", gate_top_k=3, reject_weight=0.25)])
+def test_ids_past_the_students_vocabulary_go_to_the_tail_and_never_count_for_the_gate(tmp_path, padded_teacher, gate):
+    """#34: the server returns ids 96-99, which the student (96 tokens) does not have: their mass is in the tail
+    bucket (the student puts none on them), and the topk gate ranks the sampled token among the student's ids only."""
+    k_server = 8
+    trainer = server_trainer(tmp_path, loss_top_k=k_server, **gate)
+    batch = server_batch(seed=1)
+    loss = trainer.compute_loss(trainer.model, batch).item()
+    with torch.no_grad():
+        total, tokens, accepted = 0.0, 0, 0
+        for r in range(batch["prompt_ids"].size(0)):
+            ids = torch.cat([batch["prompt_ids"][r][batch["prompt_mask"][r].bool()],
+                             batch["completion_ids"][r][batch["completion_mask"][r].bool()]])  # fmt: skip
+            n_prompt = int(batch["prompt_mask"][r].sum())
+            s = trainer.model(input_ids=ids[None]).logits[0].double().log_softmax(-1)
+            t = padded_teacher(input_ids=ids[None]).logits[0].double().log_softmax(-1)  # over VOCAB_SIZE + 4 ids
+            for pos in range(n_prompt - 1, len(ids) - 1):
+                teacher, student = t[pos].tolist(), s[pos].tolist()
+                returned = sorted(range(len(teacher)), key=lambda v: -teacher[v])[:k_server]
+                assert sum(v >= VOCAB_SIZE for v in returned) == 4  # the padding rows come first
+                real = [v for v in returned if v < VOCAB_SIZE]
+                p = [math.exp(teacher[v]) for v in real]
+                q = [math.exp(student[v]) for v in real]
+                p, q = p + [1 - sum(p)], q + [1 - sum(q)]  # the tail: the padding rows' mass too (teacher side)
+                ok = True
+                if gate["gate"] == "topk":
+                    ranked = sorted(range(VOCAB_SIZE), key=lambda v: (-teacher[v], v))  # the student's ids only
+                    ok = int(ids[pos + 1]) in ranked[: gate["gate_top_k"]]
+                weight = 1.0 if ok else gate["reject_weight"]
+                total += weight * sum(x * math.log(x / y) for x, y in zip(p, q))
+                tokens, accepted = tokens + 1, accepted + ok
+    if gate["gate"] == "topk":
+        assert 0 < accepted < tokens
+    assert loss == pytest.approx(total / tokens, rel=1e-4)
+
+
+def test_a_gate_the_padding_rows_leave_undecided_is_refused(tmp_path, padded_teacher):
+    """4 of the server's top 6 are padding rows: 2 student tokens left for a top-5 gate, so a sampled token outside
+    them has an unknown rank. A clear error, naming both vocabularies and the loss_top_k that would serve."""
+    trainer = server_trainer(tmp_path, loss_top_k=6, gate="topk", gate_top_k=5)
+    with pytest.raises(ValueError, match=r"the student has 96 tokens, the teacher's ids reach 100 .* loss_top_k >= 9"):
+        trainer.compute_loss(trainer.model, server_batch(seed=1))
+
+
+def test_it_trains_with_a_padded_teacher(tmp_path, padded_teacher):
+    trainer = server_trainer(tmp_path, loss_top_k=10, max_steps=2, logging_steps=1, learning_rate=1e-3,
+                             per_device_train_batch_size=4, gate="topk", gate_top_k=4)  # fmt: skip
+    trainer.train()
+    assert trainer.state.global_step == 2

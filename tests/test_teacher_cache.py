@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from speckd_trl import SpecKDConfig
-from speckd_trl.batches import OFF_POLICY
+from speckd_trl.batches import OFF_POLICY, ON_POLICY
 from speckd_trl.losses import (
     OutputHead,
     SparseTeacher,
@@ -113,6 +113,61 @@ def test_with_k_covering_the_vocabulary_the_target_is_the_teacher():
     t, s = random_log_probs(5, 16, seed=5), random_log_probs(5, 16, seed=6)
     ids, values, log_tail = teacher_top_k(t, 16)
     torch.testing.assert_close(tail_bucket_target(ids, values, log_tail, s), t)
+
+
+def kl_or_jsd(p: torch.Tensor, q: torch.Tensor, beta: float) -> torch.Tensor:
+    """D_beta between two distributions over their last dimension (0 log 0 = 0), differentiable."""
+
+    def kl(a, b):
+        return torch.where(a > 0, a * (a.log() - b.log()), torch.zeros_like(a)).sum(-1)
+
+    if beta == 0:
+        return kl(p, q)
+    m = beta * p + (1 - beta) * q
+    return beta * kl(p, m) + (1 - beta) * kl(q, m)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5])
+def test_slots_past_the_vocabulary_go_to_the_tail_bucket(beta):
+    """#34: a server teacher with a larger (padded) vocabulary lists ids >= V. Those slots are dropped and their mass
+    is the tail's: the divergence and its gradient are the bucket divergence over the slots of ids < V plus the tail,
+    whatever id 0 (where a dropped slot points) is: a top token (row 0), a tail token (row 1); a row of dropped slots
+    only (row 2) has one bucket and no loss; a row without any (row 3) reads as before."""
+    from speckd_trl.losses import no_token_slots
+
+    V = 12
+    t = random_log_probs(4, V + 3, seed=3)  # the teacher over 15 ids: 12, 13, 14 are past the student's vocabulary
+    ids = torch.tensor([[0, 13, 5, 14], [13, 3, 12, 7], [12, 13, 14, 12], [2, 4, 6, 8]])
+    values = t.gather(-1, ids)
+    valid = no_token_slots(ids, V)
+    assert valid.tolist()[3] == [True] * 4 and no_token_slots(ids[3:], V) is None
+    log_tail = torch.log1p(-values.exp().masked_fill(~valid, 0).sum(-1))
+    logits = torch.randn(4, V, generator=torch.Generator().manual_seed(4), dtype=torch.float64, requires_grad=True)
+    s = torch.log_softmax(logits, dim=-1)
+    target = tail_bucket_target(ids, values, log_tail, s, valid=valid)
+    ours = weighted_jsd_from_log_probs(s, target, torch.ones(4, dtype=torch.float64), beta=beta)
+    (grad,) = torch.autograd.grad(ours.sum(), logits, retain_graph=True)
+
+    by_hand = []
+    for r in range(4):
+        real = [int(v) for v, ok in zip(ids[r], valid[r]) if ok]
+        p = torch.cat([t[r, real].exp(), log_tail[r].exp().reshape(1)])
+        q_top = s[r, real].exp()
+        by_hand.append(kl_or_jsd(p, torch.cat([q_top, (1 - q_top.sum()).reshape(1)]), beta))
+    by_hand = torch.stack(by_hand)
+    (expected,) = torch.autograd.grad(by_hand.sum(), logits)
+    torch.testing.assert_close(ours, by_hand)
+    torch.testing.assert_close(grad, expected)
+    assert ours[2].item() == pytest.approx(0.0, abs=1e-12)
+    torch.testing.assert_close(target[3], tail_bucket_target(ids[3], values[3], log_tail[3], s[3]))
+
+    view = sparse_log_probs(ids, values, V, valid=valid)  # what the gate reads: the student's ids only
+    expected_view = torch.full((4, V), -1e4, dtype=torch.float64)
+    for r in range(4):
+        for v, ok, x in zip(ids[r].tolist(), valid[r].tolist(), values[r].tolist()):
+            if ok:
+                expected_view[r, v] = x
+    torch.testing.assert_close(view, expected_view)
 
 
 @pytest.mark.parametrize("k", [1, 2, 4])
@@ -243,6 +298,75 @@ def test_on_policy_batches_use_the_live_teacher(tmp_path, full_cache):
     assert trainer.teacher_model is not None
     trainer.train()
     assert trainer.state.global_step == 3
+
+
+@pytest.fixture
+def small_cache(tmp_path):
+    """A K=4 cache of the tiny teacher (96 tokens), float16 as by default: the top-K + tail approximation is far from
+    the full divergence here."""
+    live = make_trainer(tmp_path / "live", loss_path="eager")
+    live.cache_teacher(str(tmp_path / "small-cache"), top_k=4, shard_rows=7)
+    return tmp_path / "small-cache"
+
+
+def live_instead_of_cached(trainer):
+    """`trainer` with its dataset batches run on the live teacher instead of the cache (as on-policy batches are)."""
+    trainer._cached_teacher = lambda *args, **kwargs: None
+    return trainer
+
+
+@pytest.mark.parametrize("loss_path", ["eager", "chunked"])
+@pytest.mark.parametrize("gate", [dict(gate="none"), dict(gate="topk", gate_top_k=3, reject_weight=0.25)])
+def test_with_a_cache_the_live_teacher_gives_the_cached_loss(tmp_path, small_cache, loss_path, gate):
+    """#34, one loss scale: a run that reads a cache and makes on-policy batches (lmbda > 0) cuts the live teacher to
+    the same top-K + tail, so that a cached and a live batch of the same rows give the same loss, gradients and gate
+    verdicts. Before, the live batches had the full divergence (a larger loss: the top-K + tail one is a lower
+    bound)."""
+    settings = dict(loss_path=loss_path, lmbda=0.5, beta=0.5, loss_chunk_size=7, **gate)
+    trainers = [
+        cached_trainer(tmp_path / name, small_cache, teacher=make_model(1, make_tokenizer()), **settings)
+        for name in ("cached", "live")
+    ]
+    cached, live = trainers[0], live_instead_of_cached(trainers[1])
+    batch = collated_batch(cached, OFF_POLICY, rows=6)
+    loss_c, grads_c, window_c = loss_gradients_and_window(cached, batch)
+    loss_l, grads_l, window_l = loss_gradients_and_window(live, batch)
+    assert loss_l.item() == pytest.approx(loss_c.item(), rel=1e-5)
+    for name in grads_c:
+        torch.testing.assert_close(grads_l[name], grads_c[name], rtol=1e-4, atol=1e-7)
+    assert window_l == window_c
+    full = make_trainer(tmp_path / "full", **settings)  # the live teacher without a cache: the full divergence
+    assert loss_gradients_and_window(full, batch)[0].item() > loss_c.item() * 1.05
+
+
+@pytest.mark.parametrize("loss_path", ["eager", "chunked"])
+def test_an_on_policy_batch_and_a_cached_batch_of_the_same_rows_give_the_same_loss(tmp_path, small_cache, loss_path):
+    """The same rows as a dataset batch (read from the cache) and as an on-policy batch (the live teacher): with
+    gate="none" (the proposals differ between the two kinds, the weights do not) the same loss and gradients."""
+    settings = dict(loss_path=loss_path, lmbda=0.5, beta=0.5, gate="none")
+    trainers = [
+        cached_trainer(tmp_path / name, small_cache, teacher=make_model(1, make_tokenizer()), **settings)
+        for name in ("a", "b")
+    ]
+    loss_c, grads_c, _ = loss_gradients_and_window(trainers[0], collated_batch(trainers[0], OFF_POLICY, rows=6))
+    loss_o, grads_o, _ = loss_gradients_and_window(trainers[1], collated_batch(trainers[1], ON_POLICY, rows=6))
+    assert loss_o.item() == pytest.approx(loss_c.item(), rel=1e-5)
+    for name in grads_c:
+        torch.testing.assert_close(grads_o[name], grads_c[name], rtol=1e-4, atol=1e-7)
+
+
+def test_the_live_cut_is_what_the_cache_stores(tmp_path, small_cache):
+    """`TeacherCache.live` gives, on the same rows, exactly the cached ids, values (float16-rounded) and tail."""
+    trainer = cached_trainer(tmp_path, small_cache, teacher=make_model(1, make_tokenizer()), lmbda=0.5, gate="none")
+    batch = collated_batch(trainer, OFF_POLICY, rows=6)
+    completion = batch["labels"][:, 1:] != -100
+    stored = trainer._teacher_cache.batch(batch["input_ids"], batch["attention_mask"], completion)
+    with torch.no_grad():
+        logits = trainer.teacher_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    live = trainer._teacher_cache.live(torch.log_softmax(logits[:, :-1].float(), dim=-1))
+    assert torch.equal(live.ids[completion], stored.ids[completion])
+    torch.testing.assert_close(live.values[completion], stored.values[completion], rtol=0, atol=0)
+    torch.testing.assert_close(live.log_tail[completion], stored.log_tail[completion], rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------- bad input
