@@ -66,14 +66,14 @@ def test_demo_pipeline_end_to_end_on_a_tiny_model(tiny_llama, tmp_path, monkeypa
         batch_size=4,
         lora_r=4,
         max_new_tokens=3,
-        teacher_load_in_4bit=student_init == "base",  # NF4 on one run, full precision on the other
+        teacher_quantization="int8" if student_init == "base" else "none",  # the default; full precision
         drafter_prompts=4,
         drafter_assistant_tokens=2,
     )
     summary = run_demo(config)
     if student_init == "base":  # the teacher the student learned from, beside the full-precision one
-        teachers = {"teacher (full precision)", "teacher as distilled from (NF4)"}
-        assert summary["teacher_loaded_as"] == "NF4"
+        teachers = {"teacher (full precision)", "teacher as distilled from (int8)"}
+        assert summary["teacher_loaded_as"] == "int8"
     else:
         teachers = {"teacher"}
         assert summary["teacher_loaded_as"] == "full precision"
