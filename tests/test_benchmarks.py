@@ -26,3 +26,26 @@ def test_speed_memory_runs_and_reports_ratios(tmp_path):
     assert gkd["mem_ratio"] == 1.0 if gkd["peak_mib"] > 0 else math.isnan(gkd["mem_ratio"])
     assert default["ms"] > 0 and default["peak_mib"] >= 0 and default["gate_ms"] > 0  # the gate (topk) ran
     assert (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_teacher_cache_bias_runs_on_tiny_models(tmp_path):
+    """`benchmarks/teacher_cache.py --bias` on tiny models: the top-K + tail loss over the full one per data kind,
+    student, K and beta. In float32 storage the cut is a lower bound at every row and K = V gives the full loss."""
+    command = [sys.executable, str(REPO / "benchmarks" / "teacher_cache.py"), "--bias", "--tiny", "--rows", "4"]
+    command += ["--ks", "8,32", "--max-new-tokens", "4", "--threads", "1", "--values-dtype", "float32"]
+    command += ["--plot", str(tmp_path / "p.png")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    table, vocab = report["table"], report["vocab"]
+    assert report["ks"] == [8, 32, vocab] and report["check_max_abs_ratio_minus_1"] < 1e-6
+    assert {(r["data"], r["student"]) for r in table} == {
+        (kind, student) for kind in ("arithmetic", "chat", "docs") for student in ("base", "noise0.05")
+    }
+    assert len(table) == 6 * 3 * 2 and all(r["rows"] == 4 for r in table)
+    for r in table:
+        if r["k"] == vocab:
+            assert abs(r["ratio_min"] - 1) < 1e-5 and abs(r["ratio_max"] - 1) < 1e-5, r
+        else:
+            assert 0 < r["ratio_min"] and r["ratio_max"] <= 1 + 1e-5, r
+    assert (tmp_path / "p.png").stat().st_size > 0
