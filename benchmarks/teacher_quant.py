@@ -284,6 +284,11 @@ def main():
     parser.add_argument("--log", default="", help="also append the lines, the table and the final JSON here")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument(
+        "--from-logs",
+        nargs="+",
+        help="Load nothing: the table and plot of the ROW lines of earlier runs' logs (a run split or resumed).",
+    )
+    parser.add_argument(
         "--delta-only",
         action="store_true",
         help="only compare the teacher's tune with NF4's rounding (`tuning_delta`: a DELTA line), load no setting",
@@ -300,6 +305,18 @@ def main():
             with open(args.log, "a") as handle:
                 handle.write(line + "\n")
 
+    if args.from_logs:
+        from speckd_trl.demo import hub
+
+        cache = Path(args.cache_dir).expanduser() if args.cache_dir else hub.cache_dir()
+        teachers = sorted(cache.glob("teacher-*/config.json"))  # the planner reads the teacher's config only
+        args.teacher_dir = str(teachers[0].parent) if teachers else None
+        rows = [json.loads(line[4:]) for path in args.from_logs for line in open(path) if line.startswith("ROW {")]
+        order = {name: i for i, name in enumerate(SETTINGS)}
+        rows = sorted((r for r in rows if r["setting"] in settings), key=lambda r: order[r["setting"]])
+        report(rows, args, time.time(), log)
+        return
+
     import torch
     from quality import answer_logits, answer_positions, heldout_rows
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -314,6 +331,7 @@ def main():
     config = DemoConfig(student_init="base", lora_r=16)  # the quality benchmark's transfer regime
     cache = Path(args.cache_dir).expanduser() if args.cache_dir else hub.cache_dir()
     teacher_dir, base_dir, data, _ = prepare(config, cache)
+    args.teacher_dir = str(teacher_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(teacher_dir))
     heldout = data["eval"] if args.heldout == "demo" else heldout_rows(config, args.heldout, args.items)
     if args.heldout == "demo" and args.items:
@@ -368,16 +386,43 @@ def report(rows, args, started, log) -> None:
     title = f"cpu: the demo's tuned SmolLM2-135M teacher loaded each way, {rows[0]['items']} {args.heldout} items"
     log(f"\n{title}")
     log("| setting | loaded as | exact match % (95% CI) | KL(fp32 \\|\\| this) / answer token | top-1 agreement % | "
-        "weights MiB (stored) | peak MiB |")  # fmt: skip
-    log("|---|---|---|---|---|---|---|")
+        "weights MiB: footprint (stored) | planner MiB | peak MiB |")  # fmt: skip
+    log("|---|---|---|---|---|---|---|---|")
+    teacher_dir = getattr(args, "teacher_dir", None)
     for r in rows:
         low, high = wilson(r["exact_match"], r["items"])
+        planned = planner_mib(r["setting"], teacher_dir)
         log(f"| {r['setting']} | {r['loaded']} | {100 * r['exact_match']:.1f} ({100 * low:.1f}-{100 * high:.1f}) | "
             f"{r['kl_per_token']:.4f} | {100 * r['top1_agreement']:.1f} | {r['weights_mib']:.0f} "
-            f"({r.get('stored_mib', r['weights_mib']):.0f}) | {r['peak_mib']:.0f} |")  # fmt: skip
+            f"({r.get('stored_mib', r['weights_mib']):.0f}) | {'-' if planned is None else f'{planned:.0f}'} | "
+            f"{r['peak_mib']:.0f} |")  # fmt: skip
     plot(rows, args.plot, title)
     log(f"plot: {args.plot}   wall time {time.time() - started:.0f} s")
     log(json.dumps({"title": title, "args": vars(args), "rows": rows}))
+
+
+PLANNER = {  # setting -> the planner's teacher settings (`speckd-trl plan --teacher-quant ...`)
+    "float32": dict(teacher_quant="none"),
+    "int8": dict(teacher_quant="int8"),
+    "nf4": dict(teacher_quant="nf4", teacher_double_quant=False),
+    "nf4-double": dict(teacher_quant="nf4", teacher_double_quant=True),
+    "fp4": dict(teacher_quant="fp4", teacher_double_quant=False),
+    "nf4-first-last": dict(teacher_quant="nf4", teacher_double_quant=False, teacher_full_layers=4),
+    "nf4-skip2": dict(teacher_quant="nf4", teacher_double_quant=False, teacher_full_layers=2),
+    "nf4-skip4": dict(teacher_quant="nf4", teacher_double_quant=False, teacher_full_layers=4),
+    "nf4-skip8": dict(teacher_quant="nf4", teacher_double_quant=False, teacher_full_layers=8),
+}
+
+
+def planner_mib(setting: str, teacher_dir: str | None) -> float | None:
+    """The planner's teacher weights for a bitsandbytes setting (float32 compute), in MiB; None for the others. The
+    planner counts bitsandbytes' quantization constants, which `get_memory_footprint` leaves out."""
+    if setting not in PLANNER or teacher_dir is None:
+        return None
+    from speckd_trl.tools.plan import PlanConfig, estimate_memory
+
+    config = PlanConfig(teacher=teacher_dir, student=teacher_dir, dtype="float32", **PLANNER[setting])
+    return estimate_memory(config).terms["teacher weights"] / 2**20
 
 
 def wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
