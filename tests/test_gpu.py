@@ -215,3 +215,24 @@ def test_the_server_trainer_against_a_real_vllm_teacher_server(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=60)
+
+
+@pytest.mark.parametrize("quantization", ["int8", "nf4"])
+def test_check_teacher_on_cuda_and_the_planner(tmp_path, quantization):
+    """`check-teacher`'s comparison with the teacher quantized on CUDA (bitsandbytes' CUDA kernels, bf16 compute),
+    and the planner's teacher weights against what the CUDA model holds."""
+    from speckd_trl.tools.plan import PlanConfig, estimate_memory
+    from speckd_trl.tools.teacher_check import check_teacher, weights_bytes
+
+    tokenizer = make_tokenizer()
+    make_model(1, tokenizer, layers=3).save_pretrained(tmp_path / "teacher")
+    args = SpecKDConfig(output_dir=str(tmp_path), report_to="none", bf16=True, teacher_quantization=quantization)
+    report = check_teacher(str(tmp_path / "teacher"), args, make_dataset(8), tokenizer, samples=8, batch_size=4)
+    assert report["price"].kl_per_token > 0 and report["configured"].peak_mib > 0
+    from speckd_trl.models import load_teacher
+
+    loaded = load_teacher(str(tmp_path / "teacher"), args)
+    assert next(loaded.parameters()).device.type == "cuda"
+    plan = estimate_memory(PlanConfig(teacher=str(tmp_path / "teacher"), student=str(tmp_path / "teacher"),
+                                      teacher_quant=quantization, dtype="float32"))  # fmt: skip
+    assert plan.terms["teacher weights"] == pytest.approx(weights_bytes(loaded), rel=0.02)
