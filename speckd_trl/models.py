@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -67,6 +68,29 @@ def teacher_quantization_config(args: SpecKDConfig) -> Any:
     )
 
 
+class _OnceFilter(logging.Filter):
+    """Let a log message that starts with `prefix` through once per process, drop its repeats."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix, self.seen = prefix, False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.getMessage().startswith(self.prefix):
+            return True
+        seen, self.seen = self.seen, True
+        return not seen
+
+
+def quiet_int8_casts() -> None:
+    """bitsandbytes' LLM.int8() logs "MatMul8bitLt: inputs will be cast from torch.float32 to float16" at every
+    matmul of a float32-compute teacher (thousands of lines per training run: the cast is how int8 matmuls work):
+    keep its first line, drop the repeats. Idempotent."""
+    logger = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _OnceFilter) for f in logger.filters):
+        logger.addFilter(_OnceFilter("MatMul8bitLt: inputs will be cast"))
+
+
 def teacher_init_kwargs(args: SpecKDConfig) -> dict[str, Any]:
     """`from_pretrained` keyword arguments for the teacher, from `args.teacher_model_init_kwargs`.
 
@@ -113,6 +137,8 @@ def load_teacher(name_or_path: str, args: SpecKDConfig) -> PreTrainedModel:
     Raises:
         ValueError: when `name_or_path` cannot be loaded, with the path and the reason.
     """
+    if args.teacher_quantization_method == "int8":
+        quiet_int8_casts()
     try:
         return AutoModelForCausalLM.from_pretrained(name_or_path, **teacher_init_kwargs(args))
     except (OSError, ValueError) as err:

@@ -206,3 +206,20 @@ def test_check_teacher_refuses_a_teacher_stored_quantized(workspace, tmp_path, c
     )  # fmt: skip
     err = capsys.readouterr().err
     assert status == 2 and "is stored quantized" in err and "full-precision checkpoint" in err
+
+
+def test_int8_cast_message_is_logged_once(caplog):
+    """LLM.int8()'s per-matmul cast message: the first line through, the repeats dropped."""
+    import logging
+
+    from speckd_trl.models import quiet_int8_casts
+
+    quiet_int8_casts()
+    quiet_int8_casts()  # idempotent: one filter
+    logger = logging.getLogger("bitsandbytes.autograd._functions")
+    with caplog.at_level(logging.WARNING, logger=logger.name):
+        for _ in range(3):
+            logger.warning("MatMul8bitLt: inputs will be cast from %s to float16 during quantization", torch.float32)
+        logger.warning("another message")
+    messages = [r.getMessage() for r in caplog.records if r.name == logger.name]
+    assert len([m for m in messages if m.startswith("MatMul8bitLt")]) <= 1 and "another message" in messages
