@@ -370,6 +370,8 @@ def teacher_as_distilled_accuracy(trainer, teacher_dir: Path, data, data_key: st
 
 def plot(history: list[dict[str, Any]], accuracies: dict[str, float], path: Path) -> None:
     """Loss and acceptance rate per logging step, and the three held-out accuracies."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -394,7 +396,7 @@ def plot(history: list[dict[str, Any]], accuracies: dict[str, float], path: Path
     names = list(accuracies)
     colors = {"student before": "#c66", "student after": "#2a7"}
     ax_acc.bar(range(len(names)), [100 * accuracies[n] for n in names], color=[colors.get(n, "#555") for n in names])
-    ax_acc.set_xticks(range(len(names)), [n.replace(" (", "\n(") for n in names], fontsize=8)
+    ax_acc.set_xticks(range(len(names)), [textwrap.fill(n, 16) for n in names], fontsize=8)
     for i, name in enumerate(names):
         ax_acc.text(i, 100 * accuracies[name] + 1, f"{100 * accuracies[name]:.0f}%", ha="center")
     ax_acc.set(ylabel="held-out exact match (%)", title="Accuracy", ylim=(0, 100))
