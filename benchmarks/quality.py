@@ -72,6 +72,9 @@ SPECKD_METHODS = {
     ),
     # the topk gate with dataset batches read from a teacher cache (`--teacher-cache DIR`, benchmarks/teacher_cache.py)
     "speckd-topk-cache": dict(gate="topk", gate_top_k=5, reject_weight=0.1),
+    # no gate, dataset batches from a teacher cache: with `--lmbda 0` the live teacher never runs (a cache built from
+    # the float32 teacher is a full-skill teacher at no training memory)
+    "speckd-none-cache": dict(gate="none"),
     # target filtering (the lab's one setting that beats GKD): a rejected position learns the teacher's top-k
     "speckd-topk-filter": dict(gate="topk", gate_top_k=5, reject_target="top_k", reject_weight=1.0),
     # the warm gate (the capacity lab's best variant): full weight at first, the defaults' reject_weight at the end
@@ -202,7 +205,7 @@ def run_one(method, seed, setup, args) -> dict:
     student.generation_config.eos_token_id = setup["tokenizer"].eos_token_id
     exact = evaluate(student, setup["tokenizer"], setup["eval"], max_new_tokens=config.max_new_tokens, desc=method)
     row = {"method": method, "seed": seed, "split": args.heldout, "exact_match": exact, "train_s": round(train_s, 1),
-           "teacher": teacher_label(args)}  # fmt: skip
+           "teacher": setup["cache_label"] if method.endswith("-cache") else teacher_label(args)}  # fmt: skip
     row["settings"] = setup["settings"].get(method, {})
     row.update(heldout_metrics(student, setup["examples"], setup["teacher_logits"]))
     history = trainer.state.log_history
@@ -242,6 +245,23 @@ def teacher_order(method: str) -> int:  # a sort key: float32 first, then int8, 
     return next(
         (i for i, t in enumerate(("float32", "int8", "NF4 teacher (", "NF4", "FP4")) if teacher.startswith(t)), 9
     )
+
+
+def teacher_cache_label(args, setup, log) -> str:
+    """Open `--teacher-cache`, or build it first from the teacher as `--teacher-quant` loads it (the demo's train rows,
+    collated as training collates them; `SpecKDTrainer.cache_teacher`), and name what it holds, for the RUN rows."""
+    from speckd_trl.teacher_cache import TeacherCache
+
+    path = Path(args.teacher_cache)
+    if not (path / "speckd_teacher_cache.json").is_file():
+        started = time.time()
+        method = next(m for m in SPECKD_METHODS if m.endswith("-cache"))
+        trainer = build_trainer(method, setup["student_dir"], setup["teacher"], setup["tokenizer"], setup["train"],
+                                setup["config"], Path(args.output_dir) / "cache-build", norms=False)  # fmt: skip
+        trainer.cache_teacher(str(path))
+        log(f"CACHE built {path} from the {teacher_label(args)} in {time.time() - started:.0f} s")
+    spec = TeacherCache.open(path).spec
+    return f"{spec.teacher_dtype} teacher cache (top-{spec.top_k}, {spec.values_dtype})"
 
 
 def teacher_skip(args) -> list[str] | None:
@@ -471,6 +491,8 @@ def main():
             if not args.teacher_cache:
                 parser.error(f"--methods {method} reads a teacher cache: pass --teacher-cache DIR")
             setup["settings"][method] = {**setup["settings"].get(method, {}), "teacher_cache": args.teacher_cache}
+    if any(m.endswith("-cache") for m in methods):
+        setup["cache_label"] = teacher_cache_label(args, setup, log)
     setup["examples"] = answer_positions(setup["tokenizer"], setup["eval"])
     setup["teacher_logits"] = answer_logits(setup["teacher"], setup["examples"])  # once: the teacher never changes
     log("ARGS " + json.dumps(vars(args)))
@@ -518,9 +540,13 @@ def report(rows, methods, args, title, started, log=print):
     baselines = [b for b in ("gkd", "speckd-none", "sft") if b in methods]
     pairs = [(m, b) for b in baselines for m in methods if m != b and (m.startswith("speckd") or b == "sft")]
     pairs = [(m, b) for m, b in pairs if not (b == "speckd-none" and m == "gkd")]
-    # a run with another teacher against the same method with the float32 teacher (--by-teacher)
-    pairs += [(m, f"{m.split(' @ ')[0]} @ float32 teacher") for m in methods
-              if " @ " in m and not m.endswith("@ float32 teacher") and f"{m.split(' @ ')[0]} @ float32 teacher" in methods]  # fmt: skip
+    # --by-teacher: a run with another teacher, or from a teacher cache, against the same method with the live
+    # float32 teacher; a cache's run also against the method's other live teachers
+    live = {m: m.split(" @ ")[0].removesuffix("-cache") for m in methods if " @ " in m}
+    pairs += [(m, f"{base} @ float32 teacher") for m, base in live.items()
+              if m != f"{base} @ float32 teacher" and f"{base} @ float32 teacher" in methods]  # fmt: skip
+    pairs += [(m, other) for m, base in live.items() if m.split(" @ ")[0].endswith("-cache")
+              for other in methods if other.split(" @ ")[0] == base and other != f"{base} @ float32 teacher"]  # fmt: skip
     # a run from a teacher cache against the same method with the live teacher
     pairs += [(m, m[: -len("-cache")]) for m in methods if m.endswith("-cache") and m[: -len("-cache")] in methods]
     if pairs:
