@@ -515,6 +515,43 @@ def main():
     report(rows, methods, args, title, started, log=log)
 
 
+def interaction(rows, methods, log=print) -> dict:
+    """--by-teacher: does a gate act differently under a quantized teacher? Per seed, (method - GKD) under teacher T
+    minus (method - GKD) under the float32 teacher, and the share of GKD's price for T (GKD float32 - GKD T) that
+    the method wins back ((method - GKD) under T over that price, a ratio of the means)."""
+    from lab import t_interval
+
+    def by_seed(method):
+        return {r["seed"]: r["exact_match"] for r in rows if r["method"] == method}
+
+    out, lines = {}, []
+    for m in methods:
+        name, _, teacher = m.partition(" @ ")
+        if not name.startswith("speckd") or not teacher or teacher == "float32 teacher":
+            continue
+        runs = [by_seed(x) for x in (m, f"gkd @ {teacher}", f"{name} @ float32 teacher", "gkd @ float32 teacher")]
+        seeds = sorted(set.intersection(*(set(r) for r in runs)))
+        if len(seeds) < 2:
+            continue
+        here, there, gkd = runs[0], runs[2], (runs[1], runs[3])
+        inter = t_interval([(here[s] - gkd[0][s]) - (there[s] - gkd[1][s]) for s in seeds])
+        gain = t_interval([here[s] - gkd[0][s] for s in seeds])
+        price = t_interval([gkd[1][s] - gkd[0][s] for s in seeds])
+        share = gain[0] / price[0] if price[0] else float("nan")
+        out[f"{name}: {teacher} - float32 teacher/interaction"] = (*inter, len(seeds))
+        lines.append(f"| {name} | {teacher} | {100 * inter[0]:+.1f} +- {100 * inter[1]:.1f} | "
+                     f"{100 * gain[0]:+.1f} +- {100 * gain[1]:.1f} of {100 * price[0]:+.1f} +- {100 * price[1]:.1f} "
+                     f"({share:+.0%}) | {len(seeds)} |")  # fmt: skip
+    if lines:
+        log("\n(method - GKD) under a teacher minus (method - GKD) under the float32 teacher, exact match points, per "
+            "seed; and the method's gain over GKD under that teacher against GKD's price for it (GKD float32 - GKD)")  # fmt: skip
+        log("| method | teacher | interaction | gain over GKD of GKD's price (share won back) | seeds |")
+        log("|---|---|---|---|---|")
+        for line in lines:
+            log(line)
+    return out
+
+
 def report(rows, methods, args, title, started, log=print):
     """The table (mean +- 95% t half-width over seeds), the paired differences, the plot and the final JSON line."""
     from lab import lower_count, paired
@@ -549,6 +586,9 @@ def report(rows, methods, args, title, started, log=print):
               for other in methods if other.split(" @ ")[0] == base and other != f"{base} @ float32 teacher"]  # fmt: skip
     # a run from a teacher cache against the same method with the live teacher
     pairs += [(m, m[: -len("-cache")]) for m in methods if m.endswith("-cache") and m[: -len("-cache")] in methods]
+    # --by-teacher: each SpecKD method against TRL's GKD distilled from the same teacher
+    pairs += [(m, f"gkd @ {m.split(' @ ')[1]}") for m in live
+              if m.startswith("speckd") and f"gkd @ {m.split(' @ ')[1]}" in methods]  # fmt: skip
     if pairs:
         log("\npaired per seed (method - baseline), mean +- 95% t half-width; * : the interval excludes 0")
         log("| method - baseline | exact match % | answer NLL | seeds higher exact |")
@@ -566,6 +606,7 @@ def report(rows, methods, args, title, started, log=print):
                 )
         lower, n = lower_count(rows, baseline, method, "exact_match")  # seeds where the method scores higher
         log(f"| {method} - {baseline} | " + " | ".join(cells) + f" | {lower} of {n} |")
+    diffs.update(interaction(rows, methods, log))
     plot(table, args.plot, title)
     log(f"plot: {args.plot}   wall time {time.time() - started:.0f} s")
     log(json.dumps({"title": title, "args": vars(args), "rows": rows, "table": table, "paired": diffs}))
