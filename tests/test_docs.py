@@ -48,12 +48,30 @@ def test_readme_is_short():
     )
 
 
-def test_ci_runs_the_readme_test_command():
-    """`.ci/run` runs the README's test command verbatim (line 11; line 8 is the demo command)."""
+def readme_commands() -> tuple[str, str]:
+    """The README's two set-up commands: the line after `# 1.` (the demo) and the line after `# 2.` (the tests)."""
     lines = README.read_text().splitlines()
-    assert lines[7].endswith("speckd-trl demo --config examples/demo.yaml")
-    assert lines[10].endswith("ruff check . && python -m pytest")
-    assert lines[10] in (REPO / ".ci" / "run").read_text().splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("# 1. "))
+    second = next(i for i, line in enumerate(lines) if line.startswith("# 2. "))
+    return lines[first + 1], lines[second + 1]
+
+
+def test_ci_runs_the_readme_test_command():
+    """`.ci/run` runs the README's test command verbatim."""
+    demo, tests = readme_commands()
+    assert demo.endswith("speckd-trl demo --config examples/demo.yaml")
+    assert tests.endswith("ruff check . && python -m pytest")
+    assert tests in (REPO / ".ci" / "run").read_text().splitlines()
+
+
+def test_readme_first_screen_shows_the_swap_then_the_commands():
+    """A newcomer's first screen: the pitch, the swap from TRL's GKD (within 30 lines), the two commands after it."""
+    lines = README.read_text().splitlines()
+    swap = next(
+        i for i, line in enumerate(lines) if line.startswith("from speckd_trl import SpecKDConfig, SpecKDTrainer")
+    )
+    assert swap < 30 and "GKDTrainer" in lines[swap]
+    assert swap < lines.index(readme_commands()[0]) < 40
 
 
 LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
