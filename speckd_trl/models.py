@@ -24,6 +24,7 @@ except ImportError:  # a torch build without torch.distributed: nothing is ever 
     FSDPModule = DTensor = ()
 
 
+EAGER_REMEDY = "use loss_path='eager'"  # what to do when the chunked loss cannot read a model's output layer
 ZERO3_TRAINABLE_HEAD = (
     "loss_path='chunked' reads the {role}'s output layer directly, and under DeepSpeed ZeRO-3 a trainable output "
     "layer's gradient would not reach ZeRO-3's partitioned gradient. Freeze lm_head (train the student with LoRA, "
@@ -258,7 +259,7 @@ def output_head(
     *,
     gathered: bool = True,
     dtype: torch.dtype | None = None,
-    remedy: str = "use loss_path='eager'",
+    remedy: str = EAGER_REMEDY,
 ) -> OutputHead:
     """The model's output layer as an `OutputHead`: its weight and bias, and the logit scale (`logit_scale`, TRL's
     rules) and `final_logit_softcapping` of its text config. The one reader of output layers for every path that
