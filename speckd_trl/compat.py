@@ -20,7 +20,7 @@ import torch
 from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
 from trl.kernels.chunked_logprob import _use_triton
 
-from .losses import OutputHead
+from .models import OutputHead
 
 
 # sha256 of `inspect.getsource(...)` of the TRL code this module repeats, at the TRL version in constraints.txt

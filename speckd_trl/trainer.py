@@ -53,7 +53,6 @@ from .gated_trainer import GatedTrainerMixin
 from .generation import sampling_only_from
 from .losses import (
     LossTerms,
-    OutputHead,
     SparseTeacher,
     chunked_weighted_jsd,
     jsd_log_probs,
@@ -64,6 +63,7 @@ from .losses import (
 )
 from .models import (
     EAGER_REMEDY,
+    OutputHead,
     capture_last_hidden_state,
     check_output_head,
     is_quantized,
