@@ -5,10 +5,11 @@
   adds over its TRL base, read from `dataclasses.fields`;
 - `docs/plan-cli.md`: `speckd-trl plan --help`, rendered at a fixed width.
 
-    python -m speckd_trl.tools.docs           # rewrite both pages
-    python -m speckd_trl.tools.docs --check   # exit 1 and list the pages that differ from what the code renders
+    python tools/docs.py           # rewrite both pages
+    python tools/docs.py --check   # exit 1 and list the pages that differ from what the code renders
 
-`tests/test_docs.py` fails when a page is stale.
+`tests/test_docs.py` fails when a page is stale. A developer script beside the package, not part of it: it imports
+the `speckd_trl` of this checkout (and its `cli`), the library never imports it.
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ from pathlib import Path
 from typing import Any
 
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's speckd_trl, whatever else is installed
 DOCS = REPO / "docs"
 CONFIGURATION_PAGE = "configuration.md"
 PLAN_CLI_PAGE = "plan-cli.md"
 HELP_WIDTH = 100  # columns of the rendered `--help`: fixed, so that the page does not depend on the terminal
-REGENERATE = "python -m speckd_trl.tools.docs"
+REGENERATE = "python tools/docs.py"
 GENERATED_NOTE = f"<!-- Generated from the code by `{REGENERATE}`: edit the code, not this page. -->"
 
 CONFIGURATION_HEADER = f"""\
