@@ -44,6 +44,18 @@ def test_check_reports_a_stale_page(tmp_path, capsys):
     assert docs.PLAN_CLI_PAGE not in out
 
 
+def test_layout_names_every_module():
+    """docs/development.md's layout block is the generated one and has a line for every module of the package."""
+    page = (DOCS / docs.DEVELOPMENT_PAGE).read_text()
+    block = page.split(docs.LAYOUT_BEGIN, 1)[1].split(docs.LAYOUT_END, 1)[0]
+    missing = [
+        str(path.relative_to(REPO))
+        for path in sorted((REPO / "speckd_trl").rglob("*.py"))
+        if path.name != "__init__.py" and not re.search(rf"^ +{re.escape(path.name)} ", block, flags=re.M)
+    ]
+    assert not missing, f"docs/development.md's layout lacks {missing}: run `python tools/docs.py`"
+
+
 def test_readme_is_short():
     lines = README.read_text().splitlines()
     assert len(lines) <= README_MAX_LINES, (
