@@ -97,7 +97,7 @@ def qwen2_config(shape: dict, vocab: int, max_positions: int) -> dict:
 
 def plan_config(name: str, teacher: dict | None = None, student: dict | None = None):
     """The `PlanConfig` of configuration `name` (see `CONFIGS`)."""
-    from speckd_trl.tools.plan import PlanConfig
+    from speckd_trl.plan import PlanConfig
 
     sharded = name.startswith("shard-")
     teacher = teacher or (SHARD_TEACHER if sharded else TEACHER)
@@ -162,7 +162,7 @@ def run_steps(cfg, steps: int, on_measure_start=None, engine: str | None = None,
 
     from speckd_trl import SpecKDConfig, SpecKDTrainer
     from speckd_trl.batches import KIND_KEY, OFF_POLICY
-    from speckd_trl.tools.plan import load_model_config
+    from speckd_trl.plan import load_model_config
     from speckd_trl.tools.testing import make_dataset, make_tokenizer, random_batch
 
     tokenizer = make_tokenizer()
@@ -267,8 +267,8 @@ def measure(name: str, steps: int, overrides: dict | None = None, engine: str | 
     import transformers  # noqa: F401
     import trl  # noqa: F401
 
-    from speckd_trl.tools.plan import PlanConfig, estimate_memory
-    from speckd_trl.tools.testing import PeakMemory
+    from speckd_trl.plan import PlanConfig, estimate_memory
+    from speckd_trl.teacher_check import PeakMemory
 
     cfg = plan_config(name)
     if overrides:
@@ -396,7 +396,7 @@ def plot(rows, path):
     ax.bar([x + 0.2 for x in xs], [r["measured_mib"] for r in rows], 0.4, label="measured peak RSS growth")
     ax.set_xticks(list(xs), [r["name"] for r in rows], fontsize=8, rotation=20)
     ax.set_ylabel("MiB")
-    ax.set_title("speckd_trl.tools.plan vs measured peak memory (CPU, float32, SpecKD optimizer steps)")
+    ax.set_title("speckd_trl.plan vs measured peak memory (CPU, float32, SpecKD optimizer steps)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -493,7 +493,7 @@ def fit_m_chunk(sizes: list[int], measured_mib: list[float], vocab: int) -> tupl
 def main_chunk_sizes(args) -> None:
     """`--chunk-sizes`: measured peak per `loss_chunk_size`, its least-squares slope in float32 vocabulary rows per
     chunk row (what the planner calls `m_chunk`), the planner's estimate beside it, a JSON line, `--log`."""
-    from speckd_trl.tools.plan import M_CHUNK
+    from speckd_trl.plan import M_CHUNK
 
     say = Log()
     say("$ python benchmarks/plan_check.py " + " ".join(sys.argv[1:]))

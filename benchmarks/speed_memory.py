@@ -211,7 +211,7 @@ def gate_ms(trainer, inputs, device, *, on_policy: bool, repeats: int = 5) -> fl
 
 def child_memory(args) -> dict:
     """Peak memory of one method's step, above the level after an untimed warm-up step."""
-    from speckd_trl.tools.testing import PeakMemory
+    from speckd_trl.teacher_check import PeakMemory
 
     trainers, device = build_trainers(args, [args.methods], args.measure == "on-policy step", _layers(args))
     trainer, inputs = trainers[args.methods]

@@ -104,7 +104,7 @@ def child(arm: str, cache_path: str, steps: int, cache_dir: str | None) -> dict:
 
     import torch
 
-    from speckd_trl.tools.testing import PeakMemory
+    from speckd_trl.teacher_check import PeakMemory
 
     config, teacher_dir, student_dir, train = setup(cache_dir)
     gc.collect()

@@ -21,7 +21,7 @@ Settings (`SETTINGS`; every 4-bit setting runs with float32 compute):
 - `float32`, `int8` (bitsandbytes LLM.int8()), `nf4` (single quantization), `nf4-double` (NF4 with double
   quantization: what `teacher_load_in_4bit=True` loaded before this benchmark), `fp4`;
 - `nf4-skipN`: NF4 with the N decoder layers kept in float32 that a measured per-layer sensitivity ranks first
-  (`speckd_trl.tools.teacher_check.layer_sensitivity`: KL when only that layer is rounded to NF4, on the first
+  (`speckd_trl.teacher_check.layer_sensitivity`: KL when only that layer is rounded to NF4, on the first
   `--calibration` *train* rows, never the held-out ones), i.e. `teacher_quantization_skip_modules`;
 - `nf4-first-last`: NF4 with the first 2 and last 2 layers in float32 (the hand-picked choice, for comparison);
 - `qlora`: a teacher tuned in NF4 with LoRA (QLoRA: the skill lives in full-precision adapters; same data, steps and
@@ -322,8 +322,7 @@ def main():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from speckd_trl.demo import DemoConfig, evaluate, hub, prepare
-    from speckd_trl.tools.teacher_check import completion_batches, completion_logits, layer_sensitivity
-    from speckd_trl.tools.testing import PeakMemory
+    from speckd_trl.teacher_check import PeakMemory, completion_batches, completion_logits, layer_sensitivity
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -419,7 +418,7 @@ def planner_mib(setting: str, teacher_dir: str | None) -> float | None:
     planner counts bitsandbytes' quantization constants, which `get_memory_footprint` leaves out."""
     if setting not in PLANNER or teacher_dir is None:
         return None
-    from speckd_trl.tools.plan import PlanConfig, estimate_memory
+    from speckd_trl.plan import PlanConfig, estimate_memory
 
     config = PlanConfig(teacher=teacher_dir, student=teacher_dir, dtype="float32", **PLANNER[setting])
     return estimate_memory(config).terms["teacher weights"] / 2**20

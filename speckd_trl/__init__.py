@@ -30,9 +30,11 @@ from .config import (  # noqa: E402
     SpecKDServerDistillationConfig,
 )
 from .distillation_trainer import SpecKDDistillationTrainer  # noqa: E402
+from .drafter import evaluate_drafter  # noqa: E402
 from .generation import GenerationStats, speculative_generate, student_generate  # noqa: E402
 from .losses import SparseTeacher, normalize_loss, tail_bucket_target, weighted_generalized_jsd  # noqa: E402
 from .metrics import sequence_rewards  # noqa: E402
+from .plan import MemoryPlan, PlanConfig, estimate_memory, format_plan  # noqa: E402
 from .reward import TeacherAcceptanceReward  # noqa: E402
 from .rules import (  # noqa: E402
     GATE_RULES,
@@ -47,8 +49,6 @@ from .rules import (  # noqa: E402
 )
 from .server_trainer import SpecKDServerDistillationTrainer  # noqa: E402
 from .teacher_cache import TeacherCache, write_teacher_cache  # noqa: E402
-from .tools.drafter import evaluate_drafter  # noqa: E402
-from .tools.plan import MemoryPlan, PlanConfig, estimate_memory, format_plan  # noqa: E402
 from .trainer import SpecKDTrainer  # noqa: E402
 from .weighting import GatedBatch, TokenGate  # noqa: E402
 

@@ -15,9 +15,9 @@ accelerate launch --config_file examples/accelerate/multi_gpu.yaml -m speckd_trl
 accelerate launch --config_file examples/accelerate/multi_cpu.yaml -m speckd_trl --use_cpu --config recipe.yaml
 speckd-trl cache-teacher --config recipe.yaml --teacher_cache cache/   # the teacher's top-K, once (teacher_cache.py)
 speckd-trl --config recipe.yaml --teacher_cache cache/ --lmbda 0     # then train from it, no teacher in memory
-speckd-trl check-teacher --config recipe.yaml   # what quantizing the teacher costs it (tools/teacher_check.py)
+speckd-trl check-teacher --config recipe.yaml   # what quantizing the teacher costs it (teacher_check.py)
 speckd-trl demo                            # the offline SmolLM2 demo (see speckd_trl/demo/app.py)
-speckd-trl plan --teacher t/config.json --student s/config.json --teacher-quant nf4   # will it fit? (speckd_trl/tools/plan.py)
+speckd-trl plan --teacher t/config.json --student s/config.json --teacher-quant nf4   # will it fit? (plan.py)
 ```
 
 Datasets: a name that `datasets.load_dataset` knows, a local directory (`save_to_disk` output or data files), or one
@@ -283,13 +283,13 @@ def cache_teacher(script_args, training_args, model_args, trainer_args: TrainerA
 def check_teacher(argv: list[str]) -> None:
     """`speckd-trl check-teacher --config recipe.yaml [--check_samples 64] [--check_sensitivity]`: the recipe's teacher
     as configured (`teacher_quantization`, `teacher_load_in_4bit`) against its full-precision self on the recipe's
-    dataset rows: KL per completion token, top-1 agreement, memory, a verdict (`tools/teacher_check.py`)."""
+    dataset rows: KL per completion token, top-1 agreement, memory, a verdict (`speckd_trl/teacher_check.py`)."""
     import argparse
 
     from transformers import AutoTokenizer
 
-    from .tools.teacher_check import check_teacher as measure
-    from .tools.teacher_check import format_report
+    from .teacher_check import check_teacher as measure
+    from .teacher_check import format_report
 
     extra = argparse.ArgumentParser(
         prog="speckd-trl check-teacher",
@@ -343,7 +343,7 @@ def make_plan_parser():
     """The `argparse` parser of `speckd-trl plan`."""
     import argparse
 
-    from .tools.plan import DEFAULT_RESERVE_GIB, ENGINES, LOSS_PATHS, OPTIMIZERS, STUDENT_MODES, TEACHER_QUANTS
+    from .plan import DEFAULT_RESERVE_GIB, ENGINES, LOSS_PATHS, OPTIMIZERS, STUDENT_MODES, TEACHER_QUANTS
 
     parser = argparse.ArgumentParser(
         prog="speckd-trl plan",
@@ -404,8 +404,8 @@ def make_plan_parser():
 
 
 def plan(argv: list[str]) -> None:
-    """`speckd-trl plan ...`: print the memory plan (see `speckd_trl.tools.plan`)."""
-    from .tools.plan import PlanConfig, estimate_memory, format_plan
+    """`speckd-trl plan ...`: print the memory plan (see `speckd_trl.plan`)."""
+    from .plan import PlanConfig, estimate_memory, format_plan
 
     args = make_plan_parser().parse_args(argv)
     for flag, value in (("--teacher", args.teacher), ("--student", args.student)):

@@ -8,6 +8,13 @@ before returning it. The two functions here repeat those steps, with the same pr
 - `distillation_hidden_states`: the inputs and both models' hidden states of `_compute_loss`;
 - `per_token_divergence`: `_chunked_divergence_loss`'s call of `ChunkedDivergenceFunction`, without the sum.
 
+`SpecKDServerDistillationTrainer` replaces `ServerDistillationTrainer.compute_loss` (TRL reduces its server loss
+inside it), keeping its start:
+
+- `server_forward`: the input layout its server request reads, the student's forward and the teacher server's answer
+  (through the private `_compute_prompt_length` and `_get_teacher_token_logprobs_from_server`), aligned as TRL
+  aligns them.
+
 `UPSTREAM` pins the source of each TRL function copied here: `tests/test_compat.py` fails when a TRL release changes
 it, so the copy is re-read against the new code before anyone trusts it.
 """
@@ -20,7 +27,7 @@ import torch
 from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
 from trl.kernels.chunked_logprob import _use_triton
 
-from .losses import OutputHead
+from .models import OutputHead
 
 
 # sha256 of `inspect.getsource(...)` of the TRL code this module repeats, at the TRL version in constraints.txt
@@ -30,6 +37,9 @@ UPSTREAM = {
     ),
     "trl.trainer.distillation_trainer._chunked_divergence_loss": (
         "550cb45191ab1654ac65f2d7fb8ca8b81789c16b4799efaf37eadb54363077e4"
+    ),
+    "trl.experimental.server_distillation.server_distillation_trainer.ServerDistillationTrainer.compute_loss": (
+        "0bb0f043aa7c304030472bfc4986382026b62a90c8567ed1493aab6151b974e9"
     ),
 }
 
@@ -140,3 +150,40 @@ def per_token_divergence(
     if compact:
         return divergence, entropy, valid
     return divergence.masked_fill(~valid, 0), entropy.masked_fill(~valid, 0), None
+
+
+def server_forward(
+    trainer: Any, model: torch.nn.Module, inputs: dict[str, Any]
+) -> tuple[Any, dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The start of `ServerDistillationTrainer.compute_loss`, up to its loss: the ``input_ids`` / ``attention_mask`` /
+    ``labels`` layout its server request reads, rebuilt from a micro-batch of prompts `[B, P]` and completions
+    `[B, K]`; the student's forward; the teacher server's answer (`trainer._compute_prompt_length`,
+    `trainer._get_teacher_token_logprobs_from_server`); and the student's logits, tokens and labels cut to the
+    ``T <= K`` positions the server answered for.
+
+    Returns:
+        The student's outputs; the server's dict (``actual_logprobs`` `[B, T]`, ``topk_logprobs`` and
+        ``topk_token_ids`` `[B, T, K_top]`); the student's logits `[B, T, V_out]` (position ``t`` predicts completion
+        token ``t``); the completion tokens `[B, T]`; and the completion mask `[B, T]` (labels other than -100).
+    """
+    prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+    completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+    completion_labels = torch.where(completion_mask.bool(), completion_ids, torch.full_like(completion_ids, -100))
+    labels = torch.cat([torch.full_like(prompt_ids, -100), completion_labels], dim=1)
+    server_inputs = {
+        **inputs,
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "prompt_attention_mask": prompt_mask,
+    }
+    student_outputs = model(input_ids=input_ids, attention_mask=attention_mask)
+    prompt_length = trainer._compute_prompt_length(server_inputs)
+    teacher_result = trainer._get_teacher_token_logprobs_from_server(server_inputs, prompt_length)
+    length = teacher_result["actual_logprobs"].shape[1]
+    logits = student_outputs.logits[:, prompt_length - 1 : -1][:, :length]
+    tokens = input_ids[:, prompt_length:][:, :length]
+    completion = labels[:, prompt_length:][:, :length] != -100
+    return student_outputs, teacher_result, logits, tokens, completion

@@ -41,6 +41,7 @@ from .gated_trainer import GatedTrainerMixin
 from .generation import sampling_only_from
 from .losses import LossTerms, sampled_log_probs_from_hidden
 from .models import (
+    EAGER_REMEDY,
     capture_last_hidden_state,
     check_output_head,
     is_quantized,
@@ -61,8 +62,11 @@ from .validation import (
 from .weighting import TokenGate
 
 
-# What a model whose output layer the chunked divergence cannot read should do instead
-EAGER_REMEDY = "use SpecKDTrainer with loss_path='eager' (lmbda=1 distills on-policy only, as here)"
+# What a model whose output layer the chunked divergence cannot read should do instead: `DistillationTrainer` has no
+# eager loss path, `SpecKDTrainer` has (`models.EAGER_REMEDY`, said of `SpecKDTrainer`)
+SPECKD_EAGER_REMEDY = (
+    EAGER_REMEDY.replace("use ", "use SpecKDTrainer with ", 1) + " (lmbda=1 distills on-policy only, as here)"
+)
 
 
 def prompt_datasets(train_dataset: Any, eval_dataset: Any, processing_class: Any) -> tuple[Any, Any]:
@@ -291,4 +295,6 @@ class SpecKDDistillationTrainer(GatedTrainerMixin, DistillationTrainer):
                 logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **keep).logits
             head = output_head(model, role, gathered=False, dtype=captured["hidden"].dtype)
             with maybe_gather_lm_head_ctx(head.weight, head.bias):
-                check_output_head(model, role, head, captured["hidden"][:, -1], logits[:, -1], remedy=EAGER_REMEDY)
+                check_output_head(
+                    model, role, head, captured["hidden"][:, -1], logits[:, -1], remedy=SPECKD_EAGER_REMEDY
+                )

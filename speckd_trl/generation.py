@@ -23,6 +23,7 @@ import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from transformers import DynamicCache, GenerationConfig
@@ -401,73 +402,84 @@ def speculative_generate(
     rule = get_rule(gate, owner="speculative_generate")
     if draft_len < 1 or top_k < 1:
         raise ValueError(f"speculative_generate: draft_len={draft_len} and top_k={top_k} must be >= 1.")
-    batch_size, device = input_ids.size(0), input_ids.device
+    batch_size = input_ids.size(0)
     generators = _row_generators(seeds if seeds is not None else row_seeds(generator, batch_size))
     eos = _eos_set(eos_token_id)
     stats = GenerationStats()
     state = _Batch([student, teacher], input_ids, attention_mask, vocab_size)
-    completions: list[list[int]] = [[] for _ in range(batch_size)]
-    proposals: list[list[int]] = [[] for _ in range(batch_size)]  # the student's draft at each emitted position
-    done = [False] * batch_size
-
-    while not all(done):
-        # --- draft: row b drafts budget[b] tokens, fewer if it drafts EOS
-        budget = [0 if done[b] else min(draft_len, max_new_tokens - len(completions[b])) for b in range(batch_size)]
-        width = max(budget)
-        drafts = torch.full((batch_size, width), pad_token_id, dtype=torch.long, device=device)
-        draft_logits = []  # width x [B, V], the student's logits at the sampling temperature
-        lengths = [0] * batch_size
-        last_drafted = [None] * batch_size
-        fed = state.pending[:, None]
-        for j in range(width):
-            logits = state.forward(0, fed, j)[:, -1] / temperature
-            draft_logits.append(logits)
-            drafting = [
-                lengths[b] == j < budget[b] and (j == 0 or last_drafted[b] not in eos) for b in range(batch_size)
-            ]
-            if do_sample:
-                u = _uniforms(generators, [int(d) for d in drafting], 1, device)[:, 0]
-                tokens = _sample(torch.softmax(logits, dim=-1), u)
-            else:
-                tokens = logits.argmax(dim=-1)
-            rows = torch.tensor(drafting, device=device)
-            drafts[:, j] = torch.where(rows, tokens, drafts[:, j])
-            last_drafted = tokens.tolist()
-            lengths = [j + 1 if d else n for d, n in zip(drafting, lengths)]
-            fed = drafts[:, j : j + 1]
-        draft_logits = torch.stack(draft_logits, dim=1)  # [B, width, V]
-
-        # --- verify: one teacher forward over pending + drafts[:, :-1] scores every draft position
-        block = torch.cat([state.pending[:, None], drafts[:, :-1]], dim=1)  # [B, width]
-        teacher_logits = state.forward(1, block, 0)  # [B, width, V]
+    rows = _Rows.empty(batch_size)
+    while not all(rows.done):
+        budget = rows.budget(draft_len, max_new_tokens)
+        block = _draft_block(
+            state, generators, budget, eos=eos, temperature=temperature, do_sample=do_sample, pad_token_id=pad_token_id
+        )
+        verdicts = _verify_block(rule, state, block, generators, top_k=top_k, do_sample=do_sample)
         stats.teacher_calls += 1
+        kept, last = rows.emit(state, block, verdicts, eos=eos, max_new_tokens=max_new_tokens, stats=stats)
+        if not all(rows.done):
+            state.commit(block.drafts.size(1), kept, last)
+    stats.proposals = _assemble(input_ids, rows.proposals, pad_token_id)
+    return _assemble(input_ids, rows.completions, pad_token_id), stats
 
-        valid = torch.arange(width, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
-        if not do_sample:
-            accepted = rule.accept_greedy_drafts(draft_logits, teacher_logits, drafts, top_k=top_k) & valid
-        else:  # a rule that draws takes each row's uniforms from its own generator
-            u = _uniforms(generators, lengths, width, device) if rule.draws_uniforms else None
-            accepted = rule.accept(draft_logits, teacher_logits, drafts, top_k=top_k, uniforms=u) & valid
-        runs = accepted.long().cumprod(dim=-1).sum(dim=-1)  # accepted drafts before the first rejection
-        rejected = runs < torch.tensor(lengths, device=device)
-        replacements = torch.full_like(runs, pad_token_id)
-        if rejected.any():
-            rows = rejected.nonzero().squeeze(-1)
-            u = _uniforms(generators, rejected.long().tolist() if do_sample else [0] * batch_size, 1, device)[:, 0]
-            replacements[rows] = _teacher_tokens(
-                rule,
-                teacher_logits[rows, runs[rows]],
-                draft_logits[rows, runs[rows]],
-                u[rows],
-                top_k=top_k,
-                do_sample=do_sample,
-            )
-        runs, rejected, replacements = runs.tolist(), rejected.tolist(), replacements.tolist()
-        drafted = drafts.tolist()
 
-        kept = torch.zeros(batch_size, dtype=torch.long, device=device)
+@dataclass
+class _Block:
+    """A drafted block: the drafts `[B, K]` (``pad_token_id`` past a row's length), the student's logits at its
+    sampling temperature `[B, K, V]`, and each row's draft length."""
+
+    drafts: torch.Tensor
+    logits: torch.Tensor
+    lengths: list[int]
+    pad_token_id: int
+
+
+class _Verdicts(NamedTuple):
+    """The teacher's verdicts on a block, per row: the accepted drafts before the first rejection, whether a draft
+    was rejected, and the teacher's replacement for it (``pad_token_id`` where none was)."""
+
+    runs: list[int]
+    rejected: list[bool]
+    replacements: list[int]
+
+
+@dataclass
+class _Rows:
+    """What `speculative_generate` has emitted per row: the completion, the student's draft at each emitted position
+    (the proposals) and whether the row has stopped."""
+
+    completions: list[list[int]]
+    proposals: list[list[int]]
+    done: list[bool]
+
+    @classmethod
+    def empty(cls, batch_size: int) -> _Rows:
+        return cls([[] for _ in range(batch_size)], [[] for _ in range(batch_size)], [False] * batch_size)
+
+    def budget(self, draft_len: int, max_new_tokens: int) -> list[int]:
+        """Tokens each row drafts next: ``draft_len``, or fewer near ``max_new_tokens``; 0 once it has stopped."""
+        return [0 if d else min(draft_len, max_new_tokens - len(c)) for d, c in zip(self.done, self.completions)]
+
+    def emit(
+        self,
+        state: _Batch,
+        block: _Block,
+        verdicts: _Verdicts,
+        *,
+        eos: set[int],
+        max_new_tokens: int,
+        stats: GenerationStats,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Emit a verified block: per row, its accepted drafts and the replacement of a rejected one, cut after an
+        EOS; count them in `stats`.
+
+        Returns:
+            The tokens each row kept `[B]` and its new pending token `[B]`, for `_Batch.commit`.
+        """
+        lengths, (runs, rejected, replacements) = block.lengths, verdicts
+        drafted = block.drafts.tolist()
+        kept = torch.zeros(len(lengths), dtype=torch.long, device=state.device)
         last = state.pending.clone()
-        for b in range(batch_size):
+        for b in range(len(lengths)):
             if lengths[b] == 0:
                 continue
             tokens = drafted[b][: runs[b]] + ([replacements[b]] if rejected[b] else [])
@@ -478,12 +490,85 @@ def speculative_generate(
                 if token in eos:
                     tokens = tokens[: i + 1]
                     break
-            completions[b].extend(tokens)
-            proposals[b].extend(drafted[b][: len(tokens)])  # every emitted token stands at a drafted position
+            self.completions[b].extend(tokens)
+            self.proposals[b].extend(drafted[b][: len(tokens)])  # every emitted token stands at a drafted position
             stats.generated_tokens += len(tokens)
-            done[b] = tokens[-1] in eos or len(completions[b]) >= max_new_tokens
+            self.done[b] = tokens[-1] in eos or len(self.completions[b]) >= max_new_tokens
             kept[b], last[b] = len(tokens), tokens[-1]
-        if not all(done):
-            state.commit(width, kept, last)
-    stats.proposals = _assemble(input_ids, proposals, pad_token_id)
-    return _assemble(input_ids, completions, pad_token_id), stats
+        return kept, last
+
+
+def _draft_block(
+    state: _Batch,
+    generators: list[torch.Generator],
+    budget: list[int],
+    *,
+    eos: set[int],
+    temperature: float,
+    do_sample: bool,
+    pad_token_id: int,
+) -> _Block:
+    """The student drafts a block: row ``b`` up to ``budget[b]`` tokens, fewer if it drafts EOS, one student forward
+    per draft position; when sampling, one uniform per drafted token from the row's generator."""
+    batch_size, width, device = len(budget), max(budget), state.device
+    drafts = torch.full((batch_size, width), pad_token_id, dtype=torch.long, device=device)
+    draft_logits = []  # width x [B, V], the student's logits at the sampling temperature
+    lengths = [0] * batch_size
+    last_drafted = [None] * batch_size
+    fed = state.pending[:, None]
+    for j in range(width):
+        logits = state.forward(0, fed, j)[:, -1] / temperature
+        draft_logits.append(logits)
+        drafting = [lengths[b] == j < budget[b] and (j == 0 or last_drafted[b] not in eos) for b in range(batch_size)]
+        if do_sample:
+            u = _uniforms(generators, [int(d) for d in drafting], 1, device)[:, 0]
+            tokens = _sample(torch.softmax(logits, dim=-1), u)
+        else:
+            tokens = logits.argmax(dim=-1)
+        rows = torch.tensor(drafting, device=device)
+        drafts[:, j] = torch.where(rows, tokens, drafts[:, j])
+        last_drafted = tokens.tolist()
+        lengths = [j + 1 if d else n for d, n in zip(drafting, lengths)]
+        fed = drafts[:, j : j + 1]
+    return _Block(drafts, torch.stack(draft_logits, dim=1), lengths, pad_token_id)
+
+
+def _verify_block(
+    rule: GateRule,
+    state: _Batch,
+    block: _Block,
+    generators: list[torch.Generator],
+    *,
+    top_k: int,
+    do_sample: bool,
+) -> _Verdicts:
+    """The teacher verifies a block: one teacher forward over the pending token and ``drafts[:, :-1]`` scores every
+    draft position, the rule accepts the drafts up to the first one it rejects, and the teacher replaces that one
+    (`_teacher_tokens`). When sampling, a rule that draws uniforms takes one per drafted token of the row, then a
+    rejecting row one more for its replacement."""
+    drafts, draft_logits, lengths = block.drafts, block.logits, block.lengths
+    width, device = drafts.size(1), drafts.device
+    fed = torch.cat([state.pending[:, None], drafts[:, :-1]], dim=1)  # [B, width]
+    teacher_logits = state.forward(1, fed, 0)  # [B, width, V]
+    valid = torch.arange(width, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
+    if not do_sample:
+        accepted = rule.accept_greedy_drafts(draft_logits, teacher_logits, drafts, top_k=top_k) & valid
+    else:  # a rule that draws takes each row's uniforms from its own generator
+        u = _uniforms(generators, lengths, width, device) if rule.draws_uniforms else None
+        accepted = rule.accept(draft_logits, teacher_logits, drafts, top_k=top_k, uniforms=u) & valid
+    runs = accepted.long().cumprod(dim=-1).sum(dim=-1)  # accepted drafts before the first rejection
+    rejected = runs < torch.tensor(lengths, device=device)
+    replacements = torch.full_like(runs, block.pad_token_id)
+    if rejected.any():
+        rows = rejected.nonzero().squeeze(-1)
+        counts = rejected.long().tolist() if do_sample else [0] * len(lengths)
+        u = _uniforms(generators, counts, 1, device)[:, 0]
+        replacements[rows] = _teacher_tokens(
+            rule,
+            teacher_logits[rows, runs[rows]],
+            draft_logits[rows, runs[rows]],
+            u[rows],
+            top_k=top_k,
+            do_sample=do_sample,
+        )
+    return _Verdicts(runs.tolist(), rejected.tolist(), replacements.tolist())

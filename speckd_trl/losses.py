@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -546,14 +546,14 @@ def sampled_log_probs(
 
 
 def sampled_log_probs_from_hidden(
-    hidden: torch.Tensor, head: OutputHead, ids: torch.Tensor, temperature: float
+    hidden: torch.Tensor, head: OutputLayer, ids: torch.Tensor, temperature: float
 ) -> torch.Tensor:
     """``log q_tau(x)`` of `ids` from the student's final hidden states, tile by tile over the vocabulary (TRL's
     `ChunkedLogProbFunction`), differentiable: the reward term's log-probabilities without `[N, V]` logits.
 
     Args:
         hidden (`torch.Tensor` of shape `[N, H]`): the student's final hidden states.
-        head (`OutputHead`): the student's output layer.
+        head (`OutputLayer`): the student's output layer.
         ids (`torch.LongTensor` of shape `[N]`): the sampled tokens.
         temperature (`float`): the sampling temperature.
 
@@ -565,42 +565,27 @@ def sampled_log_probs_from_hidden(
     )[0]
 
 
-@dataclass
-class OutputHead:
-    """A model's output layer, read directly by the chunked loss: ``logits = softcap(scale * (h @ W.T + b))``.
+class OutputLayer(Protocol):
+    """What the chunked loss reads of a model's output layer: ``logits = transform(project(h))``. `models.OutputHead`
+    is the one implementation (`models.output_head` reads it from a model)."""
 
-    Args:
-        weight (`torch.Tensor` of shape `[V, H]`): the output layer's weight (``lm_head.weight``).
-        bias (`torch.Tensor` of shape `[V]`, *optional*): its bias.
-        logit_scale (`float`): multiplier of the logits (Cohere-style ``logit_scale``), 1 for most models.
-        softcap (`float`, *optional*): ``final_logit_softcapping`` (Gemma-style ``softcap * tanh(z / softcap)``).
-    """
-
-    weight: torch.Tensor
-    bias: torch.Tensor | None = None
-    logit_scale: float = 1.0
-    softcap: float | None = None
+    weight: torch.Tensor  # [V, H]
+    bias: torch.Tensor | None  # [V]
+    logit_scale: float
+    softcap: float | None
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``hidden @ W.T + b`` in float32 (no scale or softcap), shape `[n, V]`."""
-        if hidden.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            logits = hidden @ self.weight.t()
-        else:  # half-precision matmul, float32 result: the weight is never copied to float32
-            logits = (hidden.to(self.weight.dtype) @ self.weight.t()).float()
-        return logits if self.bias is None else logits + self.bias.float()
+        """``hidden @ W.T + b`` in float32, shape `[n, V]`."""
+        ...
 
     @property
     def transforms(self) -> bool:
-        """Whether `transform` changes the logits (a logit scale other than 1, or a softcap)."""
-        return self.logit_scale != 1.0 or self.softcap is not None
+        """Whether `transform` changes the logits."""
+        ...
 
     def transform(self, logits: torch.Tensor) -> torch.Tensor:
         """The logit scale and softcap, applied to projected logits (differentiable)."""
-        if self.logit_scale != 1.0:
-            logits = logits * self.logit_scale
-        if self.softcap is not None:
-            logits = self.softcap * torch.tanh(logits / self.softcap)
-        return logits
+        ...
 
 
 ChunkFn = Callable[[torch.Tensor, torch.Tensor, slice], torch.Tensor]
@@ -643,7 +628,7 @@ class SparseTeacher:
 
 def sparse_teacher_from_hidden(
     hidden: torch.Tensor,
-    head: OutputHead,
+    head: OutputLayer,
     top_k_of: Callable[[torch.Tensor], SparseTeacher],
     *,
     chunk_size: int = 256,
@@ -655,7 +640,7 @@ def sparse_teacher_from_hidden(
 
     Args:
         hidden (`torch.Tensor` of shape `[N, H]`): the teacher's final hidden states (read without gradient).
-        head (`OutputHead`): the teacher's output layer (``V`` rows).
+        head (`OutputLayer`): the teacher's output layer (``V`` rows).
         top_k_of (`Callable`): ``top_k_of(log_probs [n, V]) -> SparseTeacher [n, K]``.
         chunk_size (`int`): rows of logits projected at a time.
         temperature (`float`): softmax temperature of the log-probabilities.
@@ -682,7 +667,7 @@ class _HiddenTeacher:
     """A live teacher in the chunked loss: its final hidden states, projected a chunk of rows at a time."""
 
     hidden: torch.Tensor  # [N, H_t]
-    head: OutputHead
+    head: OutputLayer
     temperature: float
 
     def log_probs(self, rows: slice) -> torch.Tensor:
@@ -702,7 +687,7 @@ class _ChunkedWeightedJSD(torch.autograd.Function):
         student_weight: torch.Tensor,  # [V, H_s]
         student_bias: torch.Tensor | None,
         teacher: SparseTeacher | _HiddenTeacher,
-        student_head: OutputHead,
+        student_head: OutputLayer,
         chunk_fn: ChunkFn,
         weight_of: Callable[[torch.Tensor], torch.Tensor] | None,
         target_of: TargetFn | None,
@@ -771,9 +756,9 @@ class _ChunkedWeightedJSD(torch.autograd.Function):
 
 def chunked_weighted_jsd(
     student_hidden: torch.Tensor,
-    student_head: OutputHead,
+    student_head: OutputLayer,
     teacher_hidden: torch.Tensor | SparseTeacher,
-    teacher_head: OutputHead | None,
+    teacher_head: OutputLayer | None,
     chunk_fn: ChunkFn,
     *,
     weight_of: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -796,12 +781,12 @@ def chunked_weighted_jsd(
 
     Args:
         student_hidden (`torch.Tensor` of shape `[N, H_s]`): the student's final hidden states (after the last norm).
-        student_head (`OutputHead`): the student's output layer; its weight and bias get gradients if they require
+        student_head (`OutputLayer`): the student's output layer; its weight and bias get gradients if they require
             them.
         teacher_hidden (`torch.Tensor` of shape `[N, H_t]`): the teacher's final hidden states at the same positions;
             or a `SparseTeacher` of shape `[N, K]` (a teacher cache's rows): its `sparse_log_probs` are what
             ``chunk_fn`` reads and its `tail_bucket_target` the divergence's target (the top-K + tail divergence).
-        teacher_head (`OutputHead`): the teacher's output layer (same vocabulary ``V``); `None` with a
+        teacher_head (`OutputLayer`): the teacher's output layer (same vocabulary ``V``); `None` with a
             `SparseTeacher`.
         chunk_fn (`Callable`): ``chunk_fn(student_log_probs [n, V], teacher_log_probs [n, V], rows: slice) -> [n]``,
             a pure function of the chunk's (detached) log-probabilities at ``temperature``: per-row values, e.g. the

@@ -1,4 +1,6 @@
-"""Teacher loading (optionally 4-bit with bitsandbytes) and the student/teacher/tokenizer compatibility checks."""
+"""Teacher loading (optionally 4-bit with bitsandbytes), the student/teacher/tokenizer compatibility checks, and the
+output layer the chunked loss reads (`OutputHead`, read from a model by `output_head`, checked by
+`check_output_head`)."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -14,7 +17,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from .config import SpecKDConfig
-from .losses import OutputHead
 
 
 try:
@@ -24,6 +26,7 @@ except ImportError:  # a torch build without torch.distributed: nothing is ever 
     FSDPModule = DTensor = ()
 
 
+EAGER_REMEDY = "use loss_path='eager'"  # what to do when the chunked loss cannot read a model's output layer
 ZERO3_TRAINABLE_HEAD = (
     "loss_path='chunked' reads the {role}'s output layer directly, and under DeepSpeed ZeRO-3 a trainable output "
     "layer's gradient would not reach ZeRO-3's partitioned gradient. Freeze lm_head (train the student with LoRA, "
@@ -252,13 +255,51 @@ def logit_scale(config: Any) -> float:
     return 1.0
 
 
+@dataclass
+class OutputHead:
+    """A model's output layer, read directly by the chunked loss: ``logits = softcap(scale * (h @ W.T + b))``.
+
+    Args:
+        weight (`torch.Tensor` of shape `[V, H]`): the output layer's weight (``lm_head.weight``).
+        bias (`torch.Tensor` of shape `[V]`, *optional*): its bias.
+        logit_scale (`float`): multiplier of the logits (Cohere-style ``logit_scale``), 1 for most models.
+        softcap (`float`, *optional*): ``final_logit_softcapping`` (Gemma-style ``softcap * tanh(z / softcap)``).
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    logit_scale: float = 1.0
+    softcap: float | None = None
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden @ W.T + b`` in float32 (no scale or softcap), shape `[n, V]`."""
+        if hidden.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            logits = hidden @ self.weight.t()
+        else:  # half-precision matmul, float32 result: the weight is never copied to float32
+            logits = (hidden.to(self.weight.dtype) @ self.weight.t()).float()
+        return logits if self.bias is None else logits + self.bias.float()
+
+    @property
+    def transforms(self) -> bool:
+        """Whether `transform` changes the logits (a logit scale other than 1, or a softcap)."""
+        return self.logit_scale != 1.0 or self.softcap is not None
+
+    def transform(self, logits: torch.Tensor) -> torch.Tensor:
+        """The logit scale and softcap, applied to projected logits (differentiable)."""
+        if self.logit_scale != 1.0:
+            logits = logits * self.logit_scale
+        if self.softcap is not None:
+            logits = self.softcap * torch.tanh(logits / self.softcap)
+        return logits
+
+
 def output_head(
     model: nn.Module,
     role: str = "model",
     *,
     gathered: bool = True,
     dtype: torch.dtype | None = None,
-    remedy: str = "use loss_path='eager'",
+    remedy: str = EAGER_REMEDY,
 ) -> OutputHead:
     """The model's output layer as an `OutputHead`: its weight and bias, and the logit scale (`logit_scale`, TRL's
     rules) and `final_logit_softcapping` of its text config. The one reader of output layers for every path that

@@ -2,7 +2,8 @@
 
 Wiring only. TRL's trainer does the generation, the server request and its alignment
 (`_get_teacher_token_logprobs_from_server`: the teacher's top `loss_top_k` log-probabilities and token ids at every
-completion position, and its log-probability of the sampled token); here the loss of `compute_loss` is the gated one:
+completion position, and its log-probability of the sampled token), called as the start of TRL's `compute_loss` calls
+it (`compat.server_forward`, the copy pinned to TRL's source); here the loss of `compute_loss` is the gated one:
 
 - the teacher is a `losses.SparseTeacher`: its top-k, and the tail mass ``1 - sum`` of their probabilities (the
   server returns no tail; TRL's ``loss_add_tail`` computes it the same way); ids past the student's vocabulary (a
@@ -33,6 +34,7 @@ from transformers import PreTrainedModel, TrainerCallback
 from trl.experimental.server_distillation import ServerDistillationTrainer
 
 from .batches import ON_POLICY
+from .compat import server_forward
 from .config import SpecKDServerDistillationConfig
 from .distillation_trainer import prompt_datasets
 from .gated_trainer import GatedTrainerMixin
@@ -200,29 +202,12 @@ class SpecKDServerDistillationTrainer(GatedTrainerMixin, ServerDistillationTrain
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
         """The gated forward KL over the server teacher's top-k plus tail, for one micro-batch.
 
-        The first lines are TRL's `ServerDistillationTrainer.compute_loss` (the layout its server request reads);
-        the loss is normalized as TRL's: over this micro-batch's completion tokens, divided by the accumulation steps.
+        The start is TRL's `ServerDistillationTrainer.compute_loss` (`compat.server_forward`: the layout its server
+        request reads, the student's forward, the server's answer); the loss is normalized as TRL's: over this
+        micro-batch's completion tokens, divided by the accumulation steps.
         """
-        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
-        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
-        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
-        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
-        completion_labels = torch.where(completion_mask.bool(), completion_ids, torch.full_like(completion_ids, -100))
-        labels = torch.cat([torch.full_like(prompt_ids, -100), completion_labels], dim=1)
-        server_inputs = {
-            **inputs,
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "labels": labels,
-            "prompt_attention_mask": prompt_mask,
-        }
-        student_outputs = model(input_ids=input_ids, attention_mask=attention_mask)
-        prompt_length = self._compute_prompt_length(server_inputs)
-        teacher_result = self._get_teacher_token_logprobs_from_server(server_inputs, prompt_length)
-        length = teacher_result["actual_logprobs"].shape[1]
-        logits = student_outputs.logits[:, prompt_length - 1 : -1][:, :length, : self._vocab_size]
-        tokens = input_ids[:, prompt_length:][:, :length]
-        completion = labels[:, prompt_length:][:, :length] != -100
+        student_outputs, teacher_result, logits, tokens, completion = server_forward(self, model, inputs)
+        logits = logits[..., : self._vocab_size]
 
         student_log_probs = jsd_log_probs(logits, self.temperature)  # the divergence's, as TRL's
         teacher, teacher_view = server_sparse_teacher(teacher_result, completion, self._vocab_size)

@@ -13,9 +13,9 @@ holds the vocabulary), their log-probabilities and the log of the mass outside t
 padding do not matter; a row tokenized differently is a clear miss, never a wrong row). The dataset's rows and their
 order as given must be the cache's (`dataset_fingerprint`): a dataset reordered before training is another dataset.
 
-Building it (`write_teacher_cache`) runs the teacher shard by shard, holding a lock on the directory (a second writer
-is refused at once); an interrupted build resumes where it stopped, keeping the finished shards, each of which
-records the teacher that wrote it. Training opens it with `TeacherCache.open`, which checks it against what the
+Building it (`write_teacher_cache`; from a `SpecKDTrainer`, `cache_teacher`) runs the teacher shard by shard,
+holding a lock on the directory (a second writer is refused at once); an interrupted build resumes where it stopped,
+keeping the finished shards, each of which records the teacher that wrote it. Training opens it with `TeacherCache.open`, which checks it against what the
 training run uses (tokenizer, chat template, dataset, K, temperature, vocabulary; the teacher's config and a
 fingerprint of its weights when a teacher is loaded, its name or path when none is: `check_teacher`) and that every
 shard is there, whole and of the same teacher.
@@ -49,6 +49,7 @@ import torch
 from transformers.utils import logging
 
 from .losses import SparseTeacher, jsd_log_probs, teacher_top_k
+from .models import output_vocab_size
 
 
 META_FILE = "speckd_teacher_cache.json"
@@ -821,3 +822,62 @@ class TeacherCache:
                 values[b, at] = torch.as_tensor(np.stack(row["values"]).astype(np.float32))
                 log_tail[b, at] = torch.as_tensor(np.asarray(row["log_tail"], dtype=np.float32))
         return SparseTeacher(ids.to(device), values.to(device), log_tail.to(device), self.spec.vocab_size)
+
+
+def cache_teacher(
+    trainer: Any,
+    path: str | os.PathLike,
+    *,
+    top_k: int | None = None,
+    values_dtype: str | None = None,
+    shard_rows: int = 1024,
+    batch_size: int | None = None,
+) -> TeacherCache:
+    """Run a `SpecKDTrainer`'s teacher over its training dataset, collated as training collates it, and write its
+    top-K log-probabilities at every completion position to `path` (`write_teacher_cache`; resumable). What
+    `SpecKDTrainer.cache_teacher` and `speckd-trl cache-teacher` run.
+
+    Args:
+        trainer: the `SpecKDTrainer`, built with its teacher, on one process.
+        path: the cache directory.
+        top_k: K (default `args.teacher_cache_top_k`).
+        values_dtype: `"float16"` or `"float32"` (default `args.teacher_cache_dtype`).
+        shard_rows: dataset rows per shard (the unit of resuming).
+        batch_size: rows per teacher forward (default `args.per_device_eval_batch_size`).
+
+    Returns:
+        The cache, opened and checked for this trainer.
+    """
+    if trainer.teacher_model is None:
+        raise ValueError("cache_teacher needs the teacher: build the trainer with `teacher_model=`.")
+    if trainer.accelerator.num_processes > 1:
+        raise ValueError(
+            f"cache_teacher runs on one process ({trainer.accelerator.num_processes} here would write the same "
+            "shards): run `speckd-trl cache-teacher` without `accelerate launch`; training from the cache may then "
+            "use every process."
+        )
+    teacher = trainer.accelerator.unwrap_model(trainer.teacher_model)
+    tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
+    vocab_size = trainer._shared_vocab or output_vocab_size(trainer.accelerator.unwrap_model(trainer.model))
+    spec = cache_spec(
+        teacher=teacher,
+        tokenizer=tokenizer,
+        dataset=trainer.train_dataset,
+        top_k=top_k or trainer.args.teacher_cache_top_k,
+        vocab_size=vocab_size,
+        max_length=trainer.args.max_length,
+        values_dtype=values_dtype or trainer.args.teacher_cache_dtype,
+        shard_rows=shard_rows,
+    )
+    write_teacher_cache(
+        path,
+        teacher=teacher,
+        dataset=trainer.train_dataset,
+        collate=trainer.data_collator,
+        spec=spec,
+        batch_size=batch_size or trainer.args.per_device_eval_batch_size,
+        progress=not trainer.args.disable_tqdm,
+    )
+    expect = run_fields(tokenizer=tokenizer, dataset=trainer.train_dataset, max_length=trainer.args.max_length,
+                        teacher=teacher)  # fmt: skip
+    return TeacherCache.open(path, expect, teacher=teacher)

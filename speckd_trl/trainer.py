@@ -53,7 +53,6 @@ from .gated_trainer import GatedTrainerMixin
 from .generation import sampling_only_from
 from .losses import (
     LossTerms,
-    OutputHead,
     SparseTeacher,
     chunked_weighted_jsd,
     jsd_log_probs,
@@ -63,6 +62,8 @@ from .losses import (
     weighted_jsd_from_log_probs,
 )
 from .models import (
+    EAGER_REMEDY,
+    OutputHead,
     capture_last_hidden_state,
     check_output_head,
     is_quantized,
@@ -72,7 +73,7 @@ from .models import (
     output_vocab_size,
     prepare_teacher_for_fsdp,
 )
-from .teacher_cache import TeacherCache, cache_spec, report_cache_teacher, run_fields, write_teacher_cache
+from .teacher_cache import TeacherCache, cache_teacher, report_cache_teacher, run_fields
 from .validation import (
     check_4bit_teacher,
     check_dataset,
@@ -90,9 +91,6 @@ from .validation import (
     quantization_setting,
 )
 from .weighting import GatedBatch, TokenGate
-
-
-EAGER_REMEDY = "use loss_path='eager'"  # what a model whose head the chunked path cannot read should do
 
 
 class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
@@ -608,7 +606,7 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
         batch_size: int | None = None,
     ) -> TeacherCache:
         """Run the teacher over the training dataset, collated as training collates it, and write its top-K
-        log-probabilities at every completion position to `path` (`teacher_cache.write_teacher_cache`; resumable).
+        log-probabilities at every completion position to `path` (`teacher_cache.cache_teacher`; resumable).
 
         Args:
             path: the cache directory.
@@ -620,39 +618,9 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
         Returns:
             The cache, opened and checked for this trainer.
         """
-        if self.teacher_model is None:
-            raise ValueError("cache_teacher needs the teacher: build the trainer with `teacher_model=`.")
-        if self.accelerator.num_processes > 1:
-            raise ValueError(
-                f"cache_teacher runs on one process ({self.accelerator.num_processes} here would write the same "
-                "shards): run `speckd-trl cache-teacher` without `accelerate launch`; training from the cache may then "
-                "use every process."
-            )
-        teacher = self.accelerator.unwrap_model(self.teacher_model)
-        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
-        vocab_size = self._shared_vocab or output_vocab_size(self.accelerator.unwrap_model(self.model))
-        spec = cache_spec(
-            teacher=teacher,
-            tokenizer=tokenizer,
-            dataset=self.train_dataset,
-            top_k=top_k or self.args.teacher_cache_top_k,
-            vocab_size=vocab_size,
-            max_length=self.args.max_length,
-            values_dtype=values_dtype or self.args.teacher_cache_dtype,
-            shard_rows=shard_rows,
+        return cache_teacher(
+            self, path, top_k=top_k, values_dtype=values_dtype, shard_rows=shard_rows, batch_size=batch_size
         )
-        write_teacher_cache(
-            path,
-            teacher=teacher,
-            dataset=self.train_dataset,
-            collate=self.data_collator,
-            spec=spec,
-            batch_size=batch_size or self.args.per_device_eval_batch_size,
-            progress=not self.args.disable_tqdm,
-        )
-        expect = run_fields(tokenizer=tokenizer, dataset=self.train_dataset, max_length=self.args.max_length,
-                            teacher=teacher)  # fmt: skip
-        return TeacherCache.open(path, expect, teacher=teacher)
 
     def _output_heads(self) -> tuple[OutputHead, OutputHead]:
         """The student's and the teacher's output layers, for the chunked loss (cut to the tokenizer's ids when the

@@ -29,8 +29,9 @@ import torch
 
 from .batches import ON_POLICY, Kind, on_policy_positions
 from .config import GateConfigMixin
-from .losses import LossTerms, OutputHead, gated_loss, jsd_log_probs, top_k_log_probs
+from .losses import LossTerms, gated_loss, jsd_log_probs, top_k_log_probs
 from .metrics import gate_metrics, new_window, record_generation, record_verdicts
+from .models import OutputHead
 from .rules import GateRule, get_rule, propose, uniform
 
 

@@ -12,7 +12,8 @@ from peft import LoraConfig
 from speckd_trl import PlanConfig, SpecKDConfig
 from speckd_trl.batches import OFF_POLICY, ON_POLICY
 from speckd_trl.cli import main
-from speckd_trl.losses import OutputHead, chunked_weighted_jsd, weighted_generalized_jsd
+from speckd_trl.losses import chunked_weighted_jsd, weighted_generalized_jsd
+from speckd_trl.models import OutputHead
 from speckd_trl.tools.testing import (
     collated_batch,
     loss_gradients_and_window,

@@ -1,6 +1,7 @@
 """The docs stay true to the code and findable: the generated pages are current, the README stays short, every
 relative link resolves, and every config field we add is in the configuration reference. No models are built."""
 
+import importlib.util
 import re
 from pathlib import Path
 
@@ -9,10 +10,12 @@ from trl import DistillationConfig
 from trl.experimental.gkd import GKDConfig
 
 from speckd_trl import SpecKDConfig, SpecKDDistillationConfig
-from speckd_trl.tools import docs
 
 
 REPO = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("docs", REPO / "tools" / "docs.py")  # a script, not a package module
+docs = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(docs)
 DOCS = REPO / "docs"
 README = REPO / "README.md"
 MARKDOWN = [README, *sorted(DOCS.glob("*.md"))]
@@ -22,12 +25,12 @@ README_MAX_LINES = 210
 @pytest.mark.parametrize("name", sorted(docs.PAGES))
 def test_generated_page_is_current(name):
     path = DOCS / name
-    assert path.exists(), f"{path} is missing: run `python -m speckd_trl.tools.docs`"
+    assert path.exists(), f"{path} is missing: run `python tools/docs.py`"
     text = path.read_text()
     other = docs.rendered_by_another_python(name, text)
     if other:
         pytest.skip(f"{name} was rendered by Python {other}'s argparse, whose layout may differ from this Python's")
-    assert text == docs.PAGES[name](), f"{path} is stale: run `python -m speckd_trl.tools.docs` and commit the result"
+    assert text == docs.PAGES[name](), f"{path} is stale: run `python tools/docs.py` and commit the result"
 
 
 def test_check_reports_a_stale_page(tmp_path, capsys):
@@ -37,8 +40,20 @@ def test_check_reports_a_stale_page(tmp_path, capsys):
     capsys.readouterr()
     assert docs.main(["--check", "--docs-dir", str(tmp_path)]) == 1
     out = capsys.readouterr().out
-    assert docs.CONFIGURATION_PAGE in out and "python -m speckd_trl.tools.docs" in out
+    assert docs.CONFIGURATION_PAGE in out and "python tools/docs.py" in out
     assert docs.PLAN_CLI_PAGE not in out
+
+
+def test_layout_names_every_module():
+    """docs/development.md's layout block is the generated one and has a line for every module of the package."""
+    page = (DOCS / docs.DEVELOPMENT_PAGE).read_text()
+    block = page.split(docs.LAYOUT_BEGIN, 1)[1].split(docs.LAYOUT_END, 1)[0]
+    missing = [
+        str(path.relative_to(REPO))
+        for path in sorted((REPO / "speckd_trl").rglob("*.py"))
+        if path.name != "__init__.py" and not re.search(rf"^ +{re.escape(path.name)} ", block, flags=re.M)
+    ]
+    assert not missing, f"docs/development.md's layout lacks {missing}: run `python tools/docs.py`"
 
 
 def test_readme_is_short():
@@ -113,4 +128,4 @@ def test_configuration_reference_lists_every_added_field(config_class, base_clas
     added = [f.name for f in docs.added_fields(config_class, base_class)]
     assert added, f"{config_class.__name__} adds no field over {base_class.__name__}?"
     missing = [name for name in added if f"| `{name}` |" not in body]
-    assert not missing, f"docs/configuration.md lacks {missing}: run `python -m speckd_trl.tools.docs`"
+    assert not missing, f"docs/configuration.md lacks {missing}: run `python tools/docs.py`"

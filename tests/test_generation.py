@@ -265,7 +265,7 @@ def test_bad_arguments(teacher, far_student):
 
 
 def test_evaluate_drafter_on_tiny_models(tokenizer, teacher, close_student, far_student):
-    from speckd_trl.tools.drafter import evaluate_drafter
+    from speckd_trl.drafter import evaluate_drafter
 
     prompts = [
         tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)

@@ -221,8 +221,8 @@ def test_the_server_trainer_against_a_real_vllm_teacher_server(tmp_path):
 def test_check_teacher_on_cuda_and_the_planner(tmp_path, quantization):
     """`check-teacher`'s comparison with the teacher quantized on CUDA (bitsandbytes' CUDA kernels, bf16 compute),
     and the planner's teacher weights against what the CUDA model holds."""
-    from speckd_trl.tools.plan import PlanConfig, estimate_memory
-    from speckd_trl.tools.teacher_check import check_teacher, weights_bytes
+    from speckd_trl.plan import PlanConfig, estimate_memory
+    from speckd_trl.teacher_check import check_teacher, weights_bytes
 
     tokenizer = make_tokenizer()
     make_model(1, tokenizer, layers=3).save_pretrained(tmp_path / "teacher")

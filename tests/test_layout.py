@@ -1,6 +1,7 @@
-"""The package's layout is a contract: the library never imports the demo application or the tools around it, and
-every `speckd_trl` name that the benchmarks, examples and tests import exists (a module moved under them once broke
-a benchmark, whose imports sit inside functions that no test runs)."""
+"""The package's layout is a contract: the library never imports the demo application or the test helpers of
+`speckd_trl/tools/`, nothing in the package but those helpers imports them, and every `speckd_trl` name that the
+benchmarks, examples, tests and developer scripts (`tools/`) import exists (a module moved under them once broke a
+benchmark, whose imports sit inside functions that no test runs)."""
 
 import ast
 import importlib
@@ -12,8 +13,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "speckd_trl"
-# The package root re-exports a few tools (`evaluate_drafter`, the planner) for a stable public API, and the console
-# script runs the demo and the planner: both are entry points, not library code.
+# The package root re-exports the public API, and the console script runs the demo: entry points, not library code.
 ENTRY_POINTS = {"__init__.py", "__main__.py", "cli.py"}
 LIBRARY = sorted(p.name for p in PACKAGE.glob("*.py") if p.name not in ENTRY_POINTS)
 
@@ -40,15 +40,18 @@ def test_library_modules_are_the_expected_ones():
         "config.py",
         "data.py",
         "distillation_trainer.py",
+        "drafter.py",
         "gated_trainer.py",
         "generation.py",
         "losses.py",
         "metrics.py",
         "models.py",
+        "plan.py",
         "reward.py",
         "rules.py",
         "server_trainer.py",
         "teacher_cache.py",
+        "teacher_check.py",
         "trainer.py",
         "validation.py",
         "weighting.py",
@@ -62,6 +65,18 @@ def test_library_does_not_import_demo_or_tools(name):
     assert not outside, f"library module {name} imports {outside}"
 
 
+def test_only_the_tools_import_the_tools():
+    """No arrow runs from the package (library, entry points, demo) into `speckd_trl/tools/`: what the library or the
+    console script needs is a library module."""
+    outside = [p for p in PACKAGE.rglob("*.py") if "tools" not in p.relative_to(PACKAGE).parts]
+    offending = {
+        str(path.relative_to(PACKAGE)): sorted(m for m in imported_modules(path) if m.startswith("speckd_trl.tools"))
+        for path in outside
+    }
+    offending = {name: modules for name, modules in offending.items() if modules}
+    assert not offending, f"modules outside speckd_trl/tools/ import it: {offending}"
+
+
 def test_tools_do_not_import_the_demo():
     for path in (PACKAGE / "tools").glob("*.py"):
         imported = imported_modules(path)
@@ -70,7 +85,7 @@ def test_tools_do_not_import_the_demo():
 
 def test_import_resolution_sees_relative_imports():
     """The checker itself: a relative import from the demo resolves to its absolute module name."""
-    assert "speckd_trl.tools.drafter" in imported_modules(PACKAGE / "demo" / "app.py")
+    assert "speckd_trl.drafter" in imported_modules(PACKAGE / "demo" / "app.py")
     assert "speckd_trl.config" in imported_modules(PACKAGE / "tools" / "testing.py")
 
 
@@ -85,7 +100,7 @@ def _absolute_imports(path: Path) -> list[tuple[str, str | None]]:
     return found
 
 
-SCRIPTS = sorted(p for folder in ("benchmarks", "examples", "tests") for p in (REPO / folder).rglob("*.py"))
+SCRIPTS = sorted(p for folder in ("benchmarks", "examples", "tests", "tools") for p in (REPO / folder).rglob("*.py"))
 
 
 @pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: str(p.relative_to(REPO)))

@@ -8,8 +8,7 @@ from transformers import CohereConfig, Gemma2Config, GraniteConfig, LlamaConfig,
 
 from speckd_trl import SpecKDDistillationConfig, SpecKDDistillationTrainer
 from speckd_trl.batches import OFF_POLICY, ON_POLICY
-from speckd_trl.losses import OutputHead
-from speckd_trl.models import check_output_head, logit_scale, output_head
+from speckd_trl.models import OutputHead, check_output_head, logit_scale, output_head
 from speckd_trl.tools.testing import (
     HEAD_FAMILIES,
     TINY_ARGS,

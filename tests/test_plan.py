@@ -11,7 +11,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from speckd_trl.cli import main
-from speckd_trl.tools.plan import (
+from speckd_trl.plan import (
     GIB,
     M_CHUNK,
     PlanConfig,
@@ -316,7 +316,7 @@ def test_teacher_weights_match_what_bitsandbytes_holds(tmp_path, quant, double, 
     pytest.importorskip("bitsandbytes")
     from speckd_trl import SpecKDConfig
     from speckd_trl.models import load_teacher
-    from speckd_trl.tools.teacher_check import weights_bytes
+    from speckd_trl.teacher_check import weights_bytes
     from speckd_trl.tools.testing import make_model, make_tokenizer
 
     tokenizer = make_tokenizer()

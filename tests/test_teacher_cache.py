@@ -12,7 +12,6 @@ import torch
 from speckd_trl import SpecKDConfig
 from speckd_trl.batches import OFF_POLICY, ON_POLICY
 from speckd_trl.losses import (
-    OutputHead,
     SparseTeacher,
     chunked_weighted_jsd,
     sparse_log_probs,
@@ -20,6 +19,7 @@ from speckd_trl.losses import (
     teacher_top_k,
     weighted_jsd_from_log_probs,
 )
+from speckd_trl.models import OutputHead
 from speckd_trl.rules import get_rule
 from speckd_trl.teacher_cache import META_FILE, TeacherCache, ids_dtype
 from speckd_trl.tools.testing import (

@@ -8,7 +8,7 @@ from transformers import BitsAndBytesConfig
 from speckd_trl import SpecKDConfig
 from speckd_trl.cli import main
 from speckd_trl.models import teacher_init_kwargs, teacher_quantization_config
-from speckd_trl.tools.teacher_check import (
+from speckd_trl.teacher_check import (
     VERDICTS,
     TeacherPrice,
     check_teacher,

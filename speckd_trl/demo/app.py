@@ -17,7 +17,7 @@ Stages (each with a progress bar; everything expensive is cached under `cache_di
    layer (a layer subset also trains its RMSNorm weights, a few thousand parameters that the cut model needs to
    re-scale its residual stream), `lmbda` mixing on-policy and dataset batches;
 6. held-out exact-match accuracy of the teacher, the student before and the student after, and (`eval_drafter`) the
-   student as a speculative-decoding drafter for the teacher before and after (`speckd_trl/tools/drafter.py`); `summary.json`, the
+   student as a speculative-decoding drafter for the teacher before and after (`speckd_trl/drafter.py`); `summary.json`, the
    student (adapter and merged) and `demo.png` (loss, acceptance rate, accuracy) under `output_dir`, plus links to
    the cached teacher and student and the train split as JSONL, for `examples/distill_smollm2.yaml`.
 """
@@ -268,7 +268,7 @@ def _cached_accuracy(path: Path, data, data_key: str, config: DemoConfig, desc: 
 
 def measure_drafter(student, teacher_dir: Path, tokenizer, rows, config: DemoConfig) -> dict[str, float]:
     """The student drafting for the full-precision teacher on the first `drafter_prompts` eval prompts, greedy."""
-    from ..tools.drafter import evaluate_drafter
+    from ..drafter import evaluate_drafter
 
     teacher, _ = _load(teacher_dir)
     prompts = [

@@ -293,45 +293,6 @@ def accelerate_launch(
     return subprocess.run(command, cwd=cwd, env=launch_env(), capture_output=True, text=True, timeout=timeout)
 
 
-def _status_kib(field: str) -> int:
-    """A `/proc/self/status` field in KiB (`VmRSS`, `VmHWM`)."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-class PeakMemory:
-    """Peak memory of a stretch of code above the level at `start()`, in MiB, for the benchmarks.
-
-    On a CUDA device: `torch.cuda.max_memory_allocated` (peak stats reset at `start()`). On a CPU: the process's peak
-    resident set (`VmHWM`, reset through `/proc/self/clear_refs`; Linux only). Run the process with
-    `MALLOC_MMAP_THRESHOLD_=1048576` so that freed tensors leave the resident set at once.
-    """
-
-    def __init__(self, device: torch.device | str):
-        self.device = torch.device(device)
-        self.base = 0
-
-    def start(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-        else:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # reset VmHWM to the current resident set
-            self.base = _status_kib("VmRSS") * 1024
-
-    def peak_mib(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            return (torch.cuda.max_memory_allocated() - self.base) / 2**20
-        # (a page or two may leave the resident set between the reset and the read of the base: never below 0)
-        return max(0.0, (_status_kib("VmHWM") * 1024 - self.base) / 2**20)
-
-
 class LocalTeacherClient:
     """Stands in for TRL's `VLLMClient` of a teacher server: `get_sequence_logprobs` scores the sequences with a local
     model and answers in the server's format (top-k log-probabilities sorted, padded with -inf; the log-probability

@@ -3,32 +3,44 @@
 
 - `docs/configuration.md`: one table per config class (`SpecKDConfig`, `SpecKDDistillationConfig`) of the fields it
   adds over its TRL base, read from `dataclasses.fields`;
-- `docs/plan-cli.md`: `speckd-trl plan --help`, rendered at a fixed width.
+- `docs/plan-cli.md`: `speckd-trl plan --help`, rendered at a fixed width;
+- the package layout in `docs/development.md` (between `LAYOUT_BEGIN` and `LAYOUT_END`; the rest of that page is
+  written by hand): one line per module, the first paragraph of its opening docstring.
 
-    python -m speckd_trl.tools.docs           # rewrite both pages
-    python -m speckd_trl.tools.docs --check   # exit 1 and list the pages that differ from what the code renders
+    python tools/docs.py           # rewrite the pages
+    python tools/docs.py --check   # exit 1 and list the pages that differ from what the code renders
 
-`tests/test_docs.py` fails when a page is stale.
+`tests/test_docs.py` fails when a page is stale. A developer script beside the package, not part of it: it imports
+the `speckd_trl` of this checkout (and its `cli`), the library never imports it.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import re
 import sys
+import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's speckd_trl, whatever else is installed
 DOCS = REPO / "docs"
 CONFIGURATION_PAGE = "configuration.md"
 PLAN_CLI_PAGE = "plan-cli.md"
+DEVELOPMENT_PAGE = "development.md"
+PACKAGE = REPO / "speckd_trl"
 HELP_WIDTH = 100  # columns of the rendered `--help`: fixed, so that the page does not depend on the terminal
-REGENERATE = "python -m speckd_trl.tools.docs"
+REGENERATE = "python tools/docs.py"
 GENERATED_NOTE = f"<!-- Generated from the code by `{REGENERATE}`: edit the code, not this page. -->"
+LAYOUT_BEGIN = f"<!-- Generated from each module's opening docstring by `{REGENERATE}`: edit the docstrings. -->"
+LAYOUT_END = "<!-- End of the generated layout. -->"
+LAYOUT_WIDTH = 119  # the line length of the code (pyproject.toml)
+LAYOUT_COLUMN = 19  # where the summaries start
 
 CONFIGURATION_HEADER = f"""\
 # Configuration reference
@@ -206,7 +218,56 @@ $ speckd-trl plan --help
 """
 
 
-PAGES: dict[str, Callable[[], str]] = {CONFIGURATION_PAGE: render_configuration, PLAN_CLI_PAGE: render_plan_cli}
+def module_summary(path: Path) -> str:
+    """The first paragraph of the module's opening docstring, on one line."""
+    doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+    return " ".join(doc.split("\n\n")[0].split())
+
+
+def _layout_line(name: str, summary: str, indent: int) -> str:
+    prefix = " " * indent + name
+    prefix = prefix.ljust(LAYOUT_COLUMN) if len(prefix) < LAYOUT_COLUMN else prefix + "  "
+    return textwrap.fill(
+        summary,
+        width=LAYOUT_WIDTH,
+        initial_indent=prefix,
+        subsequent_indent=" " * LAYOUT_COLUMN,
+        break_long_words=False,
+        break_on_hyphens=False,
+    )
+
+
+def _package_lines(folder: Path, indent: int) -> list[str]:
+    """A package's line (its `__init__.py`'s summary), then its modules' and its sub-packages', in name order."""
+    lines = [_layout_line(f"{folder.name}/", module_summary(folder / "__init__.py"), indent)]
+    for path in sorted(p for p in folder.glob("*.py") if p.name != "__init__.py"):
+        lines.append(_layout_line(path.name, module_summary(path), indent + 2))
+    for sub in sorted(p for p in folder.iterdir() if (p / "__init__.py").is_file()):
+        lines += _package_lines(sub, indent + 2)
+    return lines
+
+
+def render_layout() -> str:
+    """The package layout: a code block of one line per module, from its opening docstring."""
+    return "```text\n" + "\n".join(_package_lines(PACKAGE, 0)) + "\n```"
+
+
+def render_development(page: Path | None = None) -> str:
+    """The text of `docs/development.md` (read from `page`, by default the repository's) with its layout block
+    rendered anew."""
+    text = (page or DOCS / DEVELOPMENT_PAGE).read_text()
+    if text.count(LAYOUT_BEGIN) != 1 or text.count(LAYOUT_END) != 1:
+        raise ValueError(f"{DEVELOPMENT_PAGE} must hold the lines {LAYOUT_BEGIN!r} and {LAYOUT_END!r} once each.")
+    before, rest = text.split(LAYOUT_BEGIN)
+    after = rest.split(LAYOUT_END)[1]
+    return f"{before}{LAYOUT_BEGIN}\n{render_layout()}\n{LAYOUT_END}{after}"
+
+
+PAGES: dict[str, Callable[[], str]] = {
+    CONFIGURATION_PAGE: render_configuration,
+    PLAN_CLI_PAGE: render_plan_cli,
+    DEVELOPMENT_PAGE: render_development,
+}
 
 
 def rendered_by_another_python(name: str, text: str) -> str | None:

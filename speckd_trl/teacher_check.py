@@ -66,7 +66,7 @@ def completion_batches(dataset: Any, tokenizer: Any, *, samples: int, batch_size
     (`-100` outside the completions), each `[batch_size, T]`."""
     from trl.experimental.utils import DataCollatorForChatML
 
-    from ..data import collator_max_length, prepare_prompt_completion
+    from .data import collator_max_length, prepare_prompt_completion
 
     if samples < 1:
         raise ValueError(f"samples={samples} must be at least 1 (dataset rows to compare the teachers on).")
@@ -193,12 +193,49 @@ class LoadedTeacher:
     peak_mib: float
 
 
+def _status_kib(field: str) -> int:
+    """A `/proc/self/status` field in KiB (`VmRSS`, `VmHWM`)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+class PeakMemory:
+    """Peak memory of a stretch of code above the level at `start()`, in MiB (`load_measured`, the benchmarks).
+
+    On a CUDA device: `torch.cuda.max_memory_allocated` (peak stats reset at `start()`). On a CPU: the process's peak
+    resident set (`VmHWM`, reset through `/proc/self/clear_refs`; Linux only). Run the process with
+    `MALLOC_MMAP_THRESHOLD_=1048576` so that freed tensors leave the resident set at once.
+    """
+
+    def __init__(self, device: torch.device | str):
+        self.device = torch.device(device)
+        self.base = 0
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset VmHWM to the current resident set
+            self.base = _status_kib("VmRSS") * 1024
+
+    def peak_mib(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            return (torch.cuda.max_memory_allocated() - self.base) / 2**20
+        # (a page or two may leave the resident set between the reset and the read of the base: never below 0)
+        return max(0.0, (_status_kib("VmHWM") * 1024 - self.base) / 2**20)
+
+
 def load_measured(label: str, load, device: torch.device | str, batch: dict[str, torch.Tensor]) -> LoadedTeacher:
     """`load()` and one forward pass over `batch` under `PeakMemory`: the peak counts the weights (a checkpoint
     mapped from disk is read in by the forward), any full-precision copy made while quantizing, and one batch's
     activations."""
-    from .testing import PeakMemory
-
     meter = PeakMemory(device)
     meter.start()
     model = load()
@@ -228,7 +265,7 @@ def check_teacher(
     """
     import copy
 
-    from ..models import is_quantized, load_teacher
+    from .models import is_quantized, load_teacher
 
     method = args.teacher_quantization_method
     full_args = copy.copy(args)  # the same loading arguments, unquantized
