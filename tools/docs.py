@@ -171,8 +171,8 @@ def render_configuration() -> str:
         lines = [
             f"## `{config_class.__name__}`",
             "",
-            f"Configures `{trainer}`; extends `{base}`. The gate's fields come from `GateConfigMixin`, shared by both "
-            f"classes: {_names(shared)}.",
+            f"Configures `{trainer}`; extends `{base}`. The gate's fields come from `GateConfigMixin`, shared by every "
+            f"SpecKD config: {_names(shared)}.",
         ]
         if own:
             lines[-1] += f" Its own: {_names(own)}."
