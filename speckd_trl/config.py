@@ -15,7 +15,8 @@ from trl import DistillationConfig
 from trl.experimental.gkd import GKDConfig
 from trl.experimental.server_distillation import ServerDistillationConfig
 
-from .losses import LOSS_PATHS, NORMALIZATIONS
+from .losses import LOSS_PATHS
+from .reduction import NORMALIZATIONS
 from .rules import GATE_RULES, GATES, GateRule, check_teacher_reads, get_rule
 
 
@@ -412,10 +413,10 @@ class SpecKDConfig(GateConfigMixin, GKDConfig):
         teacher_cache (`str` or `None`, *optional*, defaults to `None`):
             A teacher cache (`speckd-trl cache-teacher`): dataset micro-batches in training read the teacher's cached
             top-K log-probabilities instead of running it, and the divergence runs over the top-K support plus a tail
-            bucket (`losses.tail_bucket_target`, TRL's server-teacher approximation). With `lmbda=0` no teacher is
-            loaded at all; with `lmbda > 0` on-policy batches (and a `mixing="sample"` micro-batch with on-policy
-            rows, and evaluation) use the live teacher, which must then be given, cut to the same top-K + tail
-            bucket, so that every batch is on one loss scale. The `topk` gate is exact for
+            bucket (`sparse_teacher.tail_bucket_target`, TRL's server-teacher approximation). With `lmbda=0` no
+            teacher is loaded at all; with `lmbda > 0` on-policy batches (and a `mixing="sample"` micro-batch with
+            on-policy rows, and evaluation) use the live teacher, which must then be given, cut to the same top-K +
+            tail bucket, so that every batch is on one loss scale. The `topk` gate is exact for
             `gate_top_k <= K`; `gate="spec"` needs the teacher's probability of every proposal and `seq_kd` the
             teacher's own completions, so neither works with a cache.
         teacher_cache_top_k (`int`, *optional*, defaults to `32`):

@@ -25,10 +25,10 @@ The teacher's identity: its name or path (a local directory as an absolute path)
 layer), so that the float32 teacher and its NF4 copy are the same teacher.
 
 The loss on a cached teacher is the divergence over the top-K support plus a tail bucket (TRL's server teacher's
-approximation: `losses.tail_bucket_target`), a lower bound of the full divergence; the top-K is the `topk` rule's
-(ties toward the lower id, `losses.teacher_top_k`), so the `topk` gate is exact for ``gate_top_k <= K``, ties
-included. A run that reads a cache cuts its live teacher the same way on the other batches (`TeacherCache.live`,
-`cached_top_k`): one loss scale.
+approximation: `sparse_teacher.tail_bucket_target`), a lower bound of the full divergence; the top-K is the `topk`
+rule's (ties toward the lower id, `sparse_teacher.teacher_top_k`), so the `topk` gate is exact for
+``gate_top_k <= K``, ties included. A run that reads a cache cuts its live teacher the same way on the other batches
+(`TeacherCache.live`, `cached_top_k`): one loss scale.
 """
 
 from __future__ import annotations
@@ -48,8 +48,9 @@ import numpy as np
 import torch
 from transformers.utils import logging
 
-from .losses import SparseTeacher, jsd_log_probs, teacher_top_k
+from .divergence import jsd_log_probs
 from .models import output_vocab_size
+from .sparse_teacher import SparseTeacher, teacher_top_k
 
 
 META_FILE = "speckd_teacher_cache.json"
@@ -342,8 +343,8 @@ def _read_spec(path: Path) -> tuple[CacheSpec, dict[str, Any]]:
 
 
 def cached_top_k(log_probs: torch.Tensor, spec: CacheSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The teacher's log-probabilities as a cache of `spec` holds them: its top K (`losses.teacher_top_k`, the `topk`
-    rule's order), their values and the log of the tail mass, clamped at `LOG_FLOOR` and rounded to the storage type
+    """The teacher's log-probabilities as a cache of `spec` holds them: its top K (`teacher_top_k`, the `topk` rule's
+    order), their values and the log of the tail mass, clamped at `LOG_FLOOR` and rounded to the storage type
     (`spec.values_dtype`). What `write_teacher_cache` stores, and what a run reading the cache makes of its live
     teacher (`TeacherCache.live`), so that both give the same loss on the same rows.
 

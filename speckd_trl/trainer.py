@@ -560,37 +560,23 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
                     remedy=EAGER_REMEDY,
                 )
                 self._heads_checked.add(role)
-        rows = batch.rows
+        rows, chunk_size = batch.rows, self.args.loss_chunk_size
         student_hidden = captured["hidden"][:, :-1].flatten(0, 1)[rows]
         if cached is None:
             teacher_rows = teacher_hidden[:, :-1].flatten(0, 1)[rows]
             if self._teacher_cache is not None:  # one loss scale: the live teacher cut as the cache is (`live`)
                 teacher_rows = sparse_teacher_from_hidden(
-                    teacher_rows, teacher_head, self._teacher_cache.live, chunk_size=self.args.loss_chunk_size
+                    teacher_rows, teacher_head, self._teacher_cache.live, chunk_size=chunk_size
                 )
         else:
-            flat = (
-                t.flatten(0, 1) if t.dim() > 2 else t.flatten() for t in (cached.ids, cached.values, cached.log_tail)
-            )
-            teacher_rows = SparseTeacher(*(t[rows] for t in flat), cached.vocab_size)
-        weighted_sum, row_verdicts = chunked_weighted_jsd(
-            student_hidden,
-            student_head,
-            teacher_rows,
-            teacher_head,
-            batch.chunk_verdicts(rows),  # the gate's verdicts on each chunk's log-probabilities
-            weight_of=batch.position_weights,
-            target_of=batch.targets if batch.filters_targets else None,
-            beta=self.beta,
-            chunk_size=self.args.loss_chunk_size,
+            teacher_rows = cached.at(rows)
+        weighted_sum, row_verdicts = chunked_weighted_jsd(  # the gate (`batch`) reads each chunk's log-probabilities
+            student_hidden, student_head, teacher_rows, teacher_head, batch, beta=self.beta, chunk_size=chunk_size
         )
 
         def sampled() -> torch.Tensor:  # differentiable
-            return batch.scatter(
-                sampled_log_probs_from_hidden(
-                    student_hidden, student_head, batch.sampled_ids.flatten()[rows], self.temperature
-                )
-            )
+            ids = batch.sampled_ids.flatten()[rows]
+            return batch.scatter(sampled_log_probs_from_hidden(student_hidden, student_head, ids, self.temperature))
 
         return LossTerms(weighted_sum, batch.positions(row_verdicts), sampled, student_outputs)
 

@@ -8,7 +8,7 @@ window) and, per micro-batch, asks it for a `GatedBatch` (`TokenGate.batch`), wh
   whole batch or for any positions of it (a chunk of completion rows); `GatedBatch.verdicts_from_hidden` projects
   hidden states a chunk at a time and calls it;
 - the loss weight of each position (`GatedBatch.weights`: 1 where accepted, the reject weight where rejected);
-- the loss (`GatedBatch.reduce`, over `losses.gated_loss`) and the logging window's counts (`GatedBatch.record`).
+- the loss (`GatedBatch.reduce`, over `reduction.gated_loss`) and the logging window's counts (`GatedBatch.record`).
 
 The rule itself (`rules.py`) decides each verdict; this module gives it its inputs: the proposal (the sampled token
 on on-policy positions, the student's own greedy or sampled prediction elsewhere), ``q`` at the right temperature, the
@@ -29,9 +29,10 @@ import torch
 
 from .batches import ON_POLICY, Kind, on_policy_positions
 from .config import GateConfigMixin
-from .losses import LossTerms, gated_loss, jsd_log_probs, top_k_log_probs
+from .divergence import jsd_log_probs, top_k_log_probs
 from .metrics import gate_metrics, new_window, record_generation, record_verdicts
 from .models import OutputHead
+from .reduction import LossTerms, gated_loss
 from .rules import GateRule, get_rule, propose, uniform
 
 
@@ -380,19 +381,19 @@ class GatedBatch:
         """The divergence's target log-probabilities `[..., V]` given the verdicts `[...]` (any leading shape):
         `target` (default: the teacher's log-probabilities; a sparse teacher's tail-bucket target), except at
         rejected positions with ``reject_target="top_k"``, where it is the teacher's top-k (this step's k)
-        renormalized (`losses.top_k_log_probs`)."""
+        renormalized (`divergence.top_k_log_probs`)."""
         target = teacher_log_probs if target is None else target
         if not self.filters_targets:
             return target
         filtered = top_k_log_probs(teacher_log_probs, self.top_k)
         return torch.where(accepted.bool().unsqueeze(-1), target, filtered)
 
-    def chunk_verdicts(self, rows: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor, slice], torch.Tensor]:
-        """`losses.chunked_weighted_jsd`'s ``chunk_fn`` over the completion positions `rows` (`[N]`): the verdicts of
-        each chunk of rows, from its log-probabilities; ``weight_of=position_weights`` turns them into weights."""
-        return lambda student_log_probs, teacher_log_probs, chunk: self.verdicts(
-            student_log_probs, teacher_log_probs, at=rows[chunk]
-        )
+    def chunk_verdicts(
+        self, student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor, rows: slice
+    ) -> torch.Tensor:
+        """`verdicts` `[n]` of a chunk of the completion positions `self.rows` from its `[n, V]` log-probabilities:
+        with `position_weights` and `targets`, what `losses.chunked_weighted_jsd` asks of its gate (`ChunkGate`)."""
+        return self.verdicts(student_log_probs, teacher_log_probs, at=self.rows[rows])
 
     def positions(self, row_values: torch.Tensor) -> torch.Tensor:
         """Accept bits `[N]` of the `rows` in their places of a `[B, T]` mask, False off the completion."""
@@ -406,7 +407,7 @@ class GatedBatch:
         return out.index_put((self.rows,), row_values).view_as(self.completion)
 
     def reduce(self, terms: LossTerms, num_items_in_batch: torch.Tensor | int | None) -> torch.Tensor:
-        """The micro-batch's loss from its terms (`losses.gated_loss` with the gate's settings), normalized for the
+        """The micro-batch's loss from its terms (`reduction.gated_loss` with the gate's settings), normalized for the
         accumulation window of `num_items_in_batch` completion tokens (`None`: this micro-batch's)."""
         args = self.gate.args
         return gated_loss(
