@@ -11,6 +11,7 @@ from peft import LoraConfig
 
 from speckd_trl import PlanConfig, SpecKDConfig
 from speckd_trl.batches import OFF_POLICY, ON_POLICY
+from speckd_trl.chunked import ChunkOutput, chunked_linear_loss
 from speckd_trl.cli import main
 from speckd_trl.losses import chunked_weighted_jsd, weighted_generalized_jsd
 from speckd_trl.models import OutputHead
@@ -126,6 +127,35 @@ def test_chunked_with_nothing_to_train_on_is_zero():
     loss, weights = chunked_weighted_jsd(hidden, head, torch.randn(0, 4), head, lambda s, t, r: s[:, 0], beta=0.5)
     loss.backward()
     assert loss.item() == 0 and weights.numel() == 0 and torch.all(head.weight.grad == 0)
+
+
+@pytest.mark.parametrize("head_kind", ["plain", "bias_scale_softcap"])
+def test_chunk_loop_takes_any_per_chunk_loss(head_kind):
+    """The chunk loop (`chunked.chunked_linear_loss`) knows nothing of the divergence: with a per-chunk cross-entropy
+    and its closed-form gradient, its loss and gradients equal autograd through the full logits."""
+    torch.manual_seed(0)
+    n, hidden_size, vocab = 23, 8, 30
+    extra = {} if head_kind == "plain" else dict(logit_scale=0.7, softcap=3.0)
+    hidden = torch.randn(n, hidden_size, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(vocab, hidden_size, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(vocab, dtype=torch.float64, requires_grad=True) if extra else None
+    head = OutputHead(weight, bias, **extra)
+    labels = torch.randint(vocab, (n,))
+
+    def cross_entropy(logits, rows, *, grad):
+        log_probs = torch.log_softmax(logits, dim=-1)
+        loss = -log_probs.gather(-1, labels[rows, None]).squeeze(-1)
+        gradient = log_probs.exp() - torch.nn.functional.one_hot(labels[rows], vocab) if grad else None
+        return ChunkOutput(loss, gradient, labels[rows])
+
+    total, values = chunked_linear_loss(hidden, head, cross_entropy, chunk_size=5)
+    params = [hidden, weight] + ([bias] if bias is not None else [])
+    got = torch.autograd.grad(total * 0.5, params)
+    reference = torch.nn.functional.cross_entropy(head.transform(head.project(hidden)), labels, reduction="sum")
+    expected = torch.autograd.grad(reference * 0.5, params)
+    assert total.item() == pytest.approx(reference.item(), rel=1e-6) and torch.equal(values, labels)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g.double(), e, rtol=1e-5, atol=1e-7)  # (accumulated in float32)
 
 
 # ----------------------------------------------------------------------------- the trainer
