@@ -231,7 +231,10 @@ def load_setting(setting: str, teacher_dir: Path, ranking: list[str], args, setu
 def tuning_delta(base_dir: Path, teacher_dir: Path) -> dict[str, float]:
     """How the teacher's tune compares with NF4's rounding, over the decoder's linear weights (root mean squares):
     the tune's change of the weights, NF4's rounding error of the tuned weights (bitsandbytes, blocks of 64), and
-    the error left in the tune's change once both models are rounded (NF4(teacher) - NF4(base) against the change)."""
+    the error left in the tune's change once both models are rounded (NF4(teacher) - NF4(base) against the change);
+    and the same for 4-bit plain min-max rounding in groups of 32 (`hqq4-g32-rtn`'s grid, the grid of the GGUF Q4_1
+    file the base was dequantized from): how many base weights sit on it, how far the rounded teacher lands from the
+    base, against the tune's change."""
     import bitsandbytes.functional as F
     import torch
     from transformers import AutoModelForCausalLM
@@ -240,9 +243,17 @@ def tuning_delta(base_dir: Path, teacher_dir: Path) -> dict[str, float]:
         packed, state = F.quantize_4bit(weight, blocksize=64, quant_type="nf4")
         return F.dequantize_4bit(packed, state).view_as(weight)
 
+    def rtn32(weight):  # 4-bit min-max rounding with a float zero point, groups of 32 along the rows
+        groups = weight.reshape(-1, 32)
+        low, high = groups.amin(1, keepdim=True), groups.amax(1, keepdim=True)
+        step = (high - low).clamp_min(1e-12) / 15
+        rounded = ((groups - low) / step).round().clamp(0, 15) * step + low
+        return rounded.view_as(weight), step.expand_as(groups).reshape(weight.shape)
+
     base = dict(AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).named_parameters())
     teacher = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32)
-    sums = dict(weight=0.0, delta=0.0, rounding=0.0, delta_error=0.0)
+    sums = dict(weight=0.0, delta=0.0, rounding=0.0, delta_error=0.0, rtn_rounding=0.0, rtn_from_base=0.0)
+    counts = dict(weights=0, base_on_grid=0, rounded_to_base=0)
     for name, param in teacher.named_parameters():
         if param.dim() != 2 or ".layers." not in name:
             continue
@@ -252,11 +263,21 @@ def tuning_delta(base_dir: Path, teacher_dir: Path) -> dict[str, float]:
         sums["delta"] += (weight - before).pow(2).sum().item()
         sums["rounding"] += (rounded - weight).pow(2).sum().item()
         sums["delta_error"] += ((rounded - nf4(before)) - (weight - before)).pow(2).sum().item()
+        (plain, step), (plain_base, step_base) = rtn32(weight), rtn32(before)
+        sums["rtn_rounding"] += (plain - weight).pow(2).sum().item()
+        sums["rtn_from_base"] += (plain - before).pow(2).sum().item()
+        counts["weights"] += weight.numel()
+        counts["base_on_grid"] += ((plain_base - before).abs() <= 1e-3 * step_base).sum().item()
+        counts["rounded_to_base"] += ((plain - before).abs() <= 1e-3 * step).sum().item()
     return {
         "tune_change_over_weight": (sums["delta"] / sums["weight"]) ** 0.5,
         "nf4_rounding_over_weight": (sums["rounding"] / sums["weight"]) ** 0.5,
         "nf4_rounding_over_tune_change": (sums["rounding"] / sums["delta"]) ** 0.5,
         "tune_change_error_after_nf4_over_tune_change": (sums["delta_error"] / sums["delta"]) ** 0.5,
+        "rtn32_base_weights_on_grid": counts["base_on_grid"] / counts["weights"],
+        "rtn32_teacher_weights_rounded_to_base_value": counts["rounded_to_base"] / counts["weights"],
+        "rtn32_rounding_over_tune_change": (sums["rtn_rounding"] / sums["delta"]) ** 0.5,
+        "rtn32_rounded_teacher_from_base_over_tune_change": (sums["rtn_from_base"] / sums["delta"]) ** 0.5,
     }
 
 
