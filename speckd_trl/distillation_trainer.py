@@ -33,7 +33,7 @@ from transformers import PreTrainedModel, TrainerCallback
 from trl import DistillationTrainer
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
-from .batches import ON_POLICY
+from .batch_kind import BatchKind
 from .compat import distillation_hidden_states, distillation_inputs, per_token_divergence
 from .config import SpecKDDistillationConfig
 from .data import prompts_from_messages
@@ -227,7 +227,7 @@ class SpecKDDistillationTrainer(GatedTrainerMixin, DistillationTrainer):
         completion = loss_mask.to(device) != 0  # [B, K]
 
         batch = self._gate.batch(
-            ON_POLICY,
+            BatchKind.on_policy(),
             completion,
             inputs["completion_ids"].to(device),
             training=unwrapped_student.training,

@@ -33,7 +33,7 @@ from torch import nn
 from transformers import PreTrainedModel, TrainerCallback
 from trl.experimental.server_distillation import ServerDistillationTrainer
 
-from .batches import ON_POLICY
+from .batch_kind import BatchKind
 from .compat import server_forward
 from .config import SpecKDServerDistillationConfig
 from .distillation_trainer import prompt_datasets
@@ -220,7 +220,7 @@ class SpecKDServerDistillationTrainer(GatedTrainerMixin, ServerDistillationTrain
         actual = torch.where(completion, actual, torch.zeros_like(actual)).clamp_min(-1e4)
         teacher_view = teacher_view.scatter(-1, tokens.unsqueeze(-1), actual.unsqueeze(-1).to(teacher_view.dtype))
         batch = self._gate.batch(
-            ON_POLICY,
+            BatchKind.on_policy(),
             completion,
             tokens,
             training=model.training,

@@ -45,7 +45,7 @@ from .batches import (
     BatchKinds,
     SpeculativeSampler,
     make_completions,
-    row_kinds,
+    recorded_kind,
 )
 from .config import SpecKDConfig
 from .data import prepare_prompt_completion
@@ -451,14 +451,14 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
         # What the student sampled at each position of an on-policy row: the gate's proposal and the reward's action
         sampled_ids = inputs.get(PROPOSALS_KEY, inputs["input_ids"])[:, 1:]
         batch = self._gate.batch(
-            row_kinds(inputs),
+            recorded_kind(inputs, seq_kd=self.seq_kd),
             completion,
             sampled_ids,
             training=model.training,
             step=self.state.global_step,
             max_steps=self.state.max_steps,
         )
-        cached = self._cached_teacher(model, inputs, completion)
+        cached = self._cached_teacher(model, inputs, batch)
         if self.args.loss_path == "chunked":
             terms = self._chunked_terms(model, inputs, batch, cached)
         else:
@@ -468,16 +468,13 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
         empty_cache()
         return (loss, terms.outputs) if return_outputs else loss
 
-    def _cached_teacher(
-        self, model: nn.Module, inputs: dict[str, Any], completion: torch.Tensor
-    ) -> SparseTeacher | None:
+    def _cached_teacher(self, model: nn.Module, inputs: dict[str, Any], batch: GatedBatch) -> SparseTeacher | None:
         """The teacher cache's rows for a training micro-batch of dataset rows, `[B, T, K]`; None where the live
-        teacher is used (no cache; on-policy rows; evaluation). With a cache the loss paths cut the live teacher to
-        the same top-K + tail (`TeacherCache.live`): one loss scale on every batch."""
-        kind = row_kinds(inputs)  # (a bool tensor for a mixed micro-batch)
-        if self._teacher_cache is None or not model.training or not isinstance(kind, str) or kind != OFF_POLICY:
+        teacher is used (no cache; on-policy or `seq_kd` rows; evaluation). With a cache the loss paths cut the live
+        teacher to the same top-K + tail (`TeacherCache.live`): one loss scale on every batch."""
+        if self._teacher_cache is None or not model.training or not batch.kind.all_dataset:
             return None
-        return self._teacher_cache.batch(inputs["input_ids"], inputs["attention_mask"], completion)
+        return self._teacher_cache.batch(inputs["input_ids"], inputs["attention_mask"], batch.completion)
 
     def _eager_terms(
         self, model: nn.Module, inputs: dict[str, Any], batch: GatedBatch, cached: SparseTeacher | None = None
