@@ -50,6 +50,7 @@ def test_library_modules_are_the_expected_ones():
         "plan.py",
         "reward.py",
         "rules.py",
+        "server_teacher.py",
         "server_trainer.py",
         "teacher_cache.py",
         "teacher_check.py",
