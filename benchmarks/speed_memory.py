@@ -185,7 +185,7 @@ def gate_ms(trainer, inputs, device, *, on_policy: bool, repeats: int = 5) -> fl
     import torch
 
     from speckd_trl import SpecKDTrainer
-    from speckd_trl.batches import OFF_POLICY, ON_POLICY
+    from speckd_trl.batch_kind import BatchKind
     from speckd_trl.losses import jsd_log_probs
 
     if not isinstance(trainer, SpecKDTrainer) or not trainer.args.gate_rule.rejects:
@@ -195,7 +195,7 @@ def gate_ms(trainer, inputs, device, *, on_policy: bool, repeats: int = 5) -> fl
         student = jsd_log_probs(trainer.model(input_ids=ids, attention_mask=mask).logits[:, :-1])
         teacher = jsd_log_probs(trainer.teacher_model(input_ids=ids, attention_mask=mask).logits[:, :-1])
     completion, sampled_ids = inputs["labels"][:, 1:] != -100, inputs["input_ids"][:, 1:]
-    kind = ON_POLICY if on_policy else OFF_POLICY
+    kind = BatchKind.on_policy() if on_policy else BatchKind()  # (else every row the dataset's)
     times = []
     for _ in range(repeats):
         if device.type == "cuda":

@@ -817,7 +817,7 @@ class SpecKDServerDistillationConfig(SpecKDDistillationConfig, ServerDistillatio
         )
         # The server cuts its top-k with torch.topk, which keeps an arbitrary subset of the tokens tied at the cut: a
         # tie at the gate's k-th place is resolved toward the lower id only inside the returned set, so k must stay
-        # below loss_top_k (see `server_trainer.server_sparse_teacher`).
+        # below loss_top_k (see `server_teacher.server_sparse_teacher`).
         k = self.largest_top_k
         if k is not None and k >= self.loss_top_k:
             raise ValueError(

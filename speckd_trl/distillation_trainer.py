@@ -10,7 +10,10 @@ Wiring only. Where to look:
   the rule of `rules.py`; every completion token is the student's sample, so it is the proposal the teacher verifies;
 - how the loss is reduced: `GatedBatch.reduce` over `losses.gated_loss`, from the per-token divergence of TRL's
   `ChunkedDivergenceFunction` (hidden states and output layers, never `[N, V]` logits in full);
-- the logs, evaluation draws and checkpointed random streams: `gated_trainer.GatedTrainerMixin`.
+- the set-up (prompt datasets, the gate), on-policy sampling with the trainer's settings only, the logs, evaluation
+  draws and checkpointed random streams: the skeleton of `gated_trainer.py` (`PromptTrainerMixin`); here, what
+  `DistillationTrainer` makes different: its teacher's checks (`_before_parent_init`) and placement under FSDP
+  (`_after_parent_init`), and its loss.
 
 The one override of the loss is `_compute_loss`. TRL's version sums the per-token divergence before returning it, so
 the weights cannot be applied after it: `compat.py` repeats TRL's steps up to that sum (pinned to TRL's source by a
@@ -23,23 +26,17 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from collections.abc import Callable
 from typing import Any
 
 import torch
-from datasets import Dataset, IterableDataset
 from torch import nn
-from transformers import PreTrainedModel, TrainerCallback
 from trl import DistillationTrainer
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
-from .batches import ON_POLICY
+from .batch_kind import BatchKind
 from .compat import distillation_hidden_states, distillation_inputs, per_token_divergence
 from .config import SpecKDDistillationConfig
-from .data import prompts_from_messages
-from .gated_trainer import GatedTrainerMixin
-from .generation import sampling_only_from
-from .losses import LossTerms, sampled_log_probs_from_hidden
+from .gated_trainer import PromptTrainerMixin
 from .models import (
     EAGER_REMEDY,
     capture_last_hidden_state,
@@ -47,19 +44,14 @@ from .models import (
     is_quantized,
     load_teacher_tokenizer,
     output_head,
-    output_vocab_size,
     prepare_teacher_for_fsdp,
 )
+from .reduction import LossTerms, sampled_log_probs_from_hidden
 from .validation import (
     check_fsdp_applied,
-    check_gate_top_k,
-    check_launch,
-    check_prompt_dataset,
     check_same_tokens,
     check_zero3_quantized_teacher,
-    named_datasets,
 )
-from .weighting import TokenGate
 
 
 # What a model whose output layer the chunked divergence cannot read should do instead: `DistillationTrainer` has no
@@ -69,19 +61,7 @@ SPECKD_EAGER_REMEDY = (
 )
 
 
-def prompt_datasets(train_dataset: Any, eval_dataset: Any, processing_class: Any) -> tuple[Any, Any]:
-    """The datasets checked for on-policy training (`validation.check_prompt_dataset`) and chat `messages` rows
-    turned into `prompt` rows (`data.prompts_from_messages`); `eval_dataset` may be a dict of datasets."""
-    for name, dataset in [("train_dataset", train_dataset)] + named_datasets(eval_dataset, "eval_dataset"):
-        check_prompt_dataset(dataset, processing_class, name=name)
-    if isinstance(eval_dataset, dict):
-        eval_dataset = {name: prompts_from_messages(ds) for name, ds in eval_dataset.items()}
-    else:
-        eval_dataset = prompts_from_messages(eval_dataset)
-    return prompts_from_messages(train_dataset), eval_dataset
-
-
-class SpecKDDistillationTrainer(GatedTrainerMixin, DistillationTrainer):
+class SpecKDDistillationTrainer(PromptTrainerMixin, DistillationTrainer):
     """TRL's [`~trl.DistillationTrainer`] with the speculative gate: SpecKD for on-policy-only distillation.
 
     The student samples every completion (through transformers or vLLM, as `DistillationTrainer`); at every completion
@@ -111,85 +91,40 @@ class SpecKDDistillationTrainer(GatedTrainerMixin, DistillationTrainer):
     _tag_names = ["trl", "distillation", "speckd"]
     _name = "SpecKD-Distillation"
 
-    def __init__(
-        self,
-        model: str | PreTrainedModel | nn.Module,
-        teacher_model: str | PreTrainedModel | nn.Module | None = None,
-        args: SpecKDDistillationConfig | None = None,
-        train_dataset: Dataset | IterableDataset | None = None,
-        eval_dataset: Dataset | IterableDataset | dict[str, Dataset | IterableDataset] | None = None,
-        processing_class: Any = None,
-        callbacks: list[TrainerCallback] | None = None,
-        optimizers: tuple[torch.optim.Optimizer | None, torch.optim.lr_scheduler.LambdaLR | None] = (None, None),
-        quantization_config: Any = None,
-        peft_config: Any = None,
-        tools: list[Callable] | None = None,
-    ):
-        if not isinstance(args, SpecKDDistillationConfig):
-            raise TypeError(
-                "SpecKDDistillationTrainer needs `args=SpecKDDistillationConfig(...)`, got "
-                f"{type(args).__name__}. SpecKDDistillationConfig accepts every DistillationConfig field."
-            )
-        if teacher_model is None:
-            teacher_model = args.teacher_model_name_or_path
+    _config_class = SpecKDDistillationConfig
+    _heads_checked = False  # `_check_output_heads` runs on the first micro-batch
+
+    def _before_parent_init(self, given: dict[str, Any]) -> None:
+        """The teacher (`args.teacher_model_name_or_path` by default) checked before anything is loaded: ZeRO-3 with a
+        quantized teacher, and its tokenizer id by id against the student's (TRL compares only the vocabulary sizes),
+        read from where the teacher is (or was loaded) from."""
+        args = given["args"]
+        if given["teacher_model"] is None:
+            given["teacher_model"] = args.teacher_model_name_or_path
+        teacher_model, processing_class = given["teacher_model"], given["processing_class"]
         if teacher_model is None:
             raise ValueError(
                 "SpecKDDistillationTrainer needs a teacher: pass `teacher_model=` (a model, a name or a local path) "
                 "or set `teacher_model_name_or_path` in SpecKDDistillationConfig."
             )
-        # Bad input fails here, before any model is loaded or any step runs (as in `SpecKDTrainer`).
-        check_launch(args)
-        train_dataset, eval_dataset = prompt_datasets(train_dataset, eval_dataset, processing_class)
         check_zero3_quantized_teacher(
             "quantization_config" in (args.teacher_model_init_kwargs or {})
             if isinstance(teacher_model, str)
             else is_quantized(teacher_model)
         )
-        # TRL compares only the vocabulary sizes: the two tokenizers id by id here, from where the teacher is (or was
-        # loaded) from, before anything is loaded
         teacher_tokenizer = load_teacher_tokenizer(teacher_model, args)
         if teacher_tokenizer is not None and processing_class is not None:
             check_same_tokens(
                 getattr(processing_class, "tokenizer", processing_class),
                 getattr(teacher_tokenizer, "tokenizer", teacher_tokenizer),
             )
-        super().__init__(
-            model,
-            teacher_model=teacher_model,
-            args=args,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            quantization_config=quantization_config,
-            peft_config=peft_config,
-            tools=tools,
-        )
-        # `DistillationTrainer`'s `prepare_model(teacher, evaluation_mode=True)` leaves the teacher unsharded and
-        # unplaced under FSDP (see `models.prepare_teacher_for_fsdp`)
+
+    def _after_parent_init(self) -> None:
+        """`DistillationTrainer`'s `prepare_model(teacher, evaluation_mode=True)` leaves the teacher unsharded and
+        unplaced under FSDP (see `models.prepare_teacher_for_fsdp`)."""
         check_fsdp_applied(self.accelerator)
         if self.teacher_model is not None:
             self.teacher_model = prepare_teacher_for_fsdp(self.teacher_model, self.accelerator)
-        check_gate_top_k(args, output_vocab_size(self.accelerator.unwrap_model(self.model)))
-        # The per-token gate: its draws (one training stream per process, one evaluation stream), its settings at a
-        # step and its logging window. The proposals are the sampled tokens, drawn at `args.temperature`.
-        self._gate = TokenGate(
-            args,
-            temperature=args.temperature,
-            device=self.accelerator.device,
-            seed=args.seed,
-            process_index=self.accelerator.process_index,
-        )
-        self._heads_checked = False  # `_check_output_heads` runs on the first micro-batch
-
-    # ------------------------------------------------------------------ generation
-
-    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, has_tool_images=False):
-        """TRL's generation, sampling with the trainer's settings only (`generation.sampling_only_from`): none is
-        inherited from the student's own generation config, so the `spec` rule's ``q`` is what was sampled from."""
-        with sampling_only_from(self.accelerator.unwrap_model(self.model), self.generation_config):
-            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, has_tool_images)
 
     # ------------------------------------------------------------------ loss
 
@@ -226,13 +161,8 @@ class SpecKDDistillationTrainer(GatedTrainerMixin, DistillationTrainer):
         teacher_hidden = teacher_hidden.to(teacher_head.weight.device).flatten(0, 1)  # [B * K, H_t]
         completion = loss_mask.to(device) != 0  # [B, K]
 
-        batch = self._gate.batch(
-            ON_POLICY,
-            completion,
-            inputs["completion_ids"].to(device),
-            training=unwrapped_student.training,
-            step=self.state.global_step,
-            max_steps=self.state.max_steps,
+        batch = self._open_batch(
+            BatchKind.on_policy(), completion, inputs["completion_ids"].to(device), training=unwrapped_student.training
         )
         rows = batch.rows
         with maybe_gather_lm_head_ctx(student_head.weight, student_head.bias, teacher_head.weight, teacher_head.bias):
@@ -259,8 +189,7 @@ class SpecKDDistillationTrainer(GatedTrainerMixin, DistillationTrainer):
                 )
             )
 
-        loss = batch.reduce(LossTerms(weighted.sum(), accepted, sampled_log_probs), num_items_in_batch)
-        batch.record(accepted)
+        loss = self._close_batch(batch, LossTerms(weighted.sum(), accepted, sampled_log_probs), num_items_in_batch)
         return loss, entropy.sum().detach(), valid.sum()
 
     @torch.no_grad()

@@ -10,9 +10,8 @@ lower id). Two views of it feed the unchanged gate and loss paths:
   equals TRL's top-K + tail-bucket one (values and gradient).
 
 `SparseTeacher` holds the four tensors and gives both views; `sparse_teacher_from_hidden` cuts a live teacher the
-same way, a chunk of rows at a time; `server_sparse_teacher` reads a teacher server's answer (its tail is ``1 - sum``
-of the returned mass). `no_token_slots` marks the slots of ids past the student's vocabulary (a padded teacher),
-whose mass goes to the tail; `check_top_k_decidable` refuses a `topk` verdict that such slots leave undecided.
+same way, a chunk of rows at a time; a teacher server's answer becomes one in `server_teacher.py`. `no_token_slots`
+marks the slots of ids past the student's vocabulary (a padded teacher), whose mass goes to the tail.
 
 Shapes: ``B`` batch, ``T`` positions, ``V`` vocabulary, ``K`` tokens kept, ``N`` flattened positions, ``H`` hidden
 size.
@@ -283,84 +282,3 @@ def sparse_teacher_from_hidden(
         torch.cat([p.log_tail for p in parts]),
         head.weight.size(0),
     )
-
-
-def server_sparse_teacher(
-    teacher_result: dict[str, torch.Tensor], required: torch.Tensor, vocab_size: int
-) -> tuple[SparseTeacher, torch.Tensor]:
-    """A teacher server's answer (`server_trainer`) as a `SparseTeacher` and the gate's view of it.
-
-    Args:
-        teacher_result: `ServerDistillationTrainer._get_teacher_token_logprobs_from_server`'s dict:
-            ``topk_logprobs`` `[B, T, K]` (``-inf`` where missing), ``topk_token_ids`` `[B, T, K]`,
-            ``actual_logprobs`` `[B, T]` (the sampled token's).
-        required (`torch.BoolTensor` of shape `[B, T]`): the completion positions.
-        vocab_size (`int`): ``V``.
-
-    Ties. The server cuts its top-K with ``torch.topk``, which keeps an arbitrary subset of the tokens tied at the
-    K-th value, in no fixed order. The gate's `topk` rule ranks the returned tokens (and the sampled one) by value,
-    then id (`rules.teacher_rank`), so a tie at the gate's k-th place goes to the lower id exactly as on the full
-    teacher whenever the tied tokens are all returned, i.e. unless the tie reaches the K-th place (``K - k + 1`` or
-    more tokens tied at the k-th value: none with ``k = 5``, ``K = 20`` short of 16-way ties). With ``k = K`` it
-    always reaches it, and the returned set is no longer the rule's top-k: `SpecKDServerDistillationConfig` refuses
-    ``gate_top_k >= loss_top_k`` for that reason (the server cannot be asked for the rule's order).
-
-    Ids past the student's vocabulary. A teacher whose output is padded beyond the student's (Qwen2.5-7B's 152064 rows
-    against Qwen2.5-0.5B's 151936) may return ids ``>= V``. The student puts no probability on them, so their mass
-    goes to the tail bucket, exactly: their slots are dropped (`no_token_slots`) and the tail ``1 - sum`` is
-    taken over the other slots. The gate never counts them either (the view has the ``V`` ids only).
-
-    Returns:
-        The `SparseTeacher` `[B, T, K]` (tail ``log(1 - sum exp(top-k))`` over the slots of ids ``< V``) and the
-        gate's `[B, T, V]` log-probabilities (`sparse_log_probs`, the sampled token's log-probability written
-        in).
-
-    Raises:
-        ValueError: where the server returned no top-1 log-probability at a completion position.
-    """
-    values, ids = teacher_result["topk_logprobs"], teacher_result["topk_token_ids"].long()
-    missing = required & ~torch.isfinite(values[..., 0])
-    if missing.any():
-        raise ValueError(
-            f"The teacher server returned no log-probabilities at {int(missing.sum())} of {int(required.sum())} "
-            "completion positions; check that it serves the same model and tokenizer, and its max_logprobs."
-        )
-    floor = -1e4
-    values = torch.where(required.unsqueeze(-1), values, torch.full_like(values, floor)).clamp_min(floor)
-    valid = no_token_slots(ids, vocab_size)
-    in_vocab = values if valid is None else values.masked_fill(~valid, float("-inf"))
-    log_mass = torch.logsumexp(in_vocab, dim=-1).clamp(max=-1e-7)  # as TRL's `_add_tail_bucket`
-    log_tail = torch.log(-torch.expm1(log_mass))
-    teacher = SparseTeacher(ids, values, log_tail, vocab_size, valid)
-    return teacher, teacher.log_probs()
-
-
-def check_top_k_decidable(teacher: SparseTeacher, tokens: torch.Tensor, gated: torch.Tensor, top_k: int) -> None:
-    """Refuse a top-k verdict the server's answer cannot decide. Where ids past the student's vocabulary take slots of
-    the returned top-K (`server_sparse_teacher`), fewer than `top_k` student tokens may be left in it; a sampled token
-    that is not among them then has an unknown rank among the student's tokens (its own log-probability is known, not
-    how many tokens left out lie above it).
-
-    Args:
-        teacher (`SparseTeacher` of shape `[B, T, K]`): `server_sparse_teacher`'s.
-        tokens (`torch.LongTensor` of shape `[B, T]`), gated (`torch.BoolTensor` of shape `[B, T]`): the sampled
-            tokens and the positions the gate verifies.
-        top_k (`int`): the rule's k at this step.
-
-    Raises:
-        ValueError: naming both vocabulary sizes and the `loss_top_k` that would serve.
-    """
-    if teacher.valid is None:
-        return
-    real = teacher.valid.sum(dim=-1)  # [B, T] student tokens returned
-    returned = ((teacher.ids == tokens.unsqueeze(-1)) & teacher.valid).any(dim=-1)
-    undecided = gated & (real < top_k) & ~returned
-    if bool(undecided.any()):
-        padded = int((~teacher.valid).sum(dim=-1)[gated].max())
-        raise ValueError(
-            f"The teacher server returned ids past the student's vocabulary (the student has {teacher.vocab_size} "
-            f"tokens, the teacher's ids reach {int(teacher.ids.max()) + 1} or more: a padded embedding): up to "
-            f"{padded} of its top loss_top_k={teacher.ids.size(-1)} are no student token, leaving fewer than "
-            f"gate_top_k={top_k} student tokens at {int(undecided.sum())} gated positions, where the gate cannot "
-            f"rank the sampled token. Set loss_top_k >= {top_k + padded} (and the server's max_logprobs with it)."
-        )

@@ -8,7 +8,8 @@ Wiring only. Where to look:
   weights), over the rule of `rules.py`;
 - how the loss is reduced: `GatedBatch.reduce` over `losses.py` (weighted generalized JSD, eager or chunked, and its
   normalization), from the `losses.LossTerms` of `_eager_terms` / `_chunked_terms`;
-- the logs, evaluation draws and checkpointed random streams: `gated_trainer.GatedTrainerMixin`; the output-head
+- the gate's set-up, a micro-batch's open / reduce / record steps, `compute_loss`'s signature, the logs, evaluation
+  draws and checkpointed random streams: the skeleton of `gated_trainer.py` (`GatedLossMixin`); the output-head
   reader and teacher loading: `models.py`; input checks: `validation.py`; dataset transforms: `data.py`.
 
 Two things differ from TRL 1.16's `GKDTrainer` besides the gate:
@@ -26,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -45,22 +47,14 @@ from .batches import (
     BatchKinds,
     SpeculativeSampler,
     make_completions,
-    row_kinds,
+    recorded_kind,
 )
 from .config import SpecKDConfig
 from .data import prepare_prompt_completion
-from .gated_trainer import GatedTrainerMixin
+from .divergence import jsd_log_probs, weighted_jsd_from_log_probs
+from .gated_trainer import GatedLossMixin
 from .generation import sampling_only_from
-from .losses import (
-    LossTerms,
-    SparseTeacher,
-    chunked_weighted_jsd,
-    jsd_log_probs,
-    sampled_log_probs,
-    sampled_log_probs_from_hidden,
-    sparse_teacher_from_hidden,
-    weighted_jsd_from_log_probs,
-)
+from .losses import chunked_weighted_jsd
 from .models import (
     EAGER_REMEDY,
     OutputHead,
@@ -73,13 +67,14 @@ from .models import (
     output_vocab_size,
     prepare_teacher_for_fsdp,
 )
+from .reduction import LossTerms, sampled_log_probs, sampled_log_probs_from_hidden
+from .sparse_teacher import SparseTeacher, sparse_teacher_from_hidden
 from .teacher_cache import TeacherCache, cache_teacher, report_cache_teacher, run_fields
 from .validation import (
     check_4bit_teacher,
     check_dataset,
     check_fsdp_applied,
     check_fsdp_generation,
-    check_gate_top_k,
     check_launch,
     check_loaded_teacher,
     check_pad_token,
@@ -90,10 +85,10 @@ from .validation import (
     named_datasets,
     quantization_setting,
 )
-from .weighting import GatedBatch, TokenGate
+from .weighting import GatedBatch
 
 
-class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
+class SpecKDTrainer(GatedLossMixin, GKDTrainer):
     """Trainer for Speculative Knowledge Distillation (SpecKD), a drop-in replacement for `GKDTrainer`.
 
     At every completion position the student proposes a token (the token it sampled, for on-policy sequences; its own
@@ -109,6 +104,7 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
 
     _tag_names = ["trl", "gkd", "speckd"]
     _name = "SpecKD"
+    _config_class = SpecKDConfig
     # `compute_loss` divides by the completion tokens of the whole accumulation window itself.
     loss_is_scaled_for_ga = True
 
@@ -128,148 +124,81 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
         peft_config: Any = None,
         formatting_func: Callable | None = None,
     ):
-        if not isinstance(args, SpecKDConfig):
-            raise TypeError(
-                f"SpecKDTrainer needs `args=SpecKDConfig(...)`, got {type(args).__name__}. SpecKDConfig accepts every "
-                "GKDConfig field."
-            )
+        # Bad input fails here, before any model is prepared or any step runs.
+        self._check_config(args)
         check_launch(args)
         check_pad_token(processing_class)
-        # Bad input fails here, before any model is prepared or any step runs.
-        for name, dataset in [("train_dataset", train_dataset)] + named_datasets(eval_dataset, "eval_dataset"):
-            check_dataset(dataset, processing_class, args.max_length, name=name)
-        train_dataset = prepare_prompt_completion(train_dataset, processing_class, args.max_length)
-        if isinstance(eval_dataset, dict):
-            eval_dataset = {
-                k: prepare_prompt_completion(v, processing_class, args.max_length) for k, v in eval_dataset.items()
-            }
-        else:
-            eval_dataset = prepare_prompt_completion(eval_dataset, processing_class, args.max_length)
+        train_dataset, eval_dataset = chat_datasets(train_dataset, eval_dataset, processing_class, args.max_length)
         if not isinstance(model, str):
             check_quantized_student(model, peft_config)
-
-        if teacher_model is None:
-            teacher_model = args.teacher_model_name_or_path
-        # With a teacher cache, dataset batches never run the teacher: with lmbda=0 and nothing to evaluate, none is
-        # loaded (a name or path is not even opened); a model passed in is kept for nothing but its checks.
-        cache_only = args.teacher_cache is not None and args.lmbda == 0 and eval_dataset is None
-        named_teacher = teacher_model if isinstance(teacher_model, str) else None  # the cache checks it by name
-        if cache_only and isinstance(teacher_model, str):
-            teacher_model = None
-        if teacher_model is None and not cache_only:
-            if args.teacher_cache is not None:
-                why = f"lmbda={args.lmbda} makes on-policy batches" if args.lmbda > 0 else "evaluation runs"
-                raise ValueError(
-                    f"SpecKDTrainer: teacher_cache={args.teacher_cache!r} serves dataset batches only, and {why} that "
-                    "need a live teacher: pass `teacher_model=` (or `teacher_model_name_or_path`), or train with "
-                    "lmbda=0 and no eval_dataset to use the cache alone."
-                )
-            raise ValueError(
-                "SpecKDTrainer needs a teacher: pass `teacher_model=` (a model, a name or a local path) or set "
-                "`teacher_model_name_or_path` in SpecKDConfig (or a `teacher_cache` with lmbda=0)."
+        teacher = _Teacher.resolve(teacher_model, args, evaluates=eval_dataset is not None)
+        with teacher.as_gkd_sees_it(model, args) as gkd_teacher:
+            super().__init__(
+                model,
+                teacher_model=gkd_teacher,
+                args=args,
+                data_collator=data_collator,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                compute_metrics=compute_metrics,
+                callbacks=callbacks,
+                optimizers=optimizers,
+                preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+                peft_config=peft_config,
+                formatting_func=formatting_func,
             )
-        gkd_kwargs = dict(
-            args=args,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            compute_metrics=compute_metrics,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
-            peft_config=peft_config,
-            formatting_func=formatting_func,
-        )
-        if teacher_model is None:
-            self._init_without_teacher(model, gkd_kwargs, named_teacher)
-            return
-        check_zero3_quantized_teacher(
-            args.teacher_quantization_method != "none"
-            if isinstance(teacher_model, str)
-            else is_quantized(teacher_model)
-        )
-        # the teacher's own tokenizer, read from where it is (or was) loaded from, for the id-by-id comparison
-        teacher_tokenizer = load_teacher_tokenizer(teacher_model, args)
-        if isinstance(teacher_model, str):
-            if args.teacher_quantization_method in ("int8", "nf4", "fp4"):
-                check_4bit_teacher(args.device, quantization_setting(args))
-            teacher_model = load_teacher(teacher_model, args)
-        else:
-            check_loaded_teacher(teacher_model, args)
+        self._prepare_models(teacher)
+        self._init_gate_state(args, teacher)
 
-        # The teacher is already loaded with our kwargs; GKD would try to apply them to an instance and raise.
-        init_kwargs, args.teacher_model_init_kwargs = args.teacher_model_init_kwargs, None
-        # GKD refuses different `config.vocab_size`s outright; `check_vocab` below accepts padded embeddings that
-        # both cover the tokenizer (Qwen), so GKD's check sees the student's size until it is done.
-        teacher_config = teacher_model.config.get_text_config()
-        teacher_vocab_size = teacher_config.vocab_size
-        teacher_config.vocab_size = _config_vocab_size(model, args) or teacher_vocab_size
-        try:
-            super().__init__(model, teacher_model=teacher_model, **gkd_kwargs)
-        finally:
-            args.teacher_model_init_kwargs = init_kwargs
-            teacher_config.vocab_size = teacher_vocab_size
+    def _prepare_models(self, teacher: _Teacher) -> None:
+        """After GKD's `__init__`: the teacher placed (or dropped, with a teacher cache alone), the launch checked, and
+        the ids both models' logits are compared on (`_shared_vocab`: the tokenizer's ids when the two output sizes
+        differ, padded embeddings; else None)."""
+        args = self.args
         # GKD's `prepare_model(teacher, evaluation_mode=True)` leaves the teacher unsharded and unplaced under FSDP
         check_fsdp_applied(self.accelerator)
-        self.teacher_model = prepare_teacher_for_fsdp(self.teacher_model, self.accelerator)
-        check_fsdp_generation(args, self.accelerator)
-        # Logits compared on the tokenizer's ids only when the two output sizes differ (padded embeddings), else None.
+        if teacher.model is None:
+            self.teacher_model = None
+        else:
+            self.teacher_model = prepare_teacher_for_fsdp(self.teacher_model, self.accelerator)
+            check_fsdp_generation(args, self.accelerator)
         # (read through the wrappers: under DeepSpeed the teacher is an engine, whose `config` is DeepSpeed's dict)
-        student, teacher = (self.accelerator.unwrap_model(m) for m in (self.model, self.teacher_model))
+        student = self.accelerator.unwrap_model(self.model)
         check_zero3_chunked(student, args.loss_path)
-        self._shared_vocab = check_vocab(student, teacher, self.processing_class, teacher_tokenizer)
-        check_gate_top_k(args, self._shared_vocab or output_vocab_size(student))
+        self._shared_vocab = None
+        self._teacher_cache = None
+        if self.teacher_model is None:  # a teacher cache alone: it holds the ids the loss compares
+            self._teacher_cache = self._open_teacher_cache(None, teacher.name)
+            if self._teacher_cache.spec.vocab_size != output_vocab_size(student):  # (a student padded past them)
+                self._shared_vocab = self._teacher_cache.spec.vocab_size
+            return
+        unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
+        self._shared_vocab = check_vocab(student, unwrapped_teacher, self.processing_class, teacher.tokenizer)
         if self._shared_vocab is not None:  # never sample an id past the tokenizer (padding rows of the embedding)
-            n_out = max(output_vocab_size(student), output_vocab_size(teacher))
+            n_out = max(output_vocab_size(student), output_vocab_size(unwrapped_teacher))
             self.generation_config.suppress_tokens = list(range(self._shared_vocab, n_out))
 
-        self._init_gate_state(args)
-        self._teacher_cache = self._open_teacher_cache(teacher) if args.teacher_cache is not None else None
-
-    def _init_gate_state(self, args: SpecKDConfig) -> None:
-        """The batch-kind draw, the gate, speculative generation's generator and the loss paths' flags."""
-        # Same draw on every process: all of them generate (or not) together.
-        self._batch_kinds = BatchKinds(args.seed, lmbda=self.lmbda, seq_kd=self.seq_kd)
-        # The per-token gate: its rule, its draws (one training stream per process, one evaluation stream), its
-        # settings at a step and its logging window.
-        self._gate = TokenGate(
+    def _init_gate_state(self, args: SpecKDConfig, teacher: _Teacher) -> None:
+        """The gate (`GatedTrainerMixin._init_gate`), the batch-kind draw, speculative generation's generator, the
+        loss paths' flags and, with a live teacher, its teacher cache."""
+        student = self.accelerator.unwrap_model(self.model)
+        self._init_gate(
             args,
             temperature=self.temperature,
-            device=self.accelerator.device,
-            seed=args.seed,
-            process_index=self.accelerator.process_index,
+            vocab_size=self._shared_vocab or output_vocab_size(student),
             proposal=args.gate_proposal,
         )
+        # Same draw on every process: all of them generate (or not) together.
+        self._batch_kinds = BatchKinds(args.seed, lmbda=self.lmbda, seq_kd=self.seq_kd)
         # Per-row seeds of speculative generation (`generation.row_seeds`); a stream of its own, so turning
         # `on_policy_generation` on leaves the gate's draws unchanged.
         self._generation_generator = torch.Generator()
         self._generation_generator.manual_seed(args.seed + 1_000_003 * (self.accelerator.process_index + 1))
         self._heads_checked: set[str] = set()  # `check_output_head` runs on each model's first chunked batch
         self._predicting = False  # in a `prediction_step` that returns the logits (see there)
-
-    def _init_without_teacher(self, model: Any, kwargs: dict[str, Any], teacher_name: str | None = None) -> None:
-        """`__init__` when a teacher cache replaces the teacher (lmbda=0, no evaluation): GKD's own `__init__` gets
-        a stand-in that has the student's config and no weights (it is never called), then there is no teacher.
-        `teacher_name`: the teacher the run names (not loaded), which the cache must have been made by."""
-        args = kwargs["args"]
-        config = (
-            AutoConfig.from_pretrained(model, trust_remote_code=args.trust_remote_code)
-            if isinstance(model, str)
-            else model.config
-        )
-        super().__init__(model, teacher_model=_NoTeacher(config), **kwargs)
-        self.teacher_model = None
-        check_fsdp_applied(self.accelerator)
-        student = self.accelerator.unwrap_model(self.model)
-        check_zero3_chunked(student, args.loss_path)
-        self._shared_vocab = None
-        self._init_gate_state(args)
-        self._teacher_cache = self._open_teacher_cache(None, teacher_name)
-        n_student, n_cache = output_vocab_size(student), self._teacher_cache.spec.vocab_size
-        if n_cache != n_student:  # a student embedding padded past the tokenizer compares the tokenizer's ids
-            self._shared_vocab = n_cache
-        check_gate_top_k(args, self._shared_vocab or n_student)
+        if self.teacher_model is not None and args.teacher_cache is not None:
+            self._teacher_cache = self._open_teacher_cache(self.accelerator.unwrap_model(self.teacher_model))
 
     def _open_teacher_cache(self, teacher: nn.Module | None, teacher_name: str | None = None) -> TeacherCache:
         """`args.teacher_cache`, checked against this run: tokenizer, chat template, dataset, max_length, the
@@ -433,14 +362,10 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
 
     # ------------------------------------------------------------------ loss
 
-    def compute_loss(
-        self,
-        model: nn.Module,
-        inputs: dict[str, Any],
-        return_outputs: bool = False,
-        num_items_in_batch: torch.Tensor | int | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
-        """Gated generalized JSD of one micro-batch, normalized for its accumulation window.
+    def _gated_loss(
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None
+    ) -> tuple[torch.Tensor, Any]:
+        """Gated generalized JSD of one micro-batch, normalized for its accumulation window (`compute_loss`).
 
         `args.loss_path="eager"` computes it from both models' full logits, `"chunked"` from their final hidden
         states, `args.loss_chunk_size` completion tokens at a time (`losses.chunked_weighted_jsd`); both give the
@@ -450,34 +375,24 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
         completion = inputs["labels"][:, 1:] != -100
         # What the student sampled at each position of an on-policy row: the gate's proposal and the reward's action
         sampled_ids = inputs.get(PROPOSALS_KEY, inputs["input_ids"])[:, 1:]
-        batch = self._gate.batch(
-            row_kinds(inputs),
-            completion,
-            sampled_ids,
-            training=model.training,
-            step=self.state.global_step,
-            max_steps=self.state.max_steps,
-        )
-        cached = self._cached_teacher(model, inputs, completion)
+        kind = recorded_kind(inputs, seq_kd=self.seq_kd)
+        batch = self._open_batch(kind, completion, sampled_ids, training=model.training)
+        cached = self._cached_teacher(model, inputs, batch)
         if self.args.loss_path == "chunked":
             terms = self._chunked_terms(model, inputs, batch, cached)
         else:
             terms = self._eager_terms(model, inputs, batch, cached)
-        loss = batch.reduce(terms, num_items_in_batch)
-        batch.record(terms.accepted)
+        loss = self._close_batch(batch, terms, num_items_in_batch)
         empty_cache()
-        return (loss, terms.outputs) if return_outputs else loss
+        return loss, terms.outputs
 
-    def _cached_teacher(
-        self, model: nn.Module, inputs: dict[str, Any], completion: torch.Tensor
-    ) -> SparseTeacher | None:
+    def _cached_teacher(self, model: nn.Module, inputs: dict[str, Any], batch: GatedBatch) -> SparseTeacher | None:
         """The teacher cache's rows for a training micro-batch of dataset rows, `[B, T, K]`; None where the live
-        teacher is used (no cache; on-policy rows; evaluation). With a cache the loss paths cut the live teacher to
-        the same top-K + tail (`TeacherCache.live`): one loss scale on every batch."""
-        kind = row_kinds(inputs)  # (a bool tensor for a mixed micro-batch)
-        if self._teacher_cache is None or not model.training or not isinstance(kind, str) or kind != OFF_POLICY:
+        teacher is used (no cache; on-policy or `seq_kd` rows; evaluation). With a cache the loss paths cut the live
+        teacher to the same top-K + tail (`TeacherCache.live`): one loss scale on every batch."""
+        if self._teacher_cache is None or not model.training or not batch.kind.all_dataset:
             return None
-        return self._teacher_cache.batch(inputs["input_ids"], inputs["attention_mask"], completion)
+        return self._teacher_cache.batch(inputs["input_ids"], inputs["attention_mask"], batch.completion)
 
     def _eager_terms(
         self, model: nn.Module, inputs: dict[str, Any], batch: GatedBatch, cached: SparseTeacher | None = None
@@ -592,18 +507,8 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
         batch_size: int | None = None,
     ) -> TeacherCache:
         """Run the teacher over the training dataset, collated as training collates it, and write its top-K
-        log-probabilities at every completion position to `path` (`teacher_cache.cache_teacher`; resumable).
-
-        Args:
-            path: the cache directory.
-            top_k: K (default `args.teacher_cache_top_k`).
-            values_dtype: `"float16"` or `"float32"` (default `args.teacher_cache_dtype`).
-            shard_rows: dataset rows per shard (the unit of resuming).
-            batch_size: rows per teacher forward (default `args.per_device_eval_batch_size`).
-
-        Returns:
-            The cache, opened and checked for this trainer.
-        """
+        log-probabilities at every completion position to `path` (resumable); the cache, opened and checked for this
+        trainer. The arguments and defaults: `teacher_cache.cache_teacher`, which this calls."""
         return cache_teacher(
             self, path, top_k=top_k, values_dtype=values_dtype, shard_rows=shard_rows, batch_size=batch_size
         )
@@ -648,6 +553,88 @@ class SpecKDTrainer(GatedTrainerMixin, GKDTrainer):
                 "(fp16 overflow: load it in bfloat16 or float32), or its quantization settings."
             )
         return teacher_out
+
+
+def chat_datasets(train_dataset: Any, eval_dataset: Any, processing_class: Any, max_length: int | None) -> tuple:
+    """The datasets checked (`validation.check_dataset`) and turned into the rows GKD's collator reads
+    (`data.prepare_prompt_completion`); `eval_dataset` may be a dict of datasets."""
+    for name, dataset in [("train_dataset", train_dataset)] + named_datasets(eval_dataset, "eval_dataset"):
+        check_dataset(dataset, processing_class, max_length, name=name)
+    if isinstance(eval_dataset, dict):
+        eval_dataset = {k: prepare_prompt_completion(v, processing_class, max_length) for k, v in eval_dataset.items()}
+    else:
+        eval_dataset = prepare_prompt_completion(eval_dataset, processing_class, max_length)
+    return prepare_prompt_completion(train_dataset, processing_class, max_length), eval_dataset
+
+
+@dataclasses.dataclass(frozen=True)
+class _Teacher:
+    """The run's teacher before GKD's `__init__`: the loaded model (None with a teacher cache alone), its own
+    tokenizer (for the id-by-id comparison, read from where it is or was loaded from) and the name it was given by
+    (which a teacher cache must have been made by)."""
+
+    model: nn.Module | None
+    tokenizer: Any = None
+    name: str | None = None
+
+    @classmethod
+    def resolve(cls, teacher_model: Any, args: SpecKDConfig, *, evaluates: bool) -> _Teacher:
+        """`teacher_model` (or `args.teacher_model_name_or_path`) checked and loaded, as `args` says. With a teacher
+        cache, dataset batches never run the teacher: with lmbda=0 and nothing to evaluate, none is loaded (a name or
+        path is not even opened); a model passed in is kept for nothing but its checks."""
+        if teacher_model is None:
+            teacher_model = args.teacher_model_name_or_path
+        named = teacher_model if isinstance(teacher_model, str) else None
+        cache_only = args.teacher_cache is not None and args.lmbda == 0 and not evaluates
+        if cache_only and (teacher_model is None or named is not None):
+            return cls(None, name=named)
+        if teacher_model is None:
+            if args.teacher_cache is not None:
+                why = f"lmbda={args.lmbda} makes on-policy batches" if args.lmbda > 0 else "evaluation runs"
+                raise ValueError(
+                    f"SpecKDTrainer: teacher_cache={args.teacher_cache!r} serves dataset batches only, and {why} that "
+                    "need a live teacher: pass `teacher_model=` (or `teacher_model_name_or_path`), or train with "
+                    "lmbda=0 and no eval_dataset to use the cache alone."
+                )
+            raise ValueError(
+                "SpecKDTrainer needs a teacher: pass `teacher_model=` (a model, a name or a local path) or set "
+                "`teacher_model_name_or_path` in SpecKDConfig (or a `teacher_cache` with lmbda=0)."
+            )
+        check_zero3_quantized_teacher(
+            args.teacher_quantization_method != "none" if named is not None else is_quantized(teacher_model)
+        )
+        tokenizer = load_teacher_tokenizer(teacher_model, args)
+        if named is None:
+            check_loaded_teacher(teacher_model, args)
+            return cls(teacher_model, tokenizer)
+        if args.teacher_quantization_method in ("int8", "nf4", "fp4"):
+            check_4bit_teacher(args.device, quantization_setting(args))
+        return cls(load_teacher(teacher_model, args), tokenizer, named)
+
+    @contextmanager
+    def as_gkd_sees_it(self, student: Any, args: SpecKDConfig) -> Iterator[nn.Module]:
+        """The teacher to hand GKD's `__init__`, with what GKD would refuse hidden until it returns: the teacher is
+        already loaded with `args.teacher_model_init_kwargs` (GKD would apply them to an instance and raise), and GKD
+        refuses different `config.vocab_size`s outright where `check_vocab` accepts padded embeddings that both
+        cover the tokenizer (Qwen), so it sees the student's size. With no teacher, a stand-in that has the student's
+        config and no weights (`_NoTeacher`, never called)."""
+        if self.model is None:
+            config = (
+                AutoConfig.from_pretrained(student, trust_remote_code=args.trust_remote_code)
+                if isinstance(student, str)
+                else student.config
+            )
+            yield _NoTeacher(config)
+            return
+        init_kwargs, args.teacher_model_init_kwargs = args.teacher_model_init_kwargs, None
+        config = self.model.config.get_text_config()
+        vocab_size = config.vocab_size
+        config.vocab_size = _config_vocab_size(student, args) or vocab_size
+        try:
+            yield self.model
+        finally:
+            args.teacher_model_init_kwargs = init_kwargs
+            config.vocab_size = vocab_size
 
 
 class _NoTeacher(nn.Module):

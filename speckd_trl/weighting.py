@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .batches import ON_POLICY, Kind, on_policy_positions
+from .batch_kind import BatchKind
 from .config import GateConfigMixin
 from .divergence import jsd_log_probs, top_k_log_probs
 from .metrics import gate_metrics, new_window, record_generation, record_verdicts
@@ -90,7 +90,7 @@ class TokenGate:
 
     def batch(
         self,
-        kind: Kind,
+        kind: BatchKind,
         completion: torch.Tensor,
         sampled_ids: torch.Tensor,
         *,
@@ -101,14 +101,14 @@ class TokenGate:
         """The gate's view of one micro-batch: its gated positions, random draws and the settings at `step`.
 
         Args:
-            kind (`str` or `torch.BoolTensor` of shape `[B, 1]`): how the completions were made (`batches.py`).
+            kind (`BatchKind`): how the completions were made: which rows are on-policy.
             completion (`torch.BoolTensor` of shape `[B, T]`): the completion positions (those in the loss).
             sampled_ids (`torch.LongTensor` of shape `[B, T]`): the tokens the student sampled (the proposals at
                 on-policy positions, the reward term's actions); read nowhere else.
             training (`bool`): draw from the training stream (else the evaluation one) and record the verdicts.
             step (`int`), max_steps (`int`): the optimizer step, for the schedules.
         """
-        gated = completion & self.is_gated(kind)
+        gated = completion & self.is_gated(kind, completion)
         generator = self.generator if training else self.eval_generator
         return GatedBatch(
             gate=self,
@@ -122,24 +122,26 @@ class TokenGate:
             training=training,
         )
 
-    def is_gated(self, kind: Kind) -> bool | torch.Tensor:
-        """Whether sequences of this kind go through the gate (per row, `[B, 1]`, for a mixed batch)."""
-        if isinstance(kind, torch.Tensor):
-            return (kind & self.args.gates_on_policy) | (~kind & self.args.gates_off_policy)
-        return self.args.gates_on_policy if kind == ON_POLICY else self.args.gates_off_policy
+    def is_gated(self, kind: BatchKind, like: torch.Tensor) -> torch.Tensor:
+        """Bool like `like` `[B, T]`: whether each position's row goes through the gate (`gates_on_policy` on
+        on-policy rows, `gates_off_policy` on the others)."""
+        on_policy = kind.positions(like)
+        return (on_policy & self.args.gates_on_policy) | (~on_policy & self.args.gates_off_policy)
 
     def reset_eval_generator(self) -> None:
         """Restart the evaluation draws from the run's seed (every `evaluate` does)."""
         self.eval_generator.manual_seed(self._eval_seed)
 
-    def draw_uniforms(self, kind: Kind, gated: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    def draw_uniforms(
+        self, kind: BatchKind, gated: torch.Tensor, generator: torch.Generator
+    ) -> dict[str, torch.Tensor]:
         """The gate's U(0, 1) draws for the micro-batch, `[B, T]` each, from `generator` (the training or the
         evaluation stream), made once so every loss path uses them: ``"proposal"`` for sampled proposals on gated
         dataset / `seq_kd` positions, then ``"accept"`` for a rule that draws."""
         uniforms = {}
         if not gated.any() or not self.rule.rejects:
             return uniforms
-        if self.proposal == "sample" and bool((gated & ~on_policy_positions(kind, gated)).any()):
+        if self.proposal == "sample" and bool((gated & ~kind.positions(gated)).any()):
             uniforms["proposal"] = uniform(gated.shape, self.device, generator)
         if self.rule.draws_uniforms:
             uniforms["accept"] = uniform(gated.shape, self.device, generator)
@@ -152,10 +154,10 @@ class TokenGate:
             return student_log_probs
         return jsd_log_probs(student_log_probs, self.temperature)
 
-    def reads_student(self, kind: Kind) -> bool:
+    def reads_student(self, kind: BatchKind) -> bool:
         """Whether the verdicts on a batch of this kind read the student's distribution: a rule that reads ``q`` does,
         and so do the student's own proposals on dataset / `seq_kd` positions."""
-        return self.rule.reads_student or not (isinstance(kind, str) and kind == ON_POLICY)
+        return self.rule.reads_student or not kind.all_on_policy
 
     # ------------------------------------------------------------------ statistics
 
@@ -200,7 +202,7 @@ class GatedBatch:
 
     Attributes:
         gate (`TokenGate`): the trainer's gate.
-        kind (`str` or `torch.BoolTensor` of shape `[B, 1]`): how the completions were made.
+        kind (`BatchKind`): how the completions were made: which rows are on-policy.
         completion (`torch.BoolTensor` of shape `[B, T]`): the completion positions (in the loss).
         gated (`torch.BoolTensor` of shape `[B, T]`): the completion positions that go through the gate.
         sampled_ids (`torch.LongTensor` of shape `[B, T]`): the tokens the student sampled.
@@ -211,7 +213,7 @@ class GatedBatch:
     """
 
     gate: TokenGate
-    kind: Kind
+    kind: BatchKind
     completion: torch.Tensor
     gated: torch.Tensor
     sampled_ids: torch.Tensor
@@ -223,7 +225,7 @@ class GatedBatch:
     @property
     def sampled(self) -> torch.Tensor:
         """Bool `[B, T]`: the gated positions whose tokens the student sampled (the reward term's positions)."""
-        return self.gated & on_policy_positions(self.kind, self.gated)
+        return self.gated & self.kind.positions(self.gated)
 
     @cached_property
     def rows(self) -> torch.Tensor:
@@ -287,25 +289,22 @@ class GatedBatch:
         uniforms = {name: pick(u) for name, u in self.uniforms.items()}
         sampled_ids = pick(self.sampled_ids)
         student_log_probs = student_log_probs.detach()
-        if isinstance(self.kind, torch.Tensor):  # mixed batch (mixing="sample"): each position by its row's kind
-            on_policy = pick(on_policy_positions(self.kind, self.gated))
-            proposals = sampled_ids
+
+        def own_proposals() -> torch.Tensor:  # the student's greedy or sampled prediction
             # `draw_uniforms` drew the "proposal" uniforms iff a dataset / seq_kd position is gated; without them
             # none is, and `propose` would draw from torch's global generator (shifting every later draw of the run)
             if gate.proposal == "greedy" or "proposal" in uniforms:
-                own = propose(student_log_probs, mode=gate.proposal, uniforms=uniforms.get("proposal"))
-                proposals = torch.where(on_policy, sampled_ids, own)
-            proposal_log_probs = torch.where(
-                on_policy[..., None], gate.sampling_log_probs(student_log_probs), student_log_probs
-            )
-        elif self.kind == ON_POLICY:
-            # The proposal is the sampled token, drawn from the student at the sampling temperature (GKD and
-            # DistillationTrainer sample without top-k / top-p filtering by default), so that is the rule's q.
-            proposals = sampled_ids
-            proposal_log_probs = gate.sampling_log_probs(student_log_probs)
-        else:
-            proposals = propose(student_log_probs, mode=gate.proposal, uniforms=uniforms.get("proposal"))
-            proposal_log_probs = student_log_probs
+                return propose(student_log_probs, mode=gate.proposal, uniforms=uniforms.get("proposal"))
+            return sampled_ids
+
+        # On an on-policy row the proposal is the sampled token, drawn from the student at the sampling temperature
+        # (GKD and DistillationTrainer sample without top-k / top-p filtering by default), so that is the rule's q;
+        # on the others it is the student's own prediction, at temperature 1.
+        on_policy = pick(self.kind.positions(self.gated))
+        proposals = self.kind.where(on_policy, lambda: sampled_ids, own_proposals)
+        proposal_log_probs = self.kind.where(
+            on_policy[..., None], lambda: gate.sampling_log_probs(student_log_probs), lambda: student_log_probs
+        )
         accepted = rule.accept(
             proposal_log_probs,
             teacher_log_probs,
@@ -424,4 +423,4 @@ class GatedBatch:
     def record(self, accepted: torch.Tensor) -> None:
         """Add the verdicts `[B, T]` to the gate's logging window (training batches only)."""
         if self.training:
-            record_verdicts(self.gate.window, accepted, self.gated, on_policy_positions(self.kind, self.gated))
+            record_verdicts(self.gate.window, accepted, self.gated, self.kind.positions(self.gated))

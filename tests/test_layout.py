@@ -35,6 +35,7 @@ def imported_modules(path: Path) -> set[str]:
 
 def test_library_modules_are_the_expected_ones():
     assert LIBRARY == [
+        "batch_kind.py",
         "batches.py",
         "chunked.py",
         "compat.py",
@@ -52,6 +53,7 @@ def test_library_modules_are_the_expected_ones():
         "reduction.py",
         "reward.py",
         "rules.py",
+        "server_teacher.py",
         "server_trainer.py",
         "sparse_teacher.py",
         "teacher_cache.py",
@@ -139,6 +141,30 @@ def test_the_name_check_finds_a_comparison():
     assert RULE_NAME_COMPARISON.search('if self.args.gate == "spec":')
     assert RULE_NAME_COMPARISON.search("if 'topk' != args.gate:")
     assert not RULE_NAME_COMPARISON.search('if self.teacher_quant != "nf4":')
+
+
+# A type test on a batch kind: `isinstance(kind, str)`, `isinstance(self.kind, torch.Tensor)`.
+KIND_TYPE_TEST = re.compile(r"isinstance\(\s*[\w.]*kind\w*\s*,")
+
+
+def test_batch_kinds_are_read_through_their_methods():
+    """A batch kind is a `batch_kind.BatchKind`, read through its methods (`positions`, `all_dataset`, `where`, ...):
+    nothing tests its type to tell an on-policy batch, a dataset batch and a mixed one apart."""
+    offending = []
+    for folder in (PACKAGE, REPO / "benchmarks", REPO / "tools", REPO / "tests"):
+        for path in sorted(folder.rglob("*.py")):
+            if path == Path(__file__).resolve():
+                continue
+            for number, line in enumerate(path.read_text().splitlines(), 1):
+                if KIND_TYPE_TEST.search(line):
+                    offending.append(f"{path.relative_to(REPO)}:{number}: {line.strip()}")
+    assert not offending, "read the BatchKind through its methods instead:\n" + "\n".join(offending)
+
+
+def test_the_kind_check_finds_a_type_test():
+    assert KIND_TYPE_TEST.search("if isinstance(kind, str) and kind == ON_POLICY:")
+    assert KIND_TYPE_TEST.search("if isinstance(self.kind, torch.Tensor):")
+    assert not KIND_TYPE_TEST.search("if isinstance(teacher_model, str):")
 
 
 def test_library_imports_have_no_cycle():

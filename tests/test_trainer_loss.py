@@ -9,6 +9,7 @@ from transformers import TrainerCallback
 from trl.experimental.gkd import GKDTrainer
 
 from speckd_trl import SpecKDConfig, SpecKDTrainer
+from speckd_trl.batch_kind import BatchKind
 from speckd_trl.batches import KIND_KEY, OFF_POLICY, ON_POLICY
 from speckd_trl.tools.testing import TINY_ARGS, make_model
 from speckd_trl.tools.testing import make_trainer as tiny_trainer
@@ -289,7 +290,7 @@ def test_gate_on_the_whole_batch_or_on_the_gated_rows_alike(tmp_path, gate, kind
     most = torch.rand(n_b, n_t, generator=g) > 0.2
     few = most & (torch.arange(n_t) < 3)
     assert 2 * most.sum() > most.numel() >= 2 * few.sum()
-    batch = trainer._gate.batch(kind, most, labels, training=True, step=0, max_steps=1)
+    batch = trainer._gate.batch(BatchKind.named(kind), most, labels, training=True, step=0, max_steps=1)
     whole = batch.verdicts(log_q, log_p)
     rows = dataclasses.replace(batch, completion=few, gated=few).verdicts(log_q, log_p)  # the same draws
     assert torch.equal(rows, whole & few)
