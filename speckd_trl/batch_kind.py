@@ -4,7 +4,8 @@ Every trainer builds one per micro-batch: `SpecKDTrainer` from what `batches.py`
 the prompt-only trainers `BatchKind.on_policy()` (the student samples every completion). The gate (`weighting.py`)
 reads it through its methods, never by its name: the positions of on-policy rows (`positions`), whether every row is
 on-policy or the dataset's (`all_on_policy`, `all_dataset`), and the value of each position by its row's kind
-(`where`). It imports nothing from the package.
+(`where`). `Mixing` is `SpecKDConfig.mixing` resolved: whether the kind is drawn per micro-batch or per row. It
+imports nothing from the package.
 
 Shapes: ``B`` batch, ``T`` positions.
 """
@@ -81,3 +82,21 @@ class BatchKind:
         if self.on_policy_rows is None:
             return if_on() if self.every_row_on_policy else if_off()
         return torch.where(on_policy, if_on(), if_off())
+
+
+@dataclass(frozen=True)
+class Mixing:
+    """How `lmbda` mixes on-policy and other rows into micro-batches (`SpecKDConfig.mixing`), resolved from its name
+    (`MIXING_MODES`); `batches.make_completions` asks it instead of comparing the name.
+
+    Attributes:
+        name (`str`): the value of `mixing` that selects it.
+        per_row (`bool`): the draw is per row, so a micro-batch can be `BatchKind.mixed` (``"sample"``); else per
+            micro-batch, every row of one kind (``"batch"``, as GKD).
+    """
+
+    name: str
+    per_row: bool
+
+
+MIXING_MODES: dict[str, Mixing] = {m.name: m for m in (Mixing("batch", per_row=False), Mixing("sample", per_row=True))}

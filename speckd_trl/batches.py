@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .batch_kind import OFF_POLICY, ON_POLICY, SEQ_KD, BatchKind
+from .batch_kind import OFF_POLICY, ON_POLICY, SEQ_KD, BatchKind, Mixing
 from .generation import speculative_generate
 
 
@@ -99,7 +99,7 @@ def make_completions(
     kinds: BatchKinds,
     generate: Callable[[str, dict[str, Any]], dict[str, Any]],
     *,
-    mixing: str,
+    mixing: Mixing,
     pad_token_id: int,
 ) -> dict[str, Any]:
     """Draw the micro-batch's kind and, for on-policy / `seq_kd`, replace its completions by generated ones.
@@ -113,13 +113,13 @@ def make_completions(
         kinds (`BatchKinds`): the draw.
         generate (`Callable`): ``generate(kind, inputs) -> inputs`` with the completions of that kind (the dataset's
             unchanged for `OFF_POLICY`).
-        mixing (`str`): ``"batch"`` or ``"sample"``.
+        mixing (`Mixing`): the draw per micro-batch (``"batch"``) or per row (``"sample"``).
         pad_token_id (`int`): the padding of merged rows.
 
     Returns:
         The micro-batch, with its kind under `KIND_KEY`.
     """
-    if mixing == "batch":
+    if not mixing.per_row:
         kind = kinds.draw()
         return {**generate(kind, inputs), KIND_KEY: kind}
     on_policy = kinds.draw_on_policy_rows(inputs["input_ids"].size(0))

@@ -1,8 +1,15 @@
-"""`SpecKDConfig`: `GKDConfig` plus the speculative gate's settings."""
+"""`SpecKDConfig`: `GKDConfig` plus the speculative gate's settings.
+
+The fields stay what users write in YAML or on the command line (strings for every mode), checked in `__post_init__`
+with errors that name the field, its value and what is allowed. Each mode is then read as an object, never by its name:
+`config.modes` (`GateModes`, `SpecKDModes`) resolves the schedules (`schedules.Schedule`), the normalization
+(`reduction.Normalization`), the reject target (`divergence.RejectTarget`), the proposal (`rules.Proposal`), the loss
+path (`losses.LossPath`), the mixing (`batch_kind.Mixing`) and the on-policy generation
+(`generation.OnPolicyGeneration`), each defined where its job is done.
+"""
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,22 +22,27 @@ from trl import DistillationConfig
 from trl.experimental.gkd import GKDConfig
 from trl.experimental.server_distillation import ServerDistillationConfig
 
-from .losses import LOSS_PATHS
-from .reduction import NORMALIZATIONS
-from .rules import GATE_RULES, GATES, GateRule, check_teacher_reads, get_rule
+from .batch_kind import MIXING_MODES, Mixing
+from .divergence import REJECT_TARGET_MODES, RejectTarget
+from .generation import ON_POLICY_GENERATION_MODES, OnPolicyGeneration
+from .losses import LOSS_PATH_MODES, LOSS_PATHS, LossPath
+from .reduction import NORMALIZATION_MODES, NORMALIZATIONS, Normalization
+from .rules import GATE_RULES, GATES, PROPOSALS, GateRule, Proposal, check_teacher_reads, get_rule
+from .schedules import SCHEDULES as SCHEDULE_KINDS
+from .schedules import Schedule
 
 
 GATE_ON = ("both", "on_policy", "off_policy")
-GATE_PROPOSALS = ("greedy", "sample")
-SCHEDULES = ("constant", "linear")
-REJECT_TARGETS = ("teacher", "top_k")
+GATE_PROPOSALS = tuple(PROPOSALS)
+SCHEDULES = tuple(SCHEDULE_KINDS)
+REJECT_TARGETS = tuple(REJECT_TARGET_MODES)
 BNB_4BIT_QUANT_TYPES = ("nf4", "fp4")
 # how a teacher given as a name or path is loaded (`models.teacher_quantization_config`); "auto": the 4-bit setting
 # with teacher_load_in_4bit=True, else none
 TEACHER_QUANTIZATIONS = ("auto", "none", "int8", "nf4", "fp4")
 BNB_COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
-ON_POLICY_GENERATIONS = ("student", "speculative")
-MIXINGS = ("batch", "sample")
+ON_POLICY_GENERATIONS = tuple(ON_POLICY_GENERATION_MODES)
+MIXINGS = tuple(MIXING_MODES)
 
 
 def bf16_unsupported_reason(use_cpu: bool) -> str | None:
@@ -61,11 +73,46 @@ def _check_int(owner: str, name: str, value: object, low: int, why: str = "") ->
         raise ValueError(f"{owner}: {name}={value!r} is not valid; it must be an integer >= {low}{why}.")
 
 
-def _linear(start: float, end: float, step: int, max_steps: int) -> float:
-    """``start`` at step 0, ``end`` at step ``max_steps - 1`` (the last one), linear in between."""
-    if max_steps <= 1:
-        return float(start)
-    return start + (end - start) * min(max(step, 0), max_steps - 1) / (max_steps - 1)
+def _resolve(owner: str, name: str, value: str, modes: dict[str, Any]) -> Any:
+    """The object a mode field's string names (`modes[value]`), with `_check_choice`'s error for another value."""
+    _check_choice(owner, name, value, tuple(modes))
+    return modes[value]
+
+
+@dataclass(frozen=True)
+class GateModes:
+    """A SpecKD config's modes resolved from its string fields (`GateConfigMixin.modes`): the objects the trainers, the
+    gate and the loss ask instead of comparing the fields' names.
+
+    Attributes:
+        top_k (`Schedule`): the gate's k over the run (`gate_top_k`, `gate_top_k_schedule`, `_start`, `_end`).
+        reject_weight (`Schedule`): the weight of rejected positions over the run (`reject_weight` and its schedule).
+        normalization (`Normalization`): the loss denominator (`gate_normalize`).
+        reject_target (`RejectTarget`): what a rejected position is distilled toward (`reject_target`).
+    """
+
+    top_k: Schedule
+    reject_weight: Schedule
+    normalization: Normalization
+    reject_target: RejectTarget
+
+
+@dataclass(frozen=True)
+class SpecKDModes(GateModes):
+    """`SpecKDConfig`'s modes: `GateModes` plus those of `SpecKDTrainer` alone.
+
+    Attributes:
+        proposal (`Proposal`): the student's proposal on dataset and `seq_kd` positions (`gate_proposal`).
+        loss_path (`LossPath`): eager or chunked (`loss_path`).
+        mixing (`Mixing`): the batch-kind draw per micro-batch or per row (`mixing`).
+        on_policy_generation (`OnPolicyGeneration`): student sampling or speculative generation
+            (`on_policy_generation`).
+    """
+
+    proposal: Proposal
+    loss_path: LossPath
+    mixing: Mixing
+    on_policy_generation: OnPolicyGeneration
 
 
 def _resolve_bf16(args: Any) -> None:
@@ -227,8 +274,7 @@ class GateConfigMixin:
         _check_choice(owner, "gate_normalize", self.gate_normalize, NORMALIZATIONS)
         _check_int(owner, "gate_top_k", self.gate_top_k, 1)
         _check_range(owner, "reject_weight", self.reject_weight, 0.0, 1.0)
-        _check_choice(owner, "reject_target", self.reject_target, REJECT_TARGETS)
-        if self.reject_target != "teacher" and not self.gate_rule.rejects:
+        if self._reject_target().filters and not self.gate_rule.rejects:
             raise ValueError(
                 f"{owner}: reject_target={self.reject_target!r} changes the target of rejected positions, but "
                 f"gate={self.gate!r} rejects nothing; use a gate that rejects (e.g. gate='topk'), or "
@@ -271,11 +317,7 @@ class GateConfigMixin:
     def _warn_if_rejected_positions_are_masked(self) -> None:
         if not self.gate_rule.rejects:
             return
-        if self.reject_weight_schedule == "constant":
-            masked = self.reject_weight == 0
-        else:
-            masked = 0 in (self.reject_weight_start, self.reject_weight_end)
-        if masked:
+        if self._schedule("reject_weight").min == 0:
             warnings.warn(
                 f"{type(self).__name__}: a reject weight of 0 masks rejected positions completely, which can collapse "
                 "the student: nothing holds the rejected positions in place, so the acceptance rate falls and the "
@@ -288,16 +330,16 @@ class GateConfigMixin:
     def _check_schedule(self, name: str, check: Callable[[str, Any], None]) -> None:
         owner = type(self).__name__
         schedule = getattr(self, f"{name}_schedule")
-        _check_choice(owner, f"{name}_schedule", schedule, SCHEDULES)
+        reads_ends = _resolve(owner, f"{name}_schedule", schedule, SCHEDULE_KINDS).reads_ends
         for end in ("start", "end"):
             value = getattr(self, f"{name}_{end}")
-            if schedule == "linear" and value is None:
+            if reads_ends and value is None:
                 raise ValueError(
-                    f"{owner}: {name}_schedule='linear' needs {name}_start and {name}_end; {name}_{end} is not set."
+                    f"{owner}: {name}_schedule={schedule!r} needs {name}_start and {name}_end; {name}_{end} is not set."
                 )
-            if schedule == "constant" and value is not None:
+            if not reads_ends and value is not None:
                 raise ValueError(
-                    f"{owner}: {name}_{end}={value!r} is set but {name}_schedule='constant'; set "
+                    f"{owner}: {name}_{end}={value!r} is set but {name}_schedule={schedule!r}; set "
                     f"{name}_schedule='linear' to use it, or set {name} instead."
                 )
             if value is not None:
@@ -309,26 +351,46 @@ class GateConfigMixin:
         return get_rule(self.gate, owner=type(self).__name__)
 
     @property
+    def modes(self) -> GateModes:
+        """The gate's modes resolved from their string fields (`GateModes`). Built from the fields on every read, so it
+        is never saved with the config (`to_dict`, pickling) and follows a field changed after construction."""
+        return GateModes(**self._gate_modes())
+
+    def _gate_modes(self) -> dict[str, Any]:
+        owner = type(self).__name__
+        return {
+            "top_k": self._schedule("gate_top_k", rounded=True),
+            "reject_weight": self._schedule("reject_weight"),
+            "normalization": _resolve(owner, "gate_normalize", self.gate_normalize, NORMALIZATION_MODES),
+            "reject_target": self._reject_target(),
+        }
+
+    def _schedule(self, name: str, *, rounded: bool = False) -> Schedule:
+        """The schedule of the setting `name` (``"gate_top_k"``, ``"reject_weight"``) from its fields; `rounded` for a
+        count (k: rounded half up, at least 1)."""
+        schedule = getattr(self, f"{name}_schedule")
+        kind = _resolve(type(self).__name__, f"{name}_schedule", schedule, SCHEDULE_KINDS)
+        start, end = getattr(self, f"{name}_start"), getattr(self, f"{name}_end")
+        return kind.from_fields(getattr(self, name), start, end, rounded=rounded)
+
+    def _reject_target(self) -> RejectTarget:
+        return _resolve(type(self).__name__, "reject_target", self.reject_target, REJECT_TARGET_MODES)
+
+    @property
     def largest_top_k(self) -> int | None:
         """The largest k the run reads from the teacher's top tokens (the gate's k over its schedule, which target
         filtering reads too); None when nothing reads it."""
-        if not (self.gate_rule.uses_top_k or self.reject_target != "teacher"):
+        if not (self.gate_rule.uses_top_k or self._reject_target().filters):
             return None
-        if self.gate_top_k_schedule == "constant":
-            return self.gate_top_k
-        return max(k for k in (self.gate_top_k_start, self.gate_top_k_end) if k is not None)
+        return self._schedule("gate_top_k", rounded=True).max
 
     def gate_top_k_at(self, step: int, max_steps: int) -> int:
         """The `topk` gate's k at optimizer step `step` of `max_steps` (see `gate_top_k_schedule`)."""
-        if self.gate_top_k_schedule == "constant":
-            return self.gate_top_k
-        return max(1, math.floor(_linear(self.gate_top_k_start, self.gate_top_k_end, step, max_steps) + 0.5))
+        return self.modes.top_k.at(step, max_steps)
 
     def reject_weight_at(self, step: int, max_steps: int) -> float:
         """The weight of rejected positions at optimizer step `step` of `max_steps` (see `reject_weight_schedule`)."""
-        if self.reject_weight_schedule == "constant":
-            return self.reject_weight
-        return _linear(self.reject_weight_start, self.reject_weight_end, step, max_steps)
+        return self.modes.reject_weight.at(step, max_steps)
 
     @property
     def gates_on_policy(self) -> bool:
@@ -651,6 +713,20 @@ class SpecKDConfig(GateConfigMixin, GKDConfig):
         return dead
 
     @property
+    def modes(self) -> SpecKDModes:
+        """Every mode resolved from its string field (`SpecKDModes`), as `GateConfigMixin.modes`."""
+        owner = type(self).__name__
+        return SpecKDModes(
+            **self._gate_modes(),
+            proposal=_resolve(owner, "gate_proposal", self.gate_proposal, PROPOSALS),
+            loss_path=_resolve(owner, "loss_path", self.loss_path, LOSS_PATH_MODES),
+            mixing=_resolve(owner, "mixing", self.mixing, MIXING_MODES),
+            on_policy_generation=_resolve(
+                owner, "on_policy_generation", self.on_policy_generation, ON_POLICY_GENERATION_MODES
+            ),
+        )
+
+    @property
     def gates_on_policy(self) -> bool:
         """Whether student-generated sequences go through the gate."""
         return self.gate_on in ("both", "on_policy")
@@ -687,7 +763,7 @@ class SpecKDDistillationConfig(GateConfigMixin, DistillationConfig):
     def __post_init__(self):
         owner = type(self).__name__
         self._check_gate_settings()
-        if self.reject_target != "teacher":
+        if self.modes.reject_target.filters:
             raise ValueError(
                 f"{owner}: reject_target={self.reject_target!r} is supported by SpecKDTrainer only; use "
                 "reject_target='teacher' here, or SpecKDTrainer (SpecKDConfig) for target filtering."

@@ -14,7 +14,8 @@ keeps the per-position divergence (values and gradients) bit for bit TRL's for f
   gradient with respect to the student's logits in closed form (as fused linear-cross-entropy kernels do), so that
   no chunk's logits are kept for the backward pass (`losses.chunked_weighted_jsd`);
 - target filtering (`top_k_log_probs`): a distribution restricted to its top-k tokens, the target of rejected
-  positions with ``reject_target="top_k"``.
+  positions with ``reject_target="top_k"``; `RejectTarget` (`REJECT_TARGET_MODES`) is ``reject_target`` resolved,
+  the target of rejected positions that the gate asks for.
 
 Shapes: ``B`` batch, ``T`` positions, ``V`` vocabulary.
 """
@@ -22,6 +23,7 @@ Shapes: ``B`` batch, ``T`` positions, ``V`` vocabulary.
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -195,3 +197,47 @@ def top_k_log_probs(log_probs: torch.Tensor, top_k: int, floor: float = -1e4) ->
     """
     threshold = log_probs.topk(min(top_k, log_probs.size(-1)), dim=-1).values[..., -1:]
     return torch.log_softmax(log_probs.masked_fill(log_probs < threshold, floor), dim=-1)
+
+
+class RejectTarget:
+    """What a rejected position is distilled toward (`reject_target`): one object per value (`REJECT_TARGET_MODES`),
+    asked by the gate (`weighting.GatedBatch.targets`) and the configs instead of its name.
+
+    Attributes:
+        name (`str`): the value of `reject_target` that selects it.
+        filters (`bool`): whether it changes the target of rejected positions (it then reads the teacher's top-k, needs
+            a gate that rejects, and is `SpecKDTrainer`'s only).
+    """
+
+    name: ClassVar[str]
+    filters: ClassVar[bool] = False
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+    def targets(
+        self, teacher_log_probs: torch.Tensor, accepted: torch.Tensor, target: torch.Tensor, top_k: int
+    ) -> torch.Tensor:
+        """The divergence's target log-probabilities `[..., V]`: `target` where `accepted` `[...]`, and where rejected
+        what this object says (from the teacher's log-probabilities and the step's `top_k`)."""
+        return target
+
+
+class TeacherTarget(RejectTarget):
+    """``"teacher"``: rejected positions keep the target of accepted ones (the teacher's distribution)."""
+
+    name = "teacher"
+
+
+class TopKTarget(RejectTarget):
+    """``"top_k"``: rejected positions are distilled toward the teacher's top-k renormalized (`top_k_log_probs`)."""
+
+    name = "top_k"
+    filters = True
+
+    def targets(self, teacher_log_probs, accepted, target, top_k):
+        filtered = top_k_log_probs(teacher_log_probs, top_k)
+        return torch.where(accepted.bool().unsqueeze(-1), target, filtered)
+
+
+REJECT_TARGET_MODES: dict[str, RejectTarget] = {t.name: t for t in (TeacherTarget(), TopKTarget())}

@@ -28,6 +28,7 @@ from .data import prompts_from_messages
 from .generation import sampling_only_from
 from .models import output_vocab_size
 from .reduction import LossTerms
+from .rules import GREEDY, Proposal
 from .validation import check_gate_top_k, check_launch, check_prompt_dataset, named_datasets
 from .weighting import GatedBatch, TokenGate
 
@@ -62,11 +63,11 @@ class GatedTrainerMixin:
                 f"accepts every {config.__bases__[-1].__name__} field."
             )
 
-    def _init_gate(self, args: Any, *, temperature: float, vocab_size: int, proposal: str = "greedy") -> None:
+    def _init_gate(self, args: Any, *, temperature: float, vocab_size: int, proposal: Proposal = GREEDY) -> None:
         """The per-token gate, after `gate_top_k` is checked against the `vocab_size` the loss compares: its rule, its
         draws (one training stream per process, one evaluation stream), its settings at a step and its logging window.
         `temperature`: the student's sampling temperature (the ``q`` of a rule that reads the student); `proposal`:
-        the student's proposal on dataset and `seq_kd` positions."""
+        the student's proposal on dataset and `seq_kd` positions (`rules.Proposal`)."""
         check_gate_top_k(args, vocab_size)
         self._gate = TokenGate(
             args,

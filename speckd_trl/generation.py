@@ -12,7 +12,7 @@ Randomness: row ``b`` of a batch draws every uniform from its own CPU `torch.Gen
 its own prompt and tokens. A row's output therefore does not depend on its batch neighbours, its padding or the
 batch's draft lengths: the same prompt with the same row seed gives the same sequence alone or in any batch (up to
 float round-off of padded batched matmuls). Sampling is inverse-CDF (one uniform per sampled token), like
-`rules.propose`.
+`rules.propose`. `OnPolicyGeneration` is `SpecKDConfig.on_policy_generation` resolved: student sampling or this.
 
 Shapes: ``B`` batch, ``P`` (left-padded) prompt length, ``N`` generated length, ``K`` draft length, ``V`` vocabulary.
 """
@@ -29,6 +29,28 @@ import torch
 from transformers import DynamicCache, GenerationConfig
 
 from .rules import GateRule, get_rule
+
+
+@dataclass(frozen=True)
+class OnPolicyGeneration:
+    """How `SpecKDTrainer` generates on-policy sequences (`SpecKDConfig.on_policy_generation`), resolved from its name
+    (`ON_POLICY_GENERATION_MODES`); the trainer and its checks ask it instead of comparing the name.
+
+    Attributes:
+        name (`str`): the value of `on_policy_generation` that selects it.
+        speculative (`bool`): the student drafts and the teacher verifies (`speculative_generate`, through
+            `batches.SpeculativeSampler`); each process then runs its own number of forwards. Else the student samples
+            alone with transformers' `generate` (as GKD), which keeps processes in step.
+    """
+
+    name: str
+    speculative: bool
+
+
+ON_POLICY_GENERATION_MODES: dict[str, OnPolicyGeneration] = {
+    g.name: g
+    for g in (OnPolicyGeneration("student", speculative=False), OnPolicyGeneration("speculative", speculative=True))
+}
 
 
 @contextmanager

@@ -1,6 +1,7 @@
 """SpecKD's loss, eager or chunked: the chunked weighted JSD (`chunked_weighted_jsd`), and the loss's public names.
 
-Two paths compute the same loss, ``sum_t w_t D_beta(p_t, q_t)`` with the gate's weights ``w_t``:
+Two paths compute the same loss, ``sum_t w_t D_beta(p_t, q_t)`` with the gate's weights ``w_t`` (`LossPath`,
+``loss_path`` resolved: `EAGER`, `CHUNKED`):
 
 - eager (`divergence.weighted_generalized_jsd`): from both models' full ``[B, T, V]`` logits, exactly as GKD;
 - chunked (`chunked_weighted_jsd`): from both models' final hidden states and output layers, ``chunk_size`` tokens
@@ -87,7 +88,27 @@ __all__ = [
     "weighted_jsd_from_log_probs",
 ]
 
-LOSS_PATHS = ("eager", "chunked")
+
+@dataclass(frozen=True)
+class LossPath:
+    """How `SpecKDTrainer` computes a micro-batch's loss terms (`loss_path`), resolved from its name
+    (`LOSS_PATH_MODES`); the trainer and its checks ask it instead of comparing the name.
+
+    Attributes:
+        name (`str`): the value of `loss_path` that selects it.
+        from_hidden_states (`bool`): the loss is computed from both models' final hidden states and output layers,
+            `loss_chunk_size` completion tokens at a time (`chunked_weighted_jsd`), reading each model's output layer
+            directly; else from both models' full `[B, T, V]` logits, as GKD.
+    """
+
+    name: str
+    from_hidden_states: bool
+
+
+EAGER = LossPath("eager", from_hidden_states=False)
+CHUNKED = LossPath("chunked", from_hidden_states=True)
+LOSS_PATH_MODES: dict[str, LossPath] = {path.name: path for path in (EAGER, CHUNKED)}
+LOSS_PATHS = tuple(LOSS_PATH_MODES)  # the names, for config choices: ("eager", "chunked")
 
 
 @runtime_checkable

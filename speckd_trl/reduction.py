@@ -2,7 +2,7 @@
 
 A loss path (eager or chunked, any trainer) hands its `LossTerms` to `gated_loss`: ``kd_coef`` times the weighted
 divergence normalized for the accumulation window (`normalize_loss`: per completion token, or per accepted token,
-``gate_normalize``), plus ``reward_coef`` times a REINFORCE term on the gate's accept bits of the student's sampled
+``gate_normalize``, resolved into a `Normalization`), plus ``reward_coef`` times a REINFORCE term on the gate's accept bits of the student's sampled
 tokens (`policy_gradient_loss`), whose log-probabilities come from full logits (`sampled_log_probs`) or from hidden
 states, tile by tile over the vocabulary (`sampled_log_probs_from_hidden`).
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from trl.kernels.chunked_logprob import ChunkedLogProbFunction
@@ -22,8 +22,60 @@ from .chunked import OutputLayer
 from .divergence import jsd_log_probs
 
 
-NORMALIZATIONS = ("tokens", "accepted")
 VOCAB_TILE = 8192  # vocabulary columns per tile of the chunked log-probabilities (reward term)
+
+
+class Normalization:
+    """The loss denominator of `gate_normalize`: one object per value (`NORMALIZATION_MODES`), asked by `normalize_loss`
+    instead of its name.
+
+    Attributes:
+        name (`str`): the value of `gate_normalize` that selects it.
+    """
+
+    name: ClassVar[str]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+    def normalize(
+        self, weighted: torch.Tensor, weights: torch.Tensor, n_micro: torch.Tensor, window: torch.Tensor
+    ) -> torch.Tensor:
+        """The scalar loss from ``sum_t w_t D_t`` (`weighted`), the weights, the micro-batch's completion tokens
+        `n_micro` and the accumulation window's `window` (see `normalize_loss`)."""
+        raise NotImplementedError
+
+
+class TokenNormalization(Normalization):
+    """``"tokens"``: ``sum_t w_t D_t / N``, ``N`` the window's completion tokens."""
+
+    name = "tokens"
+
+    def normalize(self, weighted, weights, n_micro, window):
+        return weighted.sum() / window
+
+
+class AcceptedNormalization(Normalization):
+    """``"accepted"``: ``sum_t w_t D_t / max(1, sum_t w_t)`` per micro-batch, weighted by its share of the window."""
+
+    name = "accepted"
+
+    def normalize(self, weighted, weights, n_micro, window):
+        per_micro = weighted.sum() / weights.sum().to(weighted.dtype).clamp(min=1)
+        return per_micro * n_micro.to(weighted.dtype) / window
+
+
+NORMALIZATION_MODES: dict[str, Normalization] = {n.name: n for n in (TokenNormalization(), AcceptedNormalization())}
+NORMALIZATIONS = tuple(NORMALIZATION_MODES)  # the names, for config choices: ("tokens", "accepted")
+
+
+def get_normalization(normalize: str | Normalization) -> Normalization:
+    """The `Normalization` named `normalize` (a key of `NORMALIZATION_MODES`); a `Normalization` as it is."""
+    if isinstance(normalize, Normalization):
+        return normalize
+    if normalize not in NORMALIZATION_MODES:
+        raise ValueError(f"normalize_loss: normalize={normalize!r} is not supported; use one of {NORMALIZATIONS}.")
+    return NORMALIZATION_MODES[normalize]
 
 
 def normalize_loss(
@@ -31,7 +83,7 @@ def normalize_loss(
     weights: torch.Tensor,
     completion_mask: torch.Tensor,
     *,
-    normalize: str = "tokens",
+    normalize: str | Normalization = "tokens",
     num_items_in_batch: torch.Tensor | int | None = None,
 ) -> torch.Tensor:
     """Reduce the per-position weighted divergence of one micro-batch to the scalar that is back-propagated.
@@ -54,7 +106,7 @@ def normalize_loss(
         weighted (`torch.Tensor` of shape `[B, T]`): output of `weighted_generalized_jsd`.
         weights (`torch.Tensor` of shape `[B, T]`): ``w_t`` (0 off the completion).
         completion_mask (`torch.BoolTensor` of shape `[B, T]`): completion positions.
-        normalize (`str`): ``"tokens"`` or ``"accepted"``.
+        normalize (`str` or `Normalization`): ``"tokens"`` or ``"accepted"``.
         num_items_in_batch (`torch.Tensor` or `int`, *optional*): completion tokens in the accumulation window (per
             process); ``None`` means this micro-batch alone.
 
@@ -63,12 +115,7 @@ def normalize_loss(
     """
     n_micro = completion_mask.sum()
     window = loss_denominator(completion_mask, num_items_in_batch).to(weighted.dtype)
-    if normalize == "tokens":
-        return weighted.sum() / window
-    if normalize == "accepted":
-        per_micro = weighted.sum() / weights.sum().to(weighted.dtype).clamp(min=1)
-        return per_micro * n_micro.to(weighted.dtype) / window
-    raise ValueError(f"normalize_loss: normalize={normalize!r} is not supported; use one of {NORMALIZATIONS}.")
+    return get_normalization(normalize).normalize(weighted, weights, n_micro, window)
 
 
 def loss_denominator(completion_mask: torch.Tensor, num_items_in_batch: torch.Tensor | int | None) -> torch.Tensor:
@@ -132,7 +179,7 @@ def gated_loss(
     sampled: torch.Tensor,
     kd_coef: float,
     reward_coef: float,
-    normalize: str,
+    normalize: Normalization,
     num_items_in_batch: torch.Tensor | int | None,
 ) -> torch.Tensor:
     """A micro-batch's loss: ``kd_coef`` times the weighted divergence normalized for the accumulation window
@@ -145,7 +192,7 @@ def gated_loss(
         completion (`torch.BoolTensor` of shape `[B, T]`): the completion positions.
         sampled (`torch.BoolTensor` of shape `[B, T]`): the gated positions whose tokens the student sampled.
         kd_coef (`float`), reward_coef (`float`): the two terms' weights.
-        normalize (`str`): ``"tokens"`` or ``"accepted"`` (`normalize_loss`).
+        normalize (`Normalization`): the loss denominator (`normalize_loss`).
         num_items_in_batch: completion tokens of the accumulation window (`None`: this micro-batch's).
 
     Returns:

@@ -9,6 +9,9 @@ else asks the rule, the way PEFT's LoRA layers ask their `LoraVariant`: the conf
 and nothing outside this module compares a rule's name. Adding a rule is one subclass here plus its test (see
 CONTRIBUTING.md, "How to add a gate").
 
+The student's own proposal on teacher-forced (dataset, ``seq_kd``) positions is a `Proposal` the same way (`PROPOSALS`:
+greedy or sampled), asked by the gate instead of its name.
+
 The functions here are pure tensor functions (no model, no trainer state), tested against slow loop references.
 
 Shapes: ``B`` batch, ``T`` positions, ``V`` vocabulary; a rule's methods take any leading shape ``[...]``.
@@ -243,29 +246,49 @@ def uniform(shape: torch.Size, device: torch.device, generator: torch.Generator 
     return torch.rand(shape, generator=generator, device=gen_device).to(device)
 
 
-def propose(
-    student_logits: torch.Tensor,
-    *,
-    mode: str = "greedy",
-    generator: torch.Generator | None = None,
-    uniforms: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The student's own proposal at each position of a teacher-forced (dataset or ``seq_kd``) sequence.
+class Proposal:
+    """The student's own proposal at the positions of a teacher-forced (dataset or ``seq_kd``) sequence: one object per
+    value of `SpecKDConfig.gate_proposal` (`PROPOSALS`), asked by the gate (`weighting.py`) instead of its name.
 
-    Args:
-        student_logits (`torch.Tensor` of shape `[B, T, V]`): student next-token logits at temperature 1.
-        mode (`str`): ``"greedy"`` takes ``argmax q_t``; ``"sample"`` draws ``x_t ~ softmax(student_logits)``
-            with ``generator`` (inverse-CDF sampling, so a seeded generator gives reproducible proposals).
-        generator (`torch.Generator`, *optional*): source of randomness for ``"sample"``.
-        uniforms (`torch.Tensor` of shape `[B, T]`, *optional*): U(0, 1) draws to use for ``"sample"`` instead of
-            drawing from ``generator`` (the chunked loss draws them once for the whole batch and slices them).
-
-    Returns:
-        `torch.LongTensor` of shape `[B, T]`: the proposed token ids.
+    Attributes:
+        name (`str`): the value of `gate_proposal` that selects it.
+        draws_uniforms (`bool`): whether it draws one U(0, 1) per position (the gate draws them from its seeded stream).
     """
-    if mode == "greedy":
+
+    name: ClassVar[str]
+    draws_uniforms: ClassVar[bool] = False
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+    def propose(
+        self,
+        student_logits: torch.Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        uniforms: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The proposed token ids `[B, T]` from the student's logits `[B, T, V]` at temperature 1 (see `propose`)."""
+        raise NotImplementedError
+
+
+class GreedyProposal(Proposal):
+    """``"greedy"``: ``argmax q_t``."""
+
+    name = "greedy"
+
+    def propose(self, student_logits, *, generator=None, uniforms=None):
         return student_logits.argmax(dim=-1)
-    if mode == "sample":
+
+
+class SampledProposal(Proposal):
+    """``"sample"``: ``x_t ~ softmax(student_logits)``, by inverse-CDF sampling (a seeded generator, or given
+    uniforms, give reproducible proposals)."""
+
+    name = "sample"
+    draws_uniforms = True
+
+    def propose(self, student_logits, *, generator=None, uniforms=None):
         probs = torch.softmax(student_logits.float(), dim=-1)
         cdf = probs.cumsum(dim=-1)
         if uniforms is None:
@@ -274,7 +297,43 @@ def propose(
         # first index whose cumulative probability exceeds u (never a zero-probability token); the clamp guards the
         # float round-off at the end of the CDF
         return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=student_logits.size(-1) - 1)
-    raise ValueError(f"propose: mode={mode!r} is not supported; use 'greedy' or 'sample'.")
+
+
+GREEDY = GreedyProposal()  # the proposal where none is configured
+PROPOSALS: dict[str, Proposal] = {p.name: p for p in (GREEDY, SampledProposal())}
+
+
+def get_proposal(mode: str | Proposal) -> Proposal:
+    """The `Proposal` named `mode` (a key of `PROPOSALS`); a `Proposal` is returned as it is."""
+    if isinstance(mode, Proposal):
+        return mode
+    if mode not in PROPOSALS:
+        raise ValueError(f"propose: mode={mode!r} is not supported; use 'greedy' or 'sample'.")
+    return PROPOSALS[mode]
+
+
+def propose(
+    student_logits: torch.Tensor,
+    *,
+    mode: str | Proposal = "greedy",
+    generator: torch.Generator | None = None,
+    uniforms: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The student's own proposal at each position of a teacher-forced (dataset or ``seq_kd``) sequence.
+
+    Args:
+        student_logits (`torch.Tensor` of shape `[B, T, V]`): student next-token logits at temperature 1.
+        mode (`str` or `Proposal`): ``"greedy"`` takes ``argmax q_t``; ``"sample"`` draws
+            ``x_t ~ softmax(student_logits)`` with ``generator`` (inverse-CDF sampling, so a seeded generator gives
+            reproducible proposals).
+        generator (`torch.Generator`, *optional*): source of randomness for ``"sample"``.
+        uniforms (`torch.Tensor` of shape `[B, T]`, *optional*): U(0, 1) draws to use for ``"sample"`` instead of
+            drawing from ``generator`` (the chunked loss draws them once for the whole batch and slices them).
+
+    Returns:
+        `torch.LongTensor` of shape `[B, T]`: the proposed token ids.
+    """
+    return get_proposal(mode).propose(student_logits, generator=generator, uniforms=uniforms)
 
 
 def teacher_rank(teacher_logits: torch.Tensor, proposals: torch.Tensor) -> torch.Tensor:

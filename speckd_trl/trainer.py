@@ -165,7 +165,7 @@ class SpecKDTrainer(GatedLossMixin, GKDTrainer):
             check_fsdp_generation(args, self.accelerator)
         # (read through the wrappers: under DeepSpeed the teacher is an engine, whose `config` is DeepSpeed's dict)
         student = self.accelerator.unwrap_model(self.model)
-        check_zero3_chunked(student, args.loss_path)
+        check_zero3_chunked(student, args.modes.loss_path)
         self._shared_vocab = None
         self._teacher_cache = None
         if self.teacher_model is None:  # a teacher cache alone: it holds the ids the loss compares
@@ -187,7 +187,7 @@ class SpecKDTrainer(GatedLossMixin, GKDTrainer):
             args,
             temperature=self.temperature,
             vocab_size=self._shared_vocab or output_vocab_size(student),
-            proposal=args.gate_proposal,
+            proposal=args.modes.proposal,
         )
         # Same draw on every process: all of them generate (or not) together.
         self._batch_kinds = BatchKinds(args.seed, lmbda=self.lmbda, seq_kd=self.seq_kd)
@@ -236,7 +236,7 @@ class SpecKDTrainer(GatedLossMixin, GKDTrainer):
         """The micro-batch with its kind drawn and its completions generated (`batches.make_completions`)."""
         pad_token_id = self.processing_class.pad_token_id if self.processing_class.pad_token_id is not None else 0
         return make_completions(
-            inputs, self._batch_kinds, self._generate, mixing=self.args.mixing, pad_token_id=pad_token_id
+            inputs, self._batch_kinds, self._generate, mixing=self.args.modes.mixing, pad_token_id=pad_token_id
         )
 
     def _generate(self, kind: str, inputs: dict[str, Any]) -> dict[str, Any]:
@@ -250,7 +250,7 @@ class SpecKDTrainer(GatedLossMixin, GKDTrainer):
             generation_kwargs=self.generation_kwargs,
             gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs if kind == ON_POLICY else None,
         ) as unwrapped_model:
-            speculative = kind == ON_POLICY and self.args.on_policy_generation == "speculative"
+            speculative = kind == ON_POLICY and self.args.modes.on_policy_generation.speculative
             sampler = unwrapped_model
             if speculative:
                 sampler = SpeculativeSampler(
@@ -378,10 +378,8 @@ class SpecKDTrainer(GatedLossMixin, GKDTrainer):
         kind = recorded_kind(inputs, seq_kd=self.seq_kd)
         batch = self._open_batch(kind, completion, sampled_ids, training=model.training)
         cached = self._cached_teacher(model, inputs, batch)
-        if self.args.loss_path == "chunked":
-            terms = self._chunked_terms(model, inputs, batch, cached)
-        else:
-            terms = self._eager_terms(model, inputs, batch, cached)
+        loss_terms = self._chunked_terms if self.args.modes.loss_path.from_hidden_states else self._eager_terms
+        terms = loss_terms(model, inputs, batch, cached)
         loss = self._close_batch(batch, terms, num_items_in_batch)
         empty_cache()
         return loss, terms.outputs

@@ -15,6 +15,7 @@ import torch
 from datasets import Dataset
 
 from .data import columns_of, dataset_format, is_conversational
+from .losses import LossPath
 from .models import ZERO3_TRAINABLE_HEAD, is_quantized, output_vocab_size
 
 
@@ -73,7 +74,7 @@ def check_fsdp_generation(args: Any, accelerator: Any) -> None:
     forever.
     """
     if (
-        getattr(args, "on_policy_generation", None) == "speculative"
+        args.modes.on_policy_generation.speculative
         and getattr(accelerator.state, "fsdp_plugin", None) is not None
         and accelerator.num_processes > 1
     ):
@@ -145,11 +146,7 @@ def check_gate_top_k(args: Any, vocab_size: int) -> None:
     name."""
     if not args.gate_rule.uses_top_k:
         return
-    if args.gate_top_k_schedule == "constant":
-        ks = {"gate_top_k": args.gate_top_k}
-    else:
-        ks = {"gate_top_k_start": args.gate_top_k_start, "gate_top_k_end": args.gate_top_k_end}
-    for name, k in ks.items():
+    for name, k in args.modes.top_k.fields("gate_top_k").items():  # the fields that set k, by name
         if k >= vocab_size:
             raise ValueError(
                 f"{name}={k} is not below the vocabulary size {vocab_size}: every token is among the teacher's top "
@@ -158,12 +155,13 @@ def check_gate_top_k(args: Any, vocab_size: int) -> None:
             )
 
 
-def check_zero3_chunked(student: Any, loss_path: str) -> None:
-    """Refuse, before any training, the chunked loss on a DeepSpeed ZeRO-3 student whose output layer is trainable
-    (`models.output_head` reads the layer outside its forward, where ZeRO-3 cannot reduce its gradient)."""
+def check_zero3_chunked(student: Any, loss_path: LossPath) -> None:
+    """Refuse, before any training, a loss path that reads the output layer directly (the chunked one) on a DeepSpeed
+    ZeRO-3 student whose output layer is trainable (`models.output_head` reads the layer outside its forward, where
+    ZeRO-3 cannot reduce its gradient)."""
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
-    if loss_path != "chunked" or not is_deepspeed_zero3_enabled():
+    if not loss_path.from_hidden_states or not is_deepspeed_zero3_enabled():
         return
     head = student.get_output_embeddings() if hasattr(student, "get_output_embeddings") else None
     weight = getattr(head, "weight", None)

@@ -29,11 +29,11 @@ import torch
 
 from .batch_kind import BatchKind
 from .config import GateConfigMixin
-from .divergence import jsd_log_probs, top_k_log_probs
+from .divergence import RejectTarget, jsd_log_probs
 from .metrics import gate_metrics, new_window, record_generation, record_verdicts
 from .models import OutputHead
-from .reduction import LossTerms, gated_loss
-from .rules import GateRule, get_rule, propose, uniform
+from .reduction import LossTerms, Normalization, gated_loss
+from .rules import GREEDY, GateRule, Proposal, get_rule, uniform
 
 
 GATE_CHUNK_ELEMENTS = 1 << 22  # logits per model held at once when verdicts are made from hidden states
@@ -43,14 +43,15 @@ class TokenGate:
     """The speculative gate of one trainer: its rule, its settings at a step, its random draws and its logging window.
 
     Args:
-        args (`GateConfigMixin`): the trainer's config (`gate`, `gate_top_k`, the schedules, `reject_weight`,
-            `gate_normalize`, `kd_coef`, `reward_coef`, `gates_on_policy`, `gates_off_policy`).
+        args (`GateConfigMixin`): the trainer's config (`gate`, its resolved `modes`: the schedules of `gate_top_k` and
+            `reject_weight`, the normalization and the reject target; `kd_coef`, `reward_coef`, `gates_on_policy`,
+            `gates_off_policy`).
         temperature (`float`): the student's sampling temperature: the ``q`` of a rule that reads the student is the
             student at this temperature on on-policy tokens.
         device (`torch.device`): where the gate's generators and draws live (the trainer's device).
         seed (`int`): the run's seed; the training draws come from ``seed + process_index``.
         process_index (`int`): this process's index (each process draws its own uniforms).
-        proposal (`str`): the student's proposal on dataset and `seq_kd` positions, ``"greedy"`` or ``"sample"``.
+        proposal (`Proposal`): the student's proposal on dataset and `seq_kd` positions (`rules.PROPOSALS`).
     """
 
     def __init__(
@@ -61,7 +62,7 @@ class TokenGate:
         device: torch.device,
         seed: int,
         process_index: int = 0,
-        proposal: str = "greedy",
+        proposal: Proposal = GREEDY,
     ):
         self.args = args
         self.rule: GateRule = get_rule(args.gate, owner=type(args).__name__)
@@ -80,11 +81,11 @@ class TokenGate:
 
     def top_k(self, step: int, max_steps: int) -> int:
         """k of the rule at optimizer step `step` of `max_steps` (`gate_top_k_schedule`)."""
-        return self.args.gate_top_k_at(step, max_steps)
+        return self.args.modes.top_k.at(step, max_steps)
 
     def reject_weight(self, step: int, max_steps: int) -> float:
         """Weight of rejected positions at optimizer step `step` of `max_steps` (`reject_weight_schedule`)."""
-        return self.args.reject_weight_at(step, max_steps)
+        return self.args.modes.reject_weight.at(step, max_steps)
 
     # ------------------------------------------------------------------ a micro-batch
 
@@ -110,6 +111,7 @@ class TokenGate:
         """
         gated = completion & self.is_gated(kind, completion)
         generator = self.generator if training else self.eval_generator
+        modes = self.args.modes
         return GatedBatch(
             gate=self,
             kind=kind,
@@ -117,8 +119,10 @@ class TokenGate:
             gated=gated,
             sampled_ids=sampled_ids,
             uniforms=self.draw_uniforms(kind, gated, generator),
-            top_k=self.top_k(step, max_steps),
-            reject_weight=self.reject_weight(step, max_steps),
+            top_k=modes.top_k.at(step, max_steps),
+            reject_weight=modes.reject_weight.at(step, max_steps),
+            reject_target=modes.reject_target,
+            normalization=modes.normalization,
             training=training,
         )
 
@@ -141,7 +145,7 @@ class TokenGate:
         uniforms = {}
         if not gated.any() or not self.rule.rejects:
             return uniforms
-        if self.proposal == "sample" and bool((gated & ~kind.positions(gated)).any()):
+        if self.proposal.draws_uniforms and bool((gated & ~kind.positions(gated)).any()):
             uniforms["proposal"] = uniform(gated.shape, self.device, generator)
         if self.rule.draws_uniforms:
             uniforms["accept"] = uniform(gated.shape, self.device, generator)
@@ -209,6 +213,8 @@ class GatedBatch:
         uniforms (`dict[str, torch.Tensor]`): the gate's random draws, `[B, T]` each.
         top_k (`int`): the rule's k at this step.
         reject_weight (`float`): the weight of rejected positions at this step.
+        reject_target (`RejectTarget`): what a rejected position is distilled toward.
+        normalization (`Normalization`): the loss denominator.
         training (`bool`): whether the verdicts are recorded for the logs.
     """
 
@@ -220,6 +226,8 @@ class GatedBatch:
     uniforms: dict[str, torch.Tensor]
     top_k: int
     reject_weight: float
+    reject_target: RejectTarget
+    normalization: Normalization
     training: bool
 
     @property
@@ -293,8 +301,8 @@ class GatedBatch:
         def own_proposals() -> torch.Tensor:  # the student's greedy or sampled prediction
             # `draw_uniforms` drew the "proposal" uniforms iff a dataset / seq_kd position is gated; without them
             # none is, and `propose` would draw from torch's global generator (shifting every later draw of the run)
-            if gate.proposal == "greedy" or "proposal" in uniforms:
-                return propose(student_log_probs, mode=gate.proposal, uniforms=uniforms.get("proposal"))
+            if not gate.proposal.draws_uniforms or "proposal" in uniforms:
+                return gate.proposal.propose(student_log_probs, uniforms=uniforms.get("proposal"))
             return sampled_ids
 
         # On an on-policy row the proposal is the sampled token, drawn from the student at the sampling temperature
@@ -372,7 +380,7 @@ class GatedBatch:
     @property
     def filters_targets(self) -> bool:
         """Whether rejected positions are distilled toward a filtered target (`reject_target` other than teacher)."""
-        return self.gate.args.reject_target != "teacher"
+        return self.reject_target.filters
 
     def targets(
         self, teacher_log_probs: torch.Tensor, accepted: torch.Tensor, target: torch.Tensor | None = None
@@ -382,10 +390,7 @@ class GatedBatch:
         rejected positions with ``reject_target="top_k"``, where it is the teacher's top-k (this step's k)
         renormalized (`divergence.top_k_log_probs`)."""
         target = teacher_log_probs if target is None else target
-        if not self.filters_targets:
-            return target
-        filtered = top_k_log_probs(teacher_log_probs, self.top_k)
-        return torch.where(accepted.bool().unsqueeze(-1), target, filtered)
+        return self.reject_target.targets(teacher_log_probs, accepted, target, self.top_k)
 
     def chunk_verdicts(
         self, student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor, rows: slice
@@ -416,7 +421,7 @@ class GatedBatch:
             sampled=self.sampled,
             kd_coef=args.kd_coef,
             reward_coef=args.reward_coef,
-            normalize=args.gate_normalize,
+            normalize=self.normalization,
             num_items_in_batch=num_items_in_batch,
         )
 

@@ -53,6 +53,7 @@ def test_library_modules_are_the_expected_ones():
         "reduction.py",
         "reward.py",
         "rules.py",
+        "schedules.py",
         "server_teacher.py",
         "server_trainer.py",
         "sparse_teacher.py",
@@ -141,6 +142,58 @@ def test_the_name_check_finds_a_comparison():
     assert RULE_NAME_COMPARISON.search('if self.args.gate == "spec":')
     assert RULE_NAME_COMPARISON.search("if 'topk' != args.gate:")
     assert not RULE_NAME_COMPARISON.search('if self.teacher_quant != "nf4":')
+
+
+# A comparison with a mode's name (the modes a config resolves into objects: `GateConfigMixin.modes`). Names used only
+# as modes are caught anywhere; names that are ordinary words elsewhere (a teacher-reads key "top_k", a batch) only on a
+# line that names their field.
+MODE_NAMES = "constant|linear|greedy|eager|chunked|speculative|accepted"
+FIELD_MODE_NAMES = "teacher|top_k|tokens|sample|batch|student"
+MODE_FIELDS = re.compile(r"reject_target|normalize|proposal|mixing|on_policy_generation|\bmode\b")
+
+
+def _comparison(names: str) -> re.Pattern:
+    return re.compile(rf"""(==|!=)\s*['"]({names})['"]|['"]({names})['"]\s*(==|!=|\bin\b|\bnot in\b)""")
+
+
+MODE_NAME_COMPARISON, FIELD_MODE_NAME_COMPARISON = _comparison(MODE_NAMES), _comparison(FIELD_MODE_NAMES)
+# The planner (`speckd-trl plan`) describes a run from its own `PlanConfig` without building one (it imports nothing
+# from the package, so that planning needs no model); it and the benchmark that checks it keep their own strings.
+PLANNER = {"speckd_trl/plan.py", "benchmarks/plan_check.py"}
+
+
+def compares_a_mode_name(line: str) -> bool:
+    return bool(
+        MODE_NAME_COMPARISON.search(line) or (FIELD_MODE_NAME_COMPARISON.search(line) and MODE_FIELDS.search(line))
+    )
+
+
+def test_only_the_configs_resolve_mode_names():
+    """Every mode (the schedules, the proposal, the loss path, the reject target, the normalization, the mixing, the
+    on-policy generation) is resolved once from its config field into an object (`config.GateModes`), which the
+    trainers, the gate and the loss ask instead of comparing the name: a new mode is one object where its job is
+    done."""
+    offending = []
+    for path in sorted([*PACKAGE.rglob("*.py"), *(REPO / "benchmarks").rglob("*.py")]):
+        name = str(path.relative_to(REPO))
+        if name in PLANNER:
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if compares_a_mode_name(line):
+                offending.append(f"{name}:{number}: {line.strip()}")
+    assert not offending, "ask the resolved mode (`args.modes`) instead:\n" + "\n".join(offending)
+
+
+def test_the_mode_check_finds_a_comparison():
+    assert compares_a_mode_name('if self.gate_top_k_schedule == "constant":')
+    assert compares_a_mode_name("if self.args.loss_path == 'chunked':")
+    assert compares_a_mode_name('if mode == "greedy":')
+    assert compares_a_mode_name('if mode == "sample":')
+    assert compares_a_mode_name('if self.gate.args.reject_target != "teacher":')
+    assert compares_a_mode_name('if mixing == "batch":')
+    assert compares_a_mode_name('speculative = args.on_policy_generation == "speculative"')
+    assert not compares_a_mode_name('if "top_k" in self._gate.rule.teacher_reads:')
+    assert not compares_a_mode_name('for role in ("student", "teacher"):')
 
 
 # A type test on a batch kind: `isinstance(kind, str)`, `isinstance(self.kind, torch.Tensor)`.
