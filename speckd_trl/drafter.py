@@ -13,7 +13,8 @@ teacher forward emits its accepted drafts plus one token of its own, each studen
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -54,20 +55,6 @@ def evaluate_drafter(
         raise ValueError("evaluate_drafter: prompts is empty.")
     if num_assistant_tokens < 1:
         raise ValueError(f"evaluate_drafter: num_assistant_tokens={num_assistant_tokens} must be >= 1.")
-    student_mode, teacher_mode = student.training, teacher.training
-    student.eval()
-    teacher.eval()
-    config = student.generation_config
-    # a constant draft length: no schedule, no confidence-based early stop (transformers' default threshold 0.4)
-    fields = ("num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold")
-    saved = [getattr(config, name) for name in fields]
-    for name, value in zip(fields, (num_assistant_tokens, "constant", 0.0)):
-        setattr(config, name, value)
-    calls = [0, 0]  # teacher, student forward passes
-    hooks = [
-        teacher.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1)),
-        student.register_forward_hook(lambda *_: calls.__setitem__(1, calls[1] + 1)),
-    ]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
     totals = dict.fromkeys(
@@ -75,40 +62,100 @@ def evaluate_drafter(
         0.0,
     )
     identical = 0
-    try:
+    with (
+        _eval_mode(student, teacher),
+        _constant_draft_length(student.generation_config, num_assistant_tokens),
+        _counting_forwards(teacher, student) as calls,
+    ):
         encoded = [
             tokenizer(text, return_tensors="pt", add_special_tokens=False).to(teacher.device) for text in prompts
         ]
         teacher.generate(**encoded[0], **{**kwargs, "max_new_tokens": 2})  # warm-up, untimed
         teacher.generate(**encoded[0], assistant_model=student, **{**kwargs, "max_new_tokens": 2})
         for enc in encoded:
-            prompt_len = enc["input_ids"].size(1)
-            calls[0] = 0
-            start = time.perf_counter()
-            alone = teacher.generate(**enc, **kwargs)
-            totals["teacher_time_s"] += time.perf_counter() - start
-            totals["teacher_forwards_alone"] += calls[0]
+            identical += _decode_twice(teacher, student, enc, kwargs, calls, totals)
+    return _summary(totals, identical, len(prompts), num_assistant_tokens)
 
-            calls[:] = [0, 0]
-            start = time.perf_counter()
-            assisted = teacher.generate(**enc, assistant_model=student, **kwargs)
-            totals["assisted_time_s"] += time.perf_counter() - start
-            totals["teacher_forwards"] += calls[0]
-            new = assisted.size(1) - prompt_len
-            totals["new_tokens"] += new
-            totals["drafted"] += calls[1]
-            identical += int(torch.equal(alone, assisted))
+
+@contextmanager
+def _eval_mode(*models: torch.nn.Module) -> Iterator[None]:
+    """`models` in evaluation mode, each back in its own mode after."""
+    modes = [model.training for model in models]
+    for model in models:
+        model.eval()
+    try:
+        yield
+    finally:
+        for model, mode in zip(models, modes):
+            model.train(mode)
+
+
+# the student's generation settings that make the draft length constant: no schedule, no confidence-based early stop
+# (transformers' default threshold 0.4)
+DRAFT_LENGTH_FIELDS = ("num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold")
+
+
+@contextmanager
+def _constant_draft_length(config: Any, num_assistant_tokens: int) -> Iterator[None]:
+    """The drafter's generation config drafting `num_assistant_tokens` per round, restored after."""
+    saved = [getattr(config, name) for name in DRAFT_LENGTH_FIELDS]
+    for name, value in zip(DRAFT_LENGTH_FIELDS, (num_assistant_tokens, "constant", 0.0)):
+        setattr(config, name, value)
+    try:
+        yield
+    finally:
+        for name, value in zip(DRAFT_LENGTH_FIELDS, saved):
+            setattr(config, name, value)
+
+
+@contextmanager
+def _counting_forwards(teacher: torch.nn.Module, student: torch.nn.Module) -> Iterator[list[int]]:
+    """``[teacher forwards, student forwards]``, counted by forward hooks while inside (the caller may reset them)."""
+    calls = [0, 0]
+    hooks = [
+        teacher.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1)),
+        student.register_forward_hook(lambda *_: calls.__setitem__(1, calls[1] + 1)),
+    ]
+    try:
+        yield calls
     finally:
         for hook in hooks:
             hook.remove()
-        for name, value in zip(fields, saved):
-            setattr(config, name, value)
-        student.train(student_mode)
-        teacher.train(teacher_mode)
+
+
+def _decode_twice(
+    teacher: torch.nn.Module,
+    student: torch.nn.Module,
+    enc: Any,
+    kwargs: dict[str, Any],
+    calls: list[int],
+    totals: dict[str, float],
+) -> bool:
+    """One prompt decoded by the teacher alone, then with the student drafting, both timed, their forwards counted
+    (`calls`) and added to `totals`; whether the two outputs are identical."""
+    prompt_len = enc["input_ids"].size(1)
+    calls[0] = 0
+    start = time.perf_counter()
+    alone = teacher.generate(**enc, **kwargs)
+    totals["teacher_time_s"] += time.perf_counter() - start
+    totals["teacher_forwards_alone"] += calls[0]
+
+    calls[:] = [0, 0]
+    start = time.perf_counter()
+    assisted = teacher.generate(**enc, assistant_model=student, **kwargs)
+    totals["assisted_time_s"] += time.perf_counter() - start
+    totals["teacher_forwards"] += calls[0]
+    totals["new_tokens"] += assisted.size(1) - prompt_len
+    totals["drafted"] += calls[1]
+    return torch.equal(alone, assisted)
+
+
+def _summary(totals: dict[str, float], identical: int, prompts: int, num_assistant_tokens: int) -> dict[str, float]:
+    """`evaluate_drafter`'s result from the summed counts and times."""
     forwards = max(totals["teacher_forwards"], 1)
     accepted = totals["new_tokens"] - totals["teacher_forwards"]
     return {
-        "prompts": len(prompts),
+        "prompts": prompts,
         "num_assistant_tokens": num_assistant_tokens,
         "new_tokens": int(totals["new_tokens"]),
         "teacher_forwards": int(totals["teacher_forwards"]),
@@ -118,5 +165,5 @@ def evaluate_drafter(
         "teacher_time_s": totals["teacher_time_s"],
         "assisted_time_s": totals["assisted_time_s"],
         "speedup": totals["teacher_time_s"] / max(totals["assisted_time_s"], 1e-9),
-        "identical_fraction": identical / len(prompts),
+        "identical_fraction": identical / prompts,
     }

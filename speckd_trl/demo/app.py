@@ -470,61 +470,89 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     print("[5/6] distillation with SpecKDTrainer (LoRA student)")
     trainer, tokenizer = distill(teacher_dir, student_dir, data["train"], config, out)
     print("[6/6] evaluation and outputs")
-    used = teacher_label(trainer.args)
-    if trainer.args.teacher_quantization_method != "none":  # the teacher the student learned from, beside the other
-        accuracies = {
-            "teacher (full precision)": accuracies.pop("teacher"),
-            f"teacher as distilled from ({used})": teacher_as_distilled_accuracy(
-                trainer, teacher_dir, data["eval"], data_key, config
-            ),
-            **accuracies,
-        }
+    accuracies = _with_teacher_as_distilled(accuracies, trainer, teacher_dir, data["eval"], data_key, config)
+    merged = _evaluate_and_save_student(trainer, tokenizer, data["eval"], config, out, accuracies)
+    if config.eval_drafter:
+        drafter["after"] = measure_drafter(merged, teacher_dir, tokenizer, data["eval"], config)
+    summary = _summary(trainer, merged, accuracies, drafter, config, start)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    plot(trainer.state.log_history, accuracies, out / "demo.png")
+    _print_summary(summary, config, len(data["eval"]), out)
+    return summary
+
+
+def _with_teacher_as_distilled(
+    accuracies: dict[str, float], trainer, teacher_dir: Path, eval_rows, data_key: str, config: DemoConfig
+) -> dict[str, float]:
+    """`accuracies`, with a quantized teacher's own accuracy (the teacher the student learned from) beside the
+    full-precision one's; as they are when the teacher was not quantized."""
+    if trainer.args.teacher_quantization_method == "none":
+        return accuracies
+    return {
+        "teacher (full precision)": accuracies.pop("teacher"),
+        f"teacher as distilled from ({teacher_label(trainer.args)})": teacher_as_distilled_accuracy(
+            trainer, teacher_dir, eval_rows, data_key, config
+        ),
+        **accuracies,
+    }
+
+
+def _evaluate_and_save_student(trainer, tokenizer, eval_rows, config: DemoConfig, out: Path, accuracies) -> Any:
+    """The distilled student's held-out accuracy (added to `accuracies` as "student after"), its LoRA adapter and its
+    merged model saved under `out`; returns the merged model."""
     student = trainer.model
     student.generation_config.eos_token_id = tokenizer.eos_token_id
     accuracies["student after"] = evaluate(
-        student, tokenizer, data["eval"], max_new_tokens=config.max_new_tokens, desc="eval student after"
+        student, tokenizer, eval_rows, max_new_tokens=config.max_new_tokens, desc="eval student after"
     )
     student.save_pretrained(str(out / "student-adapter"))
     merged = student.merge_and_unload()
     merged.save_pretrained(str(out / "student-merged"))
     tokenizer.save_pretrained(str(out / "student-merged"))
-    if config.eval_drafter:
-        drafter["after"] = measure_drafter(merged, teacher_dir, tokenizer, data["eval"], config)
+    return merged
+
+
+def _summary(trainer, merged, accuracies, drafter, config: DemoConfig, start: float) -> dict[str, Any]:
+    """The figures `run_demo` returns and saves as `summary.json`."""
+    import torch
 
     history = trainer.state.log_history
-    rates = [(e["step"], e["gate/acceptance_rate"]) for e in history if "gate/acceptance_rate" in e]
-    peak_rss_gib = _peak_rss_gib()
     gain = accuracies["student after"] - accuracies["student before"]
-    summary = {
+    return {
         "accuracy": accuracies,
-        "teacher_loaded_as": used,
+        "teacher_loaded_as": teacher_label(trainer.args),
         "student_gain_points": round(100 * gain, 1),
-        "acceptance_rate_curve": rates,
+        "acceptance_rate_curve": [
+            (e["step"], e["gate/acceptance_rate"]) for e in history if "gate/acceptance_rate" in e
+        ],
         "parameters": {
             "teacher": trainer.teacher_model.num_parameters(),
             "student": merged.num_parameters(),
         },
         "drafter": drafter,
         "wall_time_s": round(time.time() - start, 1),
-        "peak_memory_gib": peak_rss_gib,
+        "peak_memory_gib": _peak_rss_gib(),
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "config": asdict(config),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    plot(history, accuracies, out / "demo.png")
+
+
+def _print_summary(summary: dict[str, Any], config: DemoConfig, n_eval: int, out: Path) -> None:
+    """The run's figures on the terminal, and where its outputs are."""
+    accuracies, rates = summary["accuracy"], summary["acceptance_rate_curve"]
+    gain = accuracies["student after"] - accuracies["student before"]
     print("\nheld-out exact match: " + ", ".join(f"{name} {100 * acc:.1f}%" for name, acc in accuracies.items()))
     print(
         f"student gain: {100 * gain:+.1f} points with gate={config.gate} in {config.distill_steps} steps "
-        f"({len(data['eval'])} held-out prompts; GKD's loss on the same run: --gate none; seeds and intervals: "
+        f"({n_eval} held-out prompts; GKD's loss on the same run: --gate none; seeds and intervals: "
         "benchmarks/quality.py)"
     )
     if rates:
         print(f"acceptance rate: {rates[0][1]:.3f} at step {rates[0][0]} -> {rates[-1][1]:.3f} at step {rates[-1][0]}")
-    for name, result in drafter.items():
+    for name, result in summary["drafter"].items():
         print(_drafter_line(name, result))
-    print(f"wall time {summary['wall_time_s']:.0f} s, peak memory {peak_rss_gib:.1f} GiB")
+    print(f"wall time {summary['wall_time_s']:.0f} s, peak memory {summary['peak_memory_gib']:.1f} GiB")
     print(f"saved {out / 'summary.json'}, {out / 'demo.png'}, {out / 'student-adapter'}, {out / 'student-merged'}")
-    return summary
 
 
 def _export_for_cli(out: Path, teacher_dir: Path, student_dir: Path, train) -> None:
