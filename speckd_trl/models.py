@@ -303,7 +303,7 @@ def output_head(
 ) -> OutputHead:
     """The model's output layer as an `OutputHead`: its weight and bias, and the logit scale (`logit_scale`, TRL's
     rules) and `final_logit_softcapping` of its text config. The one reader of output layers for every path that
-    projects hidden states itself (both trainers' chunked losses, the gate's verdicts, the reward term's
+    projects hidden states itself (the trainers' chunked losses, the gate's verdicts, the reward term's
     log-probabilities); `check_output_head` compares what it computes with the model's own logits once per run.
 
     Two ways to read a sharded layer:
