@@ -632,8 +632,20 @@ class SpecKDConfig(GateConfigMixin, GKDConfig):
             )
         _check_choice(owner, "mixing", self.mixing, MIXINGS)
         self._check_teacher_cache()
+        self._refuse_packing()
         _resolve_bf16(self)
         super().__post_init__()
+
+    def _refuse_packing(self) -> None:
+        """`packing` and `padding_free` come with `SFTConfig`, but GKD's trainer never prepares a dataset with them:
+        accepted, they would change nothing. Refused until packed distillation batches exist (never accept-and-ignore)."""
+        asked = [f"{name}=True" for name in ("packing", "padding_free") if getattr(self, name, False)]
+        if asked:
+            raise ValueError(
+                f"{type(self).__name__}: {' and '.join(asked)} is not supported: SpecKDTrainer (like TRL's GKDTrainer) "
+                "pads every dataset micro-batch to its longest row and would silently ignore it. Remove it (the "
+                "default is False); `per_device_train_batch_size` and `max_length` bound the padding instead."
+            )
 
     def _check_teacher_quantization(self) -> None:
         owner, value = type(self).__name__, self.teacher_quantization

@@ -39,6 +39,14 @@ def test_invalid_config_value_names_field_value_and_range(field, value, fragment
     assert f"{field}={value!r}" in message and fragment in message
 
 
+@pytest.mark.parametrize("overrides", [{"packing": True}, {"padding_free": True}])
+def test_packing_is_refused_not_ignored(overrides):
+    """`SFTConfig`'s packing fields reach SpecKDConfig through GKDConfig; GKD never applies them: refused by name."""
+    name = next(iter(overrides))
+    with pytest.raises(ValueError, match=f"{name}=True is not supported.*Remove it"):
+        SpecKDConfig(output_dir="out", report_to="none", **overrides)
+
+
 def test_defaults_are_valid():
     args = SpecKDConfig(**BASE)
     assert (args.gate, args.gate_top_k, args.gate_on, args.reject_weight) == ("topk", 5, "both", 0.5)
