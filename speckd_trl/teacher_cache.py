@@ -464,33 +464,38 @@ def write_teacher_cache(
     return path
 
 
-def _writer_lock(path: Path) -> Any:
-    """The cache directory's lock, acquired at once, or the error that another process holds it."""
+def _try_lock(path: Path) -> Any:
+    """The cache directory's lock, acquired at once; None when another process holds it (is writing the cache)."""
     from filelock import FileLock, Timeout
 
     lock = FileLock(str(path / LOCK_FILE))
     try:
         lock.acquire(timeout=0)
     except Timeout:
+        return None
+    return lock
+
+
+def _writer_lock(path: Path) -> Any:
+    """The cache directory's lock for a writer, or the error that another process holds it."""
+    lock = _try_lock(path)
+    if lock is None:
         raise ValueError(
             f"teacher_cache={str(path)!r} is in use by another process (it holds {LOCK_FILE} there): another "
             "`speckd-trl cache-teacher` is writing this cache. Wait for it to finish (a rerun then resumes or finds "
             "the cache done), or write to another directory."
-        ) from None
+        )
     return lock
 
 
 def _in_use(path: Path) -> bool:
     """Whether another process holds the cache directory's lock (is writing it now)."""
-    from filelock import FileLock, Timeout
-
-    lock = FileLock(str(path / LOCK_FILE))
     try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        return True
+        lock = _try_lock(path)
     except OSError:  # a read-only directory: nobody writes there
         return False
+    if lock is None:
+        return True
     lock.release()
     return False
 
