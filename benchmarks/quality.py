@@ -243,7 +243,8 @@ def log_references(setup, teacher_dir: Path, args, log) -> None:
 def teacher_order(method: str) -> int:  # a sort key: float32 first, then int8, then the 4-bit ones
     teacher = method.split(" @ ")[-1]
     return next(
-        (i for i, t in enumerate(("float32", "int8", "NF4 teacher (", "NF4", "FP4")) if teacher.startswith(t)), 9
+        (i for i, t in enumerate(("float32", "int8", "GPTQ", "NF4 teacher (", "NF4", "FP4")) if teacher.startswith(t)),
+        9,
     )
 
 
@@ -268,10 +269,22 @@ def teacher_skip(args) -> list[str] | None:
     return [m.strip() for m in args.teacher_skip.split(",") if m.strip()] or None
 
 
+def gptq_teacher(teacher_dir: Path, train):
+    """The teacher in GPTQ 4-bit as `teacher_quant.py`'s `gptq4` setting loads it (group 64, calibrated on the first
+    32 train conversations), for a trainer's `teacher_model`."""
+    from teacher_quant import other_config
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(teacher_dir))
+    texts = [tokenizer.apply_chat_template(m, tokenize=False) for m in train[:32]["messages"]]
+    config = other_config("gptq4", texts, tokenizer)
+    return AutoModelForCausalLM.from_pretrained(str(teacher_dir), quantization_config=config, device_map="cpu").eval()
+
+
 def teacher_label(args) -> str:
     """The distillers' teacher as loaded, for titles and tables (older logs: NF4, double quantization)."""
     quant = getattr(args, "teacher_quant", "nf4")
-    label = {"none": "float32", "int8": "int8", "nf4": "NF4", "fp4": "FP4"}[quant]
+    label = {"none": "float32", "int8": "int8", "nf4": "NF4", "fp4": "FP4", "gptq": "GPTQ 4-bit"}[quant]
     skip = getattr(args, "teacher_skip", "")
     return f"{label} teacher" + (f" ({len(skip.split(','))} modules float32)" if skip and quant != "none" else "")
 
@@ -370,8 +383,10 @@ def main():
     parser.add_argument(
         "--teacher-quant",
         default="nf4",
-        choices=("none", "int8", "nf4", "fp4"),
-        help="How the distillers' teacher is loaded (SpecKDConfig.teacher_quantization; 'none': float32). Every "
+        choices=("none", "int8", "nf4", "fp4", "gptq"),
+        help="How the distillers' teacher is loaded (SpecKDConfig.teacher_quantization; 'none': float32; 'gptq': "
+        "teacher_quant.py's gptq4 setting, GPTQ 4-bit, group 64, calibrated on 32 train conversations, loaded once and "
+        "passed as a model: needs gptqmodel and optimum). Every "
         "report names it; REF lines give both this teacher and the float32 one.",
     )
     parser.add_argument(
@@ -480,7 +495,10 @@ def main():
     setup = {
         "config": config,
         "student_dir": student_dir,
-        "teacher": load_teacher(str(teacher_dir), load_args),  # as --teacher-quant says, shared by every run
+        # as --teacher-quant says, shared by every run
+        "teacher": gptq_teacher(teacher_dir, data["train"])
+        if args.teacher_quant == "gptq"
+        else load_teacher(str(teacher_dir), load_args),  # fmt: skip
         "tokenizer": AutoTokenizer.from_pretrained(str(student_dir)),
         "train": data["train"],
         "eval": heldout,
