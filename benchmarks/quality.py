@@ -487,7 +487,8 @@ def main():
                                      task_prompts=prompts)  # fmt: skip
     cuda = torch.cuda.is_available()
     load_args = SpecKDConfig(output_dir=args.output_dir, use_cpu=not cuda, report_to="none",
-                             teacher_quantization=args.teacher_quant, teacher_bnb_4bit_use_double_quant=True,
+                             teacher_quantization="none" if args.teacher_quant == "gptq" else args.teacher_quant,
+                             teacher_bnb_4bit_use_double_quant=True,
                              teacher_quantization_skip_modules=teacher_skip(args))  # fmt: skip
     heldout = data["eval"] if args.heldout == "demo" else heldout_rows(config, args.heldout, args.items)
     if args.heldout == "demo" and args.items:
