@@ -431,12 +431,13 @@ PLANNER = {  # setting -> the planner's teacher settings (`speckd-trl plan --tea
     "nf4-skip2": dict(teacher_quant="nf4", teacher_double_quant=False, teacher_full_layers=2),
     "nf4-skip4": dict(teacher_quant="nf4", teacher_double_quant=False, teacher_full_layers=4),
     "nf4-skip8": dict(teacher_quant="nf4", teacher_double_quant=False, teacher_full_layers=8),
+    "gptq4": dict(teacher_quant="gptq"),
 }
 
 
 def planner_mib(setting: str, teacher_dir: str | None) -> float | None:
-    """The planner's teacher weights for a bitsandbytes setting (float32 compute), in MiB; None for the others. The
-    planner counts bitsandbytes' quantization constants, which `get_memory_footprint` leaves out."""
+    """The planner's teacher weights for a bitsandbytes or GPTQ setting (float32 compute), in MiB; None for the others.
+    The planner counts bitsandbytes' quantization constants, which `get_memory_footprint` leaves out."""
     if setting not in PLANNER or teacher_dir is None:
         return None
     from speckd_trl.plan import PlanConfig, estimate_memory

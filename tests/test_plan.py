@@ -331,6 +331,21 @@ def test_teacher_weights_match_what_bitsandbytes_holds(tmp_path, quant, double, 
     assert plan.terms["teacher weights"] == pytest.approx(weights_bytes(loaded), rel=0.01)
 
 
+def test_gptq_teacher_weights_match_the_measured_ones(shapes):
+    """GPTQ 4-bit, groups of 64 (`GPTQConfig(bits=4, group_size=64)` through gptqmodel, which the suite does not
+    install): the SmolLM2-135M teacher held 163.30 MiB of stored tensors on CPU
+    (benchmarks/results/teacher_quant-calibrated.log, `gptq4`); its codes, scales, zeros and group indices by hand."""
+    plan = estimate_memory(PlanConfig(teacher=shapes["smol"], student=shapes["smol"], teacher_quant="gptq",
+                                      dtype="float32"))  # fmt: skip
+    assert plan.terms["teacher weights"] == pytest.approx(163.2985 * 2**20, rel=1e-3)
+    smol = shapes["smol"]
+    columns = smol.lora_parameters_per_rank - smol.linear_rows  # sum of in_features
+    by_hand = (
+        smol.linear_parameters * (0.5 + 2.5 / 64) + columns * 4 + (smol.num_parameters - smol.linear_parameters) * 4
+    )
+    assert plan.terms["teacher weights"] == pytest.approx(by_hand)
+
+
 def test_teacher_full_layers_needs_a_quantized_teacher(shapes):
     with pytest.raises(ValueError, match="teacher_full_layers=2 keeps layers of a quantized teacher"):
         PlanConfig(teacher=shapes["8b"], student=shapes["1b"], teacher_full_layers=2)
