@@ -272,13 +272,11 @@ def teacher_skip(args) -> list[str] | None:
 def gptq_teacher(teacher_dir: Path, train):
     """The teacher in GPTQ 4-bit as `teacher_quant.py`'s `gptq4` setting loads it (group 64, calibrated on the first
     32 train conversations), for a trainer's `teacher_model`."""
-    from teacher_quant import other_config
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from teacher_quant import other_model
+    from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(teacher_dir))
-    texts = [tokenizer.apply_chat_template(m, tokenize=False) for m in train[:32]["messages"]]
-    config = other_config("gptq4", texts, tokenizer)
-    return AutoModelForCausalLM.from_pretrained(str(teacher_dir), quantization_config=config, device_map="cpu").eval()
+    model, _ = other_model("gptq4", teacher_dir, AutoTokenizer.from_pretrained(str(teacher_dir)), train)
+    return model.eval()
 
 
 def teacher_label(args) -> str:

@@ -222,8 +222,16 @@ def load_setting(setting: str, teacher_dir: Path, ranking: list[str], args, setu
         group, plain = (32, True) if setting == "hqq4-g32-rtn" else (64, False)
         hqq_quantize(model, group_size=group, plain_rounding=plain)
         return model, f"HQQ 4-bit, group {group}" + (", plain rounding" if plain else "")
-    texts = [setup["tokenizer"].apply_chat_template(m, tokenize=False) for m in setup["train"][:32]["messages"]]
-    config = other_config(setting, texts, setup["tokenizer"])
+    return other_model(setting, teacher_dir, setup["tokenizer"], setup["train"])
+
+
+def other_model(setting: str, teacher_dir: Path, tokenizer, train) -> tuple:
+    """The teacher loaded through `other_config(setting)` (calibrated, where it is, on the first 32 train
+    conversations), and the config's class name."""
+    from transformers import AutoModelForCausalLM
+
+    texts = [tokenizer.apply_chat_template(m, tokenize=False) for m in train[:32]["messages"]]
+    config = other_config(setting, texts, tokenizer)
     model = AutoModelForCausalLM.from_pretrained(str(teacher_dir), quantization_config=config, device_map="cpu")
     return model, type(config).__name__
 
