@@ -40,9 +40,10 @@ VERDICTS = (
     ),  # fmt: skip
     (
         float("inf"),
-        "large: the student will learn a worse teacher. Prefer teacher_quantization='int8', keep the most "
-        "sensitive layers in full precision (--check_sensitivity), or a teacher cache built from the "
-        "full-precision teacher (speckd-trl cache-teacher)",
+        "large: the student will learn a worse teacher. Prefer teacher_quantization='int8', a calibrated 4-bit "
+        "teacher (transformers' GPTQConfig as teacher_quantization: docs/one-gpu.md), keep the most sensitive "
+        "layers in full precision (--check_sensitivity), or a teacher cache built from the full-precision "
+        "teacher (speckd-trl cache-teacher)",
     ),  # fmt: skip
 )
 
