@@ -79,11 +79,13 @@ class SpecKDGOLDTrainer(GatedLossMixin, GOLDTrainer):
             )
         if not config.use_uld_loss and processing_class is not None:
             self._check_shared_tokenizer(given["teacher_model"], processing_class, config)
+        if config.use_uld_loss and config.use_extended_uld:
+            self._check_offsets("student", processing_class)
+            self._check_offsets("teacher", self._teacher_tokenizer(given["teacher_model"], config))
         super().__init__(**given)
         teacher = self.accelerator.unwrap_model(self.teacher_model)
         self._to_teacher = None
         if self.use_uld_loss and self.teacher_tokenizer is not None:
-            self._check_cross_tokenizers(config)
             if config.gate_rule.rejects:
                 self._to_teacher = student_to_teacher_ids(
                     self._tokenizer,
@@ -109,21 +111,34 @@ class SpecKDGOLDTrainer(GatedLossMixin, GOLDTrainer):
                 "distil across tokenizers."
             ) from None
 
-    def _check_cross_tokenizers(self, args: SpecKDGOLDConfig) -> None:
-        """The byte alignment reads both tokenizers' offsets, which GOLD computes for fast ByteLevel BPE tokenizers
-        only; without it, GOLD would stop at the first batch with an error that names neither tokenizer."""
-        if not args.use_extended_uld:
+    @staticmethod
+    def _teacher_tokenizer(teacher_model: Any, args: SpecKDGOLDConfig) -> Any:
+        """The teacher's tokenizer as `GOLDTrainer` will load it (`teacher_tokenizer_name_or_path`, else where the
+        teacher is or was loaded from), or `None` where it cannot be read yet (GOLD then raises its own error)."""
+        name = args.teacher_tokenizer_name_or_path
+        if name is None:
+            name = (
+                teacher_model if isinstance(teacher_model, str) else getattr(teacher_model.config, "_name_or_path", "")
+            )
+        return load_teacher_tokenizer(name, args) if name else None
+
+    @staticmethod
+    def _check_offsets(role: str, tokenizer: Any) -> None:
+        """The byte alignment (`use_extended_uld=True`) reads both tokenizers' offsets, which GOLD computes for fast
+        ByteLevel BPE tokenizers only; without this check GOLD stops while it tokenizes the dataset (the student's) or
+        at the first batch (the teacher's), with an error that names neither tokenizer."""
+        if tokenizer is None:
             return
-        for role, tokenizer in (("student", self._tokenizer), ("teacher", self.teacher_tokenizer)):
-            backend = getattr(tokenizer, "backend_tokenizer", None)
-            if backend is None or not is_byte_level_tokenizer(backend):
-                kind = "a slow tokenizer (no offsets)" if backend is None else "not a ByteLevel BPE tokenizer"
-                raise ValueError(
-                    f"SpecKDGOLDTrainer: the {role}'s tokenizer ({type(tokenizer).__name__}) is {kind}. The alignment "
-                    "across tokenizers (use_extended_uld=True) reads byte offsets, which GOLD computes for fast "
-                    "ByteLevel BPE tokenizers only (Llama 3, Qwen, SmolLM, ...). Use such a tokenizer, or "
-                    "use_extended_uld=False with gate='none' (positional ULD)."
-                )
+        tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is None or not is_byte_level_tokenizer(backend):
+            kind = "a slow tokenizer, without offsets" if backend is None else "not a ByteLevel BPE tokenizer"
+            raise ValueError(
+                f"SpecKDGOLDTrainer: the {role}'s tokenizer ({type(tokenizer).__name__}) is {kind}. The alignment "
+                "across tokenizers (use_extended_uld=True) reads byte offsets, which GOLD computes for fast ByteLevel "
+                "BPE tokenizers only (Llama 3, Qwen, SmolLM, GPT-2, ...): pass the fast tokenizer of a ByteLevel "
+                "model."
+            )
 
     def _prepare_inputs(self, generation_batch: dict[str, Any]) -> dict[str, Any]:
         """GOLD's micro-batch, remembering whether the student sampled it (its slice of the generation buffer)."""

@@ -21,6 +21,7 @@ from speckd_trl.tools.testing import (
     TINY_ARGS,
     byte_level_bpe_tokenizer,
     make_model,
+    make_tokenizer,
     random_words,
 )
 
@@ -276,3 +277,89 @@ def test_gated_loss_weights_each_span_by_its_verdict(pair, tmp_path):
         torch.testing.assert_close(
             trainer.compute_loss(trainer.model, inputs), ungated.compute_loss(ungated.model, inputs)
         )
+
+
+def test_spec_verdicts_read_the_teacher_at_the_proposals_teacher_token(pair, tmp_path):
+    """`spec` across tokenizers on sampled tokens: accept iff u < p_teacher(teacher token of x) / q(x), q the
+    student at the sampling temperature, at each span's first student token."""
+    trainer = make_gold(pair, tmp_path, gated=True, gate="spec", temperature=0.7, top_p=1.0, dataset=chat_rows(8, 7))
+    inputs = next(iter(trainer.get_train_dataloader()))
+    accepted, _, student_logits, sequences, batch = gated_pieces(trainer, inputs, on_policy=True)
+    with torch.no_grad():
+        _, teacher_out, *_ = gold_forward(trainer, trainer.model, inputs)
+    checked = 0
+    for row, sequence in enumerate(sequences):
+        for student_span, teacher_span in zip(sequence.student_spans, sequence.teacher_spans, strict=True):
+            s, t = student_span[0], teacher_span[0]
+            x = int(inputs["input_ids"][row, s])
+            token = pair["student_tokenizer"].convert_ids_to_tokens(x)
+            target = teacher_id_by_hand(token, pair["student_tokenizer"], pair["teacher_tokenizer"])
+            log_p = torch.log_softmax(teacher_out.logits[row, t - 1], -1)[target]
+            log_q = torch.log_softmax(student_logits[row, s - 1] / 0.7, -1)[x]
+            u = batch.uniforms["accept"][row, s]
+            assert bool(accepted[row, s]) == bool(torch.log(u) < log_p - log_q)
+            checked += 1
+    assert checked > 20 and 0 < int(accepted.sum())
+
+
+def test_training_logs_the_gate(pair, tmp_path):
+    trainer = make_gold(
+        pair, tmp_path, gated=True, gate="topk", gate_top_k=120, lmbda=0.5, uld_use_hybrid_loss=True, max_steps=3
+    )
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 3
+    assert all(0 <= entry["gate/acceptance_rate"] <= 1 and "reward/mean" in entry for entry in logs)
+    assert all(torch.isfinite(torch.tensor(entry["loss"])) for entry in logs)
+
+
+# ---------------------------------------------------------------------- bad inputs
+
+
+@pytest.mark.parametrize("role", ["student", "teacher"])
+def test_tokenizers_without_byte_offsets_are_refused(pair, tmp_path, role):
+    word_level = make_tokenizer()  # whitespace word-level: no ByteLevel offsets
+    if role == "teacher":
+        word_level.save_pretrained(tmp_path / "word_level")
+        pair = {**pair, "teacher_path": str(tmp_path / "word_level")}
+    else:
+        pair = {**pair, "student_tokenizer": word_level, "student": make_model(0, word_level)}
+    with pytest.raises(ValueError, match=f"the {role}'s tokenizer .* is not a ByteLevel BPE tokenizer"):
+        make_gold(pair, tmp_path, gated=True, gate="topk")
+
+
+def test_different_tokenizers_without_uld_are_refused(pair, tmp_path):
+    teacher = copy.deepcopy(pair["teacher"])
+    teacher.name_or_path = pair["teacher_path"]
+    args = SpecKDGOLDConfig(output_dir=str(tmp_path), **{**GOLD_ARGS, "use_uld_loss": False}, gate="none")
+    with pytest.raises(ValueError, match="use_uld_loss=False compares .* Set use_uld_loss=True"):
+        SpecKDGOLDTrainer(
+            model=copy.deepcopy(pair["student"]),
+            teacher_model=teacher,
+            args=args,
+            train_dataset=chat_rows(4, 0),
+            processing_class=pair["student_tokenizer"],
+        )
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(use_uld_loss=True, use_extended_uld=False), "use_extended_uld=False: positional ULD"),
+        (dict(use_uld_loss=False), "use_uld_loss=False: without ULD"),
+        (dict(use_uld_loss=True, reject_target="top_k"), "reject_target='top_k' is not served across tokenizers"),
+        (dict(use_uld_loss=True, reward_coef=0.1), "reward_coef=0.1 is not served"),
+    ],
+)
+def test_settings_the_alignment_cannot_serve_are_refused(tmp_path, settings, message):
+    with pytest.raises(ValueError, match=message):
+        SpecKDGOLDConfig(output_dir=str(tmp_path), **TINY_ARGS, gate="topk", **settings)
+
+
+def test_gate_none_accepts_positional_uld(tmp_path):
+    SpecKDGOLDConfig(output_dir=str(tmp_path), **TINY_ARGS, gate="none", use_uld_loss=True, use_extended_uld=False)
+
+
+def test_spec_warns_when_golds_sampler_is_filtered(tmp_path):
+    with pytest.warns(UserWarning, match="top_p=0.95"):
+        SpecKDGOLDConfig(output_dir=str(tmp_path), **TINY_ARGS, gate="spec", use_uld_loss=True)
