@@ -77,7 +77,7 @@ GOLD_ARGS = dict(
 )
 
 
-def make_gold(pair, tmp_path, *, gated: bool, dataset=None, **overrides):
+def make_gold(pair, tmp_path, *, gated: bool, dataset=None, eval_dataset=None, **overrides):
     """A `GOLDTrainer` (or, `gated`, a `SpecKDGOLDTrainer`) on copies of the pair's models."""
     config, trainer = (SpecKDGOLDConfig, SpecKDGOLDTrainer) if gated else (GOLDConfig, GOLDTrainer)
     args = config(
@@ -88,6 +88,7 @@ def make_gold(pair, tmp_path, *, gated: bool, dataset=None, **overrides):
         teacher_model=copy.deepcopy(pair["teacher"]),
         args=args,
         train_dataset=dataset if dataset is not None else chat_rows(8, 0),
+        eval_dataset=eval_dataset,
         processing_class=pair["student_tokenizer"],
     )
 
@@ -302,15 +303,28 @@ def test_spec_verdicts_read_the_teacher_at_the_proposals_teacher_token(pair, tmp
     assert checked > 20 and 0 < int(accepted.sum())
 
 
-def test_training_logs_the_gate(pair, tmp_path):
+def test_training_logs_the_gate_and_evaluates(pair, tmp_path):
+    """Dataset and on-policy micro-batches (lmbda=0.5, two per step), then an evaluation."""
     trainer = make_gold(
-        pair, tmp_path, gated=True, gate="topk", gate_top_k=120, lmbda=0.5, uld_use_hybrid_loss=True, max_steps=3
+        pair,
+        tmp_path,
+        gated=True,
+        gate="topk",
+        gate_top_k=120,
+        lmbda=0.5,
+        uld_use_hybrid_loss=True,
+        max_steps=3,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        eval_dataset=chat_rows(4, 5),
     )
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logs) == 3
     assert all(0 <= entry["gate/acceptance_rate"] <= 1 and "reward/mean" in entry for entry in logs)
+    assert any("gate/acceptance_rate_on_policy" in entry for entry in logs)
     assert all(torch.isfinite(torch.tensor(entry["loss"])) for entry in logs)
+    assert torch.isfinite(torch.tensor(trainer.evaluate()["eval_loss"]))
 
 
 # ---------------------------------------------------------------------- bad inputs
