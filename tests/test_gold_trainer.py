@@ -248,18 +248,26 @@ def test_verdicts_equal_a_by_hand_alignment(pair, tmp_path, on_policy):
     assert all(met.values()), met  # tokens with and without counterpart, spans of several tokens on both sides
 
 
-def test_gated_loss_weights_each_span_by_its_verdict(pair, tmp_path):
+@pytest.mark.parametrize("normalize", ["tokens", "accepted"])
+def test_gated_loss_weights_each_span_by_its_verdict(pair, tmp_path, normalize):
     """The loss by hand: per sequence, sum over its spans of the verdict's weight times the span's sorted-L1 ULD term,
-    over the number of spans; the batch's mean."""
+    over the number of spans (`"accepted"`: over the sum of the weights); the batch's mean."""
     reject_weight = 0.25
     trainer = make_gold(
-        pair, tmp_path, gated=True, gate="topk", gate_top_k=120, reject_weight=reject_weight, dataset=chat_rows(8, 7)
+        pair,
+        tmp_path,
+        gated=True,
+        gate="topk",
+        gate_top_k=120,
+        reject_weight=reject_weight,
+        gate_normalize=normalize,
+        dataset=chat_rows(8, 7),
     )
     inputs = next(iter(trainer.get_train_dataloader()))
     accepted, _, _, sequences, _ = gated_pieces(trainer, inputs, on_policy=False)
     expected = []
     for row, sequence in enumerate(sequences):
-        terms = []
+        terms, weights = [], []
         for g, span in enumerate(sequence.student_spans):
             s = sequence.student[g].sort(descending=True).values
             t = sequence.teacher[g].sort(descending=True).values
@@ -267,7 +275,8 @@ def test_gated_loss_weights_each_span_by_its_verdict(pair, tmp_path):
             l1 = torch.nn.functional.pad(s, (0, size - s.numel())) - torch.nn.functional.pad(t, (0, size - t.numel()))
             weight = 1.0 if bool(accepted[row, span[0]]) else reject_weight
             terms.append(weight * l1.abs().sum())
-        expected.append(torch.stack(terms).sum() / len(terms))
+            weights.append(weight)
+        expected.append(torch.stack(terms).sum() / (len(terms) if normalize == "tokens" else sum(weights)))
     with torch.no_grad():
         loss = trainer.compute_loss(trainer.model, inputs)
     torch.testing.assert_close(loss, torch.stack(expected).mean())
