@@ -386,3 +386,20 @@ def test_gate_none_accepts_positional_uld(tmp_path):
 def test_spec_warns_when_golds_sampler_is_filtered(tmp_path):
     with pytest.warns(UserWarning, match="top_p=0.95"):
         SpecKDGOLDConfig(output_dir=str(tmp_path), **TINY_ARGS, gate="spec", use_uld_loss=True)
+
+
+def test_gate_top_k_is_checked_against_the_teachers_vocabulary(pair, tmp_path):
+    with pytest.raises(ValueError, match="gate_top_k"):
+        make_gold(pair, tmp_path, gated=True, gate="topk", gate_top_k=len(pair["teacher_tokenizer"]))
+
+
+def test_a_gold_config_is_refused(pair, tmp_path):
+    args = GOLDConfig(output_dir=str(tmp_path), teacher_tokenizer_name_or_path=pair["teacher_path"], **GOLD_ARGS)
+    with pytest.raises(TypeError, match="SpecKDGOLDTrainer needs `args=SpecKDGOLDConfig"):
+        SpecKDGOLDTrainer(
+            model=copy.deepcopy(pair["student"]),
+            teacher_model=copy.deepcopy(pair["teacher"]),
+            args=args,
+            train_dataset=chat_rows(4, 0),
+            processing_class=pair["student_tokenizer"],
+        )
