@@ -403,3 +403,32 @@ def test_a_gold_config_is_refused(pair, tmp_path):
             train_dataset=chat_rows(4, 0),
             processing_class=pair["student_tokenizer"],
         )
+
+
+def test_resume_matches_the_uninterrupted_run(pair, tmp_path):
+    """Stop at step 2 of 4 and resume from its checkpoint: the same loss and gate metrics at every step (GOLD's
+    lmbda draw and the student's samples come back with the Trainer's RNG states, the gate's draws with its own)."""
+    from transformers import TrainerCallback
+
+    class StopAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step == 2
+
+    config = dict(gate="spec", lmbda=0.5, top_p=1.0, max_steps=4, per_device_train_batch_size=2)
+
+    def logs(trainer, **kwargs):
+        trainer.train(**kwargs)
+        return {entry["step"]: entry for entry in trainer.state.log_history if "loss" in entry}
+
+    reference = logs(make_gold(pair, tmp_path / "full", gated=True, **config))
+    first = make_gold(pair, tmp_path / "cut", gated=True, save_strategy="steps", save_steps=2, **config)
+    first.add_callback(StopAt())
+    logs(first)
+    resumed = logs(
+        make_gold(pair, tmp_path / "cut", gated=True, **config),
+        resume_from_checkpoint=str(tmp_path / "cut/checkpoint-2"),
+    )
+    assert sorted(resumed) == sorted(reference) == [1, 2, 3, 4]
+    for step in (3, 4):
+        for key in ["loss", *(k for k in reference[step] if k.startswith(("gate/", "reward/")))]:
+            assert resumed[step][key] == pytest.approx(reference[step][key], abs=1e-5), (step, key)
