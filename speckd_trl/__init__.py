@@ -27,11 +27,13 @@ from .config import (  # noqa: E402
     GateConfigMixin,
     SpecKDConfig,
     SpecKDDistillationConfig,
+    SpecKDGOLDConfig,
     SpecKDServerDistillationConfig,
 )
 from .distillation_trainer import SpecKDDistillationTrainer  # noqa: E402
 from .drafter import evaluate_drafter  # noqa: E402
 from .generation import GenerationStats, speculative_generate, student_generate  # noqa: E402
+from .gold_trainer import SpecKDGOLDTrainer  # noqa: E402
 from .losses import SparseTeacher, normalize_loss, tail_bucket_target, weighted_generalized_jsd  # noqa: E402
 from .metrics import sequence_rewards  # noqa: E402
 from .plan import MemoryPlan, PlanConfig, estimate_memory, format_plan  # noqa: E402
@@ -62,6 +64,8 @@ __all__ = [
     "SpecKDDistillationTrainer",
     "SpecKDServerDistillationConfig",
     "SpecKDServerDistillationTrainer",
+    "SpecKDGOLDConfig",
+    "SpecKDGOLDTrainer",
     "GateConfigMixin",
     "GATE_RULES",
     "GateRule",

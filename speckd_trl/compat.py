@@ -15,15 +15,28 @@ inside it), keeping its start:
   (through the private `_compute_prompt_length` and `_get_teacher_token_logprobs_from_server`), aligned as TRL
   aligns them.
 
+`SpecKDGOLDTrainer` weights GOLD's ULD loss per aligned span, which `ULDLoss._compute_distillation_loss` averages
+over the spans of each sequence before returning it; it replaces `GOLDTrainer.compute_loss` (text teachers):
+
+- `gold_forward`: the teacher's inputs rebuilt from the texts (`build_teacher_inputs_from_texts`) and both forwards, as
+  `GOLDTrainer.compute_loss` makes them;
+- `uld_alignment`: `_compute_distillation_loss` up to the aligned, merged distributions of each sequence, with the
+  absolute positions of each aligned span's tokens (which the gate reads);
+- `uld_weighted_sum`: its per-sequence ULD (sorted L1, or `_compute_hybrid_uld_loss`) as a weighted sum over spans;
+- `uld_cross_entropy`, `gold_record_hybrid_parts`: `ULDLoss.__call__`'s cross-entropy term, and the end of
+  `GOLDTrainer.compute_loss` (the hybrid loss's parts for the logs).
+
 `UPSTREAM` pins the source of each TRL function copied here: `tests/test_compat.py` fails when a TRL release changes
 it, so the copy is re-read against the new code before anyone trusts it.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
 from trl.kernels.chunked_logprob import _use_triton
 
@@ -40,6 +53,15 @@ UPSTREAM = {
     ),
     "trl.experimental.server_distillation.server_distillation_trainer.ServerDistillationTrainer.compute_loss": (
         "0bb0f043aa7c304030472bfc4986382026b62a90c8567ed1493aab6151b974e9"
+    ),
+    "trl.experimental.gold.gold_trainer.GOLDTrainer.compute_loss": (
+        "13740ff7e1f55e2ed7bbb4e284331e5212313d7f2c3c2342a24a0798f3c831d9"
+    ),
+    "trl.experimental.gold.gold_trainer.ULDLoss.__call__": (
+        "dd8650a24d31c04ac60e3c4fad030b5e4c22084e73459e312a0e50965cb47c51"
+    ),
+    "trl.experimental.gold.gold_trainer.ULDLoss._compute_distillation_loss": (
+        "fb401c4c0c6cf4431514afdd7247128f344807a7e2797d79af27395b75a84fd0"
     ),
 }
 
@@ -187,3 +209,187 @@ def server_forward(
     tokens = input_ids[:, prompt_length:][:, :length]
     completion = labels[:, prompt_length:][:, :length] != -100
     return student_outputs, teacher_result, logits, tokens, completion
+
+
+def gold_forward(trainer: Any, model: torch.nn.Module, inputs: dict[str, Any]) -> tuple[Any, Any, torch.Tensor, ...]:
+    """The start of `GOLDTrainer.compute_loss` with ULD across tokenizers and a text teacher: the teacher's inputs from
+    the batch's prompt and completion texts (`build_teacher_inputs_from_texts`), the student's forward and the
+    teacher's (without gradient).
+
+    Returns:
+        The student's outputs, the teacher's outputs, and the teacher's `input_ids`, `labels` `[B, T_t]` and
+        completion-relative byte offsets `[B, T_t, 2]`.
+    """
+    from trl.experimental.gold.gold_trainer import build_teacher_inputs_from_texts
+
+    student_forward_kwargs = trainer._get_model_forward_kwargs(inputs)
+    teacher_input_ids, teacher_labels, teacher_attention_mask, teacher_byte_offsets = build_teacher_inputs_from_texts(
+        trainer.teacher_tokenizer,
+        inputs["original_prompt_text"],
+        inputs["original_completion_text"],
+        use_extended_uld=trainer.uld_loss_fn.use_extended_uld,
+    )
+    device = trainer.accelerator.device
+    teacher_input_ids = teacher_input_ids.to(device)
+    teacher_labels = teacher_labels.to(device)
+    teacher_attention_mask = teacher_attention_mask.to(device)
+    outputs_student = model(
+        input_ids=inputs["input_ids"],
+        attention_mask=inputs["attention_mask"],
+        use_cache=False,
+        **student_forward_kwargs,
+    )
+    trainer.teacher_model.eval()
+    with torch.no_grad():
+        outputs_teacher = trainer.teacher_model(input_ids=teacher_input_ids, attention_mask=teacher_attention_mask)
+    return outputs_student, outputs_teacher, teacher_input_ids, teacher_labels, teacher_byte_offsets
+
+
+@dataclass
+class AlignedSequence:
+    """One sequence's aligned spans, as `ULDLoss._compute_distillation_loss` compares them.
+
+    Attributes:
+        student (`torch.Tensor` of shape `[G, V_s]`), teacher (`torch.Tensor` of shape `[G, V_t]`): the merged
+            distributions of the ``G`` spans (ULD's inputs).
+        student_spans (`list[list[int]]`), teacher_spans (`list[list[int]]`): each span's token positions in the
+            student's and the teacher's sequence (absolute indices of `input_ids`).
+    """
+
+    student: torch.Tensor
+    teacher: torch.Tensor
+    student_spans: list[list[int]]
+    teacher_spans: list[list[int]]
+
+
+def uld_alignment(
+    uld: Any,
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    student_labels: torch.Tensor,
+    teacher_labels: torch.Tensor,
+    student_input_ids: torch.Tensor,
+    teacher_input_ids: torch.Tensor,
+    student_byte_offsets: torch.Tensor | None,
+    teacher_byte_offsets: torch.Tensor | None,
+) -> list[AlignedSequence | None] | None:
+    """`ULDLoss._compute_distillation_loss` (of the `ULDLoss` `uld`) up to its per-sequence loss: per sequence its
+    `AlignedSequence`, or `None` for a sequence that TRL gives a zero loss; `None` in all when TRL returns its
+    all-empty zero."""
+    student_answer_index, student_answer_size = uld._get_start_and_size_answers(student_labels)
+    teacher_answer_index, teacher_answer_size = uld._get_start_and_size_answers(teacher_labels)
+    if uld.skip_student_eos:
+        student_answer_size = [size - 1 for size in student_answer_size]
+    if uld.skip_teacher_eos:
+        teacher_answer_size = [size - 1 for size in teacher_answer_size]
+    if (
+        not student_answer_size
+        or not teacher_answer_size
+        or max(max(student_answer_size), max(teacher_answer_size)) <= 0
+    ):
+        return None
+    bayesian = uld.token_merge_strategy == "bayesian"
+    sequences: list[AlignedSequence | None] = []
+    for i in range(student_logits.size(0)):
+        student_start, student_size = student_answer_index[i], student_answer_size[i]
+        teacher_start, teacher_size = teacher_answer_index[i], teacher_answer_size[i]
+        if student_size <= 0 or teacher_size <= 0:
+            sequences.append(None)
+            continue
+        if bayesian and (student_start == 0 or teacher_start == 0):
+            if uld.use_extended_uld:
+                if student_byte_offsets is None or teacher_byte_offsets is None:
+                    raise ValueError("Byte offsets are required when `use_extended_uld=True`.")
+                s_answer = student_byte_offsets[i, student_start : student_start + student_size].tolist()
+                t_answer = teacher_byte_offsets[i, teacher_start : teacher_start + teacher_size].tolist()
+                student_groups, teacher_groups = uld._align_by_byte_offsets(s_answer, t_answer)
+                if not student_groups or not teacher_groups:
+                    sequences.append(None)
+                    continue
+                student_drop, teacher_drop = len(student_groups[0]), len(teacher_groups[0])
+            else:
+                student_drop = teacher_drop = 1
+            student_start, student_size = student_start + student_drop, student_size - student_drop
+            teacher_start, teacher_size = teacher_start + teacher_drop, teacher_size - teacher_drop
+            if student_size <= 0 or teacher_size <= 0:
+                sequences.append(None)
+                continue
+        shift = 1 if bayesian else 0
+        student_answer_logits = student_logits[i, student_start - shift : student_start + student_size - shift]
+        teacher_answer_logits = teacher_logits[i, teacher_start - shift : teacher_start + teacher_size - shift]
+        student_probs = F.softmax(student_answer_logits / uld.student_temperature, dim=-1)
+        teacher_probs = F.softmax(teacher_answer_logits / uld.teacher_temperature, dim=-1)
+        student_token_ids = student_input_ids[i, student_start : student_start + student_size].tolist()
+        teacher_token_ids = teacher_input_ids[i, teacher_start : teacher_start + teacher_size].tolist()
+        if uld.use_extended_uld:
+            if student_byte_offsets is None or teacher_byte_offsets is None:
+                raise ValueError("Byte offsets are required when `use_extended_uld=True`.")
+            s_answer = student_byte_offsets[i, student_start : student_start + student_size].tolist()
+            t_answer = teacher_byte_offsets[i, teacher_start : teacher_start + teacher_size].tolist()
+            student_groups, teacher_groups = uld._align_by_byte_offsets(s_answer, t_answer)
+            paired = [(sg, tg) for sg, tg in zip(student_groups, teacher_groups, strict=False) if sg and tg]
+            student_groups = [sg for sg, _ in paired]
+            teacher_groups = [tg for _, tg in paired]
+            student_aligned = uld._merge_probabilities_with_alignment_groups(
+                student_probs, student_groups, student_token_ids
+            )
+            teacher_aligned = uld._merge_probabilities_with_alignment_groups(
+                teacher_probs, teacher_groups, teacher_token_ids
+            )
+        else:
+            min_length = min(len(student_token_ids), len(teacher_token_ids))
+            student_aligned, teacher_aligned = student_probs[:min_length, :], teacher_probs[:min_length, :]
+            student_groups = teacher_groups = [[k] for k in range(min_length)]
+        sequences.append(
+            AlignedSequence(
+                student_aligned,
+                teacher_aligned,
+                [[student_start + k for k in group] for group in student_groups],
+                [[teacher_start + k for k in group] for group in teacher_groups],
+            )
+        )
+    return sequences
+
+
+def uld_weighted_sum(uld: Any, student_aligned: torch.Tensor, teacher_aligned: torch.Tensor, weights: torch.Tensor):
+    """``sum_g w_g l_g`` over a sequence's spans, ``l_g`` the ULD loss `_compute_distillation_loss` averages over them
+    (its sorted L1, or `_compute_hybrid_uld_loss` with the hybrid loss). With every weight 1 it is that average times
+    the number of spans. The hybrid loss is computed once per distinct weight (it is linear in its rows)."""
+    if uld.use_hybrid_loss and uld._vocab_mapping is not None:
+        total = student_aligned.new_zeros(())
+        for value in torch.unique(weights).tolist():
+            rows = (weights == value).nonzero().squeeze(-1)
+            total = total + value * rows.numel() * uld._compute_hybrid_uld_loss(
+                student_aligned[rows], teacher_aligned[rows]
+            )
+        return total
+    student_sorted = student_aligned.sort(dim=-1, descending=True).values
+    teacher_sorted = teacher_aligned.sort(dim=-1, descending=True).values
+    size = max(student_sorted.size(-1), teacher_sorted.size(-1))
+    student_sorted = F.pad(student_sorted, (0, size - student_sorted.size(-1)))
+    teacher_sorted = F.pad(teacher_sorted, (0, size - teacher_sorted.size(-1)))
+    per_span = (student_sorted - teacher_sorted).abs().sum(dim=-1)  # [G]
+    return (weights.to(per_span.dtype) * per_span).sum()
+
+
+def uld_cross_entropy(uld: Any, student_logits: torch.Tensor, student_labels: torch.Tensor) -> torch.Tensor | float:
+    """`ULDLoss.__call__`'s cross-entropy term on the student's labels (0.0 with `uld_crossentropy_weight=0`)."""
+    if uld.crossentropy_weight <= 0:
+        return 0.0
+    shift_logits = student_logits[..., :-1, :].contiguous()
+    shift_labels = student_labels[..., 1:].contiguous()
+    loss_fct = torch.nn.CrossEntropyLoss(ignore_index=uld.ignore_index)
+    return uld.crossentropy_weight * loss_fct(shift_logits.view(-1, shift_logits.size(-1)), shift_labels.view(-1))
+
+
+def gold_record_hybrid_parts(trainer: Any) -> None:
+    """The end of `GOLDTrainer.compute_loss`: the hybrid loss's matched and unmatched parts (of its last call) added to
+    the trainer's `matched_loss` / `unmatched_loss` logs."""
+    uld = trainer.uld_loss_fn
+    if not (hasattr(uld, "last_matched_loss") and hasattr(uld, "last_unmatched_loss")):
+        return
+    step_eq = 1.0 / max(1, int(trainer.args.gradient_accumulation_steps))
+    trainer._matched_sum += uld.last_matched_loss.item() if uld.last_matched_loss is not None else 0.0
+    trainer._unmatched_sum += uld.last_unmatched_loss.item() if uld.last_unmatched_loss is not None else 0.0
+    trainer._matched_step_eq += step_eq
+    trainer._unmatched_step_eq += step_eq

@@ -20,6 +20,7 @@ from transformers.utils import is_torch_bf16_gpu_available
 from transformers.utils.import_utils import is_torch_bf16_available_on_device
 from trl import DistillationConfig
 from trl.experimental.gkd import GKDConfig
+from trl.experimental.gold import GOLDConfig
 from trl.experimental.server_distillation import ServerDistillationConfig
 
 from .batch_kind import MIXING_MODES, Mixing
@@ -920,4 +921,61 @@ class SpecKDServerDistillationConfig(SpecKDDistillationConfig, ServerDistillatio
                 "at the divergence's temperature, and the rule needs the teacher's own probability (temperature 1). "
                 "Use temperature=1, or gate='topk'."
             )
+        super().__post_init__()
+
+
+@dataclass
+class SpecKDGOLDConfig(GateConfigMixin, GOLDConfig):
+    """
+    Configuration class for [`SpecKDGOLDTrainer`]: TRL's [`~trl.experimental.gold.GOLDConfig`] (distillation across
+    tokenizers: `use_uld_loss`, `uld_use_hybrid_loss`, `use_extended_uld`, `teacher_tokenizer_name_or_path`, `lmbda`,
+    ...) plus the gate's fields of [`GateConfigMixin`], with the same meanings and defaults as in [`SpecKDConfig`].
+
+    The gate verifies each of GOLD's aligned spans at its first student token against the teacher's distribution at
+    the span's first teacher token, and weights the span's ULD term (see `cross_tokenizer`); with `gate="none"` (and
+    `kd_coef=1`) the loss is `GOLDTrainer`'s. A gate that rejects needs what the byte alignment gives:
+    `use_uld_loss=True` and `use_extended_uld=True` (positional ULD pairs tokens that follow different texts). The
+    student proposes its greedy token on dataset rows and its sample on on-policy rows (at `temperature`, `top_p`,
+    `top_k`: the `spec` rule warns when these filter the sampler, GOLD's default `top_p=0.95` does). Not served here:
+    `reject_target="top_k"` (the ULD loss has no per-token target) and `reward_coef > 0`.
+
+    One default differs from TRL: an unset `bf16` means bf16 where the GPU supports it and float32 elsewhere.
+    """
+
+    def __post_init__(self):
+        owner = type(self).__name__
+        self._check_gate_settings()
+        if self.modes.reject_target.filters:
+            raise ValueError(
+                f"{owner}: reject_target={self.reject_target!r} is not served across tokenizers: GOLD's ULD loss "
+                "compares sorted distributions, it has no per-token target to filter. Use reject_target='teacher'."
+            )
+        if self.reward_coef != 0:
+            raise ValueError(
+                f"{owner}: reward_coef={self.reward_coef!r} is not served by SpecKDGOLDTrainer (the REINFORCE term on "
+                "the gate's reward is implemented on the same-tokenizer trainers only). Use reward_coef=0."
+            )
+        if self.gate_rule.rejects and not self.use_uld_loss:
+            raise ValueError(
+                f"{owner}: gate={self.gate!r} with use_uld_loss=False: without ULD, GOLD distils with GKD's JSD over a "
+                "shared tokenizer, which SpecKDTrainer gates (with more options). Set use_uld_loss=True to distil "
+                "across tokenizers, or use SpecKDTrainer."
+            )
+        if self.gate_rule.rejects and not self.use_extended_uld:
+            raise ValueError(
+                f"{owner}: gate={self.gate!r} with use_extended_uld=False: positional ULD pairs the k-th student token "
+                "with the k-th teacher token, which follow different texts, so the teacher has no distribution at the "
+                "student's proposal. Set use_extended_uld=True (alignment by byte offsets), or gate='none'."
+            )
+        _check_temperature(owner, self.temperature)
+        if self.gate_rule.reads_student and self.lmbda > 0 and (self.top_p != 1.0 or self.top_k not in (0, None)):
+            warnings.warn(
+                f"{owner}: gate={self.gate!r} takes the student's on-policy proposal distribution q to be "
+                f"softmax(logits / temperature), but top_p={self.top_p!r}, top_k={self.top_k!r} filter the "
+                "distribution the student samples from, which biases the acceptance rate. Set top_p=1.0 and top_k=0, "
+                "or use gate='topk' (which reads only the teacher's ranks).",
+                UserWarning,
+                stacklevel=3,
+            )
+        _resolve_bf16(self)
         super().__post_init__()

@@ -369,8 +369,8 @@ def check_covers_tokenizer(model: torch.nn.Module, role: str, tokenizer: Any) ->
             f"Vocabulary mismatch: the tokenizer has {n_tokenizer} tokens but the {role} produces only {n} "
             f"logits, so it was not trained with this tokenizer (token ids >= {n} have no logit). SpecKD "
             "compares the two next-token distributions id by id: pass the tokenizer both models were trained "
-            "with (a teacher and student of the same family share one), or distill across tokenizers with a "
-            "method that aligns them (e.g. TRL's GOLD / ULD). Resizing the embeddings would only silence this "
+            "with (a teacher and student of the same family share one), or distill across tokenizers with "
+            "SpecKDGOLDTrainer (TRL's GOLD / ULD, which aligns them, with the gate). Resizing the embeddings would only silence this "
             "error: the new rows are untrained."
         )
     return n
@@ -388,5 +388,6 @@ def check_same_tokens(tokenizer: Any, teacher_tokenizer: Any) -> None:
             f"Vocabulary mismatch: the student's tokenizer and the teacher's tokenizer differ on {len(differing)} of "
             f"their {len(shared)} shared token ids ({examples}). SpecKD compares the two next-token distributions "
             "id by id, so both models must use the same tokenizer: pick a teacher and student of the same family, "
-            "or distill across tokenizers with a method that aligns them (e.g. TRL's GOLD / ULD)."
+            "or distill across tokenizers with SpecKDGOLDTrainer (SpecKDGOLDConfig: TRL's GOLD, whose ULD loss aligns the "
+            "two tokenizations, with the gate)."
         )

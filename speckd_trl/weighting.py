@@ -245,7 +245,12 @@ class GatedBatch:
 
     @torch.no_grad()
     def verdicts(
-        self, student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor, at: torch.Tensor | None = None
+        self,
+        student_log_probs: torch.Tensor,
+        teacher_log_probs: torch.Tensor,
+        at: torch.Tensor | None = None,
+        *,
+        to_teacher: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The accept bits: the teacher's verdicts where gated, True on the other completion positions, False off the
         completion.
@@ -255,14 +260,21 @@ class GatedBatch:
                 temperature 1 (the divergence's own), `[B, T, V]` each, or `[n, V]` at the positions `at`.
             at (`torch.LongTensor` of shape `[n]`, *optional*): flat indices into `[B * T]` of the positions the
                 log-probabilities are for (e.g. a chunk of `rows`); `None`: the whole batch.
+            to_teacher (`torch.LongTensor` of shape `[V_s]`, *optional*): across tokenizers, the teacher's token for
+                each student token (-1: none); the student's log-probabilities are then over its own vocabulary
+                ``V_s`` and the teacher's over its own. The rule reads the teacher's distribution at the proposal's
+                teacher token and the student's probability of the proposal itself; a proposal without a teacher
+                token is accepted (`cross_tokenizer.student_to_teacher_ids`).
 
         Returns:
             `torch.BoolTensor`: `[B, T]`, or `[n]` with `at`.
         """
         if at is not None:
             gated = self.gated.flatten()[at]
-            verdict = self._rule_verdicts(student_log_probs, teacher_log_probs, at, gated)
+            verdict = self._rule_verdicts(student_log_probs, teacher_log_probs, at, gated, to_teacher)
             return verdict | (self.completion.flatten()[at] & ~gated)
+        if to_teacher is not None:
+            raise ValueError("GatedBatch.verdicts: `to_teacher` needs the positions `at`.")
         gated = self.gated.flatten()
         if 2 * int(gated.sum()) > gated.numel():  # mostly gated: the whole batch through the rule
             verdict = self._rule_verdicts(
@@ -282,9 +294,10 @@ class GatedBatch:
         teacher_log_probs: torch.Tensor,
         at: torch.Tensor | None,
         gated: torch.Tensor,
+        to_teacher: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The rule's verdicts `[n]` at the flat positions `at` (`None`: all of them) from `[n, V]` log-probabilities,
-        False where not `gated` `[n]`."""
+        False where not `gated` `[n]` (`to_teacher`: see `verdicts`)."""
         gate, rule = self.gate, self.gate.rule
         if not gated.any():
             return torch.zeros_like(gated)
@@ -313,15 +326,25 @@ class GatedBatch:
         proposal_log_probs = self.kind.where(
             on_policy[..., None], lambda: gate.sampling_log_probs(student_log_probs), lambda: student_log_probs
         )
+        proposals = proposals.long()
+        unmapped = torch.zeros_like(gated)
+        if to_teacher is not None:  # the rule sees the teacher's vocabulary, the student only at its proposal
+            log_q = proposal_log_probs.gather(-1, proposals[..., None])
+            proposals = to_teacher.to(proposals.device)[proposals]
+            unmapped = proposals < 0
+            proposals = proposals.clamp(min=0)
+            proposal_log_probs = torch.full_like(teacher_log_probs, float("-inf")).scatter(
+                -1, proposals[..., None], log_q.to(teacher_log_probs.dtype)
+            )
         accepted = rule.accept(
             proposal_log_probs,
             teacher_log_probs,
-            proposals.long(),
+            proposals,
             top_k=self.top_k,
             uniforms=uniforms.get("accept"),
             normalized=True,
         )
-        return accepted & gated
+        return (accepted | unmapped) & gated
 
     @torch.no_grad()
     def verdicts_from_hidden(

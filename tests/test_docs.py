@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 from trl import DistillationConfig
 from trl.experimental.gkd import GKDConfig
+from trl.experimental.gold import GOLDConfig
 
-from speckd_trl import SpecKDConfig, SpecKDDistillationConfig
+from speckd_trl import SpecKDConfig, SpecKDDistillationConfig, SpecKDGOLDConfig
 
 
 REPO = Path(__file__).resolve().parent.parent
@@ -118,7 +119,8 @@ def test_relative_links_resolve(path):
 
 
 @pytest.mark.parametrize(
-    "config_class, base_class", [(SpecKDConfig, GKDConfig), (SpecKDDistillationConfig, DistillationConfig)]
+    "config_class, base_class",
+    [(SpecKDConfig, GKDConfig), (SpecKDDistillationConfig, DistillationConfig), (SpecKDGOLDConfig, GOLDConfig)],
 )
 def test_configuration_reference_lists_every_added_field(config_class, base_class):
     page = (DOCS / docs.CONFIGURATION_PAGE).read_text()

@@ -49,19 +49,19 @@ CONFIGURATION_HEADER = f"""\
 
 `SpecKDConfig` extends TRL's `trl.experimental.gkd.GKDConfig` (and with it `SFTConfig` and `TrainingArguments`);
 `SpecKDDistillationConfig` extends TRL's `trl.DistillationConfig`; `SpecKDServerDistillationConfig` extends
-`trl.experimental.server_distillation.ServerDistillationConfig` (a teacher on a vLLM server). The tables list only
-the fields these classes add (and, for the server config, the defaults it changes). **Every field of TRL's configs
+`trl.experimental.server_distillation.ServerDistillationConfig` (a teacher on a vLLM server); `SpecKDGOLDConfig`
+extends `trl.experimental.gold.GOLDConfig` (across tokenizers). The tables list only the fields these classes add (and, for the server config, the defaults it changes). **Every field of TRL's configs
 keeps TRL's meaning and default** (see TRL's documentation), with these exceptions: an unset `bf16` means bf16 where
 the GPU supports it and float32 elsewhere (TRL's `bf16=True` default fails on a CPU); the server config defaults to
 `beta=0.0` and `loss_top_k=20`, the gated server loss.
 
 Every value is checked when the config is built: a bad one raises a `ValueError` that names the field, the value and
 what is allowed. Every field is also a flag of the `speckd-trl` command (`--gate topk`, `--config recipe.yaml` reads
-the same keys from YAML; `speckd-trl --help` prints them all).
+the same keys from YAML; `speckd-trl --help` prints them all), except `SpecKDGOLDConfig`'s, which is Python only.
 
 What the gate's settings do: [Concepts](concepts.md). The loss paths, the teacher's loading and what differs from
 GKD: [SpecKDTrainer](speckd-trainer.md). The trainer on `DistillationTrainer`:
-[SpecKDDistillationTrainer](distillation-trainer.md).
+[SpecKDDistillationTrainer](distillation-trainer.md). Across tokenizers: [SpecKDGOLDTrainer](gold-trainer.md).
 """
 
 
@@ -140,9 +140,10 @@ def _config_classes() -> list[tuple[type, type, str, str]]:
     """(our config, its TRL base, the base's public name, the trainer it configures)."""
     from trl import DistillationConfig
     from trl.experimental.gkd import GKDConfig
+    from trl.experimental.gold import GOLDConfig
     from trl.experimental.server_distillation import ServerDistillationConfig
 
-    from speckd_trl import SpecKDConfig, SpecKDDistillationConfig, SpecKDServerDistillationConfig
+    from speckd_trl import SpecKDConfig, SpecKDDistillationConfig, SpecKDGOLDConfig, SpecKDServerDistillationConfig
 
     return [
         (SpecKDConfig, GKDConfig, "trl.experimental.gkd.GKDConfig", "SpecKDTrainer"),
@@ -153,6 +154,7 @@ def _config_classes() -> list[tuple[type, type, str, str]]:
             "trl.experimental.server_distillation.ServerDistillationConfig",
             "SpecKDServerDistillationTrainer",
         ),
+        (SpecKDGOLDConfig, GOLDConfig, "trl.experimental.gold.GOLDConfig", "SpecKDGOLDTrainer"),
     ]
 
 

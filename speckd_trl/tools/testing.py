@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
     CohereConfig,
@@ -60,6 +60,33 @@ def word_level_tokenizer(words: list[str], with_pad: bool = True) -> PreTrainedT
     )
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
+
+
+def byte_level_bpe_tokenizer(corpus: Sequence[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A ByteLevel BPE tokenizer (the kind of Llama 3, Qwen, SmolLM: offsets, every byte a token) trained on `corpus`
+    up to `vocab_size` tokens, with `CHAT_TEMPLATE`'s special tokens: two corpora or sizes give two tokenizations of
+    the same text, as GOLD's cross-tokenizer alignment needs. Deterministic; no download."""
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(list(corpus), trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|im_end|>", bos_token="<|im_start|>", pad_token="<pad>"
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def random_words(n: int, seed: int, alphabet: str = "abcdefgh0123456789") -> list[str]:
+    """`n` random words (1 to 6 characters of `alphabet`), reproducible from `seed`."""
+    rng = random.Random(seed)
+    return ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 6))) for _ in range(n)]
 
 
 # Families whose logits are not plain `hidden @ W.T` (`make_family_model`): Granite divides them by `logits_scaling`,
