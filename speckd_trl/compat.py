@@ -15,6 +15,10 @@ inside it), keeping its start:
   (through the private `_compute_prompt_length` and `_get_teacher_token_logprobs_from_server`), aligned as TRL
   aligns them.
 
+`SpecKDTrainer(packing=True)` packs each dataset micro-batch with the best-fit-decreasing packer behind
+`trl.pack_dataset(strategy="bfd")`, the private `trl.data_utils._pack_bfd`, called (not copied) on a pyarrow table of
+the micro-batch's rows (`pack_bfd`); pinned here too, so that a change of its output reaches the packing tests' eyes.
+
 `UPSTREAM` pins the source of each TRL function copied here: `tests/test_compat.py` fails when a TRL release changes
 it, so the copy is re-read against the new code before anyone trusts it.
 """
@@ -24,6 +28,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from trl.data_utils import _pack_bfd
 from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
 from trl.kernels.chunked_logprob import _use_triton
 
@@ -41,7 +46,15 @@ UPSTREAM = {
     "trl.experimental.server_distillation.server_distillation_trainer.ServerDistillationTrainer.compute_loss": (
         "0bb0f043aa7c304030472bfc4986382026b62a90c8567ed1493aab6151b974e9"
     ),
+    "trl.data_utils._pack_bfd": "bb6af93352c7ef4fc775b204d4dcc7658757c563bdfab57acfd23fdad9efa54c",
 }
+
+
+def pack_bfd(table: Any, seq_length: int) -> Any:
+    """`trl.pack_dataset(strategy="bfd")`'s packer on a pyarrow table of list columns: rows of at most `seq_length`
+    elements (longer rows cut), with a ``seq_lengths`` column (the lengths of the rows in each packed row)."""
+    return _pack_bfd(table, seq_length, on_seq_length_overflow="truncate")
+
 
 # The multimodal fields `DistillationTrainer._compute_loss` forwards to both backbones
 MULTIMODAL_KEYS = (
