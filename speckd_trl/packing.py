@@ -195,13 +195,14 @@ def _base_model(model: nn.Module) -> nn.Module:
         return model
 
 
-def check_packable(model: nn.Module, role: str, *, vocab_size: int | None = None) -> None:
+def check_packable(model: nn.Module, role: str, *, vocab_size: int | None = None, probe: bool = True) -> None:
     """Raise a clear error unless `model` computes packed rows as separate sequences.
 
     Checks that its forward takes `position_ids`, that its attention implementation is one transformers builds the
     block-diagonal mask for (`PACKED_ATTENTION`), and then runs it once on a tiny packed row of two sequences: the
     second sequence's logits must equal those of the same tokens alone (a model that ignores `position_ids` or
-    builds its own mask lets the second sequence attend to the first).
+    builds its own mask lets the second sequence attend to the first). `probe=False` skips that forward (sharded
+    weights, where every process must run each forward together).
     """
     base = _base_model(model)
     remedy = "Train with packing=False (the default), or with a transformers model that supports packed sequences."
@@ -213,6 +214,8 @@ def check_packable(model: nn.Module, role: str, *, vocab_size: int | None = None
             f"packing=True: the {role}'s attention implementation {attention!r} is not one transformers builds the "
             f"block-diagonal mask of packed sequences for ({', '.join(PACKED_ATTENTION)}). {remedy}"
         )
+    if not probe:
+        return
     device = next(model.parameters()).device
     n = 4
     vocab = vocab_size or getattr(getattr(base, "config", None), "vocab_size", 16)

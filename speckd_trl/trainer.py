@@ -31,6 +31,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+from accelerate.utils import DistributedType
 from datasets import Dataset
 from torch import nn
 from transformers import AutoConfig, PreTrainedModel, TrainerCallback
@@ -152,9 +153,11 @@ class SpecKDTrainer(GatedLossMixin, GKDTrainer):
         self._prepare_models(teacher)
         self._init_gate_state(args, teacher)
         if args.packing:  # a model that would let packed sequences attend to each other fails here
+            # (the forward that probes it, only where a lone process may run one: not under sharded weights)
+            probe = self.accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_GPU)
             for role, wrapped in (("student", self.model), ("teacher", self.teacher_model)):
                 if wrapped is not None:
-                    check_packable(wrapped, role, vocab_size=len(self.processing_class))
+                    check_packable(wrapped, role, vocab_size=len(self.processing_class), probe=probe)
 
     def _prepare_models(self, teacher: _Teacher) -> None:
         """After GKD's `__init__`: the teacher placed (or dropped, with a teacher cache alone), the launch checked, and
