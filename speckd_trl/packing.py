@@ -158,6 +158,8 @@ def best_packing(rows: list[list[int]], max_length: int) -> tuple[list[list[int]
     """
     lengths = [len(row) for row in rows]
     longest, total = max(lengths), sum(lengths)
+    if longest > max_length:  # the packer would cut it: never drop tokens silently
+        raise ValueError(f"packing=True: a dataset row has {longest} tokens, more than max_length={max_length}.")
     even = {max(longest, -(-total // k)) for k in range(1, len(rows) + 1)}  # the total over k bins
     sizes = {min(size, max_length) for size in even | {longest}}
     table = pa.table({"index": pa.array(rows, type=pa.list_(pa.int64()))})
