@@ -20,7 +20,9 @@ GKD's) with the same random-init Qwen2 student and teacher:
   same rows in its layout: prompts left-padded to the longest prompt, completions right-padded to the longest
   completion (so its rows are at least as wide as the others');
 - `SpecKD padded` / `SpecKD packed`: `SpecKDTrainer.training_step` at its defaults (gate topk, chunked loss), with
-  `packing=False` / `True` (the packing itself inside the timed step).
+  `packing=False` / `True` (the packing itself inside the timed step);
+- on request, `SpecKD padded (eager)` / `SpecKD packed (eager)`: the same on the eager loss path, whose logits cover
+  every position (the chunked loss projects completion tokens only, so packing cannot save there).
 
 Tokens per second: the micro-batches' real tokens (prompt and completion) over the time of one pass over them,
 median over `--steps` rounds after `--warmup`; within a round the methods take turns micro-batch by micro-batch, in
@@ -49,6 +51,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 METHODS = ("GKD", "DistillationTrainer", "SpecKD padded", "SpecKD packed")
+# on request (`--methods`): the eager loss path, whose `[B, T, V]` logits cover every position, padding included
+EAGER = ("SpecKD padded (eager)", "SpecKD packed (eager)")
 
 
 # ----------------------------------------------------------------------------- data
@@ -171,11 +175,13 @@ def build(args, methods: list[str]):
                 processing_class=tokenizer,
             )
         else:
-            packing = method == "SpecKD packed"
+            packing, loss_path = "packed" in method, "eager" if "eager" in method else "chunked"
             trainer = SpecKDTrainer(
                 model=student,
                 teacher_model=teacher,
-                args=SpecKDConfig(**common, max_length=args.max_length, lmbda=0.0, packing=packing),
+                args=SpecKDConfig(
+                    **common, max_length=args.max_length, lmbda=0.0, packing=packing, loss_path=loss_path
+                ),
                 train_dataset=data,
                 processing_class=tokenizer,
             )
@@ -347,8 +353,10 @@ def main():
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     methods = [m.strip() for m in args.methods.split(",")]
-    if not {"SpecKD padded", "SpecKD packed"} <= set(methods) or any(m not in METHODS for m in methods):
-        parser.error(f"--methods must include SpecKD padded and SpecKD packed and name only: {', '.join(METHODS)}")
+    if not {"SpecKD padded", "SpecKD packed"} <= set(methods) or any(m not in METHODS + EAGER for m in methods):
+        parser.error(
+            f"--methods must include SpecKD padded and SpecKD packed and name only: {', '.join(METHODS + EAGER)}"
+        )
     started = time.time()
     timed = run_child(args, "time", ",".join(methods))
     shape = timed["layout"]
@@ -357,7 +365,7 @@ def main():
         seconds = timed["seconds"][method]
         memory = run_child(args, "memory", method)
         positions = shape["distill_positions"] if method == "DistillationTrainer" else shape["padded_positions"]
-        positions = shape["packed_positions"] if method == "SpecKD packed" else positions
+        positions = shape["packed_positions"] if "packed" in method else positions
         rows.append(
             {
                 "method": method,
@@ -379,6 +387,9 @@ def main():
     saved_paired = 1 - packed["paired_time_ratio"]
     memory_saved = 1 - packed["peak_mib"] / padded["peak_mib"] if padded["peak_mib"] > 0 else float("nan")
     within = abs(saved_paired - removed) <= 0.1 * removed
+    eager_saved = None
+    if set(EAGER) <= set(by):
+        eager_saved = 1 - by[EAGER[1]]["paired_time_ratio"] / by[EAGER[0]]["paired_time_ratio"]
 
     title = (
         f"{device}, vocab {args.vocab}, hidden {args.hidden} x {args.layers} layers, "
@@ -405,6 +416,8 @@ def main():
         f"{'within' if within else 'not within'} 10% of the positions removed; peak memory it saves "
         f"{100 * memory_saved:.1f}%"
     )
+    if eager_saved is not None:
+        print(f"on the eager loss path (logits at every position) packing saves {100 * eager_saved:.1f}% (paired)")
     plot(rows, args.plot, title)
     print(f"plot: {args.plot}   wall time {time.time() - started:.0f} s")
     summary = {
@@ -418,6 +431,7 @@ def main():
         "time_saved_best": saved_best,
         "memory_saved": memory_saved,
         "saving_within_10pct_of_removed": within,
+        "eager_time_saved": eager_saved,
         "rows": rows,
     }
     print(json.dumps(summary))
