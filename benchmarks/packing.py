@@ -53,6 +53,12 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 METHODS = ("GKD", "DistillationTrainer", "SpecKD padded", "SpecKD packed")
 # on request (`--methods`): the eager loss path, whose `[B, T, V]` logits cover every position, padding included
 EAGER = ("SpecKD padded (eager)", "SpecKD packed (eager)")
+SPECKD = {  # each SpecKD method's settings over SpecKDConfig's defaults
+    "SpecKD padded": {},
+    "SpecKD packed": dict(packing=True),
+    "SpecKD padded (eager)": dict(loss_path="eager"),
+    "SpecKD packed (eager)": dict(packing=True, loss_path="eager"),
+}
 
 
 # ----------------------------------------------------------------------------- data
@@ -175,13 +181,10 @@ def build(args, methods: list[str]):
                 processing_class=tokenizer,
             )
         else:
-            packing, loss_path = "packed" in method, "eager" if "eager" in method else "chunked"
             trainer = SpecKDTrainer(
                 model=student,
                 teacher_model=teacher,
-                args=SpecKDConfig(
-                    **common, max_length=args.max_length, lmbda=0.0, packing=packing, loss_path=loss_path
-                ),
+                args=SpecKDConfig(**common, max_length=args.max_length, lmbda=0.0, **SPECKD[method]),
                 train_dataset=data,
                 processing_class=tokenizer,
             )
