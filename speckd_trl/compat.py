@@ -26,6 +26,10 @@ over the spans of each sequence before returning it; it replaces `GOLDTrainer.co
 - `uld_cross_entropy`, `gold_record_hybrid_parts`: `ULDLoss.__call__`'s cross-entropy term, and the end of
   `GOLDTrainer.compute_loss` (the hybrid loss's parts for the logs).
 
+`SpecKDTrainer(packing=True)` packs each dataset micro-batch with the best-fit-decreasing packer behind
+`trl.pack_dataset(strategy="bfd")`, the private `trl.data_utils._pack_bfd`, called (not copied) on a pyarrow table of
+the micro-batch's rows (`pack_bfd`); pinned here too, so that a change of its output reaches the packing tests' eyes.
+
 `UPSTREAM` pins the source of each TRL function copied here: `tests/test_compat.py` fails when a TRL release changes
 it, so the copy is re-read against the new code before anyone trusts it.
 """
@@ -37,6 +41,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from trl.data_utils import _pack_bfd
 from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
 from trl.kernels.chunked_logprob import _use_triton
 
@@ -63,7 +68,15 @@ UPSTREAM = {
     "trl.experimental.gold.gold_trainer.ULDLoss._compute_distillation_loss": (
         "fb401c4c0c6cf4431514afdd7247128f344807a7e2797d79af27395b75a84fd0"
     ),
+    "trl.data_utils._pack_bfd": "bb6af93352c7ef4fc775b204d4dcc7658757c563bdfab57acfd23fdad9efa54c",
 }
+
+
+def pack_bfd(table: Any, seq_length: int) -> Any:
+    """`trl.pack_dataset(strategy="bfd")`'s packer on a pyarrow table of list columns: rows of at most `seq_length`
+    elements (longer rows cut), with a ``seq_lengths`` column (the lengths of the rows in each packed row)."""
+    return _pack_bfd(table, seq_length, on_seq_length_overflow="truncate")
+
 
 # The multimodal fields `DistillationTrainer._compute_loss` forwards to both backbones
 MULTIMODAL_KEYS = (

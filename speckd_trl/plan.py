@@ -62,7 +62,9 @@ The model, term by term (``b`` = bytes per element of the compute dtype: 4 float
 Peak = teacher weights + student weights + trainable state (weights, moments) + the largest phase: the training
 step of an off-policy batch (``T = seq_len``, ``N = seq_len - prompt_len`` per row), that of an on-policy batch
 (``T = prompt_len + max_new_tokens``, ``N = max_new_tokens``), or on-policy generation. Gradients are counted in the
-training phase (conservative: some are produced only after activations are freed).
+training phase (conservative: some are produced only after activations are freed). Packed dataset batches
+(`SpecKDConfig.packing`) need no setting here: the off-policy step is planned for rows of ``seq_len`` tokens, the worst
+micro-batch, which packs to the same rows (packing never computes more positions than padding).
 
 **Several processes** (``num_processes`` GPUs, one process each; the plan is per process, i.e. per GPU). ``engine``:
 

@@ -229,6 +229,7 @@ class GatedBatch:
     reject_target: RejectTarget
     normalization: Normalization
     training: bool
+    packed: Any = None  # a packed micro-batch's `packing.Packed`: the statistics are per sequence, not per row
 
     @property
     def sampled(self) -> torch.Tensor:
@@ -450,5 +451,9 @@ class GatedBatch:
 
     def record(self, accepted: torch.Tensor) -> None:
         """Add the verdicts `[B, T]` to the gate's logging window (training batches only)."""
-        if self.training:
-            record_verdicts(self.gate.window, accepted, self.gated, self.kind.positions(self.gated))
+        if not self.training:
+            return
+        gated, on_policy = self.gated, self.kind.positions(self.gated)
+        if self.packed is not None:  # per-sequence rewards: each sequence back in its own row
+            accepted, gated, on_policy = (self.packed.to_padded(x, False) for x in (accepted, gated, on_policy))
+        record_verdicts(self.gate.window, accepted, gated, on_policy)

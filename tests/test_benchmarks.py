@@ -49,3 +49,22 @@ def test_teacher_cache_bias_runs_on_tiny_models(tmp_path):
         else:
             assert 0 < r["ratio_min"] and r["ratio_max"] <= 1 + 1e-5, r
     assert (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_packing_benchmark_runs_and_reports_the_saving(tmp_path):
+    """`benchmarks/packing.py` on tiny models: every method measured, the packed micro-batches compute fewer positions
+    than the padded ones, and the report states the shares (behaviour only: no timing is asserted)."""
+    command = [sys.executable, str(REPO / "benchmarks" / "packing.py"), "--vocab", "128", "--hidden", "64"]
+    command += ["--layers", "1", "--batch", "4", "--batches", "2", "--median", "24", "--max-length", "64"]
+    command += ["--steps", "1", "--warmup", "0", "--threads", "1", "--plot", str(tmp_path / "p.png")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    rows = {row["method"]: row for row in report["rows"]}
+    assert set(rows) == {"GKD", "DistillationTrainer", "SpecKD padded", "SpecKD packed"}
+    layout = report["layout"]
+    assert layout["real_tokens"] <= layout["packed_positions"] < layout["padded_positions"]
+    assert 0 < report["positions_removed"] <= report["padding_share"] < 1
+    assert all(row["tokens_per_s"] > 0 and row["peak_mib"] >= 0 for row in rows.values())
+    assert isinstance(report["saving_within_10pct_of_removed"], bool) and "positions packing removes" in result.stdout
+    assert (tmp_path / "p.png").stat().st_size > 0

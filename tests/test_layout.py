@@ -51,6 +51,7 @@ def test_library_modules_are_the_expected_ones():
         "losses.py",
         "metrics.py",
         "models.py",
+        "packing.py",
         "plan.py",
         "reduction.py",
         "reward.py",

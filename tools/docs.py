@@ -66,13 +66,15 @@ GKD: [SpecKDTrainer](speckd-trainer.md). The trainer on `DistillationTrainer`:
 
 
 def added_fields(config_class: type, base_class: type) -> list[dataclasses.Field]:
-    """The dataclass fields of `config_class` that `base_class` does not have, or has with another default, in
+    """The dataclass fields of `config_class` that `base_class` does not have, or has with another default or help, in
     declaration order."""
     inherited = {f.name: f for f in dataclasses.fields(base_class)}
     return [
         f
         for f in dataclasses.fields(config_class)
-        if f.name not in inherited or default_value(f) != default_value(inherited[f.name])
+        if f.name not in inherited
+        or default_value(f) != default_value(inherited[f.name])
+        or f.metadata.get("help") != inherited[f.name].metadata.get("help")  # a field redefined with our meaning
     ]
 
 
