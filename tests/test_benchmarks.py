@@ -49,3 +49,32 @@ def test_teacher_cache_bias_runs_on_tiny_models(tmp_path):
         else:
             assert 0 < r["ratio_min"] and r["ratio_max"] <= 1 + 1e-5, r
     assert (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_trl_side_by_side_runs_and_pairs_each_trainer_with_its_parent(tmp_path):
+    """`benchmarks/trl_side_by_side.py` on tiny models: `SpecKDDistillationTrainer` beside TRL's
+    `DistillationTrainer` and `SpecKDServerDistillationTrainer` beside `ServerDistillationTrainer` (the in-process
+    teacher client on both sides), dataset and on-policy steps: one comparison per pair and step, the gate timed inside
+    the SpecKD steps only. Behaviour only: no timing is asserted."""
+    methods = "TRL Distillation,SpecKD-Distill topk,TRL ServerDistill,SpecKD-Server topk"
+    command = [sys.executable, str(REPO / "benchmarks" / "trl_side_by_side.py"), "--vocab", "128", "--hidden", "64"]
+    command += ["--layers", "1", "--seq", "32", "--new-tokens", "4", "--steps", "1", "--warmup", "0", "--threads", "1"]
+    command += ["--methods", methods, "--plot", str(tmp_path / "p.png")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "hidden 64 x 1 layers, vocab 128" in result.stdout and "fp32" in result.stdout
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["precision"] == "fp32"
+    rows = {(row["method"], row["measure"]): row for row in report["rows"]}
+    assert set(rows) == {(m, s) for m in methods.split(",") for s in ("dataset step", "on-policy step")}
+    for (method, _), row in rows.items():
+        assert row["ms"] > 0 and row["peak_mib"] >= 0 and math.isfinite(row["loss"])
+        assert (row["gate_ms"] > 0) == method.startswith("SpecKD"), row  # topk gates; TRL has no gate
+    pairs = {(c["speckd"], c["trl"], c["measure"]) for c in report["comparisons"]}
+    assert pairs == {
+        (ours, trl, step)
+        for ours, trl in (("SpecKD-Distill topk", "TRL Distillation"), ("SpecKD-Server topk", "TRL ServerDistill"))
+        for step in ("dataset step", "on-policy step")
+    }
+    assert all(c["ms_ratio"] > 0 and 0 <= c["gate_share"] < 1 for c in report["comparisons"])
+    assert (tmp_path / "p.png").stat().st_size > 0
