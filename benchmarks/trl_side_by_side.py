@@ -19,6 +19,9 @@ to the loss as if it had been generated, `_prepare_inputs` skipped) and `on-poli
 `--new-tokens` tokens after a prompt of `seq - new_tokens` tokens, then forward, loss and backward; EOS never stops a
 sample, so every method generates the same number of tokens).
 
+Every trainer runs at its own defaults on its own copy of the student (the same weights): gradient checkpointing is on
+in all of them (the TRL configs' default; the JSON line records it per method).
+
 The machinery is `speed_memory.py`'s: one subprocess per measurement times every method in turns, round after round
 (median of `--steps` after `--warmup`), one subprocess per method and measurement takes its peak memory. The gate's
 own cost (`gate_ms`) is timed inside the timed steps themselves: the time spent in the gate's draws and verdicts
@@ -29,6 +32,7 @@ of each SpecKD trainer to its TRL parent, a final JSON line, and saves a plot.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -190,7 +194,8 @@ def build_trainers(args, methods, on_policy):
             trainer_cls, config = trl_cls, trl_config(**common, **extra, **trl_overrides)
         else:
             trainer_cls, config = ours_cls, ours_config(**common, **extra, **ours)
-        kwargs = dict(model=student, args=config, processing_class=tokenizer)
+        # each trainer its own copy of the student (the same weights), set up at the trainer's own defaults
+        kwargs = dict(model=copy.deepcopy(student), args=config, processing_class=tokenizer)
         if family != "server":
             kwargs["teacher_model"] = teacher
         kwargs["train_dataset"] = make_dataset(4) if family == "gkd" else make_prompt_dataset(4)
@@ -242,6 +247,7 @@ def child_time(args) -> list[dict]:
         {
             "method": m,
             "measure": args.measure,
+            "gradient_checkpointing": bool(trainers[m][0].args.gradient_checkpointing),
             "ms": 1000 * statistics.median(times[m]),
             "ms_min": 1000 * min(times[m]),
             "ms_max": 1000 * max(times[m]),
@@ -400,6 +406,8 @@ def main():
             spread = f"{r['ms']:6.0f} ({r['ms_min']:.0f}-{r['ms_max']:.0f})"
             line += f"| {spread:<20} {r['peak_mib']:6.0f} {r['gate_ms']:8.1f}  "
         print(line)
+    checkpointed = [m for m in methods if row_of(m, measures[0])["gradient_checkpointing"]]
+    print(f"gradient checkpointing on in {len(checkpointed)} of the {len(methods)} trainers (their defaults)")
     print("\nSpecKD / TRL: step time x, peak memory x, the gate's share of the SpecKD step")
     for c in comparisons:
         print(
