@@ -8,8 +8,10 @@ Wiring only. Where to look:
   `num_items_in_batch` counted on the generated completions;
 - how a position is weighted: `weighting.py` (`TokenGate`, `GatedBatch`), the same piece `SpecKDTrainer` calls, over
   the rule of `rules.py`; every completion token is the student's sample, so it is the proposal the teacher verifies;
-- how the loss is reduced: `GatedBatch.reduce` over `losses.gated_loss`, from the per-token divergence of TRL's
-  `ChunkedDivergenceFunction` (hidden states and output layers, never `[N, V]` logits in full);
+- how the loss is reduced: `GatedBatch.reduce` over `losses.gated_loss`, from the per-token divergence computed from
+  hidden states and output layers, never `[N, V]` logits in full: on the CPU by SpecKD's chunked loss
+  (`losses.chunked_weighted_jsd`, the gate reading its chunks), elsewhere by TRL's `ChunkedDivergenceFunction`
+  (`_closed_form_loss` says which);
 - the set-up (prompt datasets, the gate), on-policy sampling with the trainer's settings only, the logs, evaluation
   draws and checkpointed random streams: the skeleton of `gated_trainer.py` (`PromptTrainerMixin`); here, what
   `DistillationTrainer` makes different: its teacher's checks (`_before_parent_init`) and placement under FSDP
@@ -74,9 +76,10 @@ class SpecKDDistillationTrainer(PromptTrainerMixin, DistillationTrainer):
     `DistillationTrainer`'s.
 
     The `spec` rule's ``q`` is the student at `args.temperature` (what it samples from with the default `top_p`,
-    `top_k`, `min_p` and `repetition_penalty`); ``p`` is the teacher at temperature 1. The verdicts cost one extra
-    projection of the completion tokens through the output layers (the teacher's; the student's too for `spec`),
-    without gradient, a chunk of tokens at a time.
+    `top_k`, `min_p` and `repetition_penalty`); ``p`` is the teacher at temperature 1. On the CPU the verdicts read
+    the loss's own chunks of log-probabilities; with TRL's divergence (GPUs, ZeRO-3) they cost one extra projection of
+    the completion tokens through the output layers (the teacher's; the student's too for `spec`), without gradient, a
+    chunk of tokens at a time.
 
     Use it instead of [`SpecKDTrainer`] for purely on-policy distillation from prompt-only data, with what
     `DistillationTrainer` brings (vLLM generation, tool calls, vision-language models; this package tests only the

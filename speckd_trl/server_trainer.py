@@ -6,9 +6,11 @@ the gated one:
 
 - the server's answer as the loss and the gate read it (a `losses.SparseTeacher`, the gate's view with the sampled
   token's log-probability written in): `server_teacher.py`;
-- the divergence is the forward KL against `losses.tail_bucket_target`: with `gate="none"` it is TRL's top-k + tail
-  server loss (tested against `_compute_server_forward_kl_loss`), normalized as TRL normalizes it (the micro-batch's
-  completion tokens, divided by the accumulation steps);
+- the divergence is the forward KL over the teacher's top-k plus a tail bucket, on its ``K + 1`` buckets
+  (`server_teacher.bucket_forward_kl`), and the gate reads the ``K + 1`` candidates of each position
+  (`server_teacher.candidate_view`), never `[B, T, V]` views: with `gate="none"` it is TRL's top-k + tail server loss
+  (tested against `_compute_server_forward_kl_loss`), normalized as TRL normalizes it (the micro-batch's completion
+  tokens, divided by the accumulation steps); the student projects only the positions the loss reads;
 - the set-up, on-policy sampling, weights, reward term, logs and checkpointed streams: the skeleton of
   `gated_trainer.py` (`PromptTrainerMixin`, `GatedLossMixin`) over `weighting.GatedBatch`.
 
