@@ -1,5 +1,7 @@
-"""Smoke test of `benchmarks/speed_memory.py` (a refactor of the trainer once broke it unnoticed): a tiny run of
-GKD and the default SpecKD, one measurement, prints its table and a final JSON line with the ratios to GKD."""
+"""Smoke tests of the benchmark scripts (a refactor of the trainer once broke one unnoticed): `speed_memory.py` (GKD
+and the default SpecKD, one measurement: its table and a final JSON line with the ratios to GKD),
+`trl_side_by_side.py` (SpecKD's distillation trainers beside their TRL parents) and `teacher_cache.py --bias`, each on
+tiny models."""
 
 import json
 import math
