@@ -25,8 +25,9 @@ in all of them (the TRL configs' default; the JSON line records it per method).
 The machinery is `speed_memory.py`'s: one subprocess per measurement times every method in turns, round after round
 (median of `--steps` after `--warmup`), one subprocess per method and measurement takes its peak memory. The gate's
 own cost (`gate_ms`) is timed inside the timed steps themselves: the time spent in the gate's draws and verdicts
-(`TokenGate.batch`, `GatedBatch.verdicts` / `verdicts_from_hidden` / `chunk_verdicts`). Prints a table with the ratio
-of each SpecKD trainer to its TRL parent, a final JSON line, and saves a plot.
+(`TokenGate.batch`, `GatedBatch.verdicts` / `verdicts_from_hidden` / `chunk_verdicts`, the server trainer's
+`candidate_view`). Prints a table with the ratio of each SpecKD trainer to its TRL parent, a final JSON line, and saves
+a plot.
 """
 
 from __future__ import annotations
@@ -111,11 +112,13 @@ CLOCK = GateClock()
 
 
 def install_gate_clock():
+    from speckd_trl import server_trainer
     from speckd_trl.weighting import GatedBatch, TokenGate
 
     CLOCK.wrap(TokenGate, "batch")
     for name in ("verdicts", "verdicts_from_hidden", "chunk_verdicts"):
         CLOCK.wrap(GatedBatch, name)
+    CLOCK.wrap(server_trainer, "candidate_view")  # the server trainer's gate view (as the server trainer calls it)
 
 
 # ----------------------------------------------------------------------------- one measurement (child process)
