@@ -194,7 +194,9 @@ def server_forward(
     ``labels`` layout its server request reads, rebuilt from a micro-batch of prompts `[B, P]` and completions
     `[B, K]`; the student's forward; the teacher server's answer (`trainer._compute_prompt_length`,
     `trainer._get_teacher_token_logprobs_from_server`); and the student's logits, tokens and labels cut to the
-    ``T <= K`` positions the server answered for.
+    ``T <= K`` positions the server answered for. One difference from TRL: the student's forward projects only the
+    positions from ``prompt_length - 1`` on (`logits_to_keep`), the ones the loss reads, so the returned outputs hold
+    those logits only.
 
     Returns:
         The student's outputs; the server's dict (``actual_logprobs`` `[B, T]`, ``topk_logprobs`` and
@@ -214,11 +216,18 @@ def server_forward(
         "labels": labels,
         "prompt_attention_mask": prompt_mask,
     }
-    student_outputs = model(input_ids=input_ids, attention_mask=attention_mask)
     prompt_length = trainer._compute_prompt_length(server_inputs)
+    # Unlike TRL, which projects every position, the student's output layer projects only the positions the loss
+    # reads (from `prompt_length - 1` on, with `logits_to_keep` where the model takes it): the same logits, without
+    # the prompt's `[B, P, V]` (most of an on-policy batch) in the forward and the backward.
+    keep = input_ids.size(1) - prompt_length + 1
+    takes_keep = "logits_to_keep" in trainer.model_kwarg_keys
+    student_outputs = model(
+        input_ids=input_ids, attention_mask=attention_mask, **({"logits_to_keep": keep} if takes_keep else {})
+    )
     teacher_result = trainer._get_teacher_token_logprobs_from_server(server_inputs, prompt_length)
     length = teacher_result["actual_logprobs"].shape[1]
-    logits = student_outputs.logits[:, prompt_length - 1 : -1][:, :length]
+    logits = student_outputs.logits[:, -keep:-1][:, :length]
     tokens = input_ids[:, prompt_length:][:, :length]
     completion = labels[:, prompt_length:][:, :length] != -100
     return student_outputs, teacher_result, logits, tokens, completion

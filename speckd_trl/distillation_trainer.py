@@ -8,8 +8,10 @@ Wiring only. Where to look:
   `num_items_in_batch` counted on the generated completions;
 - how a position is weighted: `weighting.py` (`TokenGate`, `GatedBatch`), the same piece `SpecKDTrainer` calls, over
   the rule of `rules.py`; every completion token is the student's sample, so it is the proposal the teacher verifies;
-- how the loss is reduced: `GatedBatch.reduce` over `losses.gated_loss`, from the per-token divergence of TRL's
-  `ChunkedDivergenceFunction` (hidden states and output layers, never `[N, V]` logits in full);
+- how the loss is reduced: `GatedBatch.reduce` over `losses.gated_loss`, from the per-token divergence computed from
+  hidden states and output layers, never `[N, V]` logits in full: on the CPU by SpecKD's chunked loss
+  (`losses.chunked_weighted_jsd`, the gate reading its chunks), elsewhere by TRL's `ChunkedDivergenceFunction`
+  (`_closed_form_loss` says which);
 - the set-up (prompt datasets, the gate), on-policy sampling with the trainer's settings only, the logs, evaluation
   draws and checkpointed random streams: the skeleton of `gated_trainer.py` (`PromptTrainerMixin`); here, what
   `DistillationTrainer` makes different: its teacher's checks (`_before_parent_init`) and placement under FSDP
@@ -37,6 +39,7 @@ from .batch_kind import BatchKind
 from .compat import distillation_hidden_states, distillation_inputs, per_token_divergence
 from .config import SpecKDDistillationConfig
 from .gated_trainer import PromptTrainerMixin
+from .losses import chunked_weighted_jsd
 from .models import (
     EAGER_REMEDY,
     capture_last_hidden_state,
@@ -73,9 +76,10 @@ class SpecKDDistillationTrainer(PromptTrainerMixin, DistillationTrainer):
     `DistillationTrainer`'s.
 
     The `spec` rule's ``q`` is the student at `args.temperature` (what it samples from with the default `top_p`,
-    `top_k`, `min_p` and `repetition_penalty`); ``p`` is the teacher at temperature 1. The verdicts cost one extra
-    projection of the completion tokens through the output layers (the teacher's; the student's too for `spec`),
-    without gradient, a chunk of tokens at a time.
+    `top_k`, `min_p` and `repetition_penalty`); ``p`` is the teacher at temperature 1. On the CPU the verdicts read
+    the loss's own chunks of log-probabilities; with TRL's divergence (GPUs, ZeRO-3) they cost one extra projection of
+    the completion tokens through the output layers (the teacher's; the student's too for `spec`), without gradient, a
+    chunk of tokens at a time.
 
     Use it instead of [`SpecKDTrainer`] for purely on-policy distillation from prompt-only data, with what
     `DistillationTrainer` brings (vLLM generation, tool calls, vision-language models; this package tests only the
@@ -165,22 +169,43 @@ class SpecKDDistillationTrainer(PromptTrainerMixin, DistillationTrainer):
             BatchKind.on_policy(), completion, inputs["completion_ids"].to(device), training=unwrapped_student.training
         )
         rows = batch.rows
-        with maybe_gather_lm_head_ctx(student_head.weight, student_head.bias, teacher_head.weight, teacher_head.bias):
-            accepted = batch.verdicts_from_hidden(
-                student_hidden[rows], student_head, teacher_hidden[rows], teacher_head
-            )  # [B, K]
         valid = completion.flatten()
-        divergence, entropy, index = per_token_divergence(
-            student_hidden,
-            student_head,
-            teacher_hidden,
-            teacher_head,
-            valid,
-            beta=self.beta,
-            temperature=self.temperature,
-        )
-        weights = batch.weights(accepted).flatten()
-        weighted = divergence * (weights if index is None else weights[index])
+        if self._closed_form_loss(device):
+            # the gate reads each chunk's log-probabilities inside the loss: no projection of its own
+            entropies = []
+            with maybe_gather_lm_head_ctx(
+                student_head.weight, student_head.bias, teacher_head.weight, teacher_head.bias
+            ):
+                weighted_sum, row_verdicts = chunked_weighted_jsd(
+                    student_hidden[rows],
+                    student_head,
+                    teacher_hidden[rows],
+                    teacher_head,
+                    batch,
+                    beta=self.beta,
+                    temperature=self.temperature,
+                    entropies=entropies,
+                )
+            accepted = batch.positions(row_verdicts)  # [B, K]
+            entropy = torch.cat(entropies) if entropies else student_hidden.new_zeros(0, dtype=torch.float32)
+        else:
+            with maybe_gather_lm_head_ctx(
+                student_head.weight, student_head.bias, teacher_head.weight, teacher_head.bias
+            ):
+                accepted = batch.verdicts_from_hidden(
+                    student_hidden[rows], student_head, teacher_hidden[rows], teacher_head
+                )  # [B, K]
+            divergence, entropy, index = per_token_divergence(
+                student_hidden,
+                student_head,
+                teacher_hidden,
+                teacher_head,
+                valid,
+                beta=self.beta,
+                temperature=self.temperature,
+            )
+            weights = batch.weights(accepted).flatten()
+            weighted_sum = (divergence * (weights if index is None else weights[index])).sum()
 
         def sampled_log_probs() -> torch.Tensor:  # the reward term's log q_tau(x_t), differentiable, [B, K]
             return batch.scatter(
@@ -189,8 +214,27 @@ class SpecKDDistillationTrainer(PromptTrainerMixin, DistillationTrainer):
                 )
             )
 
-        loss = self._close_batch(batch, LossTerms(weighted.sum(), accepted, sampled_log_probs), num_items_in_batch)
+        loss = self._close_batch(batch, LossTerms(weighted_sum, accepted, sampled_log_probs), num_items_in_batch)
         return loss, entropy.sum().detach(), valid.sum()
+
+    def _closed_form_loss(self, device: torch.device) -> bool:
+        """Whether the micro-batch's loss is `losses.chunked_weighted_jsd` (SpecKD's chunked loss, its gradient in
+        closed form in the forward pass, the gate reading each chunk's log-probabilities) rather than TRL's
+        `ChunkedDivergenceFunction` followed by the gate's own projection (`GatedBatch.verdicts_from_hidden`).
+
+        On the CPU, where TRL's function runs its torch tiles, ours projects each chunk through both output layers once
+        (TRL's twice: forward and backward; three times for 0 < beta < 1) and the gate costs no projection of its own:
+        measured in `benchmarks/trl_side_by_side.py`. Elsewhere (TRL's Triton kernels on a GPU, unmeasured against
+        ours) and under DeepSpeed ZeRO-3 (whose partitioned output layer TRL's function gathers again in its backward)
+        TRL's function stays. The loss and gradients are TRL's to float round-off (tested). The chunk's
+        log-probabilities are at the divergence's temperature, which the gate reads only at temperature 1 (a rule
+        that reads probabilities needs the teacher's own).
+        """
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+        if device.type != "cpu" or is_deepspeed_zero3_enabled():
+            return False
+        return self.temperature == 1.0 or not self._gate.rule.rejects
 
     @torch.no_grad()
     def _check_output_heads(

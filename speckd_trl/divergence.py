@@ -114,21 +114,32 @@ def generalized_jsd_and_logit_grad(
         ``D`` of shape `[...]`, and ``dD/dz`` of shape `[..., V]` for student logits ``z`` at temperature 1 (divide
         it by the temperature for logits that were divided by it), or None without `grad`.
     """
-    q, p = student_log_probs.exp(), teacher_log_probs.exp()
+    # Each [..., V] temporary is freed or reused in place as soon as it is read (the chunked loss's peak memory is a
+    # few of them): the same operations in the same order as written in the docstring, so the same values.
     if beta == 0:
-        divergence = (p * (teacher_log_probs - student_log_probs)).sum(dim=-1)
-        return divergence, (q - p) if grad else None
+        p = teacher_log_probs.exp()
+        gap = (teacher_log_probs - student_log_probs).mul_(p)  # p (t - s)
+        divergence = gap.sum(dim=-1)
+        del gap
+        return divergence, (student_log_probs.exp().sub_(p) if grad else None)  # q - p
     if beta == 1:
+        q = student_log_probs.exp()
         log_ratio = student_log_probs - teacher_log_probs
         divergence = (q * log_ratio).sum(dim=-1)
-        return divergence, (q * (log_ratio - divergence.unsqueeze(-1))) if grad else None
+        return divergence, (log_ratio.sub_(divergence.unsqueeze(-1)).mul_(q) if grad else None)
     a = student_log_probs + math.log1p(-beta)
     b = teacher_log_probs + math.log(beta)
-    mixture_log_probs = torch.maximum(a, b) + torch.log1p(torch.exp(-(a - b).abs()))
+    mixture_log_probs = torch.maximum(a, b)
+    mixture_log_probs += a.sub_(b).abs_().neg_().exp_().log1p_()  # max(a, b) + log1p(exp(-|a - b|))
     del a, b
-    log_ratio = student_log_probs - mixture_log_probs  # s - m
+    teacher_term = (teacher_log_probs - mixture_log_probs).mul_(teacher_log_probs.exp())  # p (t - m)
+    teacher_kl = teacher_term.sum(dim=-1)
+    del teacher_term
+    log_ratio = student_log_probs.sub(mixture_log_probs)  # s - m
+    del mixture_log_probs
+    q = student_log_probs.exp()
     kl_student = (q * log_ratio).sum(dim=-1)
-    divergence = beta * (p * (teacher_log_probs - mixture_log_probs)).sum(dim=-1) + (1 - beta) * kl_student
+    divergence = beta * teacher_kl + (1 - beta) * kl_student
     if not grad:
         return divergence, None
     log_ratio -= kl_student.unsqueeze(-1)

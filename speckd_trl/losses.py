@@ -194,9 +194,12 @@ class _GatedJSD:
     gate: ChunkGate
     beta: float
     temperature: float
+    entropies: list[torch.Tensor] | None = None  # a list: each chunk's student entropy `[n]` is appended to it
 
     def __call__(self, logits: torch.Tensor, rows: slice, *, grad: bool) -> ChunkOutput:
         student_log_probs = jsd_log_probs(logits, self.temperature)
+        if self.entropies is not None:  # (of the student at the divergence's temperature, as TRL's metric)
+            self.entropies.append(-(student_log_probs.exp() * student_log_probs).sum(dim=-1))
         teacher_log_probs = self.teacher.log_probs(rows)
         values = self.gate.chunk_verdicts(student_log_probs, teacher_log_probs, rows)
         weights = self.gate.position_weights(values).to(torch.float32)
@@ -219,6 +222,7 @@ def chunked_weighted_jsd(
     beta: float,
     temperature: float = 1.0,
     chunk_size: int = 256,
+    entropies: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``sum_t w_t D_beta(p_t, q_t)`` from hidden states, never holding more than ``chunk_size`` rows of logits.
 
@@ -244,6 +248,8 @@ def chunked_weighted_jsd(
         beta (`float`): generalized JSD interpolation in ``[0, 1]``.
         temperature (`float`): softmax temperature of the divergence.
         chunk_size (`int`): rows of logits projected at a time.
+        entropies (`list`, *optional*): when given, each chunk's student entropy ``-sum q log q`` `[n]` (at
+            ``temperature``, detached) is appended to it, in row order (`SpecKDDistillationTrainer`'s `entropy` metric).
 
     Returns:
         A scalar: ``sum_t w_t D_t`` (differentiable), and the gate's values (`ChunkGate.chunk_verdicts`) of shape
@@ -259,6 +265,6 @@ def chunked_weighted_jsd(
             f"teacher's {teacher_hidden.vocab_size}; both models need the same vocabulary."
         )
     chunk_loss = _GatedJSD(
-        teacher_hidden, gate if isinstance(gate, ChunkGate) else RowWeights(gate), beta, temperature
+        teacher_hidden, gate if isinstance(gate, ChunkGate) else RowWeights(gate), beta, temperature, entropies
     )
     return chunked_linear_loss(student_hidden, student_head, chunk_loss, chunk_size=chunk_size)

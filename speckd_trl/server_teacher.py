@@ -24,7 +24,9 @@ import torch
 from .sparse_teacher import SparseTeacher, no_token_slots
 
 
-def server_sparse_teacher(teacher_result: dict[str, torch.Tensor], required: torch.Tensor, vocab_size: int):
+def server_sparse_teacher(
+    teacher_result: dict[str, torch.Tensor], required: torch.Tensor, vocab_size: int, *, view: bool = True
+):
     """The server's answer as a `SparseTeacher` and the gate's view of it.
 
     Args:
@@ -50,7 +52,7 @@ def server_sparse_teacher(teacher_result: dict[str, torch.Tensor], required: tor
     Returns:
         The `SparseTeacher` `[B, T, K]` (tail ``log(1 - sum exp(top-k))`` over the slots of ids ``< V``) and the
         gate's `[B, T, V]` log-probabilities (`losses.sparse_log_probs`, the sampled token's log-probability written
-        in).
+        in); with ``view=False`` the `SparseTeacher` alone (the gate then reads `candidate_view`).
 
     Raises:
         ValueError: where the server returned no top-1 log-probability at a completion position.
@@ -69,7 +71,7 @@ def server_sparse_teacher(teacher_result: dict[str, torch.Tensor], required: tor
     log_mass = torch.logsumexp(in_vocab, dim=-1).clamp(max=-1e-7)  # as TRL's `_add_tail_bucket`
     log_tail = torch.log(-torch.expm1(log_mass))
     teacher = SparseTeacher(ids, values, log_tail, vocab_size, valid)
-    return teacher, teacher.log_probs()
+    return (teacher, teacher.log_probs()) if view else teacher
 
 
 def check_top_k_decidable(teacher: SparseTeacher, tokens: torch.Tensor, gated: torch.Tensor, top_k: int) -> None:
@@ -131,3 +133,95 @@ def with_sampled_log_probs(
         )
     sampled = torch.where(completion, sampled, torch.zeros_like(sampled)).clamp_min(-1e4)
     return teacher_view.scatter(-1, tokens.unsqueeze(-1), sampled.unsqueeze(-1).to(teacher_view.dtype))
+
+
+def candidate_view(
+    teacher: SparseTeacher,
+    sampled: torch.Tensor,
+    tokens: torch.Tensor,
+    completion: torch.Tensor,
+    student_log_probs: torch.Tensor,
+    *,
+    required_by: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gate's view on ``K + 1`` candidate tokens per position instead of the ``V`` of `with_sampled_log_probs`:
+    the teacher's top-K and the sampled token, in id order, with the same verdicts for the rules a server teacher
+    serves (`topk`, `spec`), without building `[B, T, V]` tensors.
+
+    Every token outside the candidates has the floor in the `[B, T, V]` view, below every value a rule compares with
+    the sampled token's: the `topk` rank counts only candidates (the relabelling keeps id order within a position, so
+    ties still go to the lower id), and `spec` reads the sampled token's two log-probabilities, which the view keeps.
+    The sampled token's log-probability replaces its top-K slot, if it has one (that slot then holds the floor), as in
+    `with_sampled_log_probs`; a slot that is no student token (`SparseTeacher.valid`) holds the floor too.
+
+    Args:
+        teacher (`SparseTeacher` of shape `[B, T, K]`): `server_sparse_teacher`'s.
+        sampled, tokens, completion, required_by: as `with_sampled_log_probs`.
+        student_log_probs (`torch.Tensor` of shape `[B, T, V]`): the student's, at temperature 1 (read without
+            gradient).
+
+    Returns:
+        The student's and the teacher's log-probabilities at the candidates `[B, T, K + 1]`, and each sampled token's
+        index among them `[B, T]` (the proposals of `weighting.GatedBatch.verdicts` on this view).
+    """
+    if required_by is not None and bool((completion & ~torch.isfinite(sampled)).any()):
+        raise ValueError(
+            f"gate={required_by!r} reads the teacher's log-probability of every sampled token, and the teacher "
+            "server returned none at some completion positions; check the server's prompt log-probabilities."
+        )
+    floor = -1e4
+    vocab = teacher.vocab_size
+    ids, values = teacher.ids.long(), teacher.values.float().clamp_min(floor)
+    tokens = tokens.long()
+    dropped = ids == tokens.unsqueeze(-1)  # the sampled token's own slot: its value comes from `sampled`
+    if teacher.valid is not None:
+        dropped |= ~teacher.valid
+    values = values.masked_fill(dropped, floor)
+    ids = torch.where(dropped, torch.full_like(ids, vocab), ids)  # sorted after every token id (and never gathered)
+    sampled = torch.where(completion, sampled, torch.zeros_like(sampled)).float().clamp_min(floor)
+    candidates = torch.cat([ids, tokens.unsqueeze(-1)], dim=-1)  # [B, T, K + 1]
+    order = candidates.argsort(dim=-1, stable=True)
+    candidates = candidates.gather(-1, order)
+    teacher_values = torch.cat([values, sampled.unsqueeze(-1)], dim=-1).gather(-1, order)
+    index = (order == ids.size(-1)).long().argmax(dim=-1)  # where the sampled token went
+    student_values = student_log_probs.detach().gather(-1, candidates.clamp(max=vocab - 1))
+    return student_values, teacher_values, index
+
+
+def bucket_forward_kl(teacher: SparseTeacher, student_log_probs: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) over the teacher's top-K tokens and one tail bucket, per position, differentiable in the
+    student: TRL's server loss for ``beta=0`` with ``loss_add_tail`` (`_compute_server_forward_kl_loss` before its
+    reduction), computed on the ``K + 1`` buckets as TRL computes it. It equals the full-vocabulary divergence against
+    `sparse_teacher.tail_bucket_target` (values and gradient; see there) without its `[B, T, V]` target.
+
+    Slots that are no student token or that hold the floor (the server's ``-inf`` padding, positions off the
+    completion: `server_sparse_teacher`) are left out, as TRL leaves out the ``-inf`` ones.
+
+    Args:
+        teacher (`SparseTeacher` of shape `[B, T, K]`): `server_sparse_teacher`'s.
+        student_log_probs (`torch.Tensor` of shape `[B, T, V]`): ``log q`` at the divergence's temperature.
+
+    Returns:
+        `torch.Tensor` of shape `[B, T]`.
+    """
+    floor = -1e4
+    ids, values = teacher.ids.long(), teacher.values.to(student_log_probs.dtype)
+    support = values > floor
+    if teacher.valid is not None:
+        support &= teacher.valid
+        ids = torch.where(teacher.valid, ids, torch.zeros_like(ids))
+    neg_inf = torch.full((), float("-inf"), dtype=student_log_probs.dtype, device=student_log_probs.device)
+    student_top = torch.where(support, student_log_probs.gather(-1, ids), neg_inf)
+    teacher_top = torch.where(support, values, neg_inf)
+
+    def with_tail(log_probs: torch.Tensor) -> torch.Tensor:  # TRL's `_add_tail_bucket`
+        log_sum = torch.logsumexp(log_probs, dim=-1, keepdim=True).clamp(max=-1e-7)
+        return torch.cat([log_probs, torch.log(-torch.expm1(log_sum))], dim=-1)
+
+    student_buckets, teacher_buckets = with_tail(student_top), with_tail(teacher_top)
+    support = torch.cat([support, torch.ones_like(support[..., :1])], dim=-1)
+    zero = torch.zeros((), dtype=student_log_probs.dtype, device=student_log_probs.device)
+    safe_student = torch.where(support, student_buckets, zero)
+    safe_teacher = torch.where(support, teacher_buckets, zero)
+    teacher_probs = torch.where(support, teacher_buckets.exp(), zero)
+    return torch.nan_to_num(teacher_probs * (safe_teacher - safe_student), nan=0.0).sum(dim=-1)

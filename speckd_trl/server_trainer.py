@@ -6,9 +6,11 @@ the gated one:
 
 - the server's answer as the loss and the gate read it (a `losses.SparseTeacher`, the gate's view with the sampled
   token's log-probability written in): `server_teacher.py`;
-- the divergence is the forward KL against `losses.tail_bucket_target`: with `gate="none"` it is TRL's top-k + tail
-  server loss (tested against `_compute_server_forward_kl_loss`), normalized as TRL normalizes it (the micro-batch's
-  completion tokens, divided by the accumulation steps);
+- the divergence is the forward KL over the teacher's top-k plus a tail bucket, on its ``K + 1`` buckets
+  (`server_teacher.bucket_forward_kl`), and the gate reads the ``K + 1`` candidates of each position
+  (`server_teacher.candidate_view`), never `[B, T, V]` views: with `gate="none"` it is TRL's top-k + tail server loss
+  (tested against `_compute_server_forward_kl_loss`), normalized as TRL normalizes it (the micro-batch's completion
+  tokens, divided by the accumulation steps); the student projects only the positions the loss reads;
 - the set-up, on-policy sampling, weights, reward term, logs and checkpointed streams: the skeleton of
   `gated_trainer.py` (`PromptTrainerMixin`, `GatedLossMixin`) over `weighting.GatedBatch`.
 
@@ -19,6 +21,7 @@ GPU script.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -28,10 +31,10 @@ from trl.experimental.server_distillation import ServerDistillationTrainer
 from .batch_kind import BatchKind
 from .compat import server_forward
 from .config import SpecKDServerDistillationConfig
-from .divergence import jsd_log_probs, weighted_jsd_from_log_probs
+from .divergence import jsd_log_probs
 from .gated_trainer import GatedLossMixin, PromptTrainerMixin
 from .reduction import LossTerms, sampled_log_probs
-from .server_teacher import check_top_k_decidable, server_sparse_teacher, with_sampled_log_probs
+from .server_teacher import bucket_forward_kl, candidate_view, check_top_k_decidable, server_sparse_teacher
 
 
 class SpecKDServerDistillationTrainer(GatedLossMixin, PromptTrainerMixin, ServerDistillationTrainer):
@@ -65,22 +68,26 @@ class SpecKDServerDistillationTrainer(GatedLossMixin, PromptTrainerMixin, Server
         logits = logits[..., : self._vocab_size]
 
         student_log_probs = jsd_log_probs(logits, self.temperature)  # the divergence's, as TRL's
-        teacher, teacher_view = server_sparse_teacher(teacher_result, completion, self._vocab_size)
-        teacher_view = with_sampled_log_probs(
-            teacher_view,
-            teacher_result["actual_logprobs"],
-            tokens,
-            completion,
-            required_by=self.args.gate if self._gate.rule.reads_student else None,
-        )
+        teacher = server_sparse_teacher(teacher_result, completion, self._vocab_size, view=False)
         batch = self._open_batch(BatchKind.on_policy(), completion, tokens, training=model.training)
         if "top_k" in self._gate.rule.teacher_reads:  # ids past the student's vocabulary took some of the slots
             check_top_k_decidable(teacher, tokens, batch.gated, batch.top_k)
         # the gate reads the student at temperature 1 (its rule applies the sampling temperature), as the other trainers
         log_probs_t1 = student_log_probs if self.temperature == 1.0 else jsd_log_probs(logits)
-        accepted = batch.verdicts(log_probs_t1, teacher_view)
-        target = batch.targets(teacher_view, accepted, teacher.target(teacher_view, student_log_probs))
-        weighted = weighted_jsd_from_log_probs(student_log_probs, target, batch.weights(accepted), beta=0.0)
+        if self._gate.rule.rejects:  # the verdicts on the K + 1 candidates of each position, not on [B, T, V] views
+            student_view, teacher_view, proposals = candidate_view(
+                teacher,
+                teacher_result["actual_logprobs"],
+                tokens,
+                completion,
+                log_probs_t1,
+                required_by=self.args.gate if self._gate.rule.reads_student else None,
+            )
+            accepted = dataclasses.replace(batch, sampled_ids=proposals).verdicts(student_view, teacher_view)
+        else:
+            accepted = batch.verdicts(log_probs_t1, log_probs_t1)  # (every completion token; nothing is read)
+        # the top-K + tail forward KL on its K + 1 buckets, as TRL computes it (the config refuses target filtering)
+        weighted = bucket_forward_kl(teacher, student_log_probs) * batch.weights(accepted).to(student_log_probs.dtype)
 
         def sampled() -> torch.Tensor:  # the reward term's log q_tau(x_t), differentiable
             return sampled_log_probs(log_probs_t1, logits, tokens, self.temperature)

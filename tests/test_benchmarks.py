@@ -1,5 +1,7 @@
-"""Smoke test of `benchmarks/speed_memory.py` (a refactor of the trainer once broke it unnoticed): a tiny run of
-GKD and the default SpecKD, one measurement, prints its table and a final JSON line with the ratios to GKD."""
+"""Smoke tests of the benchmark scripts (a refactor of the trainer once broke one unnoticed): `speed_memory.py` (GKD
+and the default SpecKD, one measurement: its table and a final JSON line with the ratios to GKD),
+`trl_side_by_side.py` (SpecKD's distillation trainers beside their TRL parents) and `teacher_cache.py --bias`, each on
+tiny models."""
 
 import json
 import math
@@ -67,4 +69,33 @@ def test_packing_benchmark_runs_and_reports_the_saving(tmp_path):
     assert 0 < report["positions_removed"] <= report["padding_share"] < 1
     assert all(row["tokens_per_s"] > 0 and row["peak_mib"] >= 0 for row in rows.values())
     assert isinstance(report["saving_within_10pct_of_removed"], bool) and "positions packing removes" in result.stdout
+    assert (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_trl_side_by_side_runs_and_pairs_each_trainer_with_its_parent(tmp_path):
+    """`benchmarks/trl_side_by_side.py` on tiny models: `SpecKDDistillationTrainer` beside TRL's
+    `DistillationTrainer` and `SpecKDServerDistillationTrainer` beside `ServerDistillationTrainer` (the in-process
+    teacher client on both sides), dataset and on-policy steps: one comparison per pair and step, the gate timed inside
+    the SpecKD steps only. Behaviour only: no timing is asserted."""
+    methods = "TRL Distillation,SpecKD-Distill topk,TRL ServerDistill,SpecKD-Server topk"
+    command = [sys.executable, str(REPO / "benchmarks" / "trl_side_by_side.py"), "--vocab", "128", "--hidden", "64"]
+    command += ["--layers", "1", "--seq", "32", "--new-tokens", "4", "--steps", "1", "--warmup", "0", "--threads", "1"]
+    command += ["--methods", methods, "--plot", str(tmp_path / "p.png")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "hidden 64 x 1 layers, vocab 128" in result.stdout and "fp32" in result.stdout
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["precision"] == "fp32"
+    rows = {(row["method"], row["measure"]): row for row in report["rows"]}
+    assert set(rows) == {(m, s) for m in methods.split(",") for s in ("dataset step", "on-policy step")}
+    for (method, _), row in rows.items():
+        assert row["ms"] > 0 and row["peak_mib"] >= 0 and math.isfinite(row["loss"])
+        assert (row["gate_ms"] > 0) == method.startswith("SpecKD"), row  # topk gates; TRL has no gate
+    pairs = {(c["speckd"], c["trl"], c["measure"]) for c in report["comparisons"]}
+    assert pairs == {
+        (ours, trl, step)
+        for ours, trl in (("SpecKD-Distill topk", "TRL Distillation"), ("SpecKD-Server topk", "TRL ServerDistill"))
+        for step in ("dataset step", "on-policy step")
+    }
+    assert all(c["ms_ratio"] > 0 and 0 <= c["gate_share"] < 1 for c in report["comparisons"])
     assert (tmp_path / "p.png").stat().st_size > 0

@@ -77,18 +77,24 @@ def max_diffs(a, b) -> tuple[float, float]:
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
-@pytest.mark.parametrize("compact", [False, True])
-def test_no_gate_reproduces_distillation_trainer(tmp_path, monkeypatch, beta, compact):
-    """`compact`: project only the completion tokens, as TRL does on Triton devices (the torch tiles still run)."""
-    if compact:
+@pytest.mark.parametrize("loss", ["closed-form", "trl", "trl-compact"])
+def test_no_gate_reproduces_distillation_trainer(tmp_path, monkeypatch, beta, loss):
+    """`closed-form`: SpecKD's chunked loss, which the trainer uses on the CPU; `trl`: TRL's
+    `ChunkedDivergenceFunction`, which it uses elsewhere; `trl-compact`: that one projecting only the completion
+    tokens, as TRL does on Triton devices (the torch tiles still run)."""
+    if loss != "closed-form":
+        monkeypatch.setattr(SpecKDDistillationTrainer, "_closed_form_loss", lambda self, device: False)
+    if loss == "trl-compact":
         monkeypatch.setattr(trl_distillation, "_use_triton", lambda device: True)
         monkeypatch.setattr(speckd_compat, "_use_triton", lambda device: True)
     reference = build(tmp_path / "trl", DistillationTrainer, DistillationConfig, beta=beta, temperature=0.8)
     ours = build(tmp_path / "ours", beta=beta, temperature=0.8, gate="none")
+    assert ours._closed_form_loss(torch.device("cpu")) == (loss == "closed-form")
     batch = ragged_batch(reference)
     loss_diff, grad_diff = max_diffs(loss_and_grads(reference, batch), loss_and_grads(ours, batch))
     assert loss_diff <= 1e-5 and grad_diff <= 1e-5
-    assert ours._metrics["train"]["entropy"] == reference._metrics["train"]["entropy"]
+    # the same entropy metric (the closed-form loss computes it apart from TRL's kernel: equal to float round-off)
+    assert ours._metrics["train"]["entropy"] == pytest.approx(reference._metrics["train"]["entropy"], rel=1e-6)
     # every completion token counted as gated and accepted
     assert ours._gate.window["gated_on"] == ours._gate.window["accepted_on"] == int(batch["completion_mask"].sum())
 
@@ -136,13 +142,17 @@ def loop_reference(trainer, batch, uniforms):
 
 
 @pytest.mark.parametrize(
-    "gate, reward_coef, beta, family",
-    [("topk", 0.0, 0.5, None), ("spec", 0.0, 0.5, None), ("spec", 0.5, 1.0, None), ("topk", 0.3, 0.0, None)]
+    "gate, reward_coef, beta, family, temperature",
+    [("topk", 0.0, 0.5, None, 0.5), ("spec", 0.0, 0.5, None, 0.5), ("spec", 0.5, 1.0, None, 0.5)]
+    + [("topk", 0.3, 0.0, None, 0.5)]
     # the models' own logits against the chunked divergence on scaled and soft-capped heads
-    + [("topk", 0.0, 0.5, family) for family in sorted(HEAD_FAMILIES)]
-    + [("spec", 0.5, 0.5, "gemma2"), ("topk", 0.3, 1.0, "granite")],  # the reward term's log q on those heads
+    + [("topk", 0.0, 0.5, family, 0.5) for family in sorted(HEAD_FAMILIES)]
+    + [("spec", 0.5, 0.5, "gemma2", 0.5), ("topk", 0.3, 1.0, "granite", 0.5)]  # the reward term's log q on those heads
+    # at temperature 1 the gate reads the closed-form loss's chunks (on the CPU): its verdicts and weights, there
+    + [("topk", 0.0, 0.5, None, 1.0), ("spec", 0.5, 1.0, None, 1.0), ("topk", 0.3, 0.0, None, 1.0)]
+    + [("spec", 0.0, 0.5, "gemma2", 1.0), ("topk", 0.0, 0.5, "granite", 1.0)],
 )
-def test_gated_loss_matches_a_loop_reference(tmp_path, gate, reward_coef, beta, family):
+def test_gated_loss_matches_a_loop_reference(tmp_path, gate, reward_coef, beta, family, temperature):
     trainer = build(
         tmp_path,
         family=family,
@@ -151,9 +161,10 @@ def test_gated_loss_matches_a_loop_reference(tmp_path, gate, reward_coef, beta, 
         reject_weight=0.2,
         reward_coef=reward_coef,
         beta=beta,
-        temperature=0.5,
+        temperature=temperature,
         max_completion_length=16,
     )
+    assert trainer._closed_form_loss(torch.device("cpu")) == (temperature == 1.0)
     batch = ragged_batch(trainer)
     trainer._gate.generator.manual_seed(7)
     ours = loss_and_grads(trainer, batch)

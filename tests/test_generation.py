@@ -327,3 +327,20 @@ def test_a_model_that_drops_its_cache_is_an_error(tokenizer, teacher, far_studen
     if dropper == "student":  # the one-model sampler goes through the same check
         with pytest.raises(RuntimeError, match="needs the KV cache of CacheDropper"):
             student_generate(student, ids, mask, max_new_tokens=4, pad_token_id=PAD, seeds=[0, 1, 2])
+
+
+def test_on_policy_generation_keeps_the_kv_cache_under_gradient_checkpointing(tmp_path):
+    """GKD turns the cache off when gradient checkpointing is on (SFTConfig's default); SpecKDTrainer generates with it
+    (checkpointing is off while generating), and samples the same tokens as without it."""
+    from speckd_trl.tools.testing import make_trainer
+
+    trainer = make_trainer(tmp_path, gradient_checkpointing=True, lmbda=1.0, max_new_tokens=8)
+    assert trainer.args.gradient_checkpointing and trainer.generation_config.use_cache
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    trainer.model.train()
+    sequences = []
+    for use_cache in (True, False):
+        trainer.generation_config.use_cache = trainer.generation_kwargs["use_cache"] = use_cache
+        torch.manual_seed(3)
+        sequences.append(trainer._generate("on_policy", batch)["input_ids"])
+    assert torch.equal(sequences[0], sequences[1])

@@ -236,3 +236,63 @@ def test_it_trains_with_a_padded_teacher(tmp_path, padded_teacher):
                              per_device_train_batch_size=4, gate="topk", gate_top_k=4)  # fmt: skip
     trainer.train()
     assert trainer.state.global_step == 2
+
+
+# ---------------------------------------------------------------------------- the sparse views against the [B, T, V] ones
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_candidate_view_and_bucket_kl_equal_the_full_vocabulary_views(padded):
+    """The trainer reads the server's answer on K + 1 candidates per position (`candidate_view`, `bucket_forward_kl`);
+    the verdicts of `topk` (every k, ties at the k-th place included) and `spec`, and the divergence with its
+    gradient, equal those on the `[B, T, V]` view and target (`with_sampled_log_probs`, `tail_bucket_target`)."""
+    from speckd_trl.divergence import weighted_jsd_from_log_probs
+    from speckd_trl.rules import get_rule
+    from speckd_trl.server_teacher import (
+        bucket_forward_kl,
+        candidate_view,
+        server_sparse_teacher,
+        with_sampled_log_probs,
+    )
+
+    g = torch.Generator().manual_seed(0)
+    B, T, V, K = 3, 7, 40, 8
+    logits = torch.randn(B, T, V + (4 if padded else 0), generator=g).round()  # rounded: many ties
+    full = torch.log_softmax(logits, dim=-1)
+    values, ids = full.topk(K, dim=-1)
+    tokens = torch.randint(0, V, (B, T), generator=g)
+    tokens[0, :3] = ids[0, :3, 1].clamp(max=V - 1)  # some sampled tokens inside the returned top-K
+    completion = torch.ones(B, T, dtype=torch.bool)
+    completion[2, 5:] = False
+    result = {
+        "topk_logprobs": values,
+        "topk_token_ids": ids,
+        "actual_logprobs": full.gather(-1, tokens[..., None])[..., 0],
+    }
+    teacher, dense = server_sparse_teacher(result, completion, V)
+    dense = with_sampled_log_probs(dense, result["actual_logprobs"], tokens, completion)
+    student = torch.log_softmax(torch.randn(B, T, V, generator=g), dim=-1)
+    student_view, teacher_view, index = candidate_view(teacher, result["actual_logprobs"], tokens, completion, student)
+    assert torch.equal(student_view.gather(-1, index[..., None]), student.gather(-1, tokens[..., None]))
+    uniforms = torch.rand(B, T, generator=g)
+    for name, ks in (("topk", (1, 2, 3, 5, 7)), ("spec", (1,))):
+        rule = get_rule(name)
+        for k in ks:
+            expected = rule.accept(student, dense, tokens, top_k=k, uniforms=uniforms, normalized=True)
+            got = rule.accept(student_view, teacher_view, index, top_k=k, uniforms=uniforms, normalized=True)
+            assert torch.equal(got[completion], expected[completion]), (name, k)
+
+    weights = torch.rand(B, T, generator=g) * completion
+    logits_s = torch.randn(B, T, V, generator=g, dtype=torch.float64)
+    grads = []
+    for sparse in (True, False):
+        z = logits_s.clone().requires_grad_()
+        log_q = torch.log_softmax(z, dim=-1)
+        if sparse:
+            loss = (bucket_forward_kl(teacher, log_q) * weights).sum()
+        else:
+            loss = weighted_jsd_from_log_probs(log_q, teacher.target(dense, log_q), weights, beta=0.0).sum()
+        loss.backward()
+        grads.append((loss.detach(), z.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-5, atol=1e-9)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from speckd_trl import SpecKDDistillationTrainer
 from speckd_trl.tools.testing import accelerate_launch, make_model, make_tokenizer
 
 
@@ -84,7 +85,10 @@ def _check_against_one_process(out: Path, model_dirs, tmp_path: Path, case: str,
         assert record["teacher"]["head_shape"] == [96, 64]
     assert [e["loss"] for e in ranks[0]["logs"]] == [e["loss"] for e in ranks[1]["logs"]]
 
-    reference = zero3_worker.run(str(tmp_path), case, 4, *map(str, model_dirs))
+    with pytest.MonkeyPatch.context() as patch:
+        if stage == 3:  # the distillation trainer's loss under ZeRO-3 is TRL's function: the same one in the reference
+            patch.setattr(SpecKDDistillationTrainer, "_closed_form_loss", lambda self, device: False)
+        reference = zero3_worker.run(str(tmp_path), case, 4, *map(str, model_dirs))
     assert reference["world"] == 1 and reference["zero_stage"] is None
     assert len(ranks[0]["logs"]) == len(reference["logs"]) == zero3_worker.STEPS
     for got, expected in zip(ranks[0]["logs"], reference["logs"]):
