@@ -144,7 +144,7 @@ GPTQ_BYTES_PER_PARAM = 0.5 + (2 + 0.5) / 64  # 4-bit codes; per group of 64 a fl
 # Calibrated constants (see the module docstring).
 C_ACT = 0.7  # multiplier of the counted per-layer activations (CPU, Qwen2, sdpa)
 K_EAGER = {4: 13.0, 2: 16.0}  # float32 [B, T, V] temporaries of the eager loss, by compute-dtype bytes
-M_CHUNK = 10.0  # float32 [chunk, V] tiles alive at once in the chunked loss (both logits + temporaries)
+M_CHUNK = 6.0  # float32 [chunk, V] tiles alive at once in the chunked loss (both logits + temporaries)
 
 
 @dataclass(frozen=True)
