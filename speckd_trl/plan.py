@@ -93,14 +93,15 @@ DDP and 2 FSDP2 processes: estimate / measured per process 0.82-1.07 (docs/one-g
 the sharded terms: the DDP bucket term came from PyTorch's documentation and the measurement confirmed it (2 DDP
 processes held 146 MiB more each than one process; the gradients are 147 MiB).
 
-**Calibration.** ``c_act = 0.7``, ``k_eager = 13`` (float32) and ``m_chunk = 10`` were measured, not guessed:
+**Calibration.** ``c_act = 0.7``, ``k_eager = 13`` (float32) and ``m_chunk = 6`` were measured, not guessed:
 `benchmarks/plan_check.py` runs SpecKD optimizer steps of small Qwen2 models (tens of millions of parameters,
 vocabulary 32000, float32) on a CPU in a fresh process each and measures the peak resident memory above the level
 after the imports (with glibc mapping every allocation above 1 MiB separately, so that freed tensors leave the
 resident set). ``m_chunk`` is the slope of the measured peak over ``loss_chunk_size`` (64, 128, 256 and 512:
-1.219 MiB per chunk row in ``full-chunked-off`` and ``lora-chunked-off`` alike, 10.0 float32 rows of the
-vocabulary; refitted 2026-11-29 after the chunked loss moved to a closed-form divergence and gradient, from 15;
-before that it came from the difference between 64 and 256), ``c_act`` from the
+0.764 / 0.758 MiB per chunk row in ``full-chunked-off`` / ``lora-chunked-off``, 6.3 / 6.2 float32 rows of the
+vocabulary; refitted 2026-12-07 from 10 after the chunked loss stopped keeping up to seven ``[n, V]`` buffers at its
+peak, 2026-11-29 from 15 after it moved to a closed-form divergence and gradient; before that it came from the
+difference between 64 and 256), ``c_act`` from the
 growth with the batch (1, 2, 4 rows of 512 tokens), ``k_eager`` from the eager steps' remainder once weights,
 optimizer states and activations are taken out: about 15 float32 ``[rows, V]`` tensors on both paths, the two
 models' logits included (17 before the gate shared the divergence's log-probabilities and the temperature-1
