@@ -47,8 +47,12 @@ import tempfile
 import time
 
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+
+import speed_memory  # noqa: E402  (its measuring-subprocess dispatch)
+
 
 METHODS = ("GKD", "DistillationTrainer", "SpecKD padded", "SpecKD packed")
 # on request (`--methods`): the eager loss path, whose `[B, T, V]` logits cover every position, padding included
@@ -344,12 +348,7 @@ def main():
     parser.add_argument("--child", choices=("time", "memory"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.rows = args.rows or args.batch * args.batches
-    if args.child:
-        if args.threads:
-            import torch
-
-            torch.set_num_threads(args.threads)
-        print(json.dumps(child_time(args) if args.child == "time" else child_memory(args)))
+    if speed_memory.answer_as_child(args, child_time, child_memory):
         return
 
     import torch

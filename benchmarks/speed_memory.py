@@ -270,8 +270,10 @@ def plot(rows, path, title):
     plt.close(fig)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def model_arguments(doc: str, methods, measurements, plot: str) -> argparse.ArgumentParser:
+    """The command line this script and `trl_side_by_side.py` share: model and batch sizes, steps, threads, the
+    methods and measurements to run, the plot, and the hidden `--child` / `--measure` of a measuring subprocess."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--vocab", type=int, default=49152)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
@@ -283,21 +285,34 @@ def main():
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default).")
     parser.add_argument(
-        "--methods", default=",".join(METHODS), help="Comma-separated subset of the methods, timed in this order."
+        "--methods", default=",".join(methods), help="Comma-separated subset of the methods, timed in this order."
     )
     parser.add_argument(
-        "--measures", default=",".join(MEASUREMENTS), help="Comma-separated subset of: " + ", ".join(MEASUREMENTS)
+        "--measures", default=",".join(measurements), help="Comma-separated subset of: " + ", ".join(measurements)
     )
-    parser.add_argument("--plot", default=os.path.join(os.path.dirname(__file__), "speed_memory.png"))
+    parser.add_argument("--plot", default=os.path.join(os.path.dirname(__file__), plot))
     parser.add_argument("--child", choices=("time", "memory"), help=argparse.SUPPRESS)
     parser.add_argument("--measure", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        if args.threads:
-            import torch
+    return parser
 
-            torch.set_num_threads(args.threads)
-        print(json.dumps(child_time(args) if args.child == "time" else child_memory(args)))
+
+def answer_as_child(args, child_time, child_memory) -> bool:
+    """In a measuring subprocess (`--child time|memory`): set the threads, print the measurement as one JSON line and
+    return True; in the parent, return False."""
+    if not args.child:
+        return False
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    print(json.dumps(child_time(args) if args.child == "time" else child_memory(args)))
+    return True
+
+
+def main():
+    parser = model_arguments(__doc__, METHODS, MEASUREMENTS, "speed_memory.png")
+    args = parser.parse_args()
+    if answer_as_child(args, child_time, child_memory):
         return
 
     import torch

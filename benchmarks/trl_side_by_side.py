@@ -32,7 +32,6 @@ a plot.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
@@ -327,33 +326,9 @@ def plot(comparisons, path, title):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--vocab", type=int, default=49152)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--bf16", action="store_true")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default).")
-    parser.add_argument(
-        "--methods", default=",".join(METHODS), help="Comma-separated subset of the methods, timed in this order."
-    )
-    parser.add_argument(
-        "--measures", default=",".join(MEASUREMENTS), help="Comma-separated subset of: " + ", ".join(MEASUREMENTS)
-    )
-    parser.add_argument("--plot", default=os.path.join(os.path.dirname(__file__), "trl_side_by_side.png"))
-    parser.add_argument("--child", choices=("time", "memory"), help=argparse.SUPPRESS)
-    parser.add_argument("--measure", help=argparse.SUPPRESS)
+    parser = speed_memory.model_arguments(__doc__, METHODS, MEASUREMENTS, "trl_side_by_side.png")
     args = parser.parse_args()
-    if args.child:
-        if args.threads:
-            import torch
-
-            torch.set_num_threads(args.threads)
-        print(json.dumps(child_time(args) if args.child == "time" else child_memory(args)))
+    if speed_memory.answer_as_child(args, child_time, child_memory):
         return
 
     import torch
