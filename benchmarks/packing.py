@@ -41,9 +41,7 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 
 
@@ -157,14 +155,7 @@ def build(args, methods: list[str]):
         )
         models.append(model.to(device=device, dtype=torch.bfloat16 if args.bf16 else torch.float32))
     student, teacher = models
-    common = dict(
-        output_dir=tempfile.mkdtemp(),
-        report_to="none",
-        bf16=args.bf16,
-        use_cpu=device.type == "cpu",
-        seed=0,
-        per_device_train_batch_size=args.batch,
-    )
+    common = speed_memory.trainer_basics(args, device)
     data, tokenized = dataset(args, tokenizer)
     trainers = {}
     for method in methods:
@@ -293,18 +284,7 @@ SETTINGS += ("warmup", "threads", "seed", "attention")
 
 
 def run_child(args, mode: str, methods: str) -> dict:
-    cmd = [sys.executable, __file__, "--child", mode, "--methods", methods]
-    for name in SETTINGS:
-        cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
-    if args.bf16:
-        cmd.append("--bf16")
-    env = dict(os.environ)
-    if mode == "memory":  # freed tensors leave the resident set at once; timing keeps glibc's default allocator
-        env["MALLOC_MMAP_THRESHOLD_"] = str(2**20)
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"{mode} {methods} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return speed_memory.launch_child(__file__, args, mode, SETTINGS, "--methods", methods)
 
 
 def plot(rows: list[dict], path: str, title: str) -> None:

@@ -108,14 +108,9 @@ def build_trainers(args, methods, on_policy, layers):
     prompt_len = args.seq - args.new_tokens if on_policy else args.seq // 4
     batch = make_batch(args, prompt_len, device)
     common = dict(
-        output_dir=tempfile.mkdtemp(),
-        report_to="none",
-        bf16=args.bf16,
-        use_cpu=device.type == "cpu",
-        seed=0,
+        **trainer_basics(args, device),
         lmbda=1.0 if on_policy else 0.0,
         max_new_tokens=args.new_tokens,
-        per_device_train_batch_size=args.batch,
     )
     trainers = {}
     for method in methods:
@@ -136,6 +131,19 @@ def build_trainers(args, methods, on_policy, layers):
         inputs = {**batch, KIND_KEY: OFF_POLICY} if trainer_cls is SpecKDTrainer and not on_policy else batch
         trainers[method] = (trainer, inputs)
     return trainers, device
+
+
+def trainer_basics(args, device) -> dict:
+    """The config fields every trainer of these benchmarks shares: a scratch output directory, no reporting, the
+    precision and device asked for, seed 0, `--batch` rows per device."""
+    return dict(
+        output_dir=tempfile.mkdtemp(),
+        report_to="none",
+        bf16=args.bf16,
+        use_cpu=device.type == "cpu",
+        seed=0,
+        per_device_train_batch_size=args.batch,
+    )
 
 
 def one_step(trainer, inputs, device) -> tuple[float, float]:
@@ -229,9 +237,14 @@ def _layers(args) -> int:
 # ----------------------------------------------------------------------------- the side-by-side run (parent)
 
 
-def run_child(args, mode, methods, measure):
-    cmd = [sys.executable, __file__, "--child", mode, "--methods", methods, "--measure", measure]
-    for name in ("vocab", "hidden", "layers", "batch", "seq", "new_tokens", "steps", "warmup", "threads"):
+CHILD_SETTINGS = ("vocab", "hidden", "layers", "batch", "seq", "new_tokens", "steps", "warmup", "threads")
+
+
+def launch_child(script: str, args, mode: str, settings, *extra: str) -> object:
+    """Run `script --child mode` in a fresh process with `args`' `settings` (and `--bf16`) and `extra` arguments, and
+    return the JSON of its last line: the one protocol of this script, `trl_side_by_side.py` and `packing.py`."""
+    cmd = [sys.executable, script, "--child", mode, *extra]
+    for name in settings:
         cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     if args.bf16:
         cmd.append("--bf16")
@@ -240,8 +253,12 @@ def run_child(args, mode, methods, measure):
         env["MALLOC_MMAP_THRESHOLD_"] = str(2**20)
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode != 0:
-        raise RuntimeError(f"{mode} {methods} / {measure} failed:\n{out.stderr[-3000:]}")
+        raise RuntimeError(f"{mode} {' '.join(extra)} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_child(args, mode, methods, measure, script: str = __file__):
+    return launch_child(script, args, mode, CHILD_SETTINGS, "--methods", methods, "--measure", measure)
 
 
 def plot(rows, path, title):

@@ -36,9 +36,7 @@ import copy
 import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from contextlib import contextmanager
 
@@ -160,14 +158,7 @@ def build_trainers(args, methods, on_policy):
         completion_mask=torch.ones_like(completion_ids),
         num_items_in_batch=torch.tensor(completion_ids.numel(), device=device),
     )
-    common = dict(
-        output_dir=tempfile.mkdtemp(),
-        report_to="none",
-        bf16=args.bf16,
-        use_cpu=device.type == "cpu",
-        seed=0,
-        per_device_train_batch_size=args.batch,
-    )
+    common = speed_memory.trainer_basics(args, device)
     gkd = dict(lmbda=1.0 if on_policy else 0.0, max_new_tokens=args.new_tokens)
     distill = dict(max_completion_length=args.new_tokens)
     server = dict(teacher_model_server_url="http://teacher.invalid:8000")
@@ -275,18 +266,7 @@ def child_memory(args) -> dict:
 
 
 def run_child(args, mode, methods, measure):
-    cmd = [sys.executable, __file__, "--child", mode, "--methods", methods, "--measure", measure]
-    for name in ("vocab", "hidden", "layers", "batch", "seq", "new_tokens", "steps", "warmup", "threads"):
-        cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
-    if args.bf16:
-        cmd.append("--bf16")
-    env = dict(os.environ)
-    if mode == "memory":  # freed tensors leave the resident set at once (see speed_memory.py)
-        env["MALLOC_MMAP_THRESHOLD_"] = str(2**20)
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"{mode} {methods} / {measure} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return speed_memory.run_child(args, mode, methods, measure, script=__file__)
 
 
 def ratio(a: float, b: float) -> float:
