@@ -440,8 +440,9 @@ def main():
         rows = [json.loads(line[4:]) for path in args.from_logs for line in open(path) if line.startswith("RUN {")]
         rows = [r for r in rows if r["method"] in methods and r["seed"] in seeds]
         if args.by_teacher:  # one row per method and teacher, each paired with the float32 teacher's
-            for r in rows:
-                r["method"] = f"{r['method']} @ {r.get('teacher', 'NF4 teacher')}"
+            for r in rows:  # SFT reads no teacher: its rows keep their name (and pair with every teacher's)
+                if r["method"] != "sft":
+                    r["method"] = f"{r['method']} @ {r.get('teacher', 'NF4 teacher')}"
             methods = sorted({r["method"] for r in rows}, key=lambda m: (m.split(" @ ")[0], teacher_order(m)))
         report(
             rows,
