@@ -414,7 +414,8 @@ def main():
         "--by-teacher",
         action="store_true",
         help="With --from-logs: keep runs of different teachers (--teacher-quant) apart, each paired with the float32 "
-        "teacher's runs of the same method (logs from before --teacher-quant: the NF4 teacher).",
+        "teacher's runs of the same method (logs from before --teacher-quant: the NF4 teacher); SFT, which reads no "
+        "teacher, stays one row, paired with every teacher's.",
     )
     parser.add_argument(
         "--from-logs",
